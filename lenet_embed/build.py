@@ -1,0 +1,110 @@
+"""Build an index bundle: load data, embed it with a trained encoder, index it with FAISS."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import DEFAULT_INDEX_DIR, write_bundle
+from .data import Dataset, load_image_folder, load_mnist
+from .embed import KerasEncoder
+from .errors import LenetEmbedError
+from .model import encoder_of, load_classifier
+from .preprocess import scale_pixels
+from .search import make_index
+from .train import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A finished build: where the bundle is, its manifest, and how long it took."""
+
+    path: str
+    manifest: dict[str, Any]
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures worth printing: count, dim, metric, factory, seconds, path."""
+        m = self.manifest
+        return {
+            "index_dir": self.path,
+            "count": m["count"],
+            "dim": m["dim"],
+            "metric": m["metric"],
+            "factory": m["factory"],
+            "seconds": self.seconds,
+            "skipped": len(self.skipped),
+        }
+
+
+def _load_encoder(model: str | os.PathLike[str] | None, data: Any) -> Any:
+    """The Keras encoder of ``model``, training one with the default recipe if it is missing."""
+    path = Path(model) if model is not None else DEFAULT_MODEL_PATH
+    if not path.exists():
+        if model is not None:
+            raise LenetEmbedError(
+                f"{path}: no such model; train one with `lenet-embed train --out {path}`"
+            )
+        log.info("no model at %s: training one with the %r recipe first", path, DEFAULT_RECIPE)
+        train(data=data, out=path)
+    return encoder_of(load_classifier(str(path)))
+
+
+def build_index(
+    data: str | os.PathLike[str] | Dataset | None = None,
+    images: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
+    metric: str = "cosine",
+    factory: str = "Flat",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Embed a data set and write a self-contained index bundle to ``index_dir``.
+
+    By default the 60,000 MNIST training images are indexed (ids = their positions in the training
+    set). With ``images`` every image file under that folder is indexed instead, labelled by its
+    subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
+    ``models/lenet.keras`` does not exist, one is trained first. ``on_progress(done, total)`` is
+    called as images are embedded.
+    """
+    started = time.perf_counter()
+    classes: list[str] = []
+    sources: list[str] | None = None
+    skipped: list[str] = []
+    if images is not None:
+        folder = load_image_folder(images)
+        pixels, labels = folder.images, folder.labels
+        classes, sources, skipped = folder.classes, folder.sources, folder.skipped
+        description = {"kind": "images", "root": str(images), "skipped": len(skipped)}
+        encoder_model = _load_encoder(model, data)
+    else:
+        dataset = load_mnist(data)
+        encoder_model = _load_encoder(model, dataset)
+        pixels, labels = scale_pixels(dataset.train.images), dataset.train.labels
+        description = {"kind": "idx", "source": dataset.source, "split": "train"}
+    vectors = KerasEncoder(encoder_model).embed(pixels, on_progress=on_progress)
+    index = make_index(vectors, metric, factory)
+    manifest = write_bundle(
+        index_dir,
+        index=index,
+        labels=labels,
+        ids=np.arange(len(labels), dtype=np.int64),
+        encoder=encoder_model,
+        metric=metric,
+        factory=factory,
+        dataset=description,
+        classes=classes,
+        sources=sources,
+    )
+    seconds = round(time.perf_counter() - started, 2)
+    return BuildResult(str(index_dir), manifest, seconds, skipped)

@@ -1,0 +1,238 @@
+"""The ``lenet-embed`` command: a thin shell over the Python API.
+
+Each command parses its options, calls the API function of the same name, and prints a human table
+or, with ``--json``, machine-readable output. Problems a user can fix arrive as
+:class:`LenetEmbedError` and are printed as one line on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import _keras
+from .errors import LenetEmbedError
+
+DATA_HELP = "MNIST-style data: a folder of the four IDX files (.gz or raw) or an mnist.npz. " \
+    "Default: $LENET_EMBED_MNIST, else Keras's downloader."
+
+
+class _Group(click.Group):
+    """Turns :class:`LenetEmbedError` into a one-line error and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LenetEmbedError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    logger = logging.getLogger("lenet_embed")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+class _Progress:
+    """An embedding progress bar on stderr, created when the total is first known."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up messages and debug logs.")
+@click.version_option(package_name="lenet-embed")
+def main(verbose: bool) -> None:
+    """Similarity search for digit images: LeNet-5 84-d embeddings in a FAISS index.
+
+    Typical use: `lenet-embed build-index` (trains a model first if none exists), then
+    `lenet-embed query digit.png`. `lenet-embed samples DIR` writes test digits to try.
+    """
+    _keras.set_verbose(verbose)
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--data", type=click.Path(), help=DATA_HELP)
+@click.option("--recipe", default=None, help="Training recipe (default: the package default).")
+@click.option("--style", type=click.Choice(["sequential", "functional", "subclass"]),
+              default="sequential", show_default=True, help="How the Keras model is built.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override the recipe's epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override the recipe's batch size.")
+@click.option("--seed", type=int, help="Random seed for a deterministic run.")
+@click.option("--out", type=click.Path(), default="models/lenet.keras", show_default=True,
+              help="Where to save the classifier; the encoder goes beside it (*.encoder.keras).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
+          batch_size: int | None, seed: int | None, out: str, as_json: bool) -> None:
+    """Train LeNet-5 on MNIST and save the classifier and its 84-d encoder."""
+    from .train import DEFAULT_RECIPE, RECIPES
+    from .train import train as run_train
+
+    if recipe is not None and recipe not in RECIPES:
+        raise click.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")
+    result = run_train(data=data, recipe=recipe or DEFAULT_RECIPE, style=style, epochs=epochs,
+                       batch_size=batch_size, seed=seed, out=out,
+                       verbose=1 if sys.stderr.isatty() else 2)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    click.echo(f"model: {result.model}\nencoder: {result.encoder}")
+    click.echo(f"recipe: {result.recipe}, epochs: {result.epochs}, seconds: {result.seconds:.1f}")
+    click.echo(f"test accuracy: {result.test_accuracy:.4f}")
+
+
+@main.command("build-index")
+@click.option("--data", type=click.Path(), help=DATA_HELP)
+@click.option("--images", type=click.Path(), help="Index your own pictures instead: every image "
+              "under this folder, labelled by its subfolder's name.")
+@click.option("--model", type=click.Path(), help="Classifier or encoder .keras file "
+              "[default: models/lenet.keras, trained first if missing].")
+@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+              help="Bundle folder to write (replaced atomically).")
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine",
+              show_default=True, help="cosine: normalised vectors, inner product; l2: Euclidean.")
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
+                metric: str, factory: str, as_json: bool) -> None:
+    """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
+    from .build import build_index as run_build
+
+    progress = _Progress("embedding")
+    try:
+        result = run_build(data=data, images=images, model=model, index_dir=index_dir,
+                           metric=metric, factory=factory, on_progress=progress)
+    finally:
+        progress.close()
+    summary = result.summary()
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unreadable file(s)", err=True)
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"wrote {summary['index_dir']}: {summary['count']} vectors, dim {summary['dim']}, "
+               f"metric {summary['metric']}, factory {summary['factory']}, "
+               f"{summary['seconds']:.1f} s")
+
+
+def _neighbor_table(neighbors: Sequence[Any]) -> str:
+    show_source = any(n.source for n in neighbors)
+    lines = [f"{'rank':>4}  {'id':>6}  {'label':>5}  {'distance':>9}" + ("  source" * show_source)]
+    for n in neighbors:
+        label = "-" if n.label is None else str(n.label)
+        line = f"{n.rank:>4}  {n.id:>6}  {label:>5}  {n.distance:>9.4f}"
+        lines.append(line + (f"  {n.source}" if show_source else ""))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Number of neighbours per query.")
+@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+              help="Bundle folder written by build-index.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines: one object per query.")
+def query(images: tuple[str, ...], k: int, index_dir: str, as_json: bool) -> None:
+    """Find the k indexed digits nearest to each IMAGE file."""
+    import numpy as np
+
+    from .preprocess import to_mnist
+    from .search import SearchIndex, majority_label
+
+    index = SearchIndex.load(index_dir)
+    if k > len(index):
+        raise LenetEmbedError(f"-k {k} is more than the {len(index)} items in {index_dir}")
+    paths, pixels, failed = [], [], 0
+    for path in images:
+        try:
+            pixels.append(to_mnist(path))
+            paths.append(path)
+        except LenetEmbedError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            failed += 1
+    results = index.search_vectors(index.encoder.embed(np.stack(pixels)), k) if pixels else []
+    for path, neighbors in zip(paths, results):
+        predicted = majority_label(neighbors)
+        if as_json:
+            _print_json({"query": path, "predicted_label": predicted,
+                         "neighbors": [n.to_dict() for n in neighbors]})
+        else:
+            click.echo(f"{path}\n{_neighbor_table(neighbors)}\npredicted label: {predicted}\n")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path())
+@click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many test digits to write.")
+@click.option("--data", type=click.Path(), help=DATA_HELP)
+def samples(out_dir: str, n: int, data: str | None) -> None:
+    """Write MNIST test digits as PNG files (named with index and label) to try `query` on."""
+    from .data import write_samples
+
+    written = write_samples(out_dir, n=n, data=data)
+    click.echo(f"wrote {len(written)} PNG files to {out_dir}")
+
+
+@main.command()
+@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+              help="Bundle folder written by build-index.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(index_dir: str, as_json: bool) -> None:
+    """Show what an index bundle holds (verifying its checksums)."""
+    from .bundle import read_manifest, verify_files
+
+    manifest = read_manifest(index_dir)
+    verify_files(Path(index_dir), manifest)
+    if as_json:
+        _print_json(manifest)
+        return
+    rows = {
+        "bundle": index_dir,
+        "count": manifest["count"],
+        "dim": manifest["dim"],
+        "metric": manifest["metric"],
+        "factory": manifest.get("factory"),
+        "data set": json.dumps(manifest.get("dataset")),
+        "created": manifest.get("created_at"),
+        "lenet-embed": manifest.get("lenet_embed_version"),
+        "encoder sha256": manifest["encoder_sha256"],
+        "checksums": "ok",
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        click.echo(f"{key + ':':<{width + 1}} {value}")

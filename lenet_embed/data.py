@@ -1,0 +1,296 @@
+"""Where training and indexing data come from: MNIST-style IDX files, a Keras ``mnist.npz``, or a
+folder of the user's own pictures.
+
+Resolution order for MNIST: an explicit path, else the ``LENET_EMBED_MNIST`` environment variable,
+else Keras's own ``keras.datasets.mnist.load_data()`` (which downloads and caches where there is
+internet). Every file is validated: magic number, dimensions, counts and label range, and a bad file
+raises :class:`LenetEmbedError` naming it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LenetEmbedError
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "LENET_EMBED_MNIST"
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+
+# IDX type codes (third byte of the magic number) and the numpy dtype each stands for.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+# The four standard file stems; the original distribution also used a dot before "idx".
+_STEMS = {
+    ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    ("train", "labels"): ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    ("test", "images"): ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    ("test", "labels"): ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """A set of 28x28 uint8 images (white ink on black) with integer labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> LabeledImages:
+        """The first ``n`` items: a cheap slice for quick experiments and tests."""
+        return LabeledImages(self.images[:n], self.labels[:n])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits of an MNIST-style data set, and where they came from."""
+
+    train: LabeledImages
+    test: LabeledImages
+    source: str
+
+    def head(self, n_train: int, n_test: int) -> Dataset:
+        """A smaller data set made of the first items of each split."""
+        return Dataset(self.train.head(n_train), self.test.head(n_test), f"{self.source} (subset)")
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """The user's own pictures, preprocessed to the MNIST convention.
+
+    ``labels`` holds an index into ``classes`` for files in a subfolder and -1 for files directly
+    in the root; ``sources`` holds each file's path; ``skipped`` the files that could not be read.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    sources: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (raw or gzip-compressed), validating its header against its size."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise LenetEmbedError(f"{path}: cannot read ({exc}); replace the file") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise LenetEmbedError(f"{path}: not an IDX file (bad magic number); replace the file")
+    dtype = _IDX_DTYPES[raw[2]]
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise LenetEmbedError(f"{path}: truncated IDX header; replace the file")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise LenetEmbedError(
+            f"{path}: header says {shape} ({expected} bytes of data) but the file holds "
+            f"{len(raw) - header}; the file is truncated or corrupt, replace it"
+        )
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, split: str, kind: str) -> Path:
+    for stem in _STEMS[(split, kind)]:
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    wanted = _STEMS[(split, kind)][0]
+    raise LenetEmbedError(
+        f"{folder}: missing {wanted}[.gz]; a data folder needs the four standard IDX files"
+    )
+
+
+def _validate(images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str) -> None:
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise LenetEmbedError(
+            f"{images_name}: images must be N x {IMAGE_SIDE} x {IMAGE_SIDE}, found {images.shape}"
+        )
+    if images.dtype != np.uint8:
+        raise LenetEmbedError(f"{images_name}: images must be unsigned bytes, found {images.dtype}")
+    if labels.ndim != 1:
+        raise LenetEmbedError(f"{labels_name}: labels must be one-dimensional, found {labels.shape}")
+    if len(labels) != len(images):
+        raise LenetEmbedError(
+            f"{labels_name}: {len(labels)} labels for {len(images)} images in {images_name}; "
+            "the files do not belong together"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise LenetEmbedError(
+            f"{labels_name}: labels must lie in 0..{NUM_CLASSES - 1}, "
+            f"found {int(labels.min())}..{int(labels.max())}"
+        )
+
+
+def _load_idx_folder(folder: Path) -> Dataset:
+    splits = {}
+    for split in ("train", "test"):
+        images_path = _find_idx(folder, split, "images")
+        labels_path = _find_idx(folder, split, "labels")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        _validate(images, labels, str(images_path), str(labels_path))
+        splits[split] = LabeledImages(images, labels.astype(np.int64))
+    return Dataset(splits["train"], splits["test"], f"IDX files in {folder}")
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as exc:
+        raise LenetEmbedError(f"{path}: missing array {exc}; expected a Keras-style mnist.npz") from None
+    except (OSError, ValueError) as exc:
+        raise LenetEmbedError(f"{path}: not a readable .npz file ({exc})") from None
+    for split in ("train", "test"):
+        _validate(arrays[f"x_{split}"], arrays[f"y_{split}"], str(path), str(path))
+    return Dataset(
+        LabeledImages(arrays["x_train"], arrays["y_train"].astype(np.int64)),
+        LabeledImages(arrays["x_test"], arrays["y_test"].astype(np.int64)),
+        f"Keras-style {path}",
+    )
+
+
+def resolve_data_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """The data location to use: ``path``, else ``$LENET_EMBED_MNIST``, else None (Keras)."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else None
+
+
+def load_mnist(path: str | os.PathLike[str] | Dataset | None = None) -> Dataset:
+    """Load MNIST (or any data set in the same layout) as uint8 images and int64 labels.
+
+    ``path`` may be a folder holding the four standard IDX files (raw or ``.gz``), a Keras-style
+    ``.npz`` file, an already loaded :class:`Dataset` (returned as is), or None to use
+    ``$LENET_EMBED_MNIST`` and then Keras's downloader.
+    """
+    if isinstance(path, Dataset):
+        return path
+    resolved = resolve_data_path(path)
+    if resolved is None:
+        return _load_from_keras()
+    if resolved.is_dir():
+        return _load_idx_folder(resolved)
+    if resolved.is_file():
+        return _load_npz(resolved)
+    origin = f" (from ${ENV_VAR})" if path is None else ""
+    raise LenetEmbedError(
+        f"{resolved}{origin}: no such file or folder; point --data or ${ENV_VAR} at a folder "
+        "of MNIST IDX files or an mnist.npz"
+    )
+
+
+def _load_from_keras() -> Dataset:
+    from ._keras import keras
+
+    log.info("no --data and no $%s: using keras.datasets.mnist", ENV_VAR)
+    try:
+        (x_train, y_train), (x_test, y_test) = keras().datasets.mnist.load_data()
+    except Exception as exc:  # network errors come in many types
+        raise LenetEmbedError(
+            f"could not download MNIST through Keras ({exc}); pass --data PATH or set ${ENV_VAR}"
+        ) from None
+    return Dataset(
+        LabeledImages(x_train, y_train.astype(np.int64)),
+        LabeledImages(x_test, y_test.astype(np.int64)),
+        "keras.datasets.mnist",
+    )
+
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
+
+
+def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
+    """Read every image under ``root`` (recursively), in sorted path order.
+
+    A file's label is the name of its immediate subfolder (the ImageFolder convention); files
+    directly in ``root`` get no label. Files that cannot be read as images are skipped with a
+    warning naming them. Folder names that are all integers become those integers as labels.
+    """
+    from .preprocess import to_mnist
+
+    root = Path(root)
+    if not root.is_dir():
+        raise LenetEmbedError(f"{root}: not a folder; --images needs a folder of image files")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images: list[np.ndarray] = []
+    names: list[str | None] = []
+    sources: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            images.append(to_mnist(path))
+        except LenetEmbedError as exc:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                log.warning("skipped %s", exc)
+                skipped.append(str(path))
+            else:
+                log.debug("ignored %s", exc)
+            continue
+        names.append(path.parent.name if path.parent != root else None)
+        sources.append(str(path))
+    if not images:
+        raise LenetEmbedError(f"{root}: no readable image files found")
+    classes = sorted({n for n in names if n is not None}, key=_class_sort_key)
+    if all(n.isdigit() for n in classes):
+        labels = np.array([int(n) if n is not None else -1 for n in names], dtype=np.int64)
+        classes = []
+    else:
+        position = {name: i for i, name in enumerate(classes)}
+        labels = np.array([position[n] if n is not None else -1 for n in names], dtype=np.int64)
+    return ImageFolder(np.stack(images), labels, classes, sources, skipped)
+
+
+def _class_sort_key(name: str) -> tuple[int, str]:
+    return (0, f"{int(name):020d}") if name.isdigit() else (1, name)
+
+
+def write_samples(
+    out_dir: str | os.PathLike[str],
+    n: int = 20,
+    data: str | os.PathLike[str] | Dataset | None = None,
+) -> list[Path]:
+    """Write the first ``n`` test digits as PNG files named ``mnist-test-<index>-label-<label>.png``.
+
+    They give a newcomer something to query at once; the label in the name lets anyone check the
+    answers.
+    """
+    from PIL import Image
+
+    if n < 1:
+        raise LenetEmbedError(f"-n must be at least 1, got {n}")
+    test = load_mnist(data).test
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(min(n, len(test))):
+        path = out / f"mnist-test-{i:05d}-label-{int(test.labels[i])}.png"
+        Image.fromarray(test.images[i]).save(path)
+        written.append(path)
+    return written

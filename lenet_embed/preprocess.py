@@ -1,0 +1,163 @@
+"""Turn any picture of a digit into what the network was trained on: the MNIST convention.
+
+MNIST digits are white ink on black, the ink's bounding box scaled so its longer side is 20 px,
+pasted into a 28x28 frame so the centre of mass sits at the centre. Every query path and
+``build-index --images`` go through :func:`to_mnist`, so a picture is seen the same way wherever
+it comes from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import LenetEmbedError
+
+SIDE = 28
+BOX = 20
+# A pixel counts as ink when it is this far (on 0..255) above the background level.
+INK_THRESHOLD = 32.0
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def to_mnist(image: ImageLike) -> np.ndarray:
+    """Return ``image`` as a (28, 28) float32 array in [0, 1], white ink on black.
+
+    ``image`` may be a path to any Pillow-readable file, a PIL image, or a 2-D array (uint8 in
+    0..255 or float in 0..1). A 28x28 image on a dark background is taken as already in MNIST form
+    and only scaled to [0, 1], so an MNIST digit saved as PNG embeds exactly like its array.
+    """
+    name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
+    gray = _to_gray(image, name)
+    if gray.shape == (SIDE, SIDE) and _border(gray).mean() < 128:
+        return scale_pixels(gray)
+    if _border(gray).mean() >= 128:
+        gray = 255.0 - gray
+    background = float(np.median(_border(gray)))
+    ink = np.clip(gray - background, 0.0, None)
+    mask = ink > INK_THRESHOLD
+    if not mask.any():
+        raise LenetEmbedError(f"{name}: no digit found (the image is blank); draw or crop a digit")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return _center(_fit_box(crop / crop.max()))
+
+
+def scale_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Map 0..255 pixel values to float32 in [0, 1], exactly as training does."""
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def _to_gray(image: ImageLike, name: str) -> np.ndarray:
+    """Decode to a float64 grayscale array on 0..255, alpha composited on white."""
+    if isinstance(image, np.ndarray):
+        return _array_to_gray(image, name)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            with Image.open(path) as opened:
+                opened.seek(0)
+                pil = ImageOps.exif_transpose(opened)
+                pil.load()
+        except FileNotFoundError:
+            raise LenetEmbedError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise LenetEmbedError(f"{path}: is a folder, not an image file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise LenetEmbedError(
+                f"{path}: not a readable image ({exc.__class__.__name__}); "
+                "give a PNG, JPEG, BMP or GIF file"
+            ) from None
+        except Image.DecompressionBombError as exc:
+            raise LenetEmbedError(f"{path}: image too large ({exc})") from None
+    elif isinstance(image, Image.Image):
+        pil = image
+    else:
+        raise LenetEmbedError(
+            f"cannot use a {type(image).__name__} as an image; give a path, PIL image or array"
+        )
+    if pil.width == 0 or pil.height == 0:
+        raise LenetEmbedError(f"{name}: the image is empty (0 pixels)")
+    return _pil_to_gray(pil)
+
+
+def _pil_to_gray(pil: Image.Image) -> np.ndarray:
+    if pil.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(pil, dtype=np.float64)
+        top = 65535.0 if pil.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if pil.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        return np.clip(values / top * 255.0, 0.0, 255.0)
+    has_alpha = pil.mode in ("RGBA", "LA", "PA") or (
+        pil.mode == "P" and "transparency" in pil.info
+    )
+    if has_alpha:
+        rgba = pil.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pil = Image.alpha_composite(white, rgba)
+    return np.asarray(pil.convert("L"), dtype=np.float64)
+
+
+def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise LenetEmbedError(f"{name}: expected a 2-D grayscale array, got shape {array.shape}")
+    if array.size == 0:
+        raise LenetEmbedError(f"{name}: the image is empty (0 pixels)")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise LenetEmbedError(f"{name}: the array holds NaN or infinite values")
+    if array.dtype.kind == "f" and values.max() <= 1.0:
+        values = values * 255.0
+    return np.clip(values, 0.0, 255.0)
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+
+
+def _fit_box(crop: np.ndarray) -> np.ndarray:
+    """Scale so the longer side is 20 px, keeping the aspect ratio."""
+    height, width = crop.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(crop.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
+
+
+def _center(patch: np.ndarray) -> np.ndarray:
+    """Paste ``patch`` into a 28x28 frame with its centre of mass at the frame's centre."""
+    height, width = patch.shape
+    total = patch.sum()
+    com_y = (patch.sum(axis=1) @ np.arange(height)) / total
+    com_x = (patch.sum(axis=0) @ np.arange(width)) / total
+    top = int(np.clip(round(SIDE / 2 - 0.5 - com_y), 0, SIDE - height))
+    left = int(np.clip(round(SIDE / 2 - 0.5 - com_x), 0, SIDE - width))
+    frame = np.zeros((SIDE, SIDE), dtype=np.float32)
+    frame[top : top + height, left : left + width] = patch
+    return frame
+
+
+def to_batch(images: ImageLike | list[ImageLike]) -> np.ndarray:
+    """Preprocess one image or many into an (N, 28, 28) float32 batch.
+
+    Accepts a single path, PIL image or 2-D array; a list of those; or a ready batch array of
+    shape (N, 28, 28) or (N, 28, 28, 1).
+    """
+    if isinstance(images, np.ndarray) and (
+        images.ndim == 4 or (images.ndim == 3 and images.shape[-1] != 1)
+    ):
+        return np.stack([to_mnist(item) for item in images]) if len(images) else _empty()
+    if isinstance(images, (list, tuple)):
+        return np.stack([to_mnist(item) for item in images]) if images else _empty()
+    return to_mnist(images)[None]
+
+
+def _empty() -> np.ndarray:
+    return np.zeros((0, SIDE, SIDE), dtype=np.float32)
