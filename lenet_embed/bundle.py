@@ -86,7 +86,9 @@ def _check_target(directory: Path) -> list[Path]:
     if not directory.exists():
         return []
     if not directory.is_dir():
-        raise LenetEmbedError(f"{directory}: exists and is not a folder; choose another --index-dir")
+        raise LenetEmbedError(
+            f"{directory}: exists and is not a folder; choose another --index-dir"
+        )
     entries = list(directory.iterdir())
     is_bundle = (directory / MANIFEST).is_file()
     ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, SOURCES_FILE, ENCODER_FILE}
@@ -248,7 +250,9 @@ def read_bundle(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Bundle
         index = faiss.read_index(str(directory / INDEX_FILE))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
-        raise LenetEmbedError(f"{directory / INDEX_FILE}: unreadable ({first}); {_REBUILD}") from None
+        raise LenetEmbedError(
+            f"{directory / INDEX_FILE}: unreadable ({first}); {_REBUILD}"
+        ) from None
     try:
         labels = np.load(directory / LABELS_FILE, allow_pickle=False)
         ids = np.load(directory / IDS_FILE, allow_pickle=False)

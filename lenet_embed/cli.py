@@ -184,7 +184,7 @@ def query(images: tuple[str, ...], k: int, index_dir: str, as_json: bool) -> Non
             click.echo(f"Error: {exc}", err=True)
             failed += 1
     results = index.search_vectors(index.encoder.embed(np.stack(pixels)), k) if pixels else []
-    for path, neighbors in zip(paths, results):
+    for path, neighbors in zip(paths, results, strict=True):
         predicted = majority_label(neighbors)
         if as_json:
             _print_json({"query": path, "predicted_label": predicted,

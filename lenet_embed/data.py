@@ -132,7 +132,9 @@ def _validate(images: np.ndarray, labels: np.ndarray, images_name: str, labels_n
     if images.dtype != np.uint8:
         raise LenetEmbedError(f"{images_name}: images must be unsigned bytes, found {images.dtype}")
     if labels.ndim != 1:
-        raise LenetEmbedError(f"{labels_name}: labels must be one-dimensional, found {labels.shape}")
+        raise LenetEmbedError(
+            f"{labels_name}: labels must be one-dimensional, found {labels.shape}"
+        )
     if len(labels) != len(images):
         raise LenetEmbedError(
             f"{labels_name}: {len(labels)} labels for {len(images)} images in {images_name}; "
@@ -161,7 +163,9 @@ def _load_npz(path: Path) -> Dataset:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as exc:
-        raise LenetEmbedError(f"{path}: missing array {exc}; expected a Keras-style mnist.npz") from None
+        raise LenetEmbedError(
+            f"{path}: missing array {exc}; expected a Keras-style mnist.npz"
+        ) from None
     except (OSError, ValueError) as exc:
         raise LenetEmbedError(f"{path}: not a readable .npz file ({exc})") from None
     for split in ("train", "test"):
@@ -276,7 +280,7 @@ def write_samples(
     n: int = 20,
     data: str | os.PathLike[str] | Dataset | None = None,
 ) -> list[Path]:
-    """Write the first ``n`` test digits as PNG files named ``mnist-test-<index>-label-<label>.png``.
+    """Write the first ``n`` test digits as ``mnist-test-<index>-label-<label>.png`` files.
 
     They give a newcomer something to query at once; the label in the name lets anyone check the
     answers.

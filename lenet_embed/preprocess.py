@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,7 +21,7 @@ BOX = 20
 # A pixel counts as ink when it is this far (on 0..255) above the background level.
 INK_THRESHOLD = 32.0
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 def to_mnist(image: ImageLike) -> np.ndarray:

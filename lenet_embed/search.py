@@ -131,7 +131,7 @@ class SearchIndex:
             )
         scores, rows = self.bundle.index.search(prepare_vectors(vectors, self.metric), k)
         distances = to_distances(scores, self.metric)
-        return [self._neighbors(r, d) for r, d in zip(rows, distances)]
+        return [self._neighbors(r, d) for r, d in zip(rows, distances, strict=True)]
 
     def _check_k(self, k: int) -> None:
         if not isinstance(k, (int, np.integer)) or k < 1 or k > len(self):
@@ -140,7 +140,7 @@ class SearchIndex:
     def _neighbors(self, rows: np.ndarray, distances: np.ndarray) -> list[Neighbor]:
         bundle = self.bundle
         out = []
-        for rank, (row, distance) in enumerate(zip(rows, distances), start=1):
+        for rank, (row, distance) in enumerate(zip(rows, distances, strict=True), start=1):
             if row < 0:
                 continue
             out.append(

@@ -74,7 +74,7 @@ class TrainResult:
 
 
 def encoder_path_for(model_path: str | os.PathLike[str]) -> Path:
-    """Where the encoder is written beside a classifier: ``lenet.keras`` -> ``lenet.encoder.keras``."""
+    """Where the encoder goes beside a classifier: ``lenet.keras`` -> ``lenet.encoder.keras``."""
     path = Path(model_path)
     return path.with_name(f"{path.stem}.encoder.keras")
 
