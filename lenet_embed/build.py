@@ -17,7 +17,7 @@ from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import encoder_of, load_classifier
-from .preprocess import scale_pixels
+from .preprocess import scale_pixels, to_uint8
 from .search import make_index
 from .train import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 
@@ -99,6 +99,7 @@ def build_index(
         index=index,
         labels=labels,
         ids=np.arange(len(labels), dtype=np.int64),
+        images=to_uint8(pixels),
         encoder=encoder_model,
         metric=metric,
         factory=factory,

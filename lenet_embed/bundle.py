@@ -7,6 +7,7 @@ A bundle is a directory holding everything a search needs:
   every other file, class names for folder labels, and search parameters;
 - ``index.faiss``: the FAISS index (row i holds the vector of item i);
 - ``labels.npy`` (int64, -1 = no label) and ``ids.npy`` (int64), one entry per row;
+- ``images.npy``: the indexed digits as the encoder saw them, uint8 (N, 28, 28), for pictures;
 - ``sources.json``: the source path of every row, for bundles built from image files;
 - ``encoder.keras``: the encoder that made the vectors.
 
@@ -37,6 +38,7 @@ MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "labels.npy"
 IDS_FILE = "ids.npy"
+IMAGES_FILE = "images.npy"
 SOURCES_FILE = "sources.json"
 ENCODER_FILE = "encoder.keras"
 DEFAULT_INDEX_DIR = Path("index")
@@ -72,6 +74,7 @@ class Bundle:
     index: Any
     labels: np.ndarray
     ids: np.ndarray
+    images: np.ndarray
     sources: list[str] | None = None
     classes: list[str] = field(default_factory=list)
 
@@ -91,7 +94,7 @@ def _check_target(directory: Path) -> list[Path]:
         )
     entries = list(directory.iterdir())
     is_bundle = (directory / MANIFEST).is_file()
-    ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, SOURCES_FILE, ENCODER_FILE}
+    ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, SOURCES_FILE, ENCODER_FILE}
     foreign = [e for e in entries if e.name not in ours]
     kept = [e for e in foreign if e.name in KEPT_FILES and e.is_file()]
     if not is_bundle and len(kept) != len(foreign):
@@ -130,6 +133,7 @@ def write_bundle(
     index: Any,
     labels: np.ndarray,
     ids: np.ndarray,
+    images: np.ndarray,
     encoder: Any,
     metric: str,
     factory: str,
@@ -140,7 +144,8 @@ def write_bundle(
 ) -> dict[str, Any]:
     """Write a complete bundle to ``directory`` atomically and return its manifest.
 
-    ``encoder`` is the Keras encoder model that produced the vectors; it is saved into the bundle.
+    ``images`` are the indexed digits as uint8 (N, 28, 28); ``encoder`` is the Keras encoder model
+    that produced the vectors. Both are saved into the bundle.
     """
     directory = Path(directory)
     kept = _check_target(directory)
@@ -151,6 +156,7 @@ def write_bundle(
         faiss.write_index(index, str(tmp / INDEX_FILE))
         np.save(tmp / LABELS_FILE, np.asarray(labels, dtype=np.int64), allow_pickle=False)
         np.save(tmp / IDS_FILE, np.asarray(ids, dtype=np.int64), allow_pickle=False)
+        np.save(tmp / IMAGES_FILE, np.asarray(images, dtype=np.uint8), allow_pickle=False)
         if sources is not None:
             _write_json(tmp / SOURCES_FILE, list(sources))
         encoder.save(tmp / ENCODER_FILE)
@@ -256,14 +262,18 @@ def read_bundle(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Bundle
     try:
         labels = np.load(directory / LABELS_FILE, allow_pickle=False)
         ids = np.load(directory / IDS_FILE, allow_pickle=False)
+        images = np.load(directory / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
         sources_path = directory / SOURCES_FILE
         sources = json.loads(sources_path.read_text("utf-8")) if sources_path.is_file() else None
     except (OSError, ValueError) as exc:
         raise LenetEmbedError(f"{directory}: unreadable bundle data ({exc}); {_REBUILD}") from None
     count = manifest["count"]
-    lengths = {index.ntotal, len(labels), len(ids)} | ({len(sources)} if sources else set())
+    lengths = {index.ntotal, len(labels), len(ids), len(images)}
+    lengths |= {len(sources)} if sources else set()
     if lengths != {count} or index.d != manifest["dim"]:
         raise LenetEmbedError(
             f"{directory}: index, labels and ids disagree with the manifest's count; {_REBUILD}"
         )
-    return Bundle(directory, manifest, index, labels, ids, sources, manifest.get("classes", []))
+    return Bundle(
+        directory, manifest, index, labels, ids, images, sources, manifest.get("classes", [])
+    )

@@ -236,3 +236,51 @@ def info(index_dir: str, as_json: bool) -> None:
     width = max(map(len, rows))
     for key, value in rows.items():
         click.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+@main.command()
+@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+              help="Bundle built from the training split of the same data set.")
+@click.option("--data", type=click.Path(), help=DATA_HELP)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Neighbours for the k-NN vote and the latency figures.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
+@click.option("--report", type=click.Path(), help="Also write figures.json and PNG pictures "
+              "(confusion matrix, worst retrievals, embedding map) into this folder.")
+def evaluate(index_dir: str, data: str | None, k: int, as_json: bool, report: str | None) -> None:
+    """Measure retrieval on the 10,000 MNIST test digits: accuracy, MAP@R, recall, speed."""
+    from .evaluate import evaluate as run_evaluate
+    from .evaluate import write_report
+
+    evaluation = run_evaluate(index_dir=index_dir, data=data, k=k)
+    if report:
+        written = write_report(evaluation, report)
+        click.echo(f"wrote {len(written)} files to {report}", err=True)
+    figures = evaluation.to_dict()
+    if as_json:
+        _print_json(figures)
+        return
+    rows = [
+        ("bundle", f"{figures['index_dir']} ({figures['count']} items, {figures['metric']}, "
+                   f"{figures['factory']})"),
+        ("queries", f"{figures['queries']} test digits"),
+        ("1-NN accuracy", f"{figures['nn1_accuracy']:.4f}"),
+        (f"{k}-NN accuracy", f"{figures['knn_accuracy']:.4f}"),
+        ("precision@1 / @10 / @100", f"{figures['precision_at_1']:.4f} / "
+         f"{figures['precision_at_10']:.4f} / {figures['precision_at_100']:.4f}"),
+        ("R-precision", f"{figures['r_precision']:.4f}"),
+        ("MAP@R", f"{figures['map_at_r']:.4f}"),
+    ]
+    if figures["recall_at_10"] is not None:
+        rows.append(("recall@10 vs exact", f"{figures['recall_at_10']:.4f}"))
+        rows.append(("1-NN accuracy (this index)", f"{figures['index_nn1_accuracy']:.4f}"))
+    rows += [
+        ("batch search", f"{figures['batch_qps']:.0f} queries/s"),
+        ("single query, search only", f"p50 {figures['latency_ms_p50']:.3f} ms, "
+                                      f"p99 {figures['latency_ms_p99']:.3f} ms"),
+        ("single query, with embedding", f"p50 {figures['latency_with_embedding_ms_p50']:.3f} ms, "
+                                         f"p99 {figures['latency_with_embedding_ms_p99']:.3f} ms"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")

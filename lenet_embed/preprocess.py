@@ -52,6 +52,11 @@ def scale_pixels(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map [0, 1] floats back to 0..255 bytes (the inverse of :func:`scale_pixels`)."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _to_gray(image: ImageLike, name: str) -> np.ndarray:
     """Decode to a float64 grayscale array on 0..255, alpha composited on white."""
     if isinstance(image, np.ndarray):

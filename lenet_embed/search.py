@@ -154,6 +154,13 @@ class SearchIndex:
             )
         return out
 
+    def item_image(self, item_id: int) -> np.ndarray:
+        """The indexed digit with this id, as the encoder saw it: uint8 (28, 28)."""
+        rows = np.flatnonzero(self.bundle.ids == item_id)
+        if len(rows) == 0:
+            raise LenetEmbedError(f"no item with id {item_id} in {self.bundle.path}")
+        return np.asarray(self.bundle.images[rows[0]])
+
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""
         if code < 0:

@@ -101,7 +101,11 @@ def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
             x = augment(x, training=True)
         return x, tf.one_hot(y, NUM_CLASSES)
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # The random augmentation layers are stateful: under op determinism (--seed) a parallel map of
+    # them gets rewritten by TensorFlow, which logs a spurious C++ error. Whole batches are
+    # augmented, so a sequential map costs little.
+    parallel = None if augment is not None else tf.data.AUTOTUNE
+    return ds.map(prepare, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
 
 
 def _augmenter(recipe: Recipe, seed: int | None) -> Any:
@@ -202,6 +206,7 @@ def train(
             epochs=chosen.epochs,
             validation_data=validation,
             callbacks=callbacks,
+            shuffle=False,  # the tf.data pipeline already reshuffles every epoch
             verbose=verbose,
         )
     seconds = time.perf_counter() - started

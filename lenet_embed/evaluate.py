@@ -1,0 +1,221 @@
+"""How good is retrieval? Query the MNIST test split against a bundle and measure it.
+
+Quality figures (1-NN, k-NN, precision@k, R-precision, MAP@R) measure the embedding: they come
+from exact search over the bundle's own vectors, so an approximate index does not blur them. For an
+approximate index, recall@10 against that exact search measures the approximation, and
+``index_1nn_accuracy`` what users of the bundle actually get. Speed figures time the bundle's own
+index, with and without embedding the query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .bundle import DEFAULT_INDEX_DIR
+from .data import Dataset, load_mnist
+from .errors import LenetEmbedError
+from .metrics import knn_accuracy, precision_at_k, r_precision_and_map_at_r, recall_at_k
+from .preprocess import scale_pixels
+from .search import SearchIndex, prepare_vectors
+
+LATENCY_QUERIES = 500
+RECALL_K = 10
+WORST_SHOWN = 40
+
+
+@dataclass
+class Evaluation:
+    """Every figure ``evaluate`` measures; ``to_dict`` gives them as one JSON-ready object."""
+
+    index_dir: str
+    count: int
+    queries: int
+    metric: str
+    factory: str
+    k: int
+    nn1_accuracy: float
+    knn_accuracy: float
+    precision_at_1: float
+    precision_at_10: float
+    precision_at_100: float
+    r_precision: float
+    map_at_r: float
+    batch_qps: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    latency_with_embedding_ms_p50: float
+    latency_with_embedding_ms_p99: float
+    recall_at_10: float | None = None
+    index_nn1_accuracy: float | None = None
+    # Kept for pictures; not part of the JSON figures.
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as a JSON-ready dictionary (without the per-query details)."""
+        figures = asdict(self)
+        figures.pop("details")
+        return figures
+
+
+def _exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
+    exact = faiss.IndexFlatIP(vectors.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(
+        vectors.shape[1]
+    )
+    exact.add(prepare_vectors(vectors, metric))
+    _, rows = exact.search(prepare_vectors(queries, metric), k)
+    return rows
+
+
+def _percentiles_ms(seconds: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.asarray(seconds) * 1000.0, [50, 99])
+    return round(float(p50), 4), round(float(p99), 4)
+
+
+def _time_single_queries(index: SearchIndex, pixels: np.ndarray, vectors: np.ndarray,
+                         k: int) -> dict[str, float]:
+    n = min(LATENCY_QUERIES, len(vectors))
+    search_only, with_embedding = [], []
+    for i in range(n):
+        started = time.perf_counter()
+        index.search_vectors(vectors[i : i + 1], k)
+        search_only.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        index.search(pixels[i], k)
+        with_embedding.append(time.perf_counter() - started)
+    p50, p99 = _percentiles_ms(search_only)
+    e50, e99 = _percentiles_ms(with_embedding)
+    return {
+        "latency_ms_p50": p50,
+        "latency_ms_p99": p99,
+        "latency_with_embedding_ms_p50": e50,
+        "latency_with_embedding_ms_p99": e99,
+    }
+
+
+def evaluate(
+    index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
+    data: str | os.PathLike[str] | Dataset | None = None,
+    k: int = 10,
+) -> Evaluation:
+    """Query the test split of ``data`` against the bundle in ``index_dir`` and measure retrieval.
+
+    The bundle must have been built from the training split of the same data set (the default
+    ``build-index``); its vectors are re-derived from that split for exact search.
+    """
+    index = SearchIndex.load(index_dir)
+    dataset = load_mnist(data)
+    bundle = index.bundle
+    if k < 1 or k > len(index):
+        raise LenetEmbedError(f"-k must be between 1 and {len(index)}, got {k}")
+    if len(bundle.labels) != len(dataset.train) or not np.array_equal(
+        bundle.labels, dataset.train.labels
+    ):
+        raise LenetEmbedError(
+            f"{index_dir}: the bundle was not built from the training split of {dataset.source}; "
+            "evaluate needs a bundle from `lenet-embed build-index` on the same data"
+        )
+    indexed = index.encoder.embed(scale_pixels(dataset.train.images))
+    test_pixels = scale_pixels(dataset.test.images)
+    test_labels = dataset.test.labels
+
+    started = time.perf_counter()
+    queries = index.encoder.embed(test_pixels)
+    embed_seconds = time.perf_counter() - started
+
+    counts = np.bincount(bundle.labels, minlength=int(test_labels.max()) + 1)
+    relevant = counts[test_labels]
+    depth = max(int(relevant.max()), 100, k)
+    rows = _exact_search(indexed, queries, index.metric, depth)
+    retrieved = bundle.labels[rows]
+    r_precision, map_at_r = r_precision_and_map_at_r(retrieved, test_labels, relevant)
+
+    started = time.perf_counter()
+    _, index_rows = bundle.index.search(prepare_vectors(queries, index.metric), k)
+    search_seconds = time.perf_counter() - started
+
+    approximate = bundle.manifest.get("factory", "Flat") != "Flat"
+    evaluation = Evaluation(
+        index_dir=str(index_dir),
+        count=len(index),
+        queries=len(test_labels),
+        metric=index.metric,
+        factory=bundle.manifest.get("factory", "Flat"),
+        k=k,
+        nn1_accuracy=precision_at_k(retrieved, test_labels, 1),
+        knn_accuracy=knn_accuracy(retrieved, test_labels, k),
+        precision_at_1=precision_at_k(retrieved, test_labels, 1),
+        precision_at_10=precision_at_k(retrieved, test_labels, 10),
+        precision_at_100=precision_at_k(retrieved, test_labels, 100),
+        r_precision=r_precision,
+        map_at_r=map_at_r,
+        batch_qps=round(len(queries) / search_seconds, 1),
+        **_time_single_queries(index, test_pixels, queries, k),
+        recall_at_10=(
+            recall_at_k(index_rows, rows, min(RECALL_K, k)) if approximate else None
+        ),
+        index_nn1_accuracy=(
+            float((bundle.labels[index_rows[:, 0]] == test_labels).mean()) if approximate else None
+        ),
+    )
+    evaluation.details = {
+        "test_labels": test_labels,
+        "test_pixels": test_pixels,
+        "queries": queries,
+        "rows": rows[:, :k],
+        "embed_seconds": embed_seconds,
+    }
+    return evaluation
+
+
+def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
+                 index: SearchIndex | None = None) -> list[Path]:
+    """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
+    from .pictures import MontageRow, confusion_image, embedding_map, montage, pca_2d
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = index or SearchIndex.load(evaluation.index_dir)
+    details = evaluation.details
+    labels = index.bundle.labels
+    test_labels, rows = details["test_labels"], details["rows"]
+    predicted = labels[rows[:, 0]]
+    n_classes = int(max(labels.max(), test_labels.max())) + 1
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (test_labels, predicted), 1)
+    names = [str(i) for i in range(n_classes)]
+
+    written = [out / "figures.json", out / "confusion.png", out / "worst.png",
+               out / "embedding_map.png"]
+    written[0].write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n", encoding="utf-8")
+    confusion_image(matrix, names, title="1-NN labels on the test set").save(written[1])
+
+    # The worst retrievals: wrong nearest neighbours, the most confidently wrong first.
+    wrong = np.flatnonzero(predicted != test_labels)
+    vectors = details["queries"]
+    results = index.search_vectors(vectors[wrong], evaluation.k) if len(wrong) else []
+    ranked = sorted(zip(wrong, results, strict=True), key=lambda pair: pair[1][0].distance)
+    worst = [
+        MontageRow(
+            query=details["test_pixels"][i],
+            neighbors=neighbors,
+            neighbor_images=[index.item_image(n.id) for n in neighbors],
+            reference_label=int(test_labels[i]),
+            title=f"test #{i} (label {test_labels[i]})",
+        )
+        for i, neighbors in ranked[:WORST_SHOWN]
+    ]
+    if worst:
+        montage(worst).save(written[2])
+    else:
+        written.remove(written[2])
+    points = pca_2d(vectors)
+    embedding_map(points, test_labels, names, title="test embeddings, PCA").save(written[-1])
+    return written
