@@ -12,16 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from .ann import make_index, set_threads, tune
 from .bundle import DEFAULT_INDEX_DIR, write_bundle
 from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import encoder_of, load_classifier
 from .preprocess import scale_pixels, to_uint8
-from .search import make_index
 from .train import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 
 log = logging.getLogger(__name__)
+
+TUNING_QUERIES = 1000
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BuildResult:
             "factory": m["factory"],
             "seconds": self.seconds,
             "skipped": len(self.skipped),
+            "search_params": m.get("search_params", {}),
         }
 
 
@@ -67,6 +70,8 @@ def build_index(
     index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     metric: str = "cosine",
     factory: str = "Flat",
+    target_recall: float | None = None,
+    threads: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> BuildResult:
     """Embed a data set and write a self-contained index bundle to ``index_dir``.
@@ -74,13 +79,19 @@ def build_index(
     By default the 60,000 MNIST training images are indexed (ids = their positions in the training
     set). With ``images`` every image file under that folder is indexed instead, labelled by its
     subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
-    ``models/lenet.keras`` does not exist, one is trained first. ``on_progress(done, total)`` is
-    called as images are embedded.
+    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is any FAISS
+    ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
+    parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
+    and stores it in the manifest. ``threads`` caps FAISS's threads. ``on_progress(done, total)``
+    is called as images are embedded.
     """
+    if threads is not None:
+        set_threads(threads)
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None
     skipped: list[str] = []
+    held_out: np.ndarray | None = None
     if images is not None:
         folder = load_image_folder(images)
         pixels, labels = folder.images, folder.labels
@@ -92,8 +103,18 @@ def build_index(
         encoder_model = _load_encoder(model, dataset)
         pixels, labels = scale_pixels(dataset.train.images), dataset.train.labels
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
-    vectors = KerasEncoder(encoder_model).embed(pixels, on_progress=on_progress)
+        held_out = scale_pixels(dataset.test.images[:TUNING_QUERIES])
+    encoder = KerasEncoder(encoder_model)
+    vectors = encoder.embed(pixels, on_progress=on_progress)
     index = make_index(vectors, metric, factory)
+    search_params: dict[str, float] = {}
+    if target_recall is not None:
+        if held_out is not None:
+            queries = encoder.embed(held_out)
+        else:
+            sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
+            queries = vectors[sample]
+        search_params = tune(index, vectors, queries, metric, target_recall)
     manifest = write_bundle(
         index_dir,
         index=index,
@@ -106,6 +127,7 @@ def build_index(
         dataset=description,
         classes=classes,
         sources=sources,
+        search_params=search_params,
     )
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)

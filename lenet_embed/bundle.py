@@ -9,7 +9,8 @@ A bundle is a directory holding everything a search needs:
 - ``labels.npy`` (int64, -1 = no label) and ``ids.npy`` (int64), one entry per row;
 - ``images.npy``: the indexed digits as the encoder saw them, uint8 (N, 28, 28), for pictures;
 - ``sources.json``: the source path of every row, for bundles built from image files;
-- ``encoder.keras``: the encoder that made the vectors.
+- ``encoder.keras``: the encoder that made the vectors, and ``encoder.tflite``, the same encoder
+  exported to LiteRT for queries that never load TensorFlow.
 
 A bundle is written into a temporary sibling directory and renamed into place, so a failed or
 interrupted build never leaves half a bundle and never damages the one already there.
@@ -31,6 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .embed import export_litert
 from .errors import LenetEmbedError
 
 FORMAT_VERSION = 1
@@ -41,6 +43,7 @@ IDS_FILE = "ids.npy"
 IMAGES_FILE = "images.npy"
 SOURCES_FILE = "sources.json"
 ENCODER_FILE = "encoder.keras"
+LITERT_FILE = "encoder.tflite"
 DEFAULT_INDEX_DIR = Path("index")
 # Files that may sit in an index folder beside a bundle and are carried over when it is replaced
 # (the repository's index/README.md documents the format there).
@@ -80,8 +83,13 @@ class Bundle:
 
     @property
     def encoder_path(self) -> Path:
-        """The encoder file inside the bundle."""
+        """The Keras encoder file inside the bundle."""
         return self.path / ENCODER_FILE
+
+    @property
+    def litert_path(self) -> Path:
+        """The LiteRT encoder file inside the bundle."""
+        return self.path / LITERT_FILE
 
 
 def _check_target(directory: Path) -> list[Path]:
@@ -94,7 +102,8 @@ def _check_target(directory: Path) -> list[Path]:
         )
     entries = list(directory.iterdir())
     is_bundle = (directory / MANIFEST).is_file()
-    ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, SOURCES_FILE, ENCODER_FILE}
+    ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, SOURCES_FILE, ENCODER_FILE,
+            LITERT_FILE}
     foreign = [e for e in entries if e.name not in ours]
     kept = [e for e in foreign if e.name in KEPT_FILES and e.is_file()]
     if not is_bundle and len(kept) != len(foreign):
@@ -160,6 +169,7 @@ def write_bundle(
         if sources is not None:
             _write_json(tmp / SOURCES_FILE, list(sources))
         encoder.save(tmp / ENCODER_FILE)
+        export_litert(encoder, tmp / LITERT_FILE)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -173,6 +183,7 @@ def write_bundle(
             "classes": list(classes or []),
             "search_params": dict(search_params or {}),
             "encoder_sha256": files[ENCODER_FILE],
+            "encoder_litert_sha256": files[LITERT_FILE],
             "files": files,
         }
         _write_json(tmp / MANIFEST, manifest)
@@ -228,23 +239,35 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Check the encoder's fingerprint, then every file against its sha256 in the manifest."""
-    encoder = directory / ENCODER_FILE
-    if not encoder.is_file():
-        raise LenetEmbedError(f"{encoder}: missing from the bundle; {_REBUILD}")
-    if sha256_file(encoder) != manifest["encoder_sha256"]:
-        raise LenetEmbedError(
-            f"{encoder}: fingerprint differs from the encoder the index was built with; "
-            f"the vectors would not match, {_REBUILD}"
-        )
+    """Check the encoders' fingerprints, then every file against its sha256 in the manifest."""
+    fingerprints = {ENCODER_FILE: "encoder_sha256", LITERT_FILE: "encoder_litert_sha256"}
+    for name, key in fingerprints.items():
+        encoder = directory / name
+        if key not in manifest:
+            continue
+        if not encoder.is_file():
+            raise LenetEmbedError(f"{encoder}: missing from the bundle; {_REBUILD}")
+        if sha256_file(encoder) != manifest[key]:
+            raise LenetEmbedError(
+                f"{encoder}: fingerprint differs from the encoder the index was built with; "
+                f"the vectors would not match, {_REBUILD}"
+            )
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():
             raise LenetEmbedError(f"{path}: missing from the bundle; {_REBUILD}")
-        if name != ENCODER_FILE and sha256_file(path) != expected:
+        if name not in fingerprints and sha256_file(path) != expected:
             raise LenetEmbedError(
                 f"{path}: checksum does not match {MANIFEST}; the bundle is damaged, {_REBUILD}"
             )
+
+
+def _read_index(path: Path) -> Any:
+    """Read a FAISS index memory-mapped where its type allows (large indexes load at once)."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
 
 
 def read_bundle(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Bundle:
@@ -253,7 +276,7 @@ def read_bundle(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Bundle
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     try:
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        index = _read_index(directory / INDEX_FILE)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
         raise LenetEmbedError(

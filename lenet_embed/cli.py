@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import _keras
+from . import _quiet
 from .errors import LenetEmbedError
 
 DATA_HELP = "MNIST-style data: a folder of the four IDX files (.gz or raw) or an mnist.npz. " \
@@ -70,6 +70,35 @@ def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj))
 
 
+def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that loads a bundle to search it."""
+    options = [
+        click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+                     help="Bundle folder written by build-index."),
+        click.option("--ef-search", type=click.IntRange(min=1),
+                     help="HNSW search depth (overrides the tuned value in the bundle)."),
+        click.option("--nprobe", type=click.IntRange(min=1),
+                     help="IVF lists to visit (overrides the tuned value in the bundle)."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="Threads for FAISS and LiteRT [default: all cores]."),
+        click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
+                     show_default=True, help="Encoder runner; auto = LiteRT when available."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_index(index_dir: str, ef_search: int | None, nprobe: int | None,
+                threads: int | None, backend: str) -> Any:
+    from .search import SearchIndex
+
+    overrides = {name: value for name, value in (("efSearch", ef_search), ("nprobe", nprobe))
+                 if value is not None}
+    return SearchIndex.load(index_dir, backend=backend, threads=threads,
+                            search_params=overrides)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up messages and debug logs.")
 @click.version_option(package_name="lenet-embed")
@@ -79,7 +108,7 @@ def main(verbose: bool) -> None:
     Typical use: `lenet-embed build-index` (trains a model first if none exists), then
     `lenet-embed query digit.png`. `lenet-embed samples DIR` writes test digits to try.
     """
-    _keras.set_verbose(verbose)
+    _quiet.set_verbose(verbose)
     _setup_logging(verbose)
 
 
@@ -124,17 +153,23 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine",
               show_default=True, help="cosine: normalised vectors, inner product; l2: Euclidean.")
 @click.option("--factory", default="Flat", show_default=True,
-              help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat.")
+              help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat, OPQ12,IVF256,PQ12.")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True),
+              help="For an approximate index: tune efSearch/nprobe to reach this recall@10 "
+              "against exact search on held-out queries, and store it in the bundle.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for FAISS [default: all].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
-                metric: str, factory: str, as_json: bool) -> None:
+                metric: str, factory: str, target_recall: float | None, threads: int | None,
+                as_json: bool) -> None:
     """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
     from .build import build_index as run_build
 
     progress = _Progress("embedding")
     try:
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
-                           metric=metric, factory=factory, on_progress=progress)
+                           metric=metric, factory=factory, target_recall=target_recall,
+                           threads=threads, on_progress=progress)
     finally:
         progress.close()
     summary = result.summary()
@@ -143,8 +178,9 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
     if as_json:
         _print_json(summary)
         return
+    tuned = "".join(f", {name} {value}" for name, value in summary["search_params"].items())
     click.echo(f"wrote {summary['index_dir']}: {summary['count']} vectors, dim {summary['dim']}, "
-               f"metric {summary['metric']}, factory {summary['factory']}, "
+               f"metric {summary['metric']}, factory {summary['factory']}{tuned}, "
                f"{summary['seconds']:.1f} s")
 
 
@@ -162,17 +198,21 @@ def _neighbor_table(neighbors: Sequence[Any]) -> str:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Number of neighbours per query.")
-@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
-              help="Bundle folder written by build-index.")
+@_search_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines: one object per query.")
-def query(images: tuple[str, ...], k: int, index_dir: str, as_json: bool) -> None:
+@click.option("--montage", type=click.Path(dir_okay=False), help="Also draw a PNG: one row per "
+              "query (as the model saw it), then its neighbours with label and distance; "
+              "neighbours whose label differs from the predicted digit are framed red.")
+def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None,
+          nprobe: int | None, threads: int | None, backend: str, as_json: bool,
+          montage: str | None) -> None:
     """Find the k indexed digits nearest to each IMAGE file."""
     import numpy as np
 
     from .preprocess import to_mnist
-    from .search import SearchIndex, majority_label
+    from .search import majority_label
 
-    index = SearchIndex.load(index_dir)
+    index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     if k > len(index):
         raise LenetEmbedError(f"-k {k} is more than the {len(index)} items in {index_dir}")
     paths, pixels, failed = [], [], 0
@@ -191,6 +231,15 @@ def query(images: tuple[str, ...], k: int, index_dir: str, as_json: bool) -> Non
                          "neighbors": [n.to_dict() for n in neighbors]})
         else:
             click.echo(f"{path}\n{_neighbor_table(neighbors)}\npredicted label: {predicted}\n")
+    if montage and results:
+        from .pictures import montage as draw_montage
+
+        picture = draw_montage(index.montage_rows(np.stack(pixels), results, paths))
+        try:
+            picture.save(montage, format="PNG")
+        except OSError as exc:
+            raise LenetEmbedError(f"{montage}: cannot write the montage ({exc})") from None
+        click.echo(f"wrote {montage}", err=True)
     if failed:
         sys.exit(1)
 
@@ -227,6 +276,7 @@ def info(index_dir: str, as_json: bool) -> None:
         "dim": manifest["dim"],
         "metric": manifest["metric"],
         "factory": manifest.get("factory"),
+        "search params": json.dumps(manifest.get("search_params", {})),
         "data set": json.dumps(manifest.get("dataset")),
         "created": manifest.get("created_at"),
         "lenet-embed": manifest.get("lenet_embed_version"),
@@ -239,22 +289,26 @@ def info(index_dir: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
-              help="Bundle built from the training split of the same data set.")
+@_search_options
 @click.option("--data", type=click.Path(), help=DATA_HELP)
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Neighbours for the k-NN vote and the latency figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
 @click.option("--report", type=click.Path(), help="Also write figures.json and PNG pictures "
               "(confusion matrix, worst retrievals, embedding map) into this folder.")
-def evaluate(index_dir: str, data: str | None, k: int, as_json: bool, report: str | None) -> None:
-    """Measure retrieval on the 10,000 MNIST test digits: accuracy, MAP@R, recall, speed."""
+def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
+             backend: str, data: str | None, k: int, as_json: bool, report: str | None) -> None:
+    """Measure retrieval on the 10,000 MNIST test digits: accuracy, MAP@R, recall, speed.
+
+    The bundle must come from `build-index` on the training split of the same data.
+    """
     from .evaluate import evaluate as run_evaluate
     from .evaluate import write_report
 
-    evaluation = run_evaluate(index_dir=index_dir, data=data, k=k)
+    index = _load_index(index_dir, ef_search, nprobe, threads, backend)
+    evaluation = run_evaluate(index, data=data, k=k)
     if report:
-        written = write_report(evaluation, report)
+        written = write_report(evaluation, report, index)
         click.echo(f"wrote {len(written)} files to {report}", err=True)
     figures = evaluation.to_dict()
     if as_json:
@@ -272,7 +326,9 @@ def evaluate(index_dir: str, data: str | None, k: int, as_json: bool, report: st
         ("MAP@R", f"{figures['map_at_r']:.4f}"),
     ]
     if figures["recall_at_10"] is not None:
-        rows.append(("recall@10 vs exact", f"{figures['recall_at_10']:.4f}"))
+        params = ", ".join(f"{name} {value}" for name, value in figures["search_params"].items())
+        recall = f"{figures['recall_at_10']:.4f} ({params or 'default parameters'})"
+        rows.append(("recall@10 vs exact", recall))
         rows.append(("1-NN accuracy (this index)", f"{figures['index_nn1_accuracy']:.4f}"))
     rows += [
         ("batch search", f"{figures['batch_qps']:.0f} queries/s"),

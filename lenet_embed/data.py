@@ -9,9 +9,11 @@ raises :class:`LenetEmbedError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +215,9 @@ def _load_from_keras() -> Dataset:
 
     log.info("no --data and no $%s: using keras.datasets.mnist", ENV_VAR)
     try:
-        (x_train, y_train), (x_test, y_test) = keras().datasets.mnist.load_data()
+        # Keras prints its download notice on stdout, which belongs to results (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            (x_train, y_train), (x_test, y_test) = keras().datasets.mnist.load_data()
     except Exception as exc:  # network errors come in many types
         raise LenetEmbedError(
             f"could not download MNIST through Keras ({exc}); pass --data PATH or set ${ENV_VAR}"

@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
+from .ann import exact_search, prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR
 from .data import Dataset, load_mnist
 from .errors import LenetEmbedError
 from .metrics import knn_accuracy, precision_at_k, r_precision_and_map_at_r, recall_at_k
 from .preprocess import scale_pixels
-from .search import SearchIndex, prepare_vectors
+from .search import SearchIndex
 
 LATENCY_QUERIES = 500
 RECALL_K = 10
@@ -53,6 +53,7 @@ class Evaluation:
     latency_ms_p99: float
     latency_with_embedding_ms_p50: float
     latency_with_embedding_ms_p99: float
+    search_params: dict[str, int] = field(default_factory=dict)
     recall_at_10: float | None = None
     index_nn1_accuracy: float | None = None
     # Kept for pictures; not part of the JSON figures.
@@ -63,15 +64,6 @@ class Evaluation:
         figures = asdict(self)
         figures.pop("details")
         return figures
-
-
-def _exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
-    exact = faiss.IndexFlatIP(vectors.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(
-        vectors.shape[1]
-    )
-    exact.add(prepare_vectors(vectors, metric))
-    _, rows = exact.search(prepare_vectors(queries, metric), k)
-    return rows
 
 
 def _percentiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -101,16 +93,19 @@ def _time_single_queries(index: SearchIndex, pixels: np.ndarray, vectors: np.nda
 
 
 def evaluate(
-    index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
+    index: SearchIndex | str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     data: str | os.PathLike[str] | Dataset | None = None,
     k: int = 10,
 ) -> Evaluation:
-    """Query the test split of ``data`` against the bundle in ``index_dir`` and measure retrieval.
+    """Query the test split of ``data`` against a bundle and measure retrieval.
 
-    The bundle must have been built from the training split of the same data set (the default
-    ``build-index``); its vectors are re-derived from that split for exact search.
+    ``index`` is a loaded :class:`SearchIndex` or a bundle folder. The bundle must have been built
+    from the training split of the same data set (the default ``build-index``); its vectors are
+    re-derived from that split for exact search.
     """
-    index = SearchIndex.load(index_dir)
+    if not isinstance(index, SearchIndex):
+        index = SearchIndex.load(index)
+    index_dir = index.bundle.path
     dataset = load_mnist(data)
     bundle = index.bundle
     if k < 1 or k > len(index):
@@ -133,7 +128,7 @@ def evaluate(
     counts = np.bincount(bundle.labels, minlength=int(test_labels.max()) + 1)
     relevant = counts[test_labels]
     depth = max(int(relevant.max()), 100, k)
-    rows = _exact_search(indexed, queries, index.metric, depth)
+    rows = exact_search(indexed, queries, index.metric, depth)
     retrieved = bundle.labels[rows]
     r_precision, map_at_r = r_precision_and_map_at_r(retrieved, test_labels, relevant)
 
@@ -149,6 +144,7 @@ def evaluate(
         metric=index.metric,
         factory=bundle.manifest.get("factory", "Flat"),
         k=k,
+        search_params=dict(index.search_params),
         nn1_accuracy=precision_at_k(retrieved, test_labels, 1),
         knn_accuracy=knn_accuracy(retrieved, test_labels, k),
         precision_at_1=precision_at_k(retrieved, test_labels, 1),
@@ -176,13 +172,12 @@ def evaluate(
 
 
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
-                 index: SearchIndex | None = None) -> list[Path]:
+                 index: SearchIndex) -> list[Path]:
     """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
     from .pictures import MontageRow, confusion_image, embedding_map, montage, pca_2d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = index or SearchIndex.load(evaluation.index_dir)
     details = evaluation.details
     labels = index.bundle.labels
     test_labels, rows = details["test_labels"], details["rows"]
@@ -216,6 +211,6 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
         montage(worst).save(written[2])
     else:
         written.remove(written[2])
-    points = pca_2d(vectors)
+    points = pca_2d(prepare_vectors(vectors, index.metric))
     embedding_map(points, test_labels, names, title="test embeddings, PCA").save(written[-1])
     return written

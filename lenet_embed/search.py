@@ -12,15 +12,19 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
+from .ann import (
+    SEARCH_PARAMETERS,
+    apply_search_params,
+    prepare_vectors,
+    set_threads,
+    to_distances,
+)
 from .bundle import DEFAULT_INDEX_DIR, Bundle, read_bundle
-from .embed import KerasEncoder
+from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, to_batch
-
-METRICS = ("cosine", "l2")
 
 
 @dataclass(frozen=True)
@@ -36,42 +40,6 @@ class Neighbor:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary of every field."""
         return asdict(self)
-
-
-def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """Vectors as FAISS wants them: contiguous float32, L2-normalised for ``cosine``."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if metric == "cosine":
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, np.float32(1e-12))
-    return vectors
-
-
-def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
-    """Build a FAISS index from ``vectors`` with ``faiss.index_factory(dim, factory, metric)``."""
-    if metric not in METRICS:
-        raise LenetEmbedError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    vectors = prepare_vectors(vectors, metric)
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss_metric)
-        if not index.is_trained:
-            index.train(vectors)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected"
-        raise LenetEmbedError(
-            f"FAISS factory {factory!r} failed for {len(vectors)} vectors of dim "
-            f"{vectors.shape[1]} ({reason}); try 'Flat' or 'HNSW32'"
-        ) from None
-    index.add(vectors)
-    return index
-
-
-def to_distances(scores: np.ndarray, metric: str) -> np.ndarray:
-    """FAISS scores to smaller-is-nearer distances (1 - cos, or unsquared L2)."""
-    if metric == "cosine":
-        return 1.0 - scores
-    return np.sqrt(np.maximum(scores, 0.0))
 
 
 def majority_label(neighbors: list[Neighbor]) -> int | str | None:
@@ -91,16 +59,37 @@ class SearchIndex:
     >>> [n.label for n in index.search("digit.png", k=5)[0]]
     """
 
-    def __init__(self, bundle: Bundle, encoder: KerasEncoder) -> None:
+    def __init__(self, bundle: Bundle, encoder: Encoder,
+                 search_params: dict[str, int] | None = None) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.metric: str = bundle.manifest["metric"]
+        stored = {
+            name: value for name, value in bundle.manifest.get("search_params", {}).items()
+            if name in SEARCH_PARAMETERS
+        }
+        self.search_params = {**stored, **(search_params or {})}
+        apply_search_params(bundle.index, self.search_params)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> SearchIndex:
-        """Load and verify a bundle written by ``build-index``, with its encoder."""
+    def load(
+        cls,
+        path: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
+        backend: str = "auto",
+        threads: int | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> SearchIndex:
+        """Load and verify a bundle written by ``build-index``, with its encoder.
+
+        ``backend``: ``auto`` (LiteRT when available, else Keras), ``litert`` or ``keras``; LiteRT
+        never imports TensorFlow. ``threads`` caps FAISS's and LiteRT's threads.
+        ``search_params`` (e.g. ``{"efSearch": 128}``) override the tuned values in the manifest.
+        """
+        if threads is not None:
+            set_threads(threads)
         bundle = read_bundle(path)
-        return cls(bundle, KerasEncoder.load(bundle.encoder_path))
+        encoder = load_encoder(bundle.encoder_path, bundle.litert_path, backend, threads)
+        return cls(bundle, encoder, search_params)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -160,6 +149,24 @@ class SearchIndex:
         if len(rows) == 0:
             raise LenetEmbedError(f"no item with id {item_id} in {self.bundle.path}")
         return np.asarray(self.bundle.images[rows[0]])
+
+    def montage_rows(
+        self, queries: np.ndarray, results: list[list[Neighbor]], titles: list[str]
+    ) -> list[Any]:
+        """Rows for :func:`lenet_embed.pictures.montage`: each query as the model saw it, then its
+        neighbours' images; neighbours are judged against the predicted (majority) label."""
+        from .pictures import MontageRow
+
+        return [
+            MontageRow(
+                query=query,
+                neighbors=neighbors,
+                neighbor_images=[self.item_image(n.id) for n in neighbors],
+                reference_label=majority_label(neighbors),
+                title=title,
+            )
+            for query, neighbors, title in zip(queries, results, titles, strict=True)
+        ]
 
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""

@@ -38,7 +38,8 @@ class Recipe:
     batch_size: int = 32
     epochs: int = 5
     label_smoothing: float = 0.0
-    # Random shift (fraction of the side), rotation (fraction of a full turn) and zoom; 0 = off.
+    # Random shift (fraction of the side), rotation (fraction of a full turn) and zoom (fraction
+    # of the size), each drawn uniformly in [-value, value] per image; 0 = off.
     shift: float = 0.0
     rotation: float = 0.0
     zoom: float = 0.0
@@ -52,8 +53,25 @@ RECIPES: dict[str, Recipe] = {
         name="seed",
         description="the tutorial's recipe: RMSprop 1e-3, batch 32, 5 epochs",
     ),
+    # Chosen by measurement (README "Results"): augmentation teaches the invariances that real
+    # queries need, label smoothing tightens the classes in embedding space (MAP@R), and Adam with
+    # cosine decay at batch 128 converges in 20 epochs within 4x the seed recipe's time.
+    "augmented": Recipe(
+        name="augmented",
+        description="Adam 3e-3 with cosine decay, batch 128, 20 epochs, label smoothing 0.1, "
+        "random shifts (+-8%), rotations (+-11 deg) and zoom (+-10%)",
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        batch_size=128,
+        epochs=20,
+        label_smoothing=0.1,
+        shift=0.08,
+        rotation=0.03,
+        zoom=0.1,
+    ),
 }
-DEFAULT_RECIPE = "seed"
+DEFAULT_RECIPE = "augmented"
 
 
 @dataclass(frozen=True)
@@ -90,36 +108,58 @@ def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
               seed: int | None) -> Any:
     tf = tensorflow()
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom)
     if training:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(recipe.batch_size if training else 1024)
-    augment = _augmenter(recipe, seed) if training else None
 
     def prepare(x: Any, y: Any) -> tuple[Any, Any]:
-        x = tf.cast(x, tf.float32)[..., None] / 255.0
-        if augment is not None:
-            x = augment(x, training=True)
-        return x, tf.one_hot(y, NUM_CLASSES)
+        return tf.cast(x, tf.float32)[..., None] / 255.0, tf.one_hot(y, NUM_CLASSES)
 
-    # The random augmentation layers are stateful: under op determinism (--seed) a parallel map of
-    # them gets rewritten by TensorFlow, which logs a spurious C++ error. Whole batches are
-    # augmented, so a sequential map costs little.
-    parallel = None if augment is not None else tf.data.AUTOTUNE
-    return ds.map(prepare, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
-
-
-def _augmenter(recipe: Recipe, seed: int | None) -> Any:
-    layers = keras().layers
-    steps = []
-    if recipe.rotation:
-        steps.append(layers.RandomRotation(recipe.rotation, fill_mode="constant", seed=seed))
-    if recipe.zoom:
-        steps.append(layers.RandomZoom(recipe.zoom, fill_mode="constant", seed=seed))
-    if recipe.shift:
-        steps.append(
-            layers.RandomTranslation(recipe.shift, recipe.shift, fill_mode="constant", seed=seed)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if augmenting:
+        # One stateless random seed pair per batch: reproducible under --seed, new every epoch,
+        # and safe to run in parallel (Keras's stateful random layers are not).
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda batch, pair: (_random_affine(batch[0], pair, recipe), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
-    return keras().Sequential(steps, name="augment") if steps else None
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _random_affine(images: Any, seed_pair: Any, recipe: Recipe) -> Any:
+    """Rotate, zoom and shift each image of a (B, 28, 28, 1) batch by its own random amounts.
+
+    All three are folded into one projective transform per image, which maps each output pixel
+    back to the input point it samples: centre + R(-angle) (out - centre - shift) / scale.
+    """
+    tf = tensorflow()
+    batch = tf.shape(images)[0]
+    u = tf.random.stateless_uniform((batch, 4), seed=seed_pair, minval=-1.0, maxval=1.0)
+    angle = u[:, 0] * recipe.rotation * 2.0 * np.pi
+    scale = 1.0 + u[:, 1] * recipe.zoom
+    side = tf.cast(tf.shape(images)[1], tf.float32)
+    shift_x, shift_y = u[:, 2] * recipe.shift * side, u[:, 3] * recipe.shift * side
+    centre = (side - 1.0) / 2.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    zeros = tf.zeros_like(cos)
+    transforms = tf.stack(
+        [
+            cos, sin, centre - cos * (centre + shift_x) - sin * (centre + shift_y),
+            -sin, cos, centre + sin * (centre + shift_x) - cos * (centre + shift_y),
+            zeros, zeros,
+        ],
+        axis=1,
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
 
 
 def _optimizer(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Any:
