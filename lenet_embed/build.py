@@ -19,7 +19,7 @@ from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import encoder_of, load_classifier
 from .preprocess import scale_pixels, to_uint8
-from .train import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
+from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 
 log = logging.getLogger(__name__)
 

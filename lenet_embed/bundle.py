@@ -45,10 +45,21 @@ SOURCES_FILE = "sources.json"
 ENCODER_FILE = "encoder.keras"
 LITERT_FILE = "encoder.tflite"
 DEFAULT_INDEX_DIR = Path("index")
-# Files that may sit in an index folder beside a bundle and are carried over when it is replaced
-# (the repository's index/README.md documents the format there).
+# Files that may sit in a folder that is not yet a bundle and be carried over into it (the
+# repository's index/README.md documents the format there).
 KEPT_FILES = frozenset({"README.md", ".gitignore", ".gitkeep"})
 _REBUILD = "rebuild it with `lenet-embed build-index`"
+# Fields every reader relies on, and their JSON types.
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "dim": int,
+    "metric": str,
+    "count": int,
+    "files": dict,
+    "encoder_sha256": str,
+    "search_params": dict,
+    "classes": list,
+}
 
 
 def package_version() -> str:
@@ -93,7 +104,11 @@ class Bundle:
 
 
 def _check_target(directory: Path) -> list[Path]:
-    """Refuse to replace a folder that is not a bundle; return the files to carry over."""
+    """Refuse to replace a folder that is not a bundle; return the files to carry over.
+
+    In a bundle, every file that is not part of the bundle (a README, the user's notes) is carried
+    over; a folder that is not a bundle may hold only ``KEPT_FILES``. Nothing is silently lost.
+    """
     if not directory.exists():
         return []
     if not directory.is_dir():
@@ -105,8 +120,8 @@ def _check_target(directory: Path) -> list[Path]:
     ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, SOURCES_FILE, ENCODER_FILE,
             LITERT_FILE}
     foreign = [e for e in entries if e.name not in ours]
-    kept = [e for e in foreign if e.name in KEPT_FILES and e.is_file()]
-    if not is_bundle and len(kept) != len(foreign):
+    kept = [e for e in foreign if e.is_file() and (is_bundle or e.name in KEPT_FILES)]
+    if len(kept) != len(foreign):
         raise LenetEmbedError(
             f"{directory}: exists and is not an index bundle; choose another --index-dir "
             "or empty that folder"
@@ -227,9 +242,14 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LenetEmbedError(f"{path}: unreadable manifest ({exc}); {_REBUILD}") from None
-    required = ("format_version", "dim", "metric", "count", "files", "encoder_sha256")
-    if not isinstance(manifest, dict) or any(key not in manifest for key in required):
+    if not isinstance(manifest, dict) or any(
+        not isinstance(manifest.get(key), kind) for key, kind in _MANIFEST_TYPES.items()
+    ):
         raise LenetEmbedError(f"{path}: manifest lacks required fields; {_REBUILD}")
+    if manifest["metric"] not in ("cosine", "l2"):
+        raise LenetEmbedError(f"{path}: unknown metric {manifest['metric']!r}; {_REBUILD}")
+    if not all(isinstance(v, str) for v in manifest["files"].values()):
+        raise LenetEmbedError(f"{path}: manifest lists malformed checksums; {_REBUILD}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise LenetEmbedError(
             f"{path}: bundle format {manifest['format_version']} is not supported by this "

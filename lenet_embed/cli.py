@@ -24,13 +24,19 @@ DATA_HELP = "MNIST-style data: a folder of the four IDX files (.gz or raw) or an
 
 
 class _Group(click.Group):
-    """Turns :class:`LenetEmbedError` into a one-line error and exit status 1."""
+    """Turns :class:`LenetEmbedError` into a one-line error and exit status 1, and bad options
+    into a one-line error and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LenetEmbedError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.UsageError as exc:
+            # One line, like every other error; click would add a usage banner.
+            error = click.ClickException(exc.format_message())
+            error.exit_code = exc.exit_code
+            raise error from None
 
 
 class _StderrFormatter(logging.Formatter):
@@ -126,8 +132,8 @@ def main(verbose: bool) -> None:
 def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
           batch_size: int | None, seed: int | None, out: str, as_json: bool) -> None:
     """Train LeNet-5 on MNIST and save the classifier and its 84-d encoder."""
-    from .train import DEFAULT_RECIPE, RECIPES
-    from .train import train as run_train
+    from .training import DEFAULT_RECIPE, RECIPES
+    from .training import train as run_train
 
     if recipe is not None and recipe not in RECIPES:
         raise click.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")

@@ -14,6 +14,8 @@ import gzip
 import logging
 import os
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def read_idx(path: Path) -> np.ndarray:
             raw = fh.read()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise LenetEmbedError(f"{path}: cannot read ({exc}); replace the file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise LenetEmbedError(f"{path}: not an IDX file (bad magic number); replace the file")
@@ -161,6 +163,10 @@ def _load_idx_folder(folder: Path) -> Dataset:
 
 
 def _load_npz(path: Path) -> Dataset:
+    if not zipfile.is_zipfile(path):
+        raise LenetEmbedError(
+            f"{path}: not an .npz archive; give a Keras-style mnist.npz or a folder of IDX files"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
@@ -266,7 +272,7 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
     if not images:
         raise LenetEmbedError(f"{root}: no readable image files found")
     classes = sorted({n for n in names if n is not None}, key=_class_sort_key)
-    if all(n.isdigit() for n in classes):
+    if all(_is_number(n) for n in classes):
         labels = np.array([int(n) if n is not None else -1 for n in names], dtype=np.int64)
         classes = []
     else:
@@ -275,8 +281,12 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
     return ImageFolder(np.stack(images), labels, classes, sources, skipped)
 
 
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
 def _class_sort_key(name: str) -> tuple[int, str]:
-    return (0, f"{int(name):020d}") if name.isdigit() else (1, name)
+    return (0, f"{int(name):020d}") if _is_number(name) else (1, name)
 
 
 def write_samples(

@@ -33,15 +33,16 @@ def to_mnist(image: ImageLike) -> np.ndarray:
     """
     name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
     gray = _to_gray(image, name)
-    if gray.shape == (SIDE, SIDE) and _border(gray).mean() < 128:
-        return scale_pixels(gray)
-    if _border(gray).mean() >= 128:
+    dark_background = _border(gray).mean() < 128
+    if not dark_background:
         gray = 255.0 - gray
     background = float(np.median(_border(gray)))
     ink = np.clip(gray - background, 0.0, None)
     mask = ink > INK_THRESHOLD
     if not mask.any():
         raise LenetEmbedError(f"{name}: no digit found (the image is blank); draw or crop a digit")
+    if gray.shape == (SIDE, SIDE) and dark_background:
+        return scale_pixels(gray)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     return _center(_fit_box(crop / crop.max()))
@@ -141,8 +142,9 @@ def _center(patch: np.ndarray) -> np.ndarray:
     total = patch.sum()
     com_y = (patch.sum(axis=1) @ np.arange(height)) / total
     com_x = (patch.sum(axis=0) @ np.arange(width)) / total
-    top = int(np.clip(round(SIDE / 2 - 0.5 - com_y), 0, SIDE - height))
-    left = int(np.clip(round(SIDE / 2 - 0.5 - com_x), 0, SIDE - width))
+    # MNIST's centres of mass sit at (14, 14) in pixel-index coordinates (mean over its 60k).
+    top = int(np.clip(round(SIDE / 2 - com_y), 0, SIDE - height))
+    left = int(np.clip(round(SIDE / 2 - com_x), 0, SIDE - width))
     frame = np.zeros((SIDE, SIDE), dtype=np.float32)
     frame[top : top + height, left : left + width] = patch
     return frame

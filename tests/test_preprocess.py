@@ -1,0 +1,248 @@
+"""Bringing any picture to the MNIST convention: polarity, image modes and formats, size,
+centring, the 20 px box, errors, and exactness for MNIST digits saved as PNG."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet_embed import LenetEmbedError, to_mnist
+from lenet_embed.embed import KerasEncoder
+from lenet_embed.preprocess import BOX, SIDE, scale_pixels, to_batch
+
+
+def _center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    total = image.sum()
+    rows = image.sum(axis=1) @ np.arange(image.shape[0]) / total
+    cols = image.sum(axis=0) @ np.arange(image.shape[1]) / total
+    return float(rows), float(cols)
+
+
+def _ink_box(image: np.ndarray) -> tuple[int, int]:
+    rows = np.flatnonzero((image > 0).any(axis=1))
+    cols = np.flatnonzero((image > 0).any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def _seven(height: int = 120, width: int = 90, top: int = 20, left: int = 10) -> np.ndarray:
+    """A synthetic white-on-black '7' (thick strokes) on a canvas larger than 28x28."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    canvas[top : top + 8, left : left + 50] = 255  # the bar
+    for i in range(70):  # the diagonal stroke
+        col = left + 50 - i * 30 // 70
+        canvas[top + i : top + i + 8, max(col - 8, 0) : col] = 255
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def white_on_black() -> np.ndarray:
+    return _seven()
+
+
+@pytest.fixture(scope="module")
+def reference(white_on_black) -> np.ndarray:
+    return to_mnist(white_on_black)
+
+
+def test_result_is_mnist_shaped(reference):
+    assert reference.shape == (SIDE, SIDE)
+    assert reference.dtype == np.float32
+    assert reference.min() >= 0.0 and reference.max() <= 1.0
+    assert reference.max() == pytest.approx(1.0, abs=0.05)
+    # MNIST: dark background all round the frame.
+    border = np.concatenate([reference[0], reference[-1], reference[:, 0], reference[:, -1]])
+    assert border.max() == 0.0
+
+
+def test_polarity_does_not_matter(white_on_black, reference):
+    black_on_white = 255 - white_on_black
+    assert np.abs(to_mnist(black_on_white) - reference).max() < 1e-6
+
+
+def test_off_centre_digit_is_centred_and_boxed(white_on_black):
+    # Same digit pushed into a corner of a bigger, non-square canvas.
+    corner = np.zeros((300, 200), dtype=np.uint8)
+    corner[: white_on_black.shape[0], : white_on_black.shape[1]] = white_on_black
+    result = to_mnist(corner)
+    rows, cols = _center_of_mass(result)
+    assert abs(rows - (SIDE - 1) / 2) <= 0.6 and abs(cols - (SIDE - 1) / 2) <= 0.6
+    assert max(_ink_box(result)) == BOX
+
+
+@pytest.mark.parametrize("shape", [(10, 60), (60, 10), (45, 45)])
+def test_longer_side_is_20_and_aspect_kept(shape):
+    canvas = np.zeros((100, 100), dtype=np.uint8)
+    height, width = shape
+    canvas[7 : 7 + height, 13 : 13 + width] = 200
+    result = to_mnist(canvas)
+    box_h, box_w = _ink_box(result)
+    assert max(box_h, box_w) == BOX
+    expected_short = round(min(height, width) * BOX / max(height, width))
+    assert abs(min(box_h, box_w) - expected_short) <= 1
+    assert (box_h >= box_w) == (height >= width)
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 1.7, 4.3])
+def test_any_size_black_on_white(white_on_black, reference, factor):
+    height, width = white_on_black.shape
+    size = (round(width * factor), round(height * factor))
+    image = Image.fromarray(255 - white_on_black).resize(size, Image.Resampling.BILINEAR)
+    result = to_mnist(image)
+    assert result.shape == (SIDE, SIDE)
+    assert max(_ink_box(result)) == BOX
+    assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def _rgba_transparent(ink: np.ndarray) -> Image.Image:
+    """Black ink whose background is fully transparent (and white-ish in its RGB channels
+    nowhere: RGB is all black, so only compositing on white can reveal the digit)."""
+    rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
+    rgba[..., 3] = ink
+    return Image.fromarray(rgba)
+
+
+def _la_transparent(ink: np.ndarray) -> Image.Image:
+    black = Image.fromarray(np.zeros_like(ink))
+    return Image.merge("LA", [black, Image.fromarray(ink)])
+
+
+def _palette_with_transparency(ink: np.ndarray) -> Image.Image:
+    """Entry 0 (background) and entry 1 (ink) are both black; only entry 0's transparency,
+    composited on white, makes the digit visible."""
+    height, width = ink.shape
+    image = Image.frombytes("P", (width, height), (ink > 0).astype(np.uint8).tobytes())
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    return image
+
+
+MODES = {
+    "L": lambda ink: Image.fromarray(255 - ink),
+    "RGB": lambda ink: Image.fromarray(255 - ink).convert("RGB"),
+    "P": lambda ink: Image.fromarray(255 - ink).convert("P"),
+    "P-transparent": _palette_with_transparency,
+    "I;16": lambda ink: Image.fromarray((255 - ink).astype(np.uint16) * 257),
+    "I": lambda ink: Image.fromarray((255 - ink).astype(np.int32)),
+    "RGBA-transparent": _rgba_transparent,
+    "LA-transparent": _la_transparent,
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_image_modes(white_on_black, reference, mode):
+    image = MODES[mode](white_on_black)
+    assert image.mode == mode.split("-")[0]
+    assert np.abs(to_mnist(image) - reference).max() < 1e-6
+
+
+@pytest.mark.parametrize("suffix", [".png", ".gif", ".bmp", ".tif", ".webp"])
+def test_lossless_files(white_on_black, reference, tmp_path, suffix):
+    path = tmp_path / f"digit{suffix}"
+    Image.fromarray(255 - white_on_black).save(path, **({"lossless": True} if suffix == ".webp"
+                                                        else {}))
+    assert np.abs(to_mnist(path) - reference).max() < 1e-6
+    assert np.abs(to_mnist(str(path)) - reference).max() < 1e-6
+
+
+def test_jpeg_is_close(white_on_black, reference, tmp_path):
+    path = tmp_path / "digit.jpg"
+    Image.fromarray(255 - white_on_black).convert("RGB").save(path, quality=90)
+    result = to_mnist(path)
+    assert np.abs(result - reference).max() < 0.1
+    assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.99
+
+
+def test_float_array_in_unit_range(white_on_black, reference):
+    assert np.abs(to_mnist(white_on_black / 255.0) - reference).max() < 1e-6
+    assert np.abs(to_mnist(white_on_black[..., None]) - reference).max() < 1e-6
+
+
+def test_mnist_digit_as_png_embeds_exactly(mnist, trained, tmp_path):
+    pixels = mnist.test.images[:4]
+    paths = []
+    for i, digit in enumerate(pixels):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(digit).save(paths[-1])
+    for path, digit in zip(paths, pixels, strict=True):
+        assert np.array_equal(to_mnist(path), scale_pixels(digit))
+    encoder = KerasEncoder.load(trained.encoder)
+    from_files = encoder.embed(to_batch(paths))
+    from_arrays = encoder.embed(scale_pixels(pixels))
+    assert from_files.shape == (len(paths), 84)
+    assert np.array_equal(from_files, from_arrays)
+
+
+def test_rendered_digits_are_recognised_like_the_originals(mnist, search_index):
+    """Real test digits, enlarged, inverted to black-on-white, RGB and pushed off-centre, find
+    neighbours of their own label about as often as the originals do."""
+    digits, labels = mnist.test.images[:60], mnist.test.labels[:60]
+    rendered = []
+    for digit in digits:
+        big = Image.fromarray(255 - digit).resize((112, 112), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (240, 180), "white")
+        canvas.paste(big.convert("RGB"), (110, 15))
+        rendered.append(canvas)
+    original = [n[0].label for n in search_index.search(digits, k=1)]
+    redrawn = [n[0].label for n in search_index.search(rendered, k=1)]
+    accuracy_original = np.mean(np.array(original) == labels)
+    accuracy_redrawn = np.mean(np.array(redrawn) == labels)
+    assert accuracy_redrawn >= accuracy_original - 0.1
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(("value", "size"), [(0, (40, 30)), (97, (40, 30)), (255, (40, 30)),
+                                             (255, (28, 28))])
+def test_blank_image_raises(value, size):
+    with pytest.raises(LenetEmbedError, match="blank"):
+        to_mnist(np.full(size, value, dtype=np.uint8))
+
+
+def test_blank_dark_28x28_image_raises(tmp_path):
+    path = tmp_path / "black.png"
+    Image.new("L", (28, 28), 0).save(path)
+    with pytest.raises(LenetEmbedError, match="blank"):
+        to_mnist(path)
+
+
+def test_blank_file_raises_naming_it(tmp_path):
+    path = tmp_path / "white.png"
+    Image.new("RGB", (50, 40), "white").save(path)
+    with pytest.raises(LenetEmbedError, match=re.escape(str(path))):
+        to_mnist(path)
+
+
+def test_non_image_file_raises(tmp_path):
+    path = tmp_path / "digit.png"
+    path.write_text("definitely not a PNG\n")
+    with pytest.raises(LenetEmbedError) as info:
+        to_mnist(path)
+    assert str(path) in str(info.value) and "not a readable image" in str(info.value)
+
+
+def test_missing_file_and_folder_raise(tmp_path):
+    with pytest.raises(LenetEmbedError, match="no such file"):
+        to_mnist(tmp_path / "nope.png")
+    with pytest.raises(LenetEmbedError, match="folder"):
+        to_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 3, 4)), np.zeros((0, 5)),
+                                 np.full((30, 30), np.nan), 42])
+def test_unusable_inputs_raise(bad):
+    with pytest.raises(LenetEmbedError):
+        to_mnist(bad)
+
+
+def test_to_batch_shapes(mnist):
+    digits = mnist.test.images[:3]
+    expected = scale_pixels(digits)
+    assert np.array_equal(to_batch(digits), expected)
+    assert np.array_equal(to_batch(digits[..., None]), expected)
+    assert np.array_equal(to_batch(list(digits)), expected)
+    assert np.array_equal(to_batch(digits[0]), expected[:1])
+    assert to_batch([]).shape == (0, SIDE, SIDE)

@@ -1,0 +1,169 @@
+"""Training: the saved classifier and encoder, the reported accuracy, determinism, recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_embed import RECIPES, LenetEmbedError, Recipe, encoder_of
+from lenet_embed.embed import KerasEncoder
+from lenet_embed.model import find_layer, load_classifier
+from lenet_embed.preprocess import scale_pixels
+from lenet_embed.training import encoder_path_for, train
+
+
+def _accuracy(model, split) -> float:
+    probabilities = model.predict(scale_pixels(split.images)[..., None], verbose=0)
+    return float(np.mean(probabilities.argmax(axis=1) == split.labels))
+
+
+@pytest.fixture(scope="module")
+def tiny(mnist):
+    return mnist.head(400, 100)
+
+
+def test_training_result_and_files(trained, small):
+    model = Path(trained.model)
+    assert trained.epochs == 1
+    assert (trained.recipe, trained.style) == ("seed", "sequential")
+    assert trained.encoder == str(encoder_path_for(model))
+    assert trained.encoder.endswith("lenet.encoder.keras")
+    assert trained.seconds > 0
+    # Saved atomically: exactly the two files, no temporary leftovers beside them.
+    assert sorted(p.name for p in model.parent.iterdir()) == ["lenet.encoder.keras", "lenet.keras"]
+    assert set(trained.to_dict()) == {f.name for f in dataclasses.fields(trained)}
+
+
+def test_reported_accuracy_is_the_saved_models(trained, classifier, small):
+    accuracy = _accuracy(classifier, small.test)
+    assert trained.test_accuracy == pytest.approx(accuracy, abs=1e-6)
+    # One epoch on a few thousand digits is far better than guessing among ten classes.
+    assert accuracy > 0.8
+
+
+def test_seed_recipe_is_the_tutorials(classifier):
+    recipe = RECIPES["seed"]
+    assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.epochs) == (
+        "rmsprop", 1e-3, 32, 5)
+    assert classifier.optimizer.__class__.__name__ == "RMSprop"
+    assert float(classifier.optimizer.learning_rate) == pytest.approx(recipe.learning_rate)
+
+
+def test_saved_encoder_matches_the_classifier(trained, classifier, small):
+    pixels = scale_pixels(small.test.images[:200])
+    saved = KerasEncoder.load(trained.encoder)
+    assert saved.dim == 84
+    expected = encoder_of(classifier).predict(pixels[..., None], verbose=0)
+    assert np.abs(saved.embed(pixels, batch_size=64) - expected).max() <= 1e-6
+
+
+def test_same_seed_same_weights(tiny, tmp_path):
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        result = train(tiny, style="subclass", epochs=1, seed=seed, verbose=0,
+                       out=tmp_path / name / "lenet.keras")
+        runs[name] = load_classifier(result.model)  # also: a subclass model reloads
+        assert result.test_accuracy == pytest.approx(_accuracy(runs[name], tiny.test), abs=1e-6)
+    weights = {name: find_layer(model, "conv2").get_weights()[0] for name, model in runs.items()}
+    assert np.array_equal(weights["a"], weights["b"])
+    assert not np.array_equal(weights["a"], weights["c"])
+
+
+def test_epochs_override_and_progress_goes_to_stderr(tiny, tmp_path, capsys):
+    result = train(tiny, epochs=2, batch_size=64, seed=1, verbose=2, out=tmp_path / "m.keras")
+    captured = capsys.readouterr()
+    assert result.epochs == 2
+    assert captured.out == ""
+    assert "Epoch 2/2" in captured.err
+
+
+def test_custom_recipe_with_augmentation_and_early_stopping(tiny, tmp_path):
+    recipe = Recipe(name="busy", description="every knob turned", optimizer="adam",
+                    learning_rate=3e-3, schedule="cosine", batch_size=64, epochs=3,
+                    label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1,
+                    validation_fraction=0.2, patience=1)
+    result = train(tiny, recipe=recipe, style="functional", seed=3, verbose=0,
+                   out=tmp_path / "m.keras")
+    model = load_classifier(result.model)
+    assert result.recipe == "busy" and result.style == "functional"
+    assert 1 <= result.epochs <= recipe.epochs
+    assert result.test_accuracy == pytest.approx(_accuracy(model, tiny.test), abs=1e-6)
+    assert model.optimizer.__class__.__name__ == "Adam"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"recipe": "turbo"}, "turbo"),
+        ({"style": "recursive"}, "recursive"),
+        ({"recipe": Recipe(name="x", description="", optimizer="sgd")}, "sgd"),
+        ({"recipe": Recipe(name="x", description="", schedule="step")}, "step"),
+    ],
+)
+def test_bad_settings_are_reported(tiny, tmp_path, kwargs, fragment):
+    out = tmp_path / "m.keras"
+    with pytest.raises(LenetEmbedError, match=fragment):
+        train(tiny, verbose=0, out=out, **kwargs)
+    assert not out.exists()
+
+
+def test_encoder_path_for():
+    assert encoder_path_for("models/lenet.keras") == Path("models/lenet.encoder.keras")
+    assert encoder_path_for(Path("/x/y/best.keras")) == Path("/x/y/best.encoder.keras")
+
+
+@pytest.mark.parametrize("first", ["build_index", "RECIPES", "Recipe"])
+def test_package_level_train_is_the_function(first, quiet_env):
+    """README: ``from lenet_embed import ... train`` is the public training function. Checked in
+    a fresh interpreter, since whether it works depends on what was imported before."""
+    code = f"from lenet_embed import {first}, train; assert callable(train), train"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=quiet_env, timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+
+
+def test_default_recipe_is_the_augmented_one():
+    from lenet_embed.training import DEFAULT_RECIPE
+
+    recipe = RECIPES[DEFAULT_RECIPE]
+    assert DEFAULT_RECIPE == "augmented"
+    assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adam", "cosine", 0.1)
+    assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
+
+
+def test_random_affine_is_seeded_and_bounded(mnist):
+    from lenet_embed._keras import tensorflow
+    from lenet_embed.training import _random_affine
+
+    tf = tensorflow()
+    digits = scale_pixels(mnist.test.images[:64])[..., None]
+    batch = tf.constant(digits)
+    still = dataclasses.replace(RECIPES["seed"], shift=0.0, rotation=0.0, zoom=0.0)
+    identity = _random_affine(batch, tf.constant([1, 2], tf.int64), still).numpy()
+    assert np.abs(identity - digits).max() < 1e-5
+
+    shifted = dataclasses.replace(RECIPES["seed"], shift=0.1)
+    first = _random_affine(batch, tf.constant([1, 2], tf.int64), shifted).numpy()
+    again = _random_affine(batch, tf.constant([1, 2], tf.int64), shifted).numpy()
+    other = _random_affine(batch, tf.constant([3, 4], tf.int64), shifted).numpy()
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+    # A pure shift moves each digit's centre of mass by at most 10% of 28 px per axis.
+    def centre(images: np.ndarray) -> np.ndarray:
+        grid = np.arange(28)
+        mass = images[..., 0].sum(axis=(1, 2))
+        rows = (images[..., 0].sum(axis=2) * grid).sum(axis=1) / mass
+        cols = (images[..., 0].sum(axis=1) * grid).sum(axis=1) / mass
+        return np.stack([rows, cols], axis=1)
+
+    moved = np.abs(centre(first) - centre(digits))
+    assert moved.max() <= 2.8 + 0.5
+    assert moved.mean() > 0.3
