@@ -23,7 +23,7 @@ from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 
 log = logging.getLogger(__name__)
 
-TUNING_QUERIES = 1000
+TUNING_QUERIES = 5000
 
 
 @dataclass(frozen=True)
