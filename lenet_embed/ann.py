@@ -20,10 +20,12 @@ from .metrics import recall_at_k
 METRICS = ("cosine", "l2")
 # Candidate values, smallest (fastest) first.
 _CANDIDATES = {
-    "efSearch": [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
+    # FAISS searches HNSW at least k deep, so nothing below the tuning k=10 is worth trying.
+    "efSearch": [10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
     "nprobe": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024],
 }
 SEARCH_PARAMETERS = tuple(_CANDIDATES)
+_OPTION_NAMES = {"efSearch": "--ef-search", "nprobe": "--nprobe"}
 TUNING_K = 10
 
 
@@ -49,6 +51,28 @@ def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
+def _factory_error(factory: str, dim: int, reason: str,
+                   count: int | None = None) -> LenetEmbedError:
+    vectors = f"{count} vectors of dim {dim}" if count is not None else f"dim {dim}"
+    return LenetEmbedError(
+        f"FAISS factory {factory!r} failed for {vectors} ({reason}); try 'Flat' or 'HNSW32' "
+        f"(PQ needs m dividing {dim}, e.g. PQ12, PQ21, PQ28, or an OPQ projection)"
+    )
+
+
+def _reason(exc: RuntimeError) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else "rejected"
+
+
+def check_factory(factory: str, metric: str, dim: int) -> None:
+    """Fail early, before any embedding, on a factory string FAISS cannot build for ``dim``."""
+    try:
+        faiss.index_factory(dim, factory, _faiss_metric(metric))
+    except RuntimeError as exc:
+        raise _factory_error(factory, dim, _reason(exc)) from None
+
+
 def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
     """Build a FAISS index from ``vectors`` with ``faiss.index_factory(dim, factory, metric)``."""
     faiss_metric = _faiss_metric(metric)
@@ -58,12 +82,7 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
         if not index.is_trained:
             index.train(vectors)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected"
-        raise LenetEmbedError(
-            f"FAISS factory {factory!r} failed for {len(vectors)} vectors of dim "
-            f"{vectors.shape[1]} ({reason}); try 'Flat' or 'HNSW32' (PQ needs m dividing "
-            f"{vectors.shape[1]}, e.g. PQ12, PQ21, PQ28, or an OPQ projection)"
-        ) from None
+        raise _factory_error(factory, vectors.shape[1], _reason(exc), len(vectors)) from None
     index.add(vectors)
     return index
 
@@ -106,7 +125,8 @@ def apply_search_params(index: Any, params: dict[str, int]) -> None:
             space.set_index_parameter(index, name, int(value))
         except RuntimeError:
             raise LenetEmbedError(
-                f"--{name} does not apply to this index ({type(index).__name__})"
+                f"{_OPTION_NAMES.get(name, name)} does not apply to this index "
+                f"({type(index).__name__})"
             ) from None
 
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from .ann import make_index, set_threads, tune
+from .ann import check_factory, make_index, set_threads, tune
 from .bundle import DEFAULT_INDEX_DIR, write_bundle
 from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
-from .model import encoder_of, load_classifier
+from .model import EMBEDDING_DIM, encoder_of, load_classifier
 from .preprocess import scale_pixels, to_uint8
 from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 
@@ -87,6 +87,7 @@ def build_index(
     """
     if threads is not None:
         set_threads(threads)
+    check_factory(factory, metric, EMBEDDING_DIM)
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None

@@ -110,8 +110,10 @@ def evaluate(
     bundle = index.bundle
     if k < 1 or k > len(index):
         raise LenetEmbedError(f"-k must be between 1 and {len(index)}, got {k}")
-    if len(bundle.labels) != len(dataset.train) or not np.array_equal(
-        bundle.labels, dataset.train.labels
+    if (
+        len(bundle.labels) != len(dataset.train)
+        or not np.array_equal(bundle.labels, dataset.train.labels)
+        or not np.array_equal(bundle.images, dataset.train.images)
     ):
         raise LenetEmbedError(
             f"{index_dir}: the bundle was not built from the training split of {dataset.source}; "

@@ -37,6 +37,8 @@ def r_precision_and_map_at_r(
     R-precision = (relevant items in the first R) / R.
     MAP@R = (1/R) * sum over ranks i <= R of P@i * [item i is relevant].
     """
+    if (relevant_counts < 1).any():
+        raise ValueError("every query needs at least one relevant indexed item (R >= 1)")
     r_max = int(relevant_counts.max())
     if retrieved.shape[1] < r_max:
         raise ValueError(f"need {r_max} retrieved items per query, got {retrieved.shape[1]}")
