@@ -176,7 +176,7 @@ def evaluate(
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
                  index: SearchIndex) -> list[Path]:
     """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
-    from .pictures import MontageRow, confusion_image, embedding_map, montage, pca_2d
+    from .pictures import confusion_image, embedding_map, montage, pca_2d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,16 +199,13 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
     vectors = details["queries"]
     results = index.search_vectors(vectors[wrong], evaluation.k) if len(wrong) else []
     ranked = sorted(zip(wrong, results, strict=True), key=lambda pair: pair[1][0].distance)
-    worst = [
-        MontageRow(
-            query=details["test_pixels"][i],
-            neighbors=neighbors,
-            neighbor_images=[index.item_image(n.id) for n in neighbors],
-            reference_label=int(test_labels[i]),
-            title=f"test #{i} (label {test_labels[i]})",
-        )
-        for i, neighbors in ranked[:WORST_SHOWN]
-    ]
+    shown = [i for i, _ in ranked[:WORST_SHOWN]]
+    worst = index.montage_rows(
+        details["test_pixels"][shown],
+        [neighbors for _, neighbors in ranked[:WORST_SHOWN]],
+        [f"test #{i} (label {test_labels[i]})" for i in shown],
+        [int(test_labels[i]) for i in shown],
+    )
     if worst:
         montage(worst).save(written[2])
     else:

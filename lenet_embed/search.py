@@ -151,21 +151,30 @@ class SearchIndex:
         return np.asarray(self.bundle.images[rows[0]])
 
     def montage_rows(
-        self, queries: np.ndarray, results: list[list[Neighbor]], titles: list[str]
+        self,
+        queries: np.ndarray,
+        results: list[list[Neighbor]],
+        titles: list[str],
+        reference_labels: list[int | str | None] | None = None,
     ) -> list[Any]:
         """Rows for :func:`lenet_embed.pictures.montage`: each query as the model saw it, then its
-        neighbours' images; neighbours are judged against the predicted (majority) label."""
+        neighbours' images. Neighbours are judged against ``reference_labels`` (the true labels,
+        when known), else against each query's predicted (majority) label."""
         from .pictures import MontageRow
 
+        if reference_labels is None:
+            reference_labels = [majority_label(neighbors) for neighbors in results]
         return [
             MontageRow(
                 query=query,
                 neighbors=neighbors,
                 neighbor_images=[self.item_image(n.id) for n in neighbors],
-                reference_label=majority_label(neighbors),
+                reference_label=reference,
                 title=title,
             )
-            for query, neighbors, title in zip(queries, results, titles, strict=True)
+            for query, neighbors, title, reference in zip(
+                queries, results, titles, reference_labels, strict=True
+            )
         ]
 
     def label_name(self, code: int) -> int | str | None:

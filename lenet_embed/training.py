@@ -39,14 +39,14 @@ class Recipe:
     epochs: int = 5
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
+    # Momentum of an exponential moving average of the weights, swapped in when training ends;
+    # 0 = off.
+    ema: float = 0.0
     # Random shift (fraction of the side), rotation (fraction of a full turn) and zoom (fraction
     # of the size), each drawn uniformly in [-value, value] per image; 0 = off.
     shift: float = 0.0
     rotation: float = 0.0
     zoom: float = 0.0
-    # Elastic distortion (Simard et al., 2003): smoothed random displacements of up to about this
-    # many pixels; 0 = off.
-    elastic: float = 0.0
     # Fraction of the training set held out for early stopping (never the test set); 0 = none.
     validation_fraction: float = 0.0
     patience: int = 0
@@ -112,7 +112,7 @@ def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
               seed: int | None) -> Any:
     tf = tensorflow()
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom or recipe.elastic)
+    augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom)
     if training:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(recipe.batch_size if training else 1024)
@@ -126,52 +126,10 @@ def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
         # and safe to run in parallel (Keras's stateful random layers are not).
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda batch, pair: (_augment(batch[0], pair, recipe), batch[1]),
+            lambda batch, pair: (_random_affine(batch[0], pair, recipe), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _augment(images: Any, seed_pair: Any, recipe: Recipe) -> Any:
-    """The recipe's random distortions of a (B, 28, 28, 1) batch."""
-    images = _random_affine(images, seed_pair, recipe)
-    if recipe.elastic:
-        images = _random_elastic(images, seed_pair + 1, recipe.elastic)
-    return images
-
-
-def _random_elastic(images: Any, seed_pair: Any, strength: float, sigma: float = 4.0) -> Any:
-    """Displace every pixel by a Gaussian-smoothed random field and resample bilinearly."""
-    tf = tensorflow()
-    shape = tf.shape(images)
-    batch, height, width = shape[0], shape[1], shape[2]
-    noise = tf.random.stateless_uniform((batch, height, width, 2), seed=seed_pair,
-                                        minval=-1.0, maxval=1.0)
-    radius = int(2 * sigma)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = (taps / taps.sum()).astype(np.float32)
-    row = tf.constant(taps.reshape(1, -1, 1, 1) * np.ones((1, 1, 2, 1), np.float32))
-    column = tf.constant(taps.reshape(-1, 1, 1, 1) * np.ones((1, 1, 2, 1), np.float32))
-    field = tf.nn.depthwise_conv2d(noise, row, [1, 1, 1, 1], "SAME")
-    field = tf.nn.depthwise_conv2d(field, column, [1, 1, 1, 1], "SAME")
-    # Smoothing shrinks the field; rescale so its typical displacement is ``strength`` pixels.
-    field = field * strength / (tf.math.reduce_std(field) + 1e-6)
-    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),
-                         indexing="ij")
-    y = tf.clip_by_value(ys[None] + field[..., 0], 0.0, tf.cast(height - 1, tf.float32))
-    x = tf.clip_by_value(xs[None] + field[..., 1], 0.0, tf.cast(width - 1, tf.float32))
-    y0, x0 = tf.floor(y), tf.floor(x)
-    wy, wx = (y - y0)[..., None], (x - x0)[..., None]
-    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
-    y1, x1 = tf.minimum(y0 + 1, height - 1), tf.minimum(x0 + 1, width - 1)
-    index = tf.broadcast_to(tf.range(batch)[:, None, None], tf.shape(y0))
-
-    def at(yy: Any, xx: Any) -> Any:
-        return tf.gather_nd(images, tf.stack([index, yy, xx], axis=-1))
-
-    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
-    return top * (1 - wy) + bottom * wy
 
 
 def _random_affine(images: Any, seed_pair: Any, recipe: Recipe) -> Any:
@@ -215,12 +173,13 @@ def _optimizer(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Any:
         rate = k.optimizers.schedules.CosineDecay(recipe.learning_rate, steps_per_epoch * epochs)
     elif recipe.schedule != "constant":
         raise LenetEmbedError(f"recipe {recipe.name!r}: unknown schedule {recipe.schedule!r}")
+    ema = {"use_ema": True, "ema_momentum": recipe.ema} if recipe.ema else {}
     if recipe.optimizer == "rmsprop":
-        return k.optimizers.RMSprop(rate)
+        return k.optimizers.RMSprop(rate, **ema)
     if recipe.optimizer == "adam":
-        return k.optimizers.Adam(rate)
+        return k.optimizers.Adam(rate, **ema)
     if recipe.optimizer == "adamw":
-        return k.optimizers.AdamW(rate, weight_decay=recipe.weight_decay)
+        return k.optimizers.AdamW(rate, weight_decay=recipe.weight_decay, **ema)
     raise LenetEmbedError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
 
 
