@@ -216,7 +216,7 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
     import numpy as np
 
     from .preprocess import to_mnist
-    from .search import majority_label
+    from .search import majority_label, query_result
 
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     if k > len(index):
@@ -231,12 +231,11 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
             failed += 1
     results = index.search_vectors(index.encoder.embed(np.stack(pixels)), k) if pixels else []
     for path, neighbors in zip(paths, results, strict=True):
-        predicted = majority_label(neighbors)
         if as_json:
-            _print_json({"query": path, "predicted_label": predicted,
-                         "neighbors": [n.to_dict() for n in neighbors]})
+            _print_json(query_result(path, neighbors))
         else:
-            click.echo(f"{path}\n{_neighbor_table(neighbors)}\npredicted label: {predicted}\n")
+            click.echo(f"{path}\n{_neighbor_table(neighbors)}\n"
+                       f"predicted label: {majority_label(neighbors)}\n")
     if montage and results:
         from .pictures import montage as draw_montage
 
@@ -346,3 +345,25 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+@main.command()
+@_search_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port to listen on.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes; each loads the bundle.")
+def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
+          backend: str, host: str, port: int, workers: int) -> None:
+    """Serve the index over HTTP: a JSON API under /v1, and a page to draw digits on at /.
+
+    Here --threads defaults to 1: concurrent requests, not threads, are the service's
+    parallelism. Stop it with Ctrl-C.
+    """
+    from .serve import serve as run_serve
+
+    threads = threads or 1
+    index = _load_index(index_dir, ef_search, nprobe, threads, backend)
+    run_serve(index, host=host, port=port, workers=workers, threads=threads)

@@ -98,14 +98,22 @@ def _pil_to_gray(pil: Image.Image) -> np.ndarray:
         if pil.mode == "F" and values.max() <= 1.0:
             top = 1.0
         return np.clip(values / top * 255.0, 0.0, 255.0)
-    has_alpha = pil.mode in ("RGBA", "LA", "PA") or (
+    has_alpha = pil.mode in ("RGBA", "LA", "La", "PA", "RGBa") or (
         pil.mode == "P" and "transparency" in pil.info
     )
-    if has_alpha:
-        rgba = pil.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        pil = Image.alpha_composite(white, rgba)
-    return np.asarray(pil.convert("L"), dtype=np.float64)
+    try:
+        if has_alpha:
+            rgba = pil.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            pil = Image.alpha_composite(white, rgba)
+        elif pil.mode not in ("L", "RGB", "P", "1", "CMYK", "YCbCr"):
+            pil = pil.convert("RGB")  # e.g. LAB or HSV, which convert("L") refuses
+        return np.asarray(pil.convert("L"), dtype=np.float64)
+    except ValueError as exc:
+        raise LenetEmbedError(
+            f"image in mode {pil.mode!r} cannot be converted to grayscale ({exc}); "
+            "save it as PNG or JPEG"
+        ) from None
 
 
 def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:

@@ -52,6 +52,16 @@ def majority_label(neighbors: list[Neighbor]) -> int | str | None:
     return next(label for label in labels if counts[label] == best)
 
 
+def query_result(query: str, neighbors: list[Neighbor]) -> dict[str, Any]:
+    """One query's answer as ``query --json`` and the service print it: the query's name, the
+    predicted (majority) label and the neighbours."""
+    return {
+        "query": query,
+        "predicted_label": majority_label(neighbors),
+        "neighbors": [neighbor.to_dict() for neighbor in neighbors],
+    }
+
+
 class SearchIndex:
     """A loaded bundle and its encoder: embed images and find their nearest indexed neighbours.
 

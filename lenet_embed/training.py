@@ -58,17 +58,19 @@ RECIPES: dict[str, Recipe] = {
         description="the tutorial's recipe: RMSprop 1e-3, batch 32, 5 epochs",
     ),
     # Chosen by measurement (README "Results"): augmentation teaches the invariances that real
-    # queries need, label smoothing tightens the classes in embedding space (MAP@R), and Adam with
-    # cosine decay at batch 128 converges in 20 epochs within 4x the seed recipe's time.
+    # queries need, label smoothing tightens the classes in embedding space (MAP@R), weight decay
+    # and more epochs steady 1-NN across seeds, and batch 256 buys those epochs within 4x the seed
+    # recipe's time.
     "augmented": Recipe(
         name="augmented",
-        description="Adam 3e-3 with cosine decay, batch 128, 20 epochs, label smoothing 0.1, "
-        "random shifts (+-8%), rotations (+-11 deg) and zoom (+-10%)",
-        optimizer="adam",
-        learning_rate=3e-3,
+        description="AdamW 4e-3 (weight decay 5e-4) with cosine decay, batch 256, 35 epochs, "
+        "label smoothing 0.1, random shifts (+-8%), rotations (+-11 deg) and zoom (+-10%)",
+        optimizer="adamw",
+        learning_rate=4e-3,
+        weight_decay=5e-4,
         schedule="cosine",
-        batch_size=128,
-        epochs=20,
+        batch_size=256,
+        epochs=35,
         label_smoothing=0.1,
         shift=0.08,
         rotation=0.03,

@@ -134,7 +134,8 @@ def test_default_recipe_is_the_augmented_one():
 
     recipe = RECIPES[DEFAULT_RECIPE]
     assert DEFAULT_RECIPE == "augmented"
-    assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adam", "cosine", 0.1)
+    assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adamw", "cosine", 0.1)
+    assert recipe.weight_decay > 0
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
 
 
