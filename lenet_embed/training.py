@@ -39,9 +39,6 @@ class Recipe:
     epochs: int = 5
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
-    # Momentum of an exponential moving average of the weights, swapped in when training ends;
-    # 0 = off.
-    ema: float = 0.0
     # Random shift (fraction of the side), rotation (fraction of a full turn) and zoom (fraction
     # of the size), each drawn uniformly in [-value, value] per image; 0 = off.
     shift: float = 0.0
@@ -175,13 +172,12 @@ def _optimizer(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Any:
         rate = k.optimizers.schedules.CosineDecay(recipe.learning_rate, steps_per_epoch * epochs)
     elif recipe.schedule != "constant":
         raise LenetEmbedError(f"recipe {recipe.name!r}: unknown schedule {recipe.schedule!r}")
-    ema = {"use_ema": True, "ema_momentum": recipe.ema} if recipe.ema else {}
     if recipe.optimizer == "rmsprop":
-        return k.optimizers.RMSprop(rate, **ema)
+        return k.optimizers.RMSprop(rate)
     if recipe.optimizer == "adam":
-        return k.optimizers.Adam(rate, **ema)
+        return k.optimizers.Adam(rate)
     if recipe.optimizer == "adamw":
-        return k.optimizers.AdamW(rate, weight_decay=recipe.weight_decay, **ema)
+        return k.optimizers.AdamW(rate, weight_decay=recipe.weight_decay)
     raise LenetEmbedError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
 
 

@@ -37,7 +37,7 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
     for metric in ("cosine", "l2"):
         index_dir = workdir / f"{recipe}-{metric}"
         build_index(data=dataset, model=model, index_dir=index_dir, metric=metric)
-        figures = evaluate(index_dir=index_dir, data=dataset)
+        figures = evaluate(index_dir, data=dataset)
         if metric == "cosine":
             row["nn1_accuracy"] = round(figures.nn1_accuracy, 4)
         row[f"map_at_r_{metric}"] = round(figures.map_at_r, 4)
