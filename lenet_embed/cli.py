@@ -125,7 +125,8 @@ def main(verbose: bool) -> None:
               default="sequential", show_default=True, help="How the Keras model is built.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the recipe's epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the recipe's batch size.")
-@click.option("--seed", type=int, help="Random seed for a deterministic run.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Random seed: the same seed and data give the same model.")
 @click.option("--out", type=click.Path(), default="models/lenet.keras", show_default=True,
               help="Where to save the classifier; the encoder goes beside it (*.encoder.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -24,6 +24,9 @@ from .errors import LenetEmbedError
 from .model import NUM_CLASSES, build_lenet, encoder_of
 
 DEFAULT_MODEL_PATH = Path("models/lenet.keras")
+# Training is reproducible by default: the same data and seed give the same model (and the figures
+# in README "Results"); other seeds move 1-NN accuracy by about +-0.001.
+DEFAULT_SEED = 1
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ def train(
     style: str = "sequential",
     epochs: int | None = None,
     batch_size: int | None = None,
-    seed: int | None = None,
+    seed: int | None = DEFAULT_SEED,
     out: str | os.PathLike[str] = DEFAULT_MODEL_PATH,
     verbose: int = 1,
 ) -> TrainResult:
@@ -206,7 +209,8 @@ def train(
 
     ``verbose`` is passed to Keras (1: a progress bar per epoch, 2: one line per epoch, 0: quiet);
     Keras's output goes to stderr so stdout stays free for results. ``seed`` makes the run
-    deterministic (same seed, same weights).
+    deterministic (same seed, same data, same machine: same weights); by default every run uses
+    the same seed, so a model can be rebuilt exactly. ``seed=None`` trains without a fixed seed.
     """
     chosen = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if epochs is not None:
