@@ -252,3 +252,22 @@ def search_index(bundle_dir):
 def bundle_copy(bundle_dir, tmp_path) -> Path:
     """A private copy of the session bundle, free to damage."""
     return Path(shutil.copytree(bundle_dir, tmp_path / "index"))
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path):
+    """Invoke the CLI in-process from an empty working folder (so default paths such as
+    ``index/`` and ``models/`` can never touch the repository)."""
+    from click.testing import CliRunner
+
+    from lenet_embed.cli import main
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args])
+
+    return invoke

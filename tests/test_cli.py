@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_checks import ok, one_line_error
 from PIL import Image
 
 from lenet_embed import load_mnist, majority_label, write_samples
@@ -26,39 +26,6 @@ from lenet_embed.training import DEFAULT_RECIPE
 CHATTER = ("onednn", "cuda", "cpu_feature_guard", "absl::initializelog",
            "tensorflow binary is optimized", "xnnpack", "tensorflow lite")
 NEIGHBOR_KEYS = {"rank", "id", "label", "distance", "source"}
-
-
-@pytest.fixture
-def run(monkeypatch, tmp_path):
-    """Invoke the CLI in-process from an empty working folder (so default paths such as
-    ``index/`` and ``models/`` can never touch the repository)."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args])
-
-    return invoke
-
-
-def ok(result):
-    assert result.exception is None, result.output
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(result) -> str:
-    """Assert the shape of every user-facing failure and return the message line."""
-    assert result.exit_code != 0
-    # Anything but SystemExit means an exception escaped the command (a traceback for users).
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from cli_checks import ok, one_line_error
 from click.testing import CliRunner
 from PIL import Image
 
@@ -20,36 +21,6 @@ from lenet_embed.ann import _CANDIDATES
 from lenet_embed.bundle import read_manifest
 from lenet_embed.cli import main
 from lenet_embed.pictures import SCALE, montage_size, tile_box
-
-
-@pytest.fixture
-def run(monkeypatch, tmp_path):
-    """Invoke the CLI in-process from an empty working folder (as in test_cli.py)."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args])
-
-    return invoke
-
-
-def ok(result):
-    assert result.exception is None, result.output
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
