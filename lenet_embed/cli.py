@@ -139,8 +139,7 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
     if recipe is not None and recipe not in RECIPES:
         raise click.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")
     result = run_train(data=data, recipe=recipe or DEFAULT_RECIPE, style=style, epochs=epochs,
-                       batch_size=batch_size, seed=seed, out=out,
-                       verbose=1 if sys.stderr.isatty() else 2)
+                       batch_size=batch_size, seed=seed, out=out)
     if as_json:
         _print_json(result.to_dict())
         return

@@ -203,12 +203,13 @@ def train(
     batch_size: int | None = None,
     seed: int | None = DEFAULT_SEED,
     out: str | os.PathLike[str] = DEFAULT_MODEL_PATH,
-    verbose: int = 1,
+    verbose: int | None = None,
 ) -> TrainResult:
     """Train LeNet-5 on ``data`` and save the classifier to ``out`` and its encoder beside it.
 
-    ``verbose`` is passed to Keras (1: a progress bar per epoch, 2: one line per epoch, 0: quiet);
-    Keras's output goes to stderr so stdout stays free for results. ``seed`` makes the run
+    ``verbose`` is passed to Keras (1: a progress bar per epoch, 2: one line per epoch, 0: quiet;
+    None: a progress bar on a terminal, one line per epoch otherwise); Keras's output goes to
+    stderr so stdout stays free for results. ``seed`` makes the run
     deterministic (same seed, same data, same machine: same weights); by default every run uses
     the same seed, so a model can be rebuilt exactly. ``seed=None`` trains without a fixed seed.
     """
@@ -248,6 +249,8 @@ def train(
         loss=k.losses.CategoricalCrossentropy(label_smoothing=chosen.label_smoothing),
         metrics=["accuracy"],
     )
+    if verbose is None:
+        verbose = 1 if sys.stderr.isatty() else 2
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         history = model.fit(
