@@ -8,8 +8,8 @@ it comes from.
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,14 +24,55 @@ INK_THRESHOLD = 32.0
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
-def to_mnist(image: ImageLike) -> np.ndarray:
+class ImageTooLarge(LenetEmbedError):
+    """An image bigger than the caller allows, or than Pillow's decompression-bomb guard."""
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None,
+               max_side: int | None = None) -> Image.Image:
+    """Decode an image file (a path, or the file's bytes) into a loaded PIL image.
+
+    Only the first frame is read (GIF), EXIF orientation is applied, and ``name`` (default: the
+    path) names the file in errors. With ``max_side``, a larger image is refused from its header,
+    before it is decoded. Raises :class:`ImageTooLarge` or :class:`LenetEmbedError`.
+    """
+    name = name or str(source)
+    if isinstance(source, bytes) and not source:
+        raise LenetEmbedError(f"{name}: the file is empty")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            width, height = opened.size
+            if max_side is not None and max(width, height) > max_side:
+                raise ImageTooLarge(
+                    f"{name}: image is {width}x{height} px; the limit is {max_side}x{max_side}"
+                )
+            opened.seek(0)
+            pil = ImageOps.exif_transpose(opened)
+            pil.load()
+    except FileNotFoundError:
+        raise LenetEmbedError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise LenetEmbedError(f"{name}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{name}: image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise LenetEmbedError(
+            f"{name}: not a readable image ({exc.__class__.__name__}); "
+            "give a PNG, JPEG, BMP or GIF file"
+        ) from None
+    return pil
+
+
+def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     """Return ``image`` as a (28, 28) float32 array in [0, 1], white ink on black.
 
     ``image`` may be a path to any Pillow-readable file, a PIL image, or a 2-D array (uint8 in
     0..255 or float in 0..1). A 28x28 image on a dark background is taken as already in MNIST form
     and only scaled to [0, 1], so an MNIST digit saved as PNG embeds exactly like its array.
+    ``name`` names the image in errors (default: its path, or "image").
     """
-    name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
+    if name is None:
+        name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
     gray = _to_gray(image, name)
     dark_background = _border(gray).mean() < 128
     if not dark_background:
@@ -63,23 +104,7 @@ def _to_gray(image: ImageLike, name: str) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return _array_to_gray(image, name)
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            with Image.open(path) as opened:
-                opened.seek(0)
-                pil = ImageOps.exif_transpose(opened)
-                pil.load()
-        except FileNotFoundError:
-            raise LenetEmbedError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise LenetEmbedError(f"{path}: is a folder, not an image file") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise LenetEmbedError(
-                f"{path}: not a readable image ({exc.__class__.__name__}); "
-                "give a PNG, JPEG, BMP or GIF file"
-            ) from None
-        except Image.DecompressionBombError as exc:
-            raise LenetEmbedError(f"{path}: image too large ({exc})") from None
+        pil = open_image(image, name)
     elif isinstance(image, Image.Image):
         pil = image
     else:

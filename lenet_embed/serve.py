@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .ann import set_threads
 from .embed import LiteRTEncoder
 from .errors import LenetEmbedError
-from .preprocess import SIDE, to_mnist
+from .preprocess import SIDE, ImageTooLarge, open_image, to_mnist
 from .search import Neighbor, SearchIndex, query_result
 
 try:
@@ -173,37 +173,15 @@ def _search_body_model(dim: int) -> type[BaseModel]:
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode an uploaded image file, refusing anything over 4096x4096 px before decoding it.
 
-    Pillow's decompression-bomb guard rejects absurd sizes while reading the header; the
-    service's own bound is far tighter. Raises :class:`ApiError` (413) for a too-large image and
-    :class:`LenetEmbedError` for bytes that are not an image.
+    Raises :class:`ApiError` (413) for a too-large image and :class:`LenetEmbedError` for bytes
+    that are not an image.
     """
     if not data:
         raise LenetEmbedError(f"{name}: the file is empty; {_BODY_HELP}")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-                raise ApiError(413, f"{name}: image is {width}x{height} px; the limit is "
-                                    f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
-            opened.seek(0)
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-            if image.mode not in _PREPROCESSED_MODES:
-                image = image.convert("RGBA")
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"{name}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise LenetEmbedError(
-            f"{name}: not a readable image ({exc.__class__.__name__}); "
-            "give a PNG, JPEG, BMP or GIF file"
-        ) from None
-    return image
-
-
-# Modes preprocessing converts itself; anything else (CMYK, LAB, ...) is made RGBA first.
-_PREPROCESSED_MODES = frozenset(
-    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L"}
-)
+        return open_image(data, name, max_side=MAX_IMAGE_SIDE)
+    except ImageTooLarge as exc:
+        raise ApiError(413, str(exc)) from None
 
 
 def _from_base64(text: str) -> bytes:
@@ -228,11 +206,7 @@ class _Query:
     def preprocessed(self) -> np.ndarray:
         """The query image in the MNIST convention, (28, 28) float32 (not for vector queries)."""
         image = self.pixels if self.data is None else decode_image(self.data, self.name)
-        try:
-            return to_mnist(image)
-        except LenetEmbedError as exc:
-            # Preprocessing names an in-memory picture "image"; the client knows it by its name.
-            raise LenetEmbedError(f"{self.name}: {str(exc).removeprefix('image: ')}") from None
+        return to_mnist(image, name=self.name)
 
 
 # The pixels field is a union (nested or flat), whose raw errors read badly: one rule instead.
