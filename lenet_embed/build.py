@@ -92,26 +92,28 @@ def build_index(
     classes: list[str] = []
     sources: list[str] | None = None
     skipped: list[str] = []
-    held_out: np.ndarray | None = None
+    held_out: np.ndarray | None = None  # uint8 tuning queries kept out of the index
     if images is not None:
         folder = load_image_folder(images)
         pixels, labels = folder.images, folder.labels
+        stored = to_uint8(pixels)
         classes, sources, skipped = folder.classes, folder.sources, folder.skipped
         description = {"kind": "images", "root": str(images), "skipped": len(skipped)}
         encoder_model = _load_encoder(model, data)
     else:
         dataset = load_mnist(data)
         encoder_model = _load_encoder(model, dataset)
-        pixels, labels = scale_pixels(dataset.train.images), dataset.train.labels
+        stored, labels = dataset.train.images, dataset.train.labels
+        pixels = scale_pixels(stored)
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
-        held_out = scale_pixels(dataset.test.images[:TUNING_QUERIES])
+        held_out = dataset.test.images[:TUNING_QUERIES]
     encoder = KerasEncoder(encoder_model)
     vectors = encoder.embed(pixels, on_progress=on_progress)
     index = make_index(vectors, metric, factory)
     search_params: dict[str, float] = {}
     if target_recall is not None:
         if held_out is not None:
-            queries = encoder.embed(held_out)
+            queries = encoder.embed(scale_pixels(held_out))
         else:
             sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
             queries = vectors[sample]
@@ -121,7 +123,7 @@ def build_index(
         index=index,
         labels=labels,
         ids=np.arange(len(labels), dtype=np.int64),
-        images=to_uint8(pixels),
+        images=stored,
         encoder=encoder_model,
         metric=metric,
         factory=factory,
