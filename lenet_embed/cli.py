@@ -229,7 +229,8 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
         except LenetEmbedError as exc:
             click.echo(f"Error: {exc}", err=True)
             failed += 1
-    results = index.search_vectors(index.encoder.embed(np.stack(pixels)), k) if pixels else []
+    batch = np.stack(pixels) if pixels else None
+    results = index.search_vectors(index.encoder.embed(batch), k) if pixels else []
     for path, neighbors in zip(paths, results, strict=True):
         if as_json:
             _print_json(query_result(path, neighbors))
@@ -239,7 +240,7 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
     if montage and results:
         from .pictures import montage as draw_montage
 
-        picture = draw_montage(index.montage_rows(np.stack(pixels), results, paths))
+        picture = draw_montage(index.montage_rows(batch, results, paths))
         try:
             picture.save(montage, format="PNG")
         except OSError as exc:
