@@ -45,7 +45,8 @@ def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
     return vectors
 
 
-def _faiss_metric(metric: str) -> int:
+def faiss_metric(metric: str) -> int:
+    """The FAISS metric constant for ``cosine`` (inner product) or ``l2``."""
     if metric not in METRICS:
         raise LenetEmbedError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
@@ -68,17 +69,17 @@ def _reason(exc: RuntimeError) -> str:
 def check_factory(factory: str, metric: str, dim: int) -> None:
     """Fail early, before any embedding, on a factory string FAISS cannot build for ``dim``."""
     try:
-        faiss.index_factory(dim, factory, _faiss_metric(metric))
+        faiss.index_factory(dim, factory, faiss_metric(metric))
     except RuntimeError as exc:
         raise _factory_error(factory, dim, _reason(exc)) from None
 
 
 def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
     """Build a FAISS index from ``vectors`` with ``faiss.index_factory(dim, factory, metric)``."""
-    faiss_metric = _faiss_metric(metric)
+    kind = faiss_metric(metric)
     vectors = prepare_vectors(vectors, metric)
     try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss_metric)
+        index = faiss.index_factory(vectors.shape[1], factory, kind)
         if not index.is_trained:
             index.train(vectors)
     except RuntimeError as exc:
@@ -89,7 +90,7 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
     """Row numbers of the exact ``k`` nearest ``vectors`` to each query (brute force)."""
-    exact = faiss.IndexFlat(vectors.shape[1], _faiss_metric(metric))
+    exact = faiss.IndexFlat(vectors.shape[1], faiss_metric(metric))
     exact.add(prepare_vectors(vectors, metric))
     _, rows = exact.search(prepare_vectors(queries, metric), k)
     return rows

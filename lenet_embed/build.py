@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from .ann import check_factory, make_index, set_threads, tune
-from .bundle import DEFAULT_INDEX_DIR, write_bundle
+from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
+from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
 from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
 from .preprocess import scale_pixels, to_uint8
 from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
+from .writer import BundleWriter, check_folder, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +32,23 @@ class BuildResult:
     """A finished build: where the bundle is, its manifest, and how long it took."""
 
     path: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: float
     skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The figures worth printing: count, dim, metric, factory, seconds, path."""
+        """The figures worth printing: count, dim, metric, factory, version, seconds, path."""
         m = self.manifest
         return {
             "index_dir": self.path,
-            "count": m["count"],
-            "dim": m["dim"],
-            "metric": m["metric"],
-            "factory": m["factory"],
+            "count": m.count,
+            "dim": m.dim,
+            "metric": m.metric,
+            "factory": m.factory,
+            "version": m.version,
             "seconds": self.seconds,
             "skipped": len(self.skipped),
-            "search_params": m.get("search_params", {}),
+            "search_params": dict(m.search_params),
         }
 
 
@@ -88,6 +90,7 @@ def build_index(
     if threads is not None:
         set_threads(threads)
     check_factory(factory, metric, EMBEDDING_DIM)
+    check_folder(Path(index_dir))
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None
@@ -118,19 +121,21 @@ def build_index(
             sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
             queries = vectors[sample]
         search_params = tune(index, vectors, queries, metric, target_recall)
-    manifest = write_bundle(
-        index_dir,
-        index=index,
-        labels=labels,
-        ids=np.arange(len(labels), dtype=np.int64),
-        images=stored,
-        encoder=encoder_model,
-        metric=metric,
-        factory=factory,
-        dataset=description,
-        classes=classes,
-        sources=sources,
-        search_params=search_params,
-    )
+    prepared = prepare_vectors(vectors, metric)
+    with BundleWriter(index_dir, replacing=True) as writer:
+        encoder_folder, encoder_files = writer.new_encoder(encoder_model)
+        segment, segment_files = writer.new_segment(
+            vectors=prepared, ids=np.arange(len(labels), dtype=np.int64), labels=labels,
+            images=stored, sources=sources, index=index,
+        )
+        now = now_iso()
+        manifest = writer.commit(Manifest(
+            version=writer.next_version, operation="build", created_at=now, committed_at=now,
+            lenet_embed_version=package_version(), dim=int(index.d), metric=metric,
+            factory=factory, search_params=search_params, dataset=description,
+            classes=list(classes), encoder=encoder_folder, segments=[segment], deletions=None,
+            count=len(labels), rows=len(labels), next_id=len(labels),
+            files={**encoder_files, **segment_files}, target_recall=target_recall,
+        ))
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)

@@ -1,19 +1,27 @@
 """The on-disk index bundle: the one place its format is defined (documented in index/README.md).
 
-A bundle is a directory holding everything a search needs:
+A bundle is a folder that changes only by **commits**. Every commit (a build, an add, a remove, a
+compaction) writes new files under names never used before, then makes a new ``manifest.json``
+current with one ``os.replace``; files are never modified after they are written. A reader reads
+``manifest.json`` once and opens only what that version names, so it sees one version from start
+to end. Layout::
 
-- ``manifest.json``: format version, lenet-embed version, creation time, dim, metric, FAISS factory
-  string, count, a description of the data set, the encoder's sha256 fingerprint, the sha256 of
-  every other file, class names for folder labels, and search parameters;
-- ``index.faiss``: the FAISS index (row i holds the vector of item i);
-- ``labels.npy`` (int64, -1 = no label) and ``ids.npy`` (int64), one entry per row;
-- ``images.npy``: the indexed digits as the encoder saw them, uint8 (N, 28, 28), for pictures;
-- ``sources.json``: the source path of every row, for bundles built from image files;
-- ``encoder.keras``: the encoder that made the vectors, and ``encoder.tflite``, the same encoder
-  exported to LiteRT for queries that never load TensorFlow.
+    manifest.json                    the current version (the commit point)
+    versions/00000007.json           the manifests of recent versions (kept while readers may
+                                     still be opening their files)
+    segments/<segment>/vectors.npy   float32 (n, dim), as indexed (L2-normalised for cosine)
+                       ids.npy       int64 (n,), strictly increasing, never reused
+                       labels.npy    int64 (n,), -1 = no label, else a digit or a class code
+                       images.npy    uint8 (n, 28, 28), the digits as the encoder saw them
+                       sources.json  optional: the source path of each row (or null)
+                       index.faiss   in sealed segments: the FAISS index of the rows
+    encoders/<fingerprint>/encoder.keras, encoder.tflite
+    deletions/<name>.npy             int64, sorted: ids removed since the last compaction
+    .lock                            the writer lock (``flock``)
+    .tmp/                            writers' scratch space, emptied by the next writer
 
-A bundle is written into a temporary sibling directory and renamed into place, so a failed or
-interrupted build never leaves half a bundle and never damages the one already there.
+Everything a manifest names is listed in its ``files`` with size and sha256; the names must stay
+inside the bundle and cover exactly the files the manifest's structure needs.
 """
 
 from __future__ import annotations
@@ -21,45 +29,50 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import faiss
-import numpy as np
-
-from .embed import export_litert
 from .errors import LenetEmbedError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-LABELS_FILE = "labels.npy"
+VERSIONS_DIR = "versions"
+SEGMENTS_DIR = "segments"
+ENCODERS_DIR = "encoders"
+DELETIONS_DIR = "deletions"
+LOCK_FILE = ".lock"
+SCRATCH_DIR = ".tmp"
+# Files of one segment.
+VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.npy"
+LABELS_FILE = "labels.npy"
 IMAGES_FILE = "images.npy"
 SOURCES_FILE = "sources.json"
+INDEX_FILE = "index.faiss"
+SEGMENT_FILES = (VECTORS_FILE, IDS_FILE, LABELS_FILE, IMAGES_FILE)
+# Files of the encoder.
 ENCODER_FILE = "encoder.keras"
 LITERT_FILE = "encoder.tflite"
 DEFAULT_INDEX_DIR = Path("index")
-# Files that may sit in a folder that is not yet a bundle and be carried over into it (the
-# repository's index/README.md documents the format there).
+# Everything a bundle folder may hold besides the user's own files.
+LAYOUT = frozenset({MANIFEST, VERSIONS_DIR, SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, LOCK_FILE,
+                    SCRATCH_DIR})
+# Files of the first bundle format (one flat folder), removed when a build replaces such a bundle.
+FORMAT_1_FILES = frozenset({"index.faiss", "labels.npy", "ids.npy", "images.npy", "sources.json",
+                            "encoder.keras", "encoder.tflite"})
+# Files that may sit in a folder that is not yet a bundle and stay there (the repository's
+# index/README.md documents the format).
 KEPT_FILES = frozenset({"README.md", ".gitignore", ".gitkeep"})
-_REBUILD = "rebuild it with `lenet-embed build-index`"
-# Fields every reader relies on, and their JSON types.
-_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
-    "format_version": int,
-    "dim": int,
-    "metric": str,
-    "count": int,
-    "files": dict,
-    "encoder_sha256": str,
-    "search_params": dict,
-    "classes": list,
-}
+REBUILD = "rebuild it with `lenet-embed build-index`"
+# A name a manifest may use: a file in a segment or encoder folder, or a deletions file.
+_NAME = re.compile(
+    rf"({SEGMENTS_DIR}|{ENCODERS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+    rf"|{DELETIONS_DIR}/[A-Za-z0-9][A-Za-z0-9_.-]*"
+)
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def package_version() -> str:
@@ -79,244 +92,281 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Bundle:
-    """A bundle read back from disk, checked against its manifest."""
+@dataclass(frozen=True)
+class FileEntry:
+    """A file a manifest names: its size and sha256."""
 
-    path: Path
-    manifest: dict[str, Any]
-    index: Any
-    labels: np.ndarray
-    ids: np.ndarray
-    images: np.ndarray
-    sources: list[str] | None = None
-    classes: list[str] = field(default_factory=list)
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An immutable set of rows: their vectors, ids, labels, images (and sources), and for a
+    sealed segment its FAISS index. Unsealed segments (written by ``add``) are searched exactly."""
+
+    name: str
+    rows: int
+    sealed: bool
+    has_sources: bool = False
 
     @property
-    def encoder_path(self) -> Path:
-        """The Keras encoder file inside the bundle."""
-        return self.path / ENCODER_FILE
+    def folder(self) -> str:
+        """The segment's folder, relative to the bundle."""
+        return f"{SEGMENTS_DIR}/{self.name}"
+
+    def file(self, name: str) -> str:
+        """A file of this segment, relative to the bundle."""
+        return f"{self.folder}/{name}"
+
+    def files(self) -> list[str]:
+        """Every file this segment consists of."""
+        names = list(SEGMENT_FILES)
+        if self.has_sources:
+            names.append(SOURCES_FILE)
+        if self.sealed:
+            names.append(INDEX_FILE)
+        return [self.file(name) for name in names]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One version of a bundle: what it holds, how it is searched, and every file it consists of.
+
+    ``count`` is the number of live items, ``rows`` the number stored (live + removed, until a
+    compaction drops the removed ones). ``next_id`` is the id the next added item gets: ids are
+    never reused.
+    """
+
+    version: int
+    operation: str
+    created_at: str
+    committed_at: str
+    lenet_embed_version: str
+    dim: int
+    metric: str
+    factory: str
+    search_params: dict[str, float]
+    dataset: dict[str, Any]
+    classes: list[str]
+    encoder: str
+    segments: list[Segment]
+    deletions: str | None
+    count: int
+    rows: int
+    next_id: int
+    files: dict[str, FileEntry]
+    format_version: int = FORMAT_VERSION
+    target_recall: float | None = None
 
     @property
-    def litert_path(self) -> Path:
-        """The LiteRT encoder file inside the bundle."""
-        return self.path / LITERT_FILE
+    def deleted(self) -> int:
+        """Rows removed but still stored (what ``compact`` reclaims)."""
+        return self.rows - self.count
+
+    @property
+    def encoder_path(self) -> str:
+        """The Keras encoder, relative to the bundle."""
+        return f"{self.encoder}/{ENCODER_FILE}"
+
+    @property
+    def litert_path(self) -> str:
+        """The LiteRT encoder, relative to the bundle."""
+        return f"{self.encoder}/{LITERT_FILE}"
+
+    @property
+    def encoder_sha256(self) -> str:
+        """The fingerprint of the encoder that made the vectors."""
+        return self.files[self.encoder_path].sha256
+
+    def required_files(self) -> set[str]:
+        """The files this manifest's structure needs: exactly the keys of ``files``."""
+        needed = {self.encoder_path, self.litert_path}
+        for segment in self.segments:
+            needed.update(segment.files())
+        if self.deletions is not None:
+            needed.add(self.deletions)
+        return needed
+
+    def next(self, operation: str, **changes: Any) -> Manifest:
+        """The manifest of the version after this one, with ``changes`` applied."""
+        return replace(self, version=self.version + 1, operation=operation,
+                       lenet_embed_version=package_version(), **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Manifest:
+        """Parse and check a manifest; ``where`` names it in errors."""
+        if not isinstance(data, dict):
+            raise LenetEmbedError(f"{where}: not a manifest; {REBUILD}")
+        found = data.get("format_version")
+        if found != FORMAT_VERSION:
+            raise LenetEmbedError(
+                f"{where}: bundle format {found} is not supported by this lenet-embed "
+                f"(format {FORMAT_VERSION}); {REBUILD}"
+            )
+        names = {f.name for f in fields(cls)}
+        optional = {"format_version", "target_recall"}
+        missing = sorted(names - optional - set(data))
+        if missing:
+            raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
+        values = {name: data[name] for name in names if name in data}
+        try:
+            values["segments"] = [_segment(item) for item in data["segments"]]
+            values["files"] = {
+                name: FileEntry(**_typed(entry, {"bytes": int, "sha256": str}))
+                for name, entry in _typed_dict(data["files"]).items()
+            }
+            manifest = cls(**values)
+            manifest._check()
+        except (TypeError, ValueError) as exc:
+            raise LenetEmbedError(f"{where}: malformed manifest ({exc}); {REBUILD}") from None
+        return manifest
+
+    def _check(self) -> None:
+        """Types, ranges and the file list, so that no reader needs to check them again."""
+        ints = ("version", "dim", "count", "rows", "next_id", "format_version")
+        strs = ("operation", "created_at", "committed_at", "lenet_embed_version", "metric",
+                "factory", "encoder")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0")
+        for name in strs:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        if self.metric not in ("cosine", "l2"):
+            raise ValueError(f"unknown metric {self.metric!r}")
+        if not isinstance(self.dataset, dict) or not isinstance(self.search_params, dict):
+            raise ValueError("dataset and search_params must be objects")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for v in self.search_params.values()):
+            raise ValueError("search_params must map names to numbers")
+        if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError("classes must be a list of strings")
+        if not (isinstance(self.deletions, str) or self.deletions is None):
+            raise ValueError("deletions must be a file name or null")
+        if self.target_recall is not None and not isinstance(self.target_recall, (int, float)):
+            raise ValueError("target_recall must be a number or null")
+        if self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
+            raise ValueError("count and rows disagree with the segments")
+        if (self.deletions is None) != (self.count == self.rows):
+            raise ValueError("removed rows need a deletions file, and only they")
+        if len({s.name for s in self.segments}) != len(self.segments):
+            raise ValueError("two segments share a name")
+        folder = self.encoder.removeprefix(f"{ENCODERS_DIR}/")
+        if folder == self.encoder or not _FOLDER_NAME.fullmatch(folder):
+            raise ValueError("the encoder must be a folder under encoders/")
+        for segment in self.segments:
+            if not _FOLDER_NAME.fullmatch(segment.name):
+                raise ValueError(f"segment {segment.name!r} is not a name inside the bundle")
+        for name in self.files:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a name inside the bundle")
+        needed = self.required_files()
+        if set(self.files) != needed:
+            extra = sorted(set(self.files) - needed)
+            lacking = sorted(needed - set(self.files))
+            raise ValueError(
+                "its file list does not match its contents"
+                + (f"; unlisted: {', '.join(lacking)}" if lacking else "")
+                + (f"; not needed: {', '.join(extra)}" if extra else "")
+            )
 
 
-def _check_target(directory: Path) -> list[Path]:
-    """Refuse to replace a folder that is not a bundle; return the files to carry over.
-
-    In a bundle, every file that is not part of the bundle (a README, the user's notes) is carried
-    over; a folder that is not a bundle may hold only ``KEPT_FILES``. Nothing is silently lost.
-    """
-    if not directory.exists():
-        return []
-    if not directory.is_dir():
-        raise LenetEmbedError(
-            f"{directory}: exists and is not a folder; choose another --index-dir"
-        )
-    entries = list(directory.iterdir())
-    is_bundle = (directory / MANIFEST).is_file()
-    ours = {MANIFEST, INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, SOURCES_FILE, ENCODER_FILE,
-            LITERT_FILE}
-    foreign = [e for e in entries if e.name not in ours]
-    kept = [e for e in foreign if e.is_file() and (is_bundle or e.name in KEPT_FILES)]
-    if len(kept) != len(foreign):
-        raise LenetEmbedError(
-            f"{directory}: exists and is not an index bundle; choose another --index-dir "
-            "or empty that folder"
-        )
-    return kept
+def _typed_dict(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError("files must be an object")
+    return value
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes private folders; a bundle gets the permissions a plain mkdir would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+def _typed(value: Any, kinds: dict[str, type]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != set(kinds):
+        raise TypeError(f"expected an object with {', '.join(kinds)}")
+    for key, kind in kinds.items():
+        if not isinstance(value[key], kind) or isinstance(value[key], bool):
+            raise TypeError(f"{key} must be {kind.__name__}")
+    return value
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+def _segment(value: Any) -> Segment:
+    kinds = {"name": str, "rows": int, "sealed": bool, "has_sources": bool}
+    if not isinstance(value, dict) or set(value) != set(kinds):
+        raise TypeError("malformed segment entry")
+    for key, kind in kinds.items():
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise TypeError(f"segment {key} must be {kind.__name__}")
+    if value["rows"] < 0:
+        raise ValueError("segment rows must be >= 0")
+    return Segment(**value)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bundle(
-    directory: str | os.PathLike[str],
-    *,
-    index: Any,
-    labels: np.ndarray,
-    ids: np.ndarray,
-    images: np.ndarray,
-    encoder: Any,
-    metric: str,
-    factory: str,
-    dataset: dict[str, Any],
-    classes: list[str] | None = None,
-    sources: list[str] | None = None,
-    search_params: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a complete bundle to ``directory`` atomically and return its manifest.
-
-    ``images`` are the indexed digits as uint8 (N, 28, 28); ``encoder`` is the Keras encoder model
-    that produced the vectors. Both are saved into the bundle.
-    """
-    directory = Path(directory)
-    kept = _check_target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
-    try:
-        _chmod_like_mkdir(tmp)
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        np.save(tmp / LABELS_FILE, np.asarray(labels, dtype=np.int64), allow_pickle=False)
-        np.save(tmp / IDS_FILE, np.asarray(ids, dtype=np.int64), allow_pickle=False)
-        np.save(tmp / IMAGES_FILE, np.asarray(images, dtype=np.uint8), allow_pickle=False)
-        if sources is not None:
-            _write_json(tmp / SOURCES_FILE, list(sources))
-        encoder.save(tmp / ENCODER_FILE)
-        export_litert(encoder, tmp / LITERT_FILE)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "lenet_embed_version": package_version(),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dim": int(index.d),
-            "metric": metric,
-            "factory": factory,
-            "count": int(index.ntotal),
-            "dataset": dataset,
-            "classes": list(classes or []),
-            "search_params": dict(search_params or {}),
-            "encoder_sha256": files[ENCODER_FILE],
-            "encoder_litert_sha256": files[LITERT_FILE],
-            "files": files,
-        }
-        _write_json(tmp / MANIFEST, manifest)
-        for path in kept:
-            shutil.copy2(path, tmp / path.name)
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _swap_into_place(new: Path, directory: Path) -> None:
-    """Rename ``new`` to ``directory``; an existing bundle is moved aside first, then removed."""
-    if not directory.exists():
-        os.rename(new, directory)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.rmdir(old)
-    os.rename(directory, old)
-    try:
-        os.rename(new, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and sanity-check a bundle's manifest without loading the rest."""
+def read_manifest(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Manifest:
+    """Read and check the current manifest of the bundle in ``directory``."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         if not directory.exists():
             raise LenetEmbedError(
                 f"{directory}: no index bundle there; build one with `lenet-embed build-index`"
-            )
-        raise LenetEmbedError(f"{directory}: no {MANIFEST}, so not an index bundle; {_REBUILD}")
+            ) from None
+        raise LenetEmbedError(f"{directory}: no {MANIFEST}, so not an index bundle; "
+                              f"{REBUILD}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LenetEmbedError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A manifest from its JSON text; ``where`` names it in errors."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LenetEmbedError(f"{path}: unreadable manifest ({exc}); {_REBUILD}") from None
-    if not isinstance(manifest, dict) or any(
-        not isinstance(manifest.get(key), kind) for key, kind in _MANIFEST_TYPES.items()
-    ):
-        raise LenetEmbedError(f"{path}: manifest lacks required fields; {_REBUILD}")
-    if manifest["metric"] not in ("cosine", "l2"):
-        raise LenetEmbedError(f"{path}: unknown metric {manifest['metric']!r}; {_REBUILD}")
-    if not all(isinstance(v, str) for v in manifest["files"].values()):
-        raise LenetEmbedError(f"{path}: manifest lists malformed checksums; {_REBUILD}")
-    if manifest["format_version"] != FORMAT_VERSION:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LenetEmbedError(f"{where}: unreadable manifest ({exc}); {REBUILD}") from None
+    return Manifest.from_dict(data, where)
+
+
+def manifest_json(manifest: Manifest) -> str:
+    """A manifest as the JSON text written to disk."""
+    return json.dumps(manifest.to_dict(), indent=2) + "\n"
+
+
+def verify_file(directory: Path, name: str, entry: FileEntry) -> None:
+    """Check one file a manifest names against its size and sha256."""
+    path = directory / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
+    if size != entry.bytes or sha256_file(path) != entry.sha256:
         raise LenetEmbedError(
-            f"{path}: bundle format {manifest['format_version']} is not supported by this "
-            f"lenet-embed (format {FORMAT_VERSION}); {_REBUILD}"
+            f"{path}: does not match {MANIFEST} (size or checksum); the bundle is damaged, "
+            f"{REBUILD}"
         )
-    return manifest
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Check the encoders' fingerprints, then every file against its sha256 in the manifest."""
-    fingerprints = {ENCODER_FILE: "encoder_sha256", LITERT_FILE: "encoder_litert_sha256"}
-    for name, key in fingerprints.items():
-        encoder = directory / name
-        if key not in manifest:
-            continue
-        if not encoder.is_file():
-            raise LenetEmbedError(f"{encoder}: missing from the bundle; {_REBUILD}")
-        if sha256_file(encoder) != manifest[key]:
-            raise LenetEmbedError(
-                f"{encoder}: fingerprint differs from the encoder the index was built with; "
-                f"the vectors would not match, {_REBUILD}"
-            )
-    for name, expected in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise LenetEmbedError(f"{path}: missing from the bundle; {_REBUILD}")
-        if name not in fingerprints and sha256_file(path) != expected:
-            raise LenetEmbedError(
-                f"{path}: checksum does not match {MANIFEST}; the bundle is damaged, {_REBUILD}"
-            )
+@dataclass
+class Contents:
+    """What a bundle folder holds, sorted: our layout, files of format 1, and the user's own."""
+
+    ours: list[Path] = field(default_factory=list)
+    format_1: list[Path] = field(default_factory=list)
+    foreign: list[Path] = field(default_factory=list)
 
 
-def _read_index(path: Path) -> Any:
-    """Read a FAISS index memory-mapped where its type allows (large indexes load at once)."""
-    try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
-    except RuntimeError:
-        return faiss.read_index(str(path))
-
-
-def read_bundle(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Bundle:
-    """Read a bundle, verifying checksums, the encoder fingerprint and the counts."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    try:
-        index = _read_index(directory / INDEX_FILE)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
-        raise LenetEmbedError(
-            f"{directory / INDEX_FILE}: unreadable ({first}); {_REBUILD}"
-        ) from None
-    try:
-        labels = np.load(directory / LABELS_FILE, allow_pickle=False)
-        ids = np.load(directory / IDS_FILE, allow_pickle=False)
-        images = np.load(directory / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
-        sources_path = directory / SOURCES_FILE
-        sources = json.loads(sources_path.read_text("utf-8")) if sources_path.is_file() else None
-    except (OSError, ValueError) as exc:
-        raise LenetEmbedError(f"{directory}: unreadable bundle data ({exc}); {_REBUILD}") from None
-    count = manifest["count"]
-    lengths = {index.ntotal, len(labels), len(ids), len(images)}
-    lengths |= {len(sources)} if sources else set()
-    if lengths != {count} or index.d != manifest["dim"]:
-        raise LenetEmbedError(
-            f"{directory}: index, labels and ids disagree with the manifest's count; {_REBUILD}"
-        )
-    return Bundle(
-        directory, manifest, index, labels, ids, images, sources, manifest.get("classes", [])
-    )
+def contents(directory: Path) -> Contents:
+    """Sort the entries of a bundle folder (or of a folder about to become one)."""
+    found = Contents()
+    for entry in sorted(directory.iterdir()):
+        if entry.name in LAYOUT:
+            found.ours.append(entry)
+        elif entry.name in FORMAT_1_FILES:
+            found.format_1.append(entry)
+        else:
+            found.foreign.append(entry)
+    return found

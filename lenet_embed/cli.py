@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import click
@@ -213,41 +212,142 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
           nprobe: int | None, threads: int | None, backend: str, as_json: bool,
           montage: str | None) -> None:
     """Find the k indexed digits nearest to each IMAGE file."""
-    import numpy as np
-
-    from .preprocess import to_mnist
-    from .search import majority_label, query_result
-
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
-    if k > len(index):
-        raise LenetEmbedError(f"-k {k} is more than the {len(index)} items in {index_dir}")
-    paths, pixels, failed = [], [], 0
-    for path in images:
-        try:
-            pixels.append(to_mnist(path))
-            paths.append(path)
-        except LenetEmbedError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            failed += 1
-    batch = np.stack(pixels) if pixels else None
-    results = index.search_vectors(index.encoder.embed(batch), k) if pixels else []
-    for path, neighbors in zip(paths, results, strict=True):
-        if as_json:
-            _print_json(query_result(path, neighbors))
+    results = index.query(list(images), k)
+    for result in results:
+        if not result.ok:
+            click.echo(f"Error: {result.error}", err=True)
+        elif as_json:
+            _print_json(result.to_dict())
         else:
-            click.echo(f"{path}\n{_neighbor_table(neighbors)}\n"
-                       f"predicted label: {majority_label(neighbors)}\n")
-    if montage and results:
+            click.echo(f"{result.query}\n{_neighbor_table(result.neighbors)}\n"
+                       f"predicted label: {result.predicted_label}\n")
+    answered = [result for result in results if result.ok]
+    if montage and answered:
         from .pictures import montage as draw_montage
+        from .pictures import montage_rows
 
-        picture = draw_montage(index.montage_rows(batch, results, paths))
+        picture = draw_montage(montage_rows(index, [r.pixels for r in answered],
+                                            [r.neighbors for r in answered],
+                                            [r.query for r in answered]))
         try:
             picture.save(montage, format="PNG")
         except OSError as exc:
             raise LenetEmbedError(f"{montage}: cannot write the montage ({exc})") from None
         click.echo(f"wrote {montage}", err=True)
-    if failed:
+    if len(answered) < len(results):
         sys.exit(1)
+
+
+_INDEX_DIR = click.option("--index-dir", type=click.Path(), default="index", show_default=True,
+                          help="Bundle folder written by build-index.")
+_WAIT = click.option("--wait", "wait", type=click.FloatRange(min=0), default=30,
+                     show_default=True,
+                     help="Seconds to wait while another process is writing to the bundle.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--images", "folder", type=click.Path(), help="Add every image under this folder "
+              "instead, labelled by its subfolder's name (as build-index --images).")
+@click.option("--label", help="The label of the IMAGE files (a digit, or a class name in a "
+              "bundle built from folders) [default: none].")
+@_INDEX_DIR
+@_WAIT
+@click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
+              show_default=True, help="Encoder runner; auto = LiteRT when available.")
+@_JSON
+def add(images: tuple[str, ...], folder: str | None, label: str | None, index_dir: str,
+        wait: float, backend: str, as_json: bool) -> None:
+    """Add IMAGE files (or a folder of them) to the bundle, embedded with its own encoder.
+
+    The new items are searchable as soon as this returns; their ids are printed.
+    """
+    from .search import SearchIndex
+
+    if bool(images) == bool(folder):
+        raise click.UsageError("give IMAGE files or --images DIR (one of them)")
+    if folder and label is not None:
+        raise click.UsageError("--label goes with IMAGE files; with --images the subfolders "
+                               "name the labels")
+    index = SearchIndex(index_dir, backend=backend, lock_timeout=wait)
+    skipped: list[str] = []
+    if folder:
+        from .data import load_image_folder
+
+        loaded = load_image_folder(folder)
+        labels = [None if code < 0 else (loaded.classes[code] if loaded.classes else int(code))
+                  for code in loaded.labels.tolist()]
+        ids = index.add(loaded.images, labels=labels, sources=loaded.sources)
+        sources, skipped = loaded.sources, loaded.skipped
+    else:
+        ids = index.add(list(images), labels=label, sources=list(images))
+        sources = list(images)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable file(s)", err=True)
+    if as_json:
+        _print_json({"index_dir": index_dir, "version": index.version, "count": len(index),
+                     "ids": ids.tolist(), "sources": sources})
+        return
+    for item_id, source in zip(ids.tolist(), sources, strict=True):
+        click.echo(f"{item_id}\t{source}")
+    click.echo(f"added {len(ids)} item(s); {index_dir} is at version {index.version} with "
+               f"{len(index)} items", err=True)
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
+@_INDEX_DIR
+@_WAIT
+@_JSON
+def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> None:
+    """Remove items by ID; they never come back in results, and their ids are never reused.
+
+    Exits with status 1 when an ID was not a live item (the others are still removed).
+    """
+    from .updates import remove as run_remove
+
+    removal, manifest = run_remove(index_dir, list(ids), timeout=wait)
+    if as_json:
+        _print_json({"index_dir": index_dir, "version": manifest.version,
+                     "removed": removal.removed, "missing": removal.missing,
+                     "count": manifest.count})
+    else:
+        click.echo(f"removed {removal.removed} item(s); {index_dir} is at version "
+                   f"{manifest.version} with {manifest.count} items")
+    for item_id in removal.missing:
+        click.echo(f"Error: no item with id {item_id} in {index_dir}", err=True)
+    if removal.missing:
+        sys.exit(1)
+
+
+@main.command()
+@_INDEX_DIR
+@_WAIT
+@_JSON
+def compact(index_dir: str, wait: float, as_json: bool) -> None:
+    """Rebuild the bundle's live items into one FAISS index, reclaiming removed rows."""
+    import time
+
+    from .updates import compact as run_compact
+
+    started = time.perf_counter()
+    before, after = run_compact(index_dir, timeout=wait)
+    summary = {"index_dir": index_dir, "version": after.version, "count": after.count,
+               "reclaimed_rows": before.rows - after.rows,
+               "segments_before": len(before.segments), "segments_after": len(after.segments),
+               "seconds": round(time.perf_counter() - started, 2)}
+    if as_json:
+        _print_json(summary)
+    elif after is before:
+        click.echo(f"{index_dir} is already compact (version {after.version}, "
+                   f"{after.count} items)")
+    else:
+        click.echo(f"compacted {index_dir}: version {after.version}, {after.count} items, "
+                   f"{summary['reclaimed_rows']} removed row(s) reclaimed, "
+                   f"{summary['segments_before']} segment(s) -> {summary['segments_after']}, "
+                   f"{summary['seconds']:.1f} s")
 
 
 @main.command()
@@ -264,30 +364,37 @@ def samples(out_dir: str, n: int, data: str | None) -> None:
 
 
 @main.command()
-@click.option("--index-dir", type=click.Path(), default="index", show_default=True,
-              help="Bundle folder written by build-index.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@_INDEX_DIR
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the manifest and the figures below as one JSON object.")
 def info(index_dir: str, as_json: bool) -> None:
-    """Show what an index bundle holds (verifying its checksums)."""
-    from .bundle import read_manifest, verify_files
+    """Show what an index bundle holds, after loading and verifying all of it."""
+    from .snapshot import inspect_bundle
 
-    manifest = read_manifest(index_dir)
-    verify_files(Path(index_dir), manifest)
+    report = inspect_bundle(index_dir)
     if as_json:
-        _print_json(manifest)
+        _print_json(report.to_dict())
         return
+    m = report.manifest
     rows = {
         "bundle": index_dir,
-        "count": manifest["count"],
-        "dim": manifest["dim"],
-        "metric": manifest["metric"],
-        "factory": manifest.get("factory"),
-        "search params": json.dumps(manifest.get("search_params", {})),
-        "data set": json.dumps(manifest.get("dataset")),
-        "created": manifest.get("created_at"),
-        "lenet-embed": manifest.get("lenet_embed_version"),
-        "encoder sha256": manifest["encoder_sha256"],
-        "checksums": "ok",
+        "version": f"{m.version} ({m.operation}, {m.committed_at})",
+        "items": f"{m.count} live, {m.deleted} removed",
+        "segments": f"{len(m.segments)} ({report.sealed} sealed, "
+                    f"{len(m.segments) - report.sealed} from adds)",
+        "compaction would reclaim": f"{m.deleted} row(s), {report.reclaimable_bytes} bytes"
+                                    + (f", merge {len(m.segments)} segments into 1"
+                                       if len(m.segments) > 1 else ""),
+        "dim": m.dim,
+        "metric": m.metric,
+        "factory": m.factory,
+        "search params": json.dumps(m.search_params),
+        "data set": json.dumps(m.dataset),
+        "created": m.created_at,
+        "lenet-embed": m.lenet_embed_version,
+        "size on disk": f"{report.bytes} bytes",
+        "encoder sha256": m.encoder_sha256,
+        "checks": "ok (every file matches its checksum; the bundle loads)",
     }
     width = max(map(len, rows))
     for key, value in rows.items():

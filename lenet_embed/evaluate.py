@@ -105,15 +105,16 @@ def evaluate(
     """
     if not isinstance(index, SearchIndex):
         index = SearchIndex.load(index)
-    index_dir = index.bundle.path
+    snapshot = index.snapshot
+    index_dir = index.path
     dataset = load_mnist(data)
-    bundle = index.bundle
-    if k < 1 or k > len(index):
-        raise LenetEmbedError(f"-k must be between 1 and {len(index)}, got {k}")
+    index.check_k(k, snapshot)
+    rows_live = snapshot.live_rows()
+    labels = snapshot.labels[rows_live]
     if (
-        len(bundle.labels) != len(dataset.train)
-        or not np.array_equal(bundle.labels, dataset.train.labels)
-        or not np.array_equal(bundle.images, dataset.train.images)
+        len(labels) != len(dataset.train)
+        or not np.array_equal(labels, dataset.train.labels)
+        or not np.array_equal(snapshot.images(rows_live), dataset.train.images)
     ):
         raise LenetEmbedError(
             f"{index_dir}: the bundle was not built from the training split of {dataset.source}; "
@@ -127,24 +128,26 @@ def evaluate(
     queries = index.encoder.embed(test_pixels)
     embed_seconds = time.perf_counter() - started
 
-    counts = np.bincount(bundle.labels, minlength=int(test_labels.max()) + 1)
+    counts = np.bincount(labels, minlength=int(test_labels.max()) + 1)
     relevant = counts[test_labels]
     depth = max(int(relevant.max()), 100, k)
     rows = exact_search(indexed, queries, index.metric, depth)
-    retrieved = bundle.labels[rows]
+    retrieved = labels[rows]
     r_precision, map_at_r = r_precision_and_map_at_r(retrieved, test_labels, relevant)
 
     started = time.perf_counter()
-    _, index_rows = bundle.index.search(prepare_vectors(queries, index.metric), k)
+    _, index_rows = snapshot.search(prepare_vectors(queries, index.metric), k)
     search_seconds = time.perf_counter() - started
+    # Rows of the bundle as positions among its live items (those the exact search ranks).
+    index_rows = np.searchsorted(rows_live, index_rows)
 
-    approximate = bundle.manifest.get("factory", "Flat") != "Flat"
+    approximate = snapshot.manifest.factory != "Flat"
     evaluation = Evaluation(
         index_dir=str(index_dir),
         count=len(index),
         queries=len(test_labels),
         metric=index.metric,
-        factory=bundle.manifest.get("factory", "Flat"),
+        factory=snapshot.manifest.factory,
         k=k,
         search_params=dict(index.search_params),
         nn1_accuracy=precision_at_k(retrieved, test_labels, 1),
@@ -160,7 +163,7 @@ def evaluate(
             recall_at_k(index_rows, rows, min(RECALL_K, k)) if approximate else None
         ),
         index_nn1_accuracy=(
-            float((bundle.labels[index_rows[:, 0]] == test_labels).mean()) if approximate else None
+            float((labels[index_rows[:, 0]] == test_labels).mean()) if approximate else None
         ),
     )
     evaluation.details = {
@@ -176,12 +179,13 @@ def evaluate(
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
                  index: SearchIndex) -> list[Path]:
     """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
-    from .pictures import confusion_image, embedding_map, montage, pca_2d
+    from .pictures import confusion_image, embedding_map, montage, montage_rows, pca_2d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     details = evaluation.details
-    labels = index.bundle.labels
+    snapshot = index.snapshot
+    labels = snapshot.labels[snapshot.live_rows()]
     test_labels, rows = details["test_labels"], details["rows"]
     predicted = labels[rows[:, 0]]
     n_classes = int(max(labels.max(), test_labels.max())) + 1
@@ -200,7 +204,8 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
     results = index.search_vectors(vectors[wrong], evaluation.k) if len(wrong) else []
     ranked = sorted(zip(wrong, results, strict=True), key=lambda pair: pair[1][0].distance)
     shown = [i for i, _ in ranked[:WORST_SHOWN]]
-    worst = index.montage_rows(
+    worst = montage_rows(
+        index,
         details["test_pixels"][shown],
         [neighbors for _, neighbors in ranked[:WORST_SHOWN]],
         [f"test #{i} (label {test_labels[i]})" for i in shown],

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
-    from .search import Neighbor
+    from .search import Neighbor, SearchIndex
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 RGB = tuple[int, int, int]
@@ -94,6 +94,34 @@ class MontageRow:
 
 # --------------------------------------------------------------------------------------------
 # Montage
+
+
+def montage_rows(
+    index: SearchIndex,
+    queries: Sequence[np.ndarray],
+    results: Sequence[list[Neighbor]],
+    titles: Sequence[str],
+    reference_labels: Sequence[int | str | None] | None = None,
+) -> list[MontageRow]:
+    """Rows for :func:`montage`: each query as the model saw it, then its neighbours' images
+    looked up in ``index``. Neighbours are judged against ``reference_labels`` (the true labels,
+    when known), else against each query's predicted (majority) label."""
+    from .search import majority_label
+
+    if reference_labels is None:
+        reference_labels = [majority_label(neighbors) for neighbors in results]
+    return [
+        MontageRow(
+            query=query,
+            neighbors=neighbors,
+            neighbor_images=[index.item_image(n.id) for n in neighbors],
+            reference_label=reference,
+            title=title,
+        )
+        for query, neighbors, title, reference in zip(
+            queries, results, titles, reference_labels, strict=True
+        )
+    ]
 
 
 def montage_size(n_rows: int, columns_k: int) -> tuple[int, int]:

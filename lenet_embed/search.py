@@ -1,30 +1,36 @@
-"""Nearest-neighbour search over a bundle: :class:`SearchIndex` and its :class:`Neighbor` results.
+"""Nearest-neighbour search over a bundle: :class:`SearchIndex` and its results.
 
 Distances are "smaller is nearer": cosine distance (1 - cos) for the ``cosine`` metric, where the
 vectors are L2-normalised and FAISS ranks by inner product; Euclidean distance (not squared) for
 ``l2``.
+
+A :class:`SearchIndex` serves one version of its bundle at a time (a :class:`Snapshot`); every
+call works on the version that was current when it started, so a commit by another process never
+mixes into a search. :meth:`SearchIndex.refresh` picks up newer versions; the write methods commit
+one and refresh.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .ann import (
-    SEARCH_PARAMETERS,
-    apply_search_params,
-    prepare_vectors,
-    set_threads,
-    to_distances,
-)
-from .bundle import DEFAULT_INDEX_DIR, Bundle, read_bundle
+from .ann import prepare_vectors, set_threads
+from .bundle import DEFAULT_INDEX_DIR, Manifest
 from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
-from .preprocess import ImageLike, to_batch
+from .preprocess import ImageLike, open_image, to_batch, to_mnist, to_uint8
+from .snapshot import Snapshot, open_snapshot
+from .updates import EncoderChanged, Label, add_vectors
+from .updates import compact as compact_bundle
+from .updates import remove as remove_items
+from .writer import DEFAULT_LOCK_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -52,34 +58,88 @@ def majority_label(neighbors: list[Neighbor]) -> int | str | None:
     return next(label for label in labels if counts[label] == best)
 
 
-def query_result(query: str, neighbors: list[Neighbor]) -> dict[str, Any]:
-    """One query's answer as ``query --json`` and the service print it: the query's name, the
-    predicted (majority) label and the neighbours."""
-    return {
-        "query": query,
-        "predicted_label": majority_label(neighbors),
-        "neighbors": [neighbor.to_dict() for neighbor in neighbors],
-    }
+@dataclass(frozen=True)
+class Query:
+    """One query for :meth:`SearchIndex.query`: an image or an embedding vector.
+
+    ``image`` is a path, a PIL image, a 2-D array, or the bytes of an image file (decoded with
+    ``max_side`` as the largest width or height allowed). ``name`` names it in results and errors.
+    """
+
+    image: ImageLike | bytes | None = None
+    vector: np.ndarray | Sequence[float] | None = None
+    name: str | None = None
+    max_side: int | None = None
+
+    @property
+    def title(self) -> str:
+        """The name shown for this query."""
+        if self.name is not None:
+            return self.name
+        if isinstance(self.image, (str, os.PathLike)):
+            return str(self.image)
+        return "vector" if self.vector is not None else "image"
+
+    def pixels(self) -> np.ndarray:
+        """The image in the MNIST convention, (28, 28) float32; raises LenetEmbedError."""
+        image = self.image
+        if isinstance(image, bytes):
+            image = open_image(image, self.title, max_side=self.max_side)
+        return to_mnist(image, name=self.title)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The answer to one query: its neighbours, or the error that stopped it.
+
+    ``pixels`` is the query as the model saw it (None for a vector query or an error).
+    """
+
+    query: str
+    neighbors: list[Neighbor]
+    error: LenetEmbedError | None = None
+    pixels: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the query was answered."""
+        return self.error is None
+
+    @property
+    def predicted_label(self) -> int | str | None:
+        """The majority label of the neighbours."""
+        return majority_label(self.neighbors)
+
+    def top(self, k: int) -> QueryResult:
+        """The same answer cut to the ``k`` nearest neighbours."""
+        return replace(self, neighbors=self.neighbors[:k])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer as ``query --json`` and the service print it."""
+        return {
+            "query": self.query,
+            "predicted_label": self.predicted_label,
+            "neighbors": [neighbor.to_dict() for neighbor in self.neighbors],
+        }
 
 
 class SearchIndex:
-    """A loaded bundle and its encoder: embed images and find their nearest indexed neighbours.
+    """A bundle and its encoder: embed images, find their nearest neighbours, add and remove.
 
     >>> index = SearchIndex.load("index")
     >>> [n.label for n in index.search("digit.png", k=5)[0]]
+    >>> new_ids = index.add(["my7.png"], labels=[7])
     """
 
-    def __init__(self, bundle: Bundle, encoder: Encoder,
-                 search_params: dict[str, int] | None = None) -> None:
-        self.bundle = bundle
-        self.encoder = encoder
-        self.metric: str = bundle.manifest["metric"]
-        stored = {
-            name: value for name, value in bundle.manifest.get("search_params", {}).items()
-            if name in SEARCH_PARAMETERS
-        }
-        self.search_params = {**stored, **(search_params or {})}
-        apply_search_params(bundle.index, self.search_params)
+    def __init__(self, path: str | os.PathLike[str], backend: str = "auto",
+                 threads: int | None = None, search_params: dict[str, int] | None = None,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        self.path = Path(path)
+        self.backend = backend
+        self.threads = threads
+        self.overrides = dict(search_params or {})
+        self.lock_timeout = lock_timeout
+        self._snapshot = open_snapshot(self.path, self._load_encoder, None, self.overrides)
 
     @classmethod
     def load(
@@ -97,98 +157,197 @@ class SearchIndex:
         """
         if threads is not None:
             set_threads(threads)
-        bundle = read_bundle(path)
-        encoder = load_encoder(bundle.encoder_path, bundle.litert_path, backend, threads)
-        return cls(bundle, encoder, search_params)
+        return cls(path, backend, threads, search_params)
+
+    def _load_encoder(self, keras_path: Path, litert_path: Path) -> Encoder:
+        return load_encoder(keras_path, litert_path, self.backend, self.threads)
+
+    # ------------------------------------------------------------------ the current version
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        """The bundle's manifest (format, metric, factory, count, data set, checksums)."""
-        return self.bundle.manifest
+    def snapshot(self) -> Snapshot:
+        """The version in use: everything one search needs, consistent and immutable."""
+        return self._snapshot
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of the version in use."""
+        return self._snapshot.manifest
+
+    @property
+    def version(self) -> int:
+        """The number of the version in use."""
+        return self._snapshot.manifest.version
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder of the version in use."""
+        return self._snapshot.encoder
+
+    @property
+    def metric(self) -> str:
+        """``cosine`` or ``l2``."""
+        return self._snapshot.metric
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The search parameters in force (tuned values, overridden by the caller's)."""
+        return dict(self._snapshot.search_params)
 
     def __len__(self) -> int:
-        return int(self.bundle.index.ntotal)
+        return len(self._snapshot)
+
+    def refresh(self) -> bool:
+        """Switch to the newest committed version, if there is one; True when it changed.
+
+        Unchanged segments and the encoder are reused, so this costs little more than reading
+        what the new commits added."""
+        old = self._snapshot
+        new = open_snapshot(self.path, self._load_encoder, old, self.overrides)
+        self._snapshot = new
+        return new is not old
+
+    # ------------------------------------------------------------------ searching
+
+    def check_k(self, k: int, snapshot: Snapshot | None = None) -> None:
+        """Refuse a ``k`` outside 1..(number of live items), with the one message for it."""
+        size = len(snapshot or self._snapshot)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= size:
+            if size == 0:
+                raise LenetEmbedError(f"{self.path}: the index holds no items; add some first")
+            raise LenetEmbedError(
+                f"k must be between 1 and {size} (the number of items in {self.path}), got {k}"
+            )
 
     def embed(self, images: ImageLike | list[ImageLike]) -> np.ndarray:
         """Preprocess ``images`` to the MNIST convention and embed them: (N, 84) float32."""
-        return self.encoder.embed(to_batch(images))
+        return self._snapshot.encoder.embed(to_batch(images))
 
     def search(self, images: ImageLike | list[ImageLike], k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest neighbours of each image (path, PIL image, array or batch)."""
-        self._check_k(k)
-        return self.search_vectors(self.embed(images), k)
+        snapshot = self._snapshot
+        self.check_k(k, snapshot)
+        return self._search(snapshot, snapshot.encoder.embed(to_batch(images)), k)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest neighbours of each embedding vector, shape (N, 84) or (84,)."""
-        self._check_k(k)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim == 1:
-            vectors = vectors[None]
-        if vectors.ndim != 2 or vectors.shape[1] != self.bundle.index.d:
-            raise LenetEmbedError(
-                f"vectors must have shape (N, {self.bundle.index.d}), got {vectors.shape}"
-            )
-        scores, rows = self.bundle.index.search(prepare_vectors(vectors, self.metric), k)
-        distances = to_distances(scores, self.metric)
-        return [self._neighbors(r, d) for r, d in zip(rows, distances, strict=True)]
+        snapshot = self._snapshot
+        self.check_k(k, snapshot)
+        return self._search(snapshot, self._check_vectors(vectors, snapshot.dim), k)
 
-    def _check_k(self, k: int) -> None:
-        if not isinstance(k, (int, np.integer)) or k < 1 or k > len(self):
-            raise LenetEmbedError(f"k must be between 1 and {len(self)} (the index size), got {k}")
+    def query(self, queries: Sequence[Query | ImageLike], k: int = 5) -> list[QueryResult]:
+        """Answer many queries at once, each with its result or its own error.
 
-    def _neighbors(self, rows: np.ndarray, distances: np.ndarray) -> list[Neighbor]:
-        bundle = self.bundle
-        out = []
-        for rank, (row, distance) in enumerate(zip(rows, distances, strict=True), start=1):
-            if row < 0:
-                continue
-            out.append(
-                Neighbor(
-                    rank=rank,
-                    id=int(bundle.ids[row]),
-                    label=self.label_name(int(bundle.labels[row])),
+        One bad image does not stop the others: its result carries the error. Images are
+        embedded in one call and every query is searched in one call. This is what ``query``
+        and the service use.
+        """
+        snapshot = self._snapshot
+        self.check_k(k, snapshot)
+        items = [q if isinstance(q, Query) else Query(image=q) for q in queries]
+        errors: dict[int, LenetEmbedError] = {}
+        pixels: dict[int, np.ndarray] = {}
+        vectors = np.zeros((len(items), snapshot.dim), dtype=np.float32)
+        for position, item in enumerate(items):
+            try:
+                if item.vector is not None:
+                    vectors[position] = self._check_vectors(item.vector, snapshot.dim)[0]
+                else:
+                    pixels[position] = item.pixels()
+            except LenetEmbedError as exc:
+                errors[position] = exc
+        if pixels:
+            vectors[list(pixels)] = snapshot.encoder.embed(np.stack(list(pixels.values())))
+        answered = [p for p in range(len(items)) if p not in errors]
+        found = self._search(snapshot, vectors[answered], k) if answered else []
+        neighbors = dict(zip(answered, found, strict=True))
+        return [
+            QueryResult(item.title, neighbors.get(position, []), errors.get(position),
+                        pixels.get(position))
+            for position, item in enumerate(items)
+        ]
+
+    @staticmethod
+    def _check_vectors(vectors: Any, dim: int) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            array = np.asarray(vectors, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != dim:
+            raise LenetEmbedError(f"vectors must have shape (N, {dim}), got {array.shape}")
+        if not np.isfinite(array).all():
+            raise LenetEmbedError("vectors must hold finite 32-bit floats")
+        return array
+
+    def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:
+        distances, rows = snapshot.search(prepare_vectors(vectors, snapshot.metric), k)
+        ids, labels = snapshot.ids, snapshot.labels
+        results = []
+        for row_list, distance_list in zip(rows.tolist(), distances.tolist(), strict=True):
+            neighbors = []
+            for rank, (row, distance) in enumerate(zip(row_list, distance_list, strict=True),
+                                                   start=1):
+                if row < 0:
+                    break
+                neighbors.append(Neighbor(
+                    rank=rank, id=int(ids[row]), label=snapshot.label_name(int(labels[row])),
                     distance=float(distance),
-                    source=bundle.sources[row] if bundle.sources else None,
-                )
-            )
-        return out
+                    source=snapshot.source(row) if snapshot.has_sources else None,
+                ))
+            results.append(neighbors)
+        return results
 
     def item_image(self, item_id: int) -> np.ndarray:
         """The indexed digit with this id, as the encoder saw it: uint8 (28, 28)."""
-        rows = np.flatnonzero(self.bundle.ids == item_id)
-        if len(rows) == 0:
-            raise LenetEmbedError(f"no item with id {item_id} in {self.bundle.path}")
-        return np.asarray(self.bundle.images[rows[0]])
-
-    def montage_rows(
-        self,
-        queries: np.ndarray,
-        results: list[list[Neighbor]],
-        titles: list[str],
-        reference_labels: list[int | str | None] | None = None,
-    ) -> list[Any]:
-        """Rows for :func:`lenet_embed.pictures.montage`: each query as the model saw it, then its
-        neighbours' images. Neighbours are judged against ``reference_labels`` (the true labels,
-        when known), else against each query's predicted (majority) label."""
-        from .pictures import MontageRow
-
-        if reference_labels is None:
-            reference_labels = [majority_label(neighbors) for neighbors in results]
-        return [
-            MontageRow(
-                query=query,
-                neighbors=neighbors,
-                neighbor_images=[self.item_image(n.id) for n in neighbors],
-                reference_label=reference,
-                title=title,
-            )
-            for query, neighbors, title, reference in zip(
-                queries, results, titles, reference_labels, strict=True
-            )
-        ]
+        snapshot = self._snapshot
+        row = snapshot.row_of(item_id)
+        if row is None:
+            raise LenetEmbedError(f"no item with id {item_id} in {self.path}")
+        return snapshot.image(row)
 
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""
-        if code < 0:
-            return None
-        return self.bundle.classes[code] if self.bundle.classes else code
+        return self._snapshot.label_name(code)
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, images: ImageLike | list[ImageLike], labels: Label | Sequence[Label] = None,
+            sources: Sequence[str | None] | None = None) -> np.ndarray:
+        """Add images to the bundle in one durable commit; return their new ids.
+
+        ``labels`` is one label for every image or one per image (a digit, or a class name in a
+        bundle built from folders; None = unlabelled). ``sources`` records where each came from.
+        The images are embedded with the bundle's own encoder; ids are never reused.
+        """
+        batch = to_batch(images)
+        count = len(batch)
+        if labels is None or isinstance(labels, (str, int, np.integer)):
+            label_list: list[Label] = [labels] * count  # type: ignore[list-item]
+        else:
+            label_list = list(labels)
+        source_list = list(sources) if sources is not None else None
+        for attempt in range(2):
+            snapshot = self._snapshot
+            vectors = prepare_vectors(snapshot.encoder.embed(batch), snapshot.metric)
+            try:
+                ids, _ = add_vectors(self.path, vectors, to_uint8(batch), label_list, source_list,
+                                     snapshot.manifest.encoder_sha256, self.lock_timeout)
+            except EncoderChanged:
+                if attempt:
+                    raise
+                self.refresh()
+                continue
+            self.refresh()
+            return ids
+        raise AssertionError("unreachable")
+
+    def remove(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Remove items by id in one durable commit; return how many were live and went."""
+        removal, _ = remove_items(self.path, ids, self.lock_timeout)
+        self.refresh()
+        return removal.removed
+
+    def compact(self) -> None:
+        """Rebuild the bundle's live items into one sealed segment, dropping removed ones."""
+        compact_bundle(self.path, self.lock_timeout)
+        self.refresh()

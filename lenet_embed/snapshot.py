@@ -1,0 +1,462 @@
+"""One version of a bundle, loaded and searchable: :class:`Snapshot`.
+
+A snapshot holds everything one manifest names (segments, removed ids, the encoder), checked
+against it, and never changes; a newer version is a new snapshot that shares the unchanged
+segments with the old one. Searching combines the segments:
+
+- a sealed segment is searched with its own FAISS index. Removed rows are masked with an
+  ``IDSelectorBitmap`` where the index takes one (Flat, IVF, HNSW), else over-fetched and dropped;
+  a query that still gets fewer than ``k`` live rows (a filtered graph search can run dry) is
+  answered by exact search over the segment's live vectors, so ``k`` live results always come
+  back when the bundle has ``k`` live items;
+- unsealed segments (written by ``add``) are searched exactly, all together in one flat index of
+  their live rows, as Milvus searches its growing segments.
+
+Rows are numbered across segments in manifest order; ids are strictly increasing in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .ann import SEARCH_PARAMETERS, apply_search_params, faiss_metric, to_distances
+from .bundle import (
+    IDS_FILE,
+    IMAGES_FILE,
+    INDEX_FILE,
+    LABELS_FILE,
+    REBUILD,
+    SOURCES_FILE,
+    VECTORS_FILE,
+    Manifest,
+    Segment,
+    read_manifest,
+    verify_file,
+)
+from .errors import LenetEmbedError
+
+EncoderLoader = Callable[[Path, Path], Any]
+_ATTEMPTS = 8
+
+
+class _Vanished(Exception):
+    """A file of the version being opened disappeared (a newer version replaced it)."""
+
+
+@dataclass
+class LoadedSegment:
+    """A segment's arrays (vectors and images memory-mapped) and, when sealed, its index."""
+
+    info: Segment
+    vectors: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    images: np.ndarray
+    sources: list[str | None] | None
+    index: Any | None
+
+
+def _read_index(path: Path) -> Any:
+    """Read a FAISS index memory-mapped where its type allows (large indexes load at once)."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
+
+
+def load_segment(directory: Path, manifest: Manifest, segment: Segment) -> LoadedSegment:
+    """Check a segment's files against the manifest and read them."""
+    for name in segment.files():
+        verify_file(directory, name, manifest.files[name])
+    folder = directory / segment.folder
+    try:
+        vectors = np.load(folder / VECTORS_FILE, allow_pickle=False, mmap_mode="r")
+        ids = np.load(folder / IDS_FILE, allow_pickle=False)
+        labels = np.load(folder / LABELS_FILE, allow_pickle=False)
+        images = np.load(folder / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
+        sources = (json.loads((folder / SOURCES_FILE).read_text("utf-8"))
+                   if segment.has_sources else None)
+    except FileNotFoundError:
+        raise _Vanished from None
+    except (OSError, ValueError) as exc:
+        raise LenetEmbedError(f"{folder}: unreadable segment ({exc}); {REBUILD}") from None
+    index = None
+    if segment.sealed:
+        try:
+            index = _read_index(folder / INDEX_FILE)
+        except RuntimeError as exc:
+            if not (folder / INDEX_FILE).exists():
+                raise _Vanished from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+            raise LenetEmbedError(f"{folder / INDEX_FILE}: unreadable ({first}); {REBUILD}"
+                                  ) from None
+    rows = segment.rows
+    shapes_ok = (
+        vectors.shape == (rows, manifest.dim) and vectors.dtype == np.float32
+        and ids.shape == (rows,) and ids.dtype == np.int64
+        and labels.shape == (rows,) and labels.dtype == np.int64
+        and images.shape == (rows, 28, 28) and images.dtype == np.uint8
+        and (sources is None or (isinstance(sources, list) and len(sources) == rows
+                                 and all(s is None or isinstance(s, str) for s in sources)))
+        and (index is None or (index.ntotal == rows and index.d == manifest.dim))
+    )
+    if not shapes_ok:
+        raise LenetEmbedError(f"{folder}: arrays disagree with {segment.name}'s entry in the "
+                              f"manifest; {REBUILD}")
+    return LoadedSegment(segment, vectors, ids, labels, images, sources, index)
+
+
+class Snapshot:
+    """One loaded version of a bundle; read-only, so threads may share it."""
+
+    def __init__(self, directory: Path, manifest: Manifest, segments: list[LoadedSegment],
+                 deleted_ids: np.ndarray, encoder: Any,
+                 search_params: dict[str, int] | None = None) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.segments = segments
+        self.encoder = encoder
+        self.metric = manifest.metric
+        self.dim = manifest.dim
+        self.search_params = dict(search_params or {})
+        sizes = [s.info.rows for s in segments]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.ids = (np.concatenate([s.ids for s in segments]) if segments
+                    else np.zeros(0, np.int64))
+        self.labels = (np.concatenate([s.labels for s in segments]) if segments
+                       else np.zeros(0, np.int64))
+        if len(self.ids) > 1 and not (np.diff(self.ids) > 0).all():
+            raise LenetEmbedError(f"{directory}: item ids are not in increasing order; {REBUILD}")
+        self.live = np.ones(len(self.ids), dtype=bool)
+        if len(deleted_ids):
+            rows = np.searchsorted(self.ids, deleted_ids)
+            found = rows < len(self.ids)
+            found[found] = self.ids[rows[found]] == deleted_ids[found]
+            self.live[rows[found]] = False
+        if int(self.live.sum()) != manifest.count:
+            raise LenetEmbedError(f"{directory}: removed ids disagree with the manifest's count; "
+                                  f"{REBUILD}")
+        self.has_sources = any(s.sources is not None for s in segments)
+        self._parts = [self._sealed_part(i) for i, s in enumerate(segments) if s.info.sealed]
+        self._growing = self._growing_part()
+
+    # ----------------------------------------------------------------------- lookups
+
+    def __len__(self) -> int:
+        """The number of live items."""
+        return self.manifest.count
+
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What tells two versions apart, even across a rebuild that restarts numbering."""
+        return self.manifest.version, self.manifest.committed_at
+
+    def row_of(self, item_id: int) -> int | None:
+        """The row of a live item, or None."""
+        row = int(np.searchsorted(self.ids, item_id))
+        if row < len(self.ids) and self.ids[row] == item_id and self.live[row]:
+            return row
+        return None
+
+    def _locate(self, row: int) -> tuple[LoadedSegment, int]:
+        position = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.segments[position], row - int(self.offsets[position])
+
+    def image(self, row: int) -> np.ndarray:
+        """The stored digit of a row: uint8 (28, 28)."""
+        segment, local = self._locate(row)
+        return np.asarray(segment.images[local])
+
+    def source(self, row: int) -> str | None:
+        """The source path of a row, if it was recorded."""
+        segment, local = self._locate(row)
+        return segment.sources[local] if segment.sources is not None else None
+
+    def label_name(self, code: int) -> int | str | None:
+        """A stored label code as the user knows it: the digit, the folder name, or None."""
+        if code < 0:
+            return None
+        classes = self.manifest.classes
+        if classes:
+            return classes[code] if code < len(classes) else None
+        return int(code)
+
+    def live_rows(self) -> np.ndarray:
+        """The rows of live items, in id order."""
+        return np.flatnonzero(self.live)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored (indexed) vectors of ``rows``: float32 (len(rows), dim)."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for position, segment in enumerate(self.segments):
+            start, stop = self.offsets[position], self.offsets[position + 1]
+            inside = (rows >= start) & (rows < stop)
+            if inside.any():
+                out[inside] = segment.vectors[rows[inside] - start]
+        return out
+
+    def images(self, rows: np.ndarray) -> np.ndarray:
+        """The stored digits of ``rows``: uint8 (len(rows), 28, 28)."""
+        out = np.empty((len(rows), 28, 28), dtype=np.uint8)
+        for position, segment in enumerate(self.segments):
+            start, stop = self.offsets[position], self.offsets[position + 1]
+            inside = (rows >= start) & (rows < stop)
+            if inside.any():
+                out[inside] = segment.images[rows[inside] - start]
+        return out
+
+    def sources(self, rows: np.ndarray) -> list[str | None] | None:
+        """The source paths of ``rows`` (None when no segment recorded any)."""
+        if not self.has_sources:
+            return None
+        return [self.source(int(row)) for row in rows]
+
+    # ----------------------------------------------------------------------- search
+
+    def _sealed_part(self, position: int) -> dict[str, Any]:
+        segment = self.segments[position]
+        start, stop = int(self.offsets[position]), int(self.offsets[position + 1])
+        live = self.live[start:stop]
+        apply_search_params(segment.index, self.search_params)
+        part: dict[str, Any] = {"segment": segment, "start": start, "live": live,
+                                "removed": int((~live).sum()), "exact": None,
+                                "lock": threading.Lock()}
+        if part["removed"]:
+            part["bitmap"] = np.packbits(live, bitorder="little")
+            part["selector"] = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(part["bitmap"]))
+        return part
+
+    def _growing_part(self) -> dict[str, Any] | None:
+        rows = [np.arange(self.offsets[i], self.offsets[i + 1])
+                for i, s in enumerate(self.segments) if not s.info.sealed]
+        if not rows:
+            return None
+        rows_all = np.concatenate(rows)
+        rows_all = rows_all[self.live[rows_all]]
+        if len(rows_all) == 0:
+            return None
+        flat = faiss.IndexFlat(self.dim, faiss_metric(self.metric))
+        flat.add(np.ascontiguousarray(self.vectors(rows_all)))
+        return {"index": flat, "rows": rows_all}
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest live rows of each (prepared) vector: distances (smaller is nearer)
+        and rows, both (n, k); -1 rows and infinite distances pad when fewer items are live."""
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        for part in self._parts:
+            if int(part["live"].sum()):
+                found.append(self._search_sealed(part, vectors, k))
+        if self._growing is not None:
+            flat, rows = self._growing["index"], self._growing["rows"]
+            scores, local = flat.search(vectors, min(k, flat.ntotal))
+            found.append(self._as_rows(scores, local, rows))
+        if not found:
+            empty = np.full((len(vectors), k), -1, dtype=np.int64)
+            return np.full((len(vectors), k), np.inf, dtype=np.float32), empty
+        if len(found) == 1:
+            distances, rows = found[0]
+        else:
+            distances = np.hstack([d for d, _ in found])
+            rows = np.hstack([r for _, r in found])
+            order = np.argsort(distances, axis=1, kind="stable")
+            distances = np.take_along_axis(distances, order, axis=1)
+            rows = np.take_along_axis(rows, order, axis=1)
+        return _pad(distances, rows, k)
+
+    def _as_rows(self, scores: np.ndarray, local: np.ndarray, rows: np.ndarray | int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS results of one part as distances and global rows (-1 kept, at +inf)."""
+        distances = to_distances(scores, self.metric).astype(np.float32)
+        missing = local < 0
+        if isinstance(rows, np.ndarray):
+            global_rows = rows[np.where(missing, 0, local)]
+        else:
+            global_rows = local + rows
+        global_rows = np.where(missing, -1, global_rows)
+        distances = np.where(missing, np.inf, distances)
+        return distances, global_rows
+
+    def _search_sealed(self, part: dict[str, Any], vectors: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        index, start, live = part["segment"].index, part["start"], part["live"]
+        wanted = min(k, int(live.sum()))
+        if not part["removed"]:
+            scores, local = index.search(vectors, wanted)
+            return self._as_rows(scores, local, start)
+        params = _selector_params(index, part["selector"])
+        if params is not None:
+            scores, local = index.search(vectors, wanted, params=params)
+        else:  # masking by over-fetching: ask for as many more as were removed
+            deep = min(index.ntotal, wanted + part["removed"])
+            scores, local = index.search(vectors, deep)
+            dead = (local >= 0) & ~live[np.maximum(local, 0)]
+            local = np.where(dead, -1, local)
+            order = np.argsort(local < 0, axis=1, kind="stable")[:, :wanted]
+            local = np.take_along_axis(local, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+        short = (local[:, :wanted] < 0).any(axis=1)
+        if short.any():
+            exact_scores, exact_local = self._exact(part).search(vectors[short], wanted)
+            live_local = part["exact_rows"]
+            scores[short] = exact_scores
+            local[short] = np.where(exact_local < 0, -1,
+                                    live_local[np.maximum(exact_local, 0)])
+        return self._as_rows(scores, local, start)
+
+    def _exact(self, part: dict[str, Any]) -> Any:
+        """A flat index over a sealed segment's live vectors, made the first time it is needed."""
+        with part["lock"]:
+            if part["exact"] is None:
+                live_local = np.flatnonzero(part["live"])
+                flat = faiss.IndexFlat(self.dim, faiss_metric(self.metric))
+                flat.add(np.ascontiguousarray(part["segment"].vectors[live_local]))
+                part["exact_rows"] = live_local
+                part["exact"] = flat
+            return part["exact"]
+
+
+def _pad(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    have = rows.shape[1]
+    if have >= k:
+        return distances[:, :k], rows[:, :k]
+    pad = k - have
+    return (np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf),
+            np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def _selector_params(index: Any, selector: Any) -> Any | None:
+    """Search parameters that carry ``selector`` for the index types that honour one."""
+    if isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = index.hnsw.efSearch
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = index.nprobe
+    elif isinstance(index, faiss.IndexFlatCodes):
+        params = faiss.SearchParameters()
+    else:
+        return None
+    params.sel = selector
+    return params
+
+
+# --------------------------------------------------------------------------- opening
+
+def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader,
+                  previous: Snapshot | None = None,
+                  search_params: dict[str, int] | None = None) -> Snapshot:
+    """Load the current version of the bundle in ``directory``.
+
+    Segments and the encoder that ``previous`` already holds are reused, not read again. When a
+    commit by another process removes a file while it is being opened, the manifest is read again:
+    readers never wait for writers and never see a mix of two versions.
+    """
+    directory = Path(directory)
+    for _ in range(_ATTEMPTS):
+        manifest = read_manifest(directory)
+        if previous is not None and previous.identity == (manifest.version,
+                                                          manifest.committed_at):
+            return previous
+        try:
+            return _load(directory, manifest, load_encoder, previous, search_params)
+        except _Vanished:
+            continue
+        except LenetEmbedError:
+            if _current_identity(directory) != (manifest.version, manifest.committed_at):
+                continue  # a newer version replaced what we were checking
+            raise
+    raise LenetEmbedError(f"{directory}: the bundle changed {_ATTEMPTS} times while it was being "
+                          "opened; try again")
+
+
+def _current_identity(directory: Path) -> tuple[int, str] | None:
+    try:
+        manifest = read_manifest(directory)
+    except LenetEmbedError:
+        return None
+    return manifest.version, manifest.committed_at
+
+
+def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
+          previous: Snapshot | None, search_params: dict[str, int] | None) -> Snapshot:
+    reusable: dict[str, LoadedSegment] = {}
+    if previous is not None:
+        old_files = previous.manifest.files
+        for segment in previous.segments:
+            if all(old_files.get(f) == manifest.files.get(f) for f in segment.info.files()):
+                reusable[segment.info.name] = segment
+    segments = [
+        reusable.get(segment.name) or load_segment(directory, manifest, segment)
+        for segment in manifest.segments
+    ]
+    deleted = np.zeros(0, dtype=np.int64)
+    if manifest.deletions is not None:
+        verify_file(directory, manifest.deletions, manifest.files[manifest.deletions])
+        try:
+            deleted = np.load(directory / manifest.deletions, allow_pickle=False)
+        except FileNotFoundError:
+            raise _Vanished from None
+        except (OSError, ValueError) as exc:
+            raise LenetEmbedError(f"{directory / manifest.deletions}: unreadable ({exc}); "
+                                  f"{REBUILD}") from None
+        if deleted.dtype != np.int64 or deleted.ndim != 1:
+            raise LenetEmbedError(f"{directory / manifest.deletions}: not a list of ids; "
+                                  f"{REBUILD}")
+    if previous is not None and previous.manifest.encoder_sha256 == manifest.encoder_sha256:
+        encoder = previous.encoder
+    else:
+        for name in (manifest.encoder_path, manifest.litert_path):
+            verify_file(directory, name, manifest.files[name])
+        try:
+            encoder = load_encoder(directory / manifest.encoder_path,
+                                   directory / manifest.litert_path)
+        except FileNotFoundError:
+            raise _Vanished from None
+    params = {**{k: int(v) for k, v in manifest.search_params.items()
+                 if k in SEARCH_PARAMETERS}, **(search_params or {})}
+    return Snapshot(directory, manifest, segments, deleted, encoder, params)
+
+
+@dataclass(frozen=True)
+class BundleReport:
+    """What ``lenet-embed info`` shows: the manifest of a bundle that loaded, and its sizes."""
+
+    manifest: Manifest
+    bytes: int
+    reclaimable_bytes: int
+
+    @property
+    def sealed(self) -> int:
+        """Segments with a FAISS index of their own."""
+        return sum(segment.sealed for segment in self.manifest.segments)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest, plus the figures ``info`` prints."""
+        return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
+                "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok"}
+
+
+def inspect_bundle(directory: str | os.PathLike[str]) -> BundleReport:
+    """Load the current version completely (every file checked against the manifest, the LiteRT
+    encoder opened where ai-edge-litert is installed) and report on it."""
+    from .embed import LiteRTEncoder, litert_available
+
+    def check_encoder(keras_path: Path, litert_path: Path) -> None:
+        if litert_available():
+            LiteRTEncoder(litert_path, threads=1)
+
+    snapshot = open_snapshot(directory, check_encoder)
+    manifest = snapshot.manifest
+    total = sum(entry.bytes for entry in manifest.files.values())
+    per_row = sum(entry.bytes for name, entry in manifest.files.items()
+                  if name.startswith("segments/")) / max(manifest.rows, 1)
+    return BundleReport(manifest, total, int(per_row * manifest.deleted))

@@ -1,0 +1,215 @@
+"""Changing a bundle in place: add items, remove items, compact. Each call is one commit.
+
+These take vectors that are already embedded; :meth:`lenet_embed.SearchIndex.add` embeds images
+with the bundle's own encoder and calls :func:`add_vectors`. Every function holds the bundle's
+writer lock for the length of its commit.
+
+Added items go into a new unsealed segment, searched exactly. So that a stream of small adds does
+not pile up segments, the newest unsealed segments are merged while the one before the newest is
+no larger than it (a binary counter: at most log2(n) unsealed segments, each row rewritten at
+most log2(n) times). ``compact`` rebuilds everything live into one sealed segment with the
+bundle's FAISS factory and forgets removed rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .ann import make_index
+from .bundle import FileEntry, Manifest, Segment, verify_file
+from .errors import LenetEmbedError
+from .snapshot import LoadedSegment, load_segment
+from .writer import DEFAULT_LOCK_TIMEOUT, BundleWriter
+
+Label = int | str | None
+
+
+class EncoderChanged(LenetEmbedError):
+    """The bundle was rebuilt with another encoder after the vectors to add were made."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a remove did: how many items went, and which of the ids asked for were not live."""
+
+    removed: int
+    missing: list[int]
+
+
+def _label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, list[str]]:
+    """User labels as stored codes: digits as themselves, folder names as positions in
+    ``classes`` (new names are appended), None as -1."""
+    classes = list(manifest.classes)
+    codes = []
+    for label in labels:
+        if label is None:
+            codes.append(-1)
+        elif classes:
+            name = str(label)
+            if name not in classes:
+                classes.append(name)
+            codes.append(classes.index(name))
+        else:
+            code = _as_number(label)
+            if code is None:
+                raise LenetEmbedError(
+                    f"label {label!r}: this bundle's labels are whole numbers (like the digits "
+                    "0-9); give a whole number >= 0"
+                )
+            codes.append(code)
+    return np.asarray(codes, dtype=np.int64), classes
+
+
+def _as_number(label: Label) -> int | None:
+    if isinstance(label, (bool, np.bool_)):
+        return None
+    if isinstance(label, (int, np.integer)):
+        return int(label) if label >= 0 else None
+    if isinstance(label, str) and label.strip().isdecimal() and label.strip().isascii():
+        return int(label.strip())
+    return None
+
+
+def add_vectors(
+    directory: str | os.PathLike[str],
+    vectors: np.ndarray,
+    images: np.ndarray,
+    labels: list[Label] | None = None,
+    sources: list[str | None] | None = None,
+    encoder_sha256: str | None = None,
+    timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> tuple[np.ndarray, Manifest]:
+    """Add items (prepared vectors, uint8 28x28 images) in one commit; return their new ids and
+    the manifest committed. ``encoder_sha256`` names the encoder the vectors came from: if the
+    bundle's encoder is another one by now, :class:`EncoderChanged` is raised and nothing is
+    written."""
+    count = len(vectors)
+    labels = list(labels) if labels is not None else [None] * count
+    if len(labels) != count or len(images) != count or (sources is not None
+                                                          and len(sources) != count):
+        raise LenetEmbedError("give one label (and source) per image")
+    if count == 0:
+        raise LenetEmbedError("nothing to add: give at least one image")
+    with BundleWriter(directory, timeout) as writer:
+        current = writer.require_current()
+        if encoder_sha256 is not None and encoder_sha256 != current.encoder_sha256:
+            raise EncoderChanged(f"{directory}: the bundle was rebuilt with another encoder "
+                                 "while adding; refresh and add again")
+        if vectors.shape[1:] != (current.dim,):
+            raise LenetEmbedError(f"vectors must have shape (N, {current.dim})")
+        codes, classes = _label_codes(labels, current)
+        ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
+        segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=codes,
+                                            images=images, sources=sources)
+        segments = [*current.segments, segment]
+        new_files = {**current.files, **files}
+        segments, new_files = _merge_tail(writer, current, segments, new_files)
+        manifest = current.next(
+            "add", classes=classes, segments=segments, files=new_files,
+            count=current.count + count, rows=current.rows + count,
+            next_id=current.next_id + count,
+        )
+        return ids, writer.commit(manifest)
+
+
+def _merge_tail(writer: BundleWriter, current: Manifest, segments: list[Segment],
+                files: dict[str, FileEntry]) -> tuple[list[Segment], dict[str, FileEntry]]:
+    """Merge the newest unsealed segments while the one before the newest is no larger."""
+    directory = writer.directory
+    while (len(segments) >= 2 and not segments[-1].sealed and not segments[-2].sealed
+           and segments[-2].rows <= segments[-1].rows):
+        pair = segments[-2:]
+        view = _files_view(current, files)
+        loaded = [load_segment(directory, view, s) for s in pair]
+        merged, merged_files = _write_rows(writer, loaded, [np.arange(s.rows) for s in pair])
+        for segment in pair:
+            for name in segment.files():
+                files.pop(name, None)
+        files = {**files, **merged_files}
+        segments = [*segments[:-2], merged]
+    return segments, files
+
+
+def _files_view(manifest: Manifest, files: dict[str, FileEntry]) -> Manifest:
+    """``manifest`` with another file list, to check and read segments not yet committed."""
+    return replace(manifest, files=files)
+
+
+def _write_rows(writer: BundleWriter, loaded: list[LoadedSegment], rows: list[np.ndarray],
+                index: Any = None, vectors: np.ndarray | None = None
+                ) -> tuple[Segment, dict[str, FileEntry]]:
+    """One new segment holding the given rows of ``loaded`` segments, in order."""
+    def gather(field: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(s, field))[r] for s, r in zip(loaded, rows,
+                                                                            strict=True)])
+    sources: list[str | None] | None = None
+    if any(s.sources is not None for s in loaded):
+        sources = []
+        for segment, chosen in zip(loaded, rows, strict=True):
+            sources.extend(segment.sources[i] if segment.sources else None for i in chosen)
+    return writer.new_segment(
+        vectors=gather("vectors") if vectors is None else vectors,
+        ids=gather("ids"), labels=gather("labels"), images=gather("images"),
+        sources=sources, index=index,
+    )
+
+
+def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
+               timeout: float = DEFAULT_LOCK_TIMEOUT) -> tuple[Removal, Manifest]:
+    """Remove live items by id in one commit (none when no id is live)."""
+    wanted = np.unique(np.asarray(list(ids), dtype=np.int64))
+    with BundleWriter(directory, timeout) as writer:
+        current = writer.require_current()
+        view = [load_segment(writer.directory, current, s) for s in current.segments]
+        all_ids = (np.concatenate([s.ids for s in view]) if view
+                   else np.zeros(0, np.int64))
+        deleted = _deleted_ids(writer, current)
+        present = np.isin(wanted, all_ids) & ~np.isin(wanted, deleted)
+        missing = [int(i) for i in wanted[~present]]
+        hits = wanted[present]
+        if len(hits) == 0:
+            return Removal(0, missing), current
+        name, files = writer.new_deletions(np.concatenate([deleted, hits]))
+        new_files = {k: v for k, v in current.files.items() if k != current.deletions}
+        manifest = current.next("remove", deletions=name, files={**new_files, **files},
+                                count=current.count - len(hits))
+        return Removal(len(hits), missing), writer.commit(manifest)
+
+
+def _deleted_ids(writer: BundleWriter, manifest: Manifest) -> np.ndarray:
+    if manifest.deletions is None:
+        return np.zeros(0, dtype=np.int64)
+    verify_file(writer.directory, manifest.deletions, manifest.files[manifest.deletions])
+    return np.load(writer.directory / manifest.deletions, allow_pickle=False)
+
+
+def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT
+            ) -> tuple[Manifest, Manifest]:
+    """Rebuild every live item into one sealed segment with the bundle's FAISS factory, dropping
+    removed rows; return the manifests before and after. Ids stay as they are."""
+    with BundleWriter(directory, timeout) as writer:
+        current = writer.require_current()
+        unsealed = sum(not s.sealed for s in current.segments)
+        if current.deleted == 0 and unsealed == 0 and len(current.segments) <= 1:
+            return current, current
+        loaded = [load_segment(writer.directory, current, s) for s in current.segments]
+        deleted = _deleted_ids(writer, current)
+        rows = [np.flatnonzero(~np.isin(s.ids, deleted)) for s in loaded]
+        vectors = (np.concatenate([np.asarray(s.vectors)[r] for s, r in zip(loaded, rows,
+                                                                            strict=True)])
+                   if loaded else np.zeros((0, current.dim), np.float32))
+        segments: list[Segment] = []
+        files = {k: v for k, v in current.files.items()
+                 if k in (current.encoder_path, current.litert_path)}
+        if len(vectors):
+            index = make_index(vectors, current.metric, current.factory)
+            segment, segment_files = _write_rows(writer, loaded, rows, index=index,
+                                                 vectors=vectors)
+            segments, files = [segment], {**files, **segment_files}
+        manifest = current.next("compact", segments=segments, files=files, deletions=None,
+                                rows=current.count)
+        return current, writer.commit(manifest)

@@ -1,0 +1,443 @@
+"""Writing to a bundle: the writer lock, new files, the atomic commit, and cleaning up after.
+
+One writer at a time holds ``.lock`` (``flock``, so a killed writer's lock is released by the
+kernel). A writer names every file it creates after the version it is about to commit
+(``segments/s00000008-1a2b3c``); a version becomes current only when ``manifest.json`` is replaced
+by the new one, and so the files of a writer that died before that are exactly those named after
+versions above the current one. The next writer removes them before it writes anything.
+
+Files that a commit stops using stay for :data:`GRACE_SECONDS` after it, so that a reader that
+has just read the previous manifest can still open them; readers that take longer simply read the
+manifest again (``snapshot.open_snapshot``). Readers never take the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import faiss
+import numpy as np
+
+from .bundle import (
+    DELETIONS_DIR,
+    ENCODER_FILE,
+    ENCODERS_DIR,
+    FORMAT_1_FILES,
+    IDS_FILE,
+    IMAGES_FILE,
+    INDEX_FILE,
+    KEPT_FILES,
+    LABELS_FILE,
+    LITERT_FILE,
+    LOCK_FILE,
+    MANIFEST,
+    SCRATCH_DIR,
+    SEGMENTS_DIR,
+    SOURCES_FILE,
+    VECTORS_FILE,
+    VERSIONS_DIR,
+    FileEntry,
+    Manifest,
+    Segment,
+    contents,
+    manifest_json,
+    parse_manifest,
+    read_manifest,
+    sha256_file,
+)
+from .errors import LenetEmbedError
+
+# How long the files of a superseded version are kept for readers that are opening them.
+GRACE_SECONDS = 10.0
+DEFAULT_LOCK_TIMEOUT = 30.0
+_VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the millisecond."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HashingFile:
+    """A write-only file object that hashes what passes through it (so nothing is read back)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += len(view)
+        return self.fh.write(view)
+
+
+def _durable_file(path: Path, write: Any) -> FileEntry:
+    """Create ``path`` (it must not exist), fill it with ``write(file)``, flush it to disk."""
+    with open(path, "xb") as fh:
+        hashing = _HashingFile(fh)
+        write(hashing)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return FileEntry(bytes=hashing.size, sha256=hashing.digest.hexdigest())
+
+
+def _entry(path: Path) -> FileEntry:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+class WriterLock:
+    """The bundle's writer lock: ``flock`` on ``.lock``, waited for up to ``timeout`` seconds."""
+
+    def __init__(self, directory: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        self.path = directory / LOCK_FILE
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise a one-line error naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    os.close(fd)
+                    raise LenetEmbedError(
+                        f"{self.path.parent}: another process (pid {holder}) is writing to this "
+                        f"bundle; waited {self.timeout:g} s, try again"
+                    ) from None
+                time.sleep(0.005)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Let the next writer in."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+class BundleWriter:
+    """One writer's session on a bundle: ``with BundleWriter(path) as writer: ...``.
+
+    On entering it takes the lock, removes what killed writers left, and reads the current
+    manifest (``writer.current``; None when the folder holds no bundle yet). ``new_*`` methods
+    write files for the next version; :meth:`commit` makes a manifest naming them current.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT,
+                 replacing: bool = False) -> None:
+        self.directory = Path(directory)
+        self.replacing = replacing
+        self.lock = WriterLock(self.directory, timeout)
+        self.current: Manifest | None = None
+
+    # ------------------------------------------------------------------------ session
+
+    def __enter__(self) -> BundleWriter:
+        self._prepare_folder()
+        self.lock.acquire()
+        try:
+            self.current = self._read_current()
+            self._entered_at = self.current.version if self.current else 0
+            self.remove_leftovers()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: object) -> None:
+        shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+        self.lock.release()
+        if isinstance(exc, OSError):
+            committed = (self.current.version if self.current else 0) != self._entered_at
+            state = ("the new version was committed" if committed
+                     else "the bundle is unchanged")
+            raise LenetEmbedError(
+                f"{self.directory}: cannot write ({exc.strerror or exc}); {state}"
+            ) from None
+
+    def _prepare_folder(self) -> None:
+        """Make sure the folder exists and may become a bundle; refuse to touch anyone's files."""
+        check_folder(self.directory)
+        if not self.directory.exists():
+            if not self.replacing:
+                read_manifest(self.directory)  # the usual "no index bundle there" error
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LenetEmbedError(f"{self.directory}: cannot create the folder ({exc})"
+                                      ) from None
+
+    def _read_current(self) -> Manifest | None:
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return read_manifest(self.directory)
+        except LenetEmbedError:
+            if self.replacing:  # a build replaces a damaged or older bundle
+                return None
+            raise
+
+    def require_current(self) -> Manifest:
+        """The current manifest, for operations that change an existing bundle."""
+        if self.current is None:
+            read_manifest(self.directory)  # raises the precise error
+            raise LenetEmbedError(f"{self.directory}: no index bundle there")
+        return self.current
+
+    # ------------------------------------------------------------------------ new files
+
+    @property
+    def next_version(self) -> int:
+        """The number the next commit will carry."""
+        return (self.current.version if self.current else 0) + 1
+
+    def _new_name(self, prefix: str) -> str:
+        return f"{prefix}{self.next_version:08d}-{secrets.token_hex(4)}"
+
+    def _new_folder(self, parent: str, prefix: str) -> Path:
+        base = self.directory / parent
+        base.mkdir(exist_ok=True)
+        folder = base / self._new_name(prefix)
+        folder.mkdir()
+        return folder
+
+    def new_segment(self, *, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                    images: np.ndarray, sources: list[str | None] | None = None,
+                    index: Any = None) -> tuple[Segment, dict[str, FileEntry]]:
+        """Write a segment's files (an ``index`` makes it sealed) and return its entry."""
+        folder = self._new_folder(SEGMENTS_DIR, "s")
+        arrays = {
+            VECTORS_FILE: np.ascontiguousarray(vectors, dtype=np.float32),
+            IDS_FILE: np.ascontiguousarray(ids, dtype=np.int64),
+            LABELS_FILE: np.ascontiguousarray(labels, dtype=np.int64),
+            IMAGES_FILE: np.ascontiguousarray(images, dtype=np.uint8),
+        }
+        rows = len(arrays[IDS_FILE])
+        if any(len(array) != rows for array in arrays.values()):
+            raise ValueError("a segment's arrays must have one row per item")
+        segment = Segment(name=folder.name, rows=rows, sealed=index is not None,
+                          has_sources=sources is not None and any(s is not None for s in sources))
+        files: dict[str, FileEntry] = {}
+        for name, array in arrays.items():
+            files[segment.file(name)] = _durable_file(
+                folder / name, lambda fh, a=array: np.save(fh, a, allow_pickle=False))
+        if segment.has_sources:
+            text = _json_bytes(list(sources or []))
+            files[segment.file(SOURCES_FILE)] = _durable_file(
+                folder / SOURCES_FILE, lambda fh: fh.write(text))
+        if index is not None:
+            faiss.write_index(index, str(folder / INDEX_FILE))
+            files[segment.file(INDEX_FILE)] = _entry(folder / INDEX_FILE)
+        _fsync_dir(folder)
+        _fsync_dir(folder.parent)
+        return segment, files
+
+    def new_encoder(self, model: Any) -> tuple[str, dict[str, FileEntry]]:
+        """Save a Keras encoder and its LiteRT export; return the folder and its entries."""
+        from .embed import export_litert
+
+        folder = self._new_folder(ENCODERS_DIR, "e")
+        model.save(folder / ENCODER_FILE)
+        with self.scratch_tempdir():
+            export_litert(model, folder / LITERT_FILE)
+        relative = f"{ENCODERS_DIR}/{folder.name}"
+        files = {f"{relative}/{name}": _entry(folder / name)
+                 for name in (ENCODER_FILE, LITERT_FILE)}
+        _fsync_dir(folder)
+        _fsync_dir(folder.parent)
+        return relative, files
+
+    def new_deletions(self, ids: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
+        """Write the sorted list of removed ids; return its name and entry."""
+        folder = self.directory / DELETIONS_DIR
+        folder.mkdir(exist_ok=True)
+        name = f"{self._new_name('d')}.npy"
+        array = np.unique(np.asarray(ids, dtype=np.int64))
+        entry = _durable_file(folder / name, lambda fh: np.save(fh, array, allow_pickle=False))
+        _fsync_dir(folder)
+        return f"{DELETIONS_DIR}/{name}", {f"{DELETIONS_DIR}/{name}": entry}
+
+    @contextlib.contextmanager
+    def scratch_tempdir(self) -> Iterator[Path]:
+        """Point Python's temporary files into the bundle's scratch folder for a while, so that
+        what a killed writer leaves there (e.g. the LiteRT exporter's SavedModel) is removed by
+        the next writer instead of piling up in the system's temp folder."""
+        scratch = self.directory / SCRATCH_DIR
+        scratch.mkdir(exist_ok=True)
+        saved = tempfile.tempdir
+        tempfile.tempdir = str(scratch)
+        try:
+            yield scratch
+        finally:
+            tempfile.tempdir = saved
+
+    # ------------------------------------------------------------------------ commit
+
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``."""
+        if manifest.version != self.next_version:
+            raise ValueError("a commit must carry the next version number")
+        manifest = _with_commit_time(manifest)
+        text = manifest_json(manifest)
+        parse_manifest(text, "the new manifest")  # never commit what readers would refuse
+        versions = self.directory / VERSIONS_DIR
+        versions.mkdir(exist_ok=True)
+        _durable_file(versions / f"{manifest.version:08d}.json", lambda fh: fh.write(text.encode()))
+        _fsync_dir(versions)
+        scratch = self.directory / SCRATCH_DIR
+        scratch.mkdir(exist_ok=True)
+        staged = scratch / f"manifest-{secrets.token_hex(4)}.json"
+        _durable_file(staged, lambda fh: fh.write(text.encode()))
+        os.replace(staged, self.directory / MANIFEST)
+        _fsync_dir(self.directory)
+        self.current = manifest
+        self.collect_garbage()
+        return manifest
+
+    # ------------------------------------------------------------------------ cleaning up
+
+    def remove_leftovers(self) -> None:
+        """Remove what writers that died before committing left: scratch files, and files named
+        after versions above the current one (or, with no bundle yet, all of the layout)."""
+        shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+        current = self.current.version if self.current else 0
+        for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
+            folder = self.directory / parent
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                match = _VERSIONED.fullmatch(entry.name)
+                if match is None or int(match.group(1)) > current:
+                    _remove(entry)
+        versions = self.directory / VERSIONS_DIR
+        if versions.is_dir():
+            for entry in versions.iterdir():
+                number = _version_number(entry)
+                if number is None or number > current:
+                    _remove(entry)
+
+    def collect_garbage(self, grace: float = GRACE_SECONDS) -> None:
+        """Remove files no version a reader may still be opening names, and files of the first
+        bundle format once a version of this format is current.
+
+        A superseded version is kept for ``grace`` seconds after its successor was committed. The
+        sweep runs once the oldest kept version is twice that old, so a stream of small commits
+        pays for it now and then instead of every time.
+        """
+        current = self.current
+        if current is None:
+            return
+        for name in FORMAT_1_FILES:
+            _remove(self.directory / name)
+        versions = self.directory / VERSIONS_DIR
+        numbered = sorted((n, p) for p in versions.iterdir()
+                          if (n := _version_number(p)) is not None and n <= current.version)
+        if len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
+            return
+        keep = [current]
+        for (number, path), (_, successor) in zip(numbered, numbered[1:], strict=False):
+            if number == current.version:
+                continue
+            if _age(successor) >= grace:
+                _remove(path)
+                continue
+            try:
+                keep.append(parse_manifest(path.read_text(encoding="utf-8"), str(path)))
+            except (OSError, LenetEmbedError):
+                _remove(path)
+        referenced: set[str] = set()
+        for manifest in keep:
+            referenced.update(manifest.files)
+        folders = {name.rsplit("/", 1)[0] for name in referenced}
+        for parent in (SEGMENTS_DIR, ENCODERS_DIR):
+            if (self.directory / parent).is_dir():
+                for entry in (self.directory / parent).iterdir():
+                    if f"{parent}/{entry.name}" not in folders:
+                        _remove(entry)
+        if (self.directory / DELETIONS_DIR).is_dir():
+            for entry in (self.directory / DELETIONS_DIR).iterdir():
+                if f"{DELETIONS_DIR}/{entry.name}" not in referenced:
+                    _remove(entry)
+
+
+def check_folder(directory: Path) -> None:
+    """Refuse a target that is not a folder, or a folder holding files that are not a bundle's
+    (beyond a README and the like): nothing of the user's is ever overwritten."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise LenetEmbedError(f"{directory}: exists and is not a folder; choose another "
+                              "--index-dir")
+    found = contents(directory)
+    is_bundle = (directory / MANIFEST).is_file()
+    strangers = [p for p in found.foreign
+                 if not (p.is_file() and (is_bundle or p.name in KEPT_FILES))]
+    if strangers:
+        raise LenetEmbedError(
+            f"{directory}: exists and is not an index bundle ({strangers[0].name} is not part "
+            "of one); choose another --index-dir or empty that folder"
+        )
+
+
+def _with_commit_time(manifest: Manifest) -> Manifest:
+    return replace(manifest, committed_at=now_iso())
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj) + "\n").encode("utf-8")
+
+
+def _version_number(path: Path) -> int | None:
+    stem, dot, suffix = path.name.partition(".")
+    if suffix != "json" or len(stem) != 8 or not stem.isdigit():
+        return None
+    return int(stem)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
