@@ -99,7 +99,8 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) 
 def to_distances(scores: np.ndarray, metric: str) -> np.ndarray:
     """FAISS scores to smaller-is-nearer distances (1 - cos, or unsquared L2)."""
     if metric == "cosine":
-        return 1.0 - scores
+        # Rounding can put an item's distance to itself a hair below zero.
+        return np.maximum(1.0 - scores, 0.0)
     return np.sqrt(np.maximum(scores, 0.0))
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -195,7 +196,7 @@ def _neighbor_table(neighbors: Sequence[Any]) -> str:
     for n in neighbors:
         label = "-" if n.label is None else str(n.label)
         line = f"{n.rank:>4}  {n.id:>6}  {label:>5}  {n.distance:>9.4f}"
-        lines.append(line + (f"  {n.source}" if show_source else ""))
+        lines.append(line + (f"  {n.source or '-'}" if show_source else ""))
     return "\n".join(lines)
 
 
@@ -264,36 +265,44 @@ def add(images: tuple[str, ...], folder: str | None, label: str | None, index_di
 
     The new items are searchable as soon as this returns; their ids are printed.
     """
-    from .search import SearchIndex
+    from .embed import load_encoder
+    from .snapshot import bundle_encoder
+    from .updates import add_images
 
     if bool(images) == bool(folder):
         raise click.UsageError("give IMAGE files or --images DIR (one of them)")
     if folder and label is not None:
         raise click.UsageError("--label goes with IMAGE files; with --images the subfolders "
                                "name the labels")
-    index = SearchIndex(index_dir, backend=backend, lock_timeout=wait)
     skipped: list[str] = []
     if folder:
         from .data import load_image_folder
 
         loaded = load_image_folder(folder)
-        labels = [None if code < 0 else (loaded.classes[code] if loaded.classes else int(code))
-                  for code in loaded.labels.tolist()]
-        ids = index.add(loaded.images, labels=labels, sources=loaded.sources)
+        pictures: Any = loaded.images
+        labels: Any = [None if code < 0 else (loaded.classes[code] if loaded.classes
+                                              else int(code))
+                       for code in loaded.labels.tolist()]
         sources, skipped = loaded.sources, loaded.skipped
     else:
-        ids = index.add(list(images), labels=label, sources=list(images))
-        sources = list(images)
+        pictures, labels, sources = list(images), label, list(images)
+
+    def encoder(manifest: Any) -> Any:
+        return bundle_encoder(Path(index_dir), manifest,
+                              lambda keras, litert: load_encoder(keras, litert, backend))
+
+    ids, manifest = add_images(index_dir, pictures, labels, sources, encoder=encoder,
+                               timeout=wait)
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable file(s)", err=True)
     if as_json:
-        _print_json({"index_dir": index_dir, "version": index.version, "count": len(index),
-                     "ids": ids.tolist(), "sources": sources})
+        _print_json({"index_dir": index_dir, "version": manifest.version,
+                     "count": manifest.count, "ids": ids.tolist(), "sources": sources})
         return
     for item_id, source in zip(ids.tolist(), sources, strict=True):
         click.echo(f"{item_id}\t{source}")
-    click.echo(f"added {len(ids)} item(s); {index_dir} is at version {index.version} with "
-               f"{len(index)} items", err=True)
+    click.echo(f"added {len(ids)} item(s); {index_dir} is at version {manifest.version} with "
+               f"{manifest.count} items", err=True)
 
 
 @main.command()
@@ -463,15 +472,21 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
               help="TCP port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes; each loads the bundle.")
+@click.option("--write-token-file", type=click.Path(dir_okay=False),
+              help="Enable POST/DELETE /v1/items for requests with 'Authorization: Bearer "
+              "<token>', the token being this file's first line (or $LENET_EMBED_WRITE_TOKEN).")
 def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
-          backend: str, host: str, port: int, workers: int) -> None:
+          backend: str, host: str, port: int, workers: int,
+          write_token_file: str | None) -> None:
     """Serve the index over HTTP: a JSON API under /v1, and a page to draw digits on at /.
 
-    Here --threads defaults to 1: concurrent requests, not threads, are the service's
-    parallelism. Stop it with Ctrl-C.
+    The service follows commits to the bundle (add, remove, compact, a rebuild) within a second,
+    without a restart; SIGHUP reloads at once. Here --threads defaults to 1: concurrent
+    requests, not threads, are the service's parallelism. Stop it with Ctrl-C.
     """
     from .serve import serve as run_serve
 
     threads = threads or 1
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
-    run_serve(index, host=host, port=port, workers=workers, threads=threads)
+    run_serve(index, host=host, port=port, workers=workers, threads=threads,
+              write_token_file=write_token_file)

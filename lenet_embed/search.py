@@ -25,9 +25,9 @@ from .ann import prepare_vectors, set_threads
 from .bundle import DEFAULT_INDEX_DIR, Manifest
 from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
-from .preprocess import ImageLike, open_image, to_batch, to_mnist, to_uint8
-from .snapshot import Snapshot, open_snapshot
-from .updates import EncoderChanged, Label, add_vectors
+from .preprocess import ImageLike, open_image, to_batch, to_mnist
+from .snapshot import Snapshot, bundle_encoder, open_snapshot
+from .updates import Label, add_images
 from .updates import compact as compact_bundle
 from .updates import remove as remove_items
 from .writer import DEFAULT_LOCK_TIMEOUT
@@ -319,27 +319,18 @@ class SearchIndex:
         bundle built from folders; None = unlabelled). ``sources`` records where each came from.
         The images are embedded with the bundle's own encoder; ids are never reused.
         """
-        batch = to_batch(images)
-        count = len(batch)
-        if labels is None or isinstance(labels, (str, int, np.integer)):
-            label_list: list[Label] = [labels] * count  # type: ignore[list-item]
-        else:
-            label_list = list(labels)
-        source_list = list(sources) if sources is not None else None
-        for attempt in range(2):
-            snapshot = self._snapshot
-            vectors = prepare_vectors(snapshot.encoder.embed(batch), snapshot.metric)
-            try:
-                ids, _ = add_vectors(self.path, vectors, to_uint8(batch), label_list, source_list,
-                                     snapshot.manifest.encoder_sha256, self.lock_timeout)
-            except EncoderChanged:
-                if attempt:
-                    raise
-                self.refresh()
-                continue
+        ids, _ = add_images(self.path, images, labels, sources, encoder=self._encoder_for,
+                            timeout=self.lock_timeout)
+        self.refresh()
+        return ids
+
+    def _encoder_for(self, manifest: Manifest) -> Encoder:
+        """The encoder in use when ``manifest`` names it, else the one it names, loaded."""
+        if manifest.encoder_sha256 != self._snapshot.manifest.encoder_sha256:
             self.refresh()
-            return ids
-        raise AssertionError("unreachable")
+        if manifest.encoder_sha256 == self._snapshot.manifest.encoder_sha256:
+            return self._snapshot.encoder
+        return bundle_encoder(self.path, manifest, self._load_encoder)
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove items by id in one durable commit; return how many were live and went."""

@@ -378,6 +378,16 @@ def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader
                           "opened; try again")
 
 
+def bundle_encoder(directory: Path, manifest: Manifest, load_encoder: EncoderLoader) -> Any:
+    """Check the two encoder files of ``manifest`` and load the encoder with ``load_encoder``."""
+    for name in (manifest.encoder_path, manifest.litert_path):
+        verify_file(directory, name, manifest.files[name])
+    try:
+        return load_encoder(directory / manifest.encoder_path, directory / manifest.litert_path)
+    except FileNotFoundError:
+        raise _Vanished from None
+
+
 def _current_identity(directory: Path) -> tuple[int, str] | None:
     try:
         manifest = read_manifest(directory)
@@ -414,13 +424,7 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
     if previous is not None and previous.manifest.encoder_sha256 == manifest.encoder_sha256:
         encoder = previous.encoder
     else:
-        for name in (manifest.encoder_path, manifest.litert_path):
-            verify_file(directory, name, manifest.files[name])
-        try:
-            encoder = load_encoder(directory / manifest.encoder_path,
-                                   directory / manifest.litert_path)
-        except FileNotFoundError:
-            raise _Vanished from None
+        encoder = bundle_encoder(directory, manifest, load_encoder)
     params = {**{k: int(v) for k, v in manifest.search_params.items()
                  if k in SEARCH_PARAMETERS}, **(search_params or {})}
     return Snapshot(directory, manifest, segments, deleted, encoder, params)

@@ -47,9 +47,6 @@ class Recipe:
     shift: float = 0.0
     rotation: float = 0.0
     zoom: float = 0.0
-    # Fraction of the training set held out for early stopping (never the test set); 0 = none.
-    validation_fraction: float = 0.0
-    patience: int = 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -177,8 +174,6 @@ def _optimizer(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Any:
         raise LenetEmbedError(f"recipe {recipe.name!r}: unknown schedule {recipe.schedule!r}")
     if recipe.optimizer == "rmsprop":
         return k.optimizers.RMSprop(rate)
-    if recipe.optimizer == "adam":
-        return k.optimizers.Adam(rate)
     if recipe.optimizer == "adamw":
         return k.optimizers.AdamW(rate, weight_decay=recipe.weight_decay)
     raise LenetEmbedError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
@@ -227,21 +222,6 @@ def train(
         tf.config.experimental.enable_op_determinism()
 
     images, labels = dataset.train.images, dataset.train.labels
-    validation = None
-    callbacks = []
-    if chosen.validation_fraction > 0:
-        order = np.random.default_rng(seed).permutation(len(labels))
-        n_val = int(len(labels) * chosen.validation_fraction)
-        val_idx, train_idx = order[:n_val], order[n_val:]
-        validation = _pipeline(images[val_idx], labels[val_idx], chosen, False, seed)
-        images, labels = images[train_idx], labels[train_idx]
-        if chosen.patience:
-            callbacks.append(
-                k.callbacks.EarlyStopping(
-                    monitor="val_accuracy", patience=chosen.patience, restore_best_weights=True
-                )
-            )
-
     model = build_lenet(style)
     steps = -(-len(labels) // chosen.batch_size)
     model.compile(
@@ -253,11 +233,9 @@ def train(
         verbose = 1 if sys.stderr.isatty() else 2
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        history = model.fit(
+        model.fit(
             _pipeline(images, labels, chosen, True, seed),
             epochs=chosen.epochs,
-            validation_data=validation,
-            callbacks=callbacks,
             shuffle=False,  # the tf.data pipeline already reshuffles every epoch
             verbose=verbose,
         )
@@ -271,7 +249,7 @@ def train(
     _save_atomically(encoder_of(model), encoder_path)
     return TrainResult(
         test_accuracy=float(accuracy),
-        epochs=len(history.history["loss"]),
+        epochs=chosen.epochs,
         seconds=round(seconds, 2),
         model=str(out),
         encoder=str(encoder_path),

@@ -14,14 +14,17 @@ bundle's FAISS factory and forgets removed rows.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .ann import make_index
-from .bundle import FileEntry, Manifest, Segment, verify_file
+from .ann import make_index, prepare_vectors
+from .bundle import FileEntry, Manifest, Segment, read_manifest, verify_file
+from .embed import Encoder
 from .errors import LenetEmbedError
+from .preprocess import ImageLike, to_batch, to_uint8
 from .snapshot import LoadedSegment, load_segment
 from .writer import DEFAULT_LOCK_TIMEOUT, BundleWriter
 
@@ -114,6 +117,39 @@ def add_vectors(
             next_id=current.next_id + count,
         )
         return ids, writer.commit(manifest)
+
+
+def add_images(
+    directory: str | os.PathLike[str],
+    images: ImageLike | list[ImageLike],
+    labels: Label | Sequence[Label] = None,
+    sources: Sequence[str | None] | None = None,
+    *,
+    encoder: Callable[[Manifest], Encoder],
+    timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> tuple[np.ndarray, Manifest]:
+    """Preprocess ``images``, embed them with the bundle's encoder (``encoder(manifest)`` gives
+    it) and add them in one commit; return the new ids and the manifest committed.
+
+    ``labels`` is one label for every image or one per image. If a rebuild changes the encoder
+    between embedding and committing, the images are embedded again with the new one.
+    """
+    batch = to_batch(images)
+    if labels is None or isinstance(labels, (str, int, np.integer)):
+        label_list: list[Label] = [labels] * len(batch)
+    else:
+        label_list = list(labels)
+    source_list = list(sources) if sources is not None else None
+    for attempt in range(2):
+        manifest = read_manifest(directory)
+        vectors = prepare_vectors(encoder(manifest).embed(batch), manifest.metric)
+        try:
+            return add_vectors(directory, vectors, to_uint8(batch), label_list, source_list,
+                               manifest.encoder_sha256, timeout)
+        except EncoderChanged:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _merge_tail(writer: BundleWriter, current: Manifest, segments: list[Segment],

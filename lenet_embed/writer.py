@@ -111,6 +111,10 @@ def _entry(path: Path) -> FileEntry:
     return FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
+class WriterBusy(LenetEmbedError):
+    """Another process held the writer lock for longer than this writer would wait."""
+
+
 class WriterLock:
     """The bundle's writer lock: ``flock`` on ``.lock``, waited for up to ``timeout`` seconds."""
 
@@ -131,7 +135,7 @@ class WriterLock:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
                     os.close(fd)
-                    raise LenetEmbedError(
+                    raise WriterBusy(
                         f"{self.path.parent}: another process (pid {holder}) is writing to this "
                         f"bundle; waited {self.timeout:g} s, try again"
                     ) from None

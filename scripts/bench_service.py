@@ -228,7 +228,7 @@ def main() -> None:
         bundle = ensure_bundle(args.index_dir, args.model, dataset, Path(tmp))
         index = SearchIndex.load(bundle, threads=1)
         baseline = in_process(index, pngs, args.requests, args.k)
-        count, factory = len(index), index.manifest.get("factory")
+        count, factory = len(index), index.manifest.factory
         del index
         with open(Path(tmp) / "serve.log", "w") as log_file:
             port = free_port()

@@ -108,7 +108,7 @@ def main() -> None:
 
         flat = SearchIndex.load(flat_dir)
         hnsw = SearchIndex.load(hnsw_dir)
-        keras_encoder = KerasEncoder.load(flat.bundle.encoder_path)
+        keras_encoder = KerasEncoder.load(flat.path / flat.manifest.encoder_path)
         one = scale_pixels(dataset.test.images[:1])[..., None]
         keras_one = p50_ms(lambda: keras_encoder.model.predict(one, verbose=0), 200)
         # The target applies to the tuned HNSW32 bundle, the configuration for speed; exact Flat
@@ -135,9 +135,9 @@ def main() -> None:
         queries = prepare_vectors(flat.encoder.embed(pixels), "cosine")
         indexed = flat.encoder.embed(scale_pixels(dataset.train.images))
         exact = exact_search(indexed, queries, "cosine", 10)
-        flat_seconds = best_seconds(lambda: flat.bundle.index.search(queries, 10), args.repeats)
-        hnsw_seconds = best_seconds(lambda: hnsw.bundle.index.search(queries, 10), args.repeats)
-        _, found = hnsw.bundle.index.search(queries, 10)
+        flat_seconds = best_seconds(lambda: flat.snapshot.segments[0].index.search(queries, 10), args.repeats)
+        hnsw_seconds = best_seconds(lambda: hnsw.snapshot.segments[0].index.search(queries, 10), args.repeats)
+        _, found = hnsw.snapshot.segments[0].index.search(queries, 10)
         recall = recall_at_k(found, exact, 10)
         qps_gain = flat_seconds / hnsw_seconds
         params = ", ".join(f"{k} {v}" for k, v in hnsw.search_params.items())

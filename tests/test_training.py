@@ -58,7 +58,9 @@ def test_saved_encoder_matches_the_classifier(trained, classifier, small):
     pixels = scale_pixels(small.test.images[:200])
     saved = KerasEncoder.load(trained.encoder)
     assert saved.dim == 84
-    expected = encoder_of(classifier).predict(pixels[..., None], verbose=0)
+    # Same batch size on both sides: oneDNN's kernels round differently for other batch shapes
+    # (a few ulps), and this test is about the saved weights, not about batching.
+    expected = encoder_of(classifier).predict(pixels[..., None], batch_size=64, verbose=0)
     assert np.abs(saved.embed(pixels, batch_size=64) - expected).max() <= 1e-6
 
 
@@ -82,18 +84,17 @@ def test_epochs_override_and_progress_goes_to_stderr(tiny, tmp_path, capsys):
     assert "Epoch 2/2" in captured.err
 
 
-def test_custom_recipe_with_augmentation_and_early_stopping(tiny, tmp_path):
-    recipe = Recipe(name="busy", description="every knob turned", optimizer="adam",
-                    learning_rate=3e-3, schedule="cosine", batch_size=64, epochs=3,
-                    label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1,
-                    validation_fraction=0.2, patience=1)
+def test_custom_recipe_with_augmentation(tiny, tmp_path):
+    recipe = Recipe(name="busy", description="every knob turned", optimizer="adamw",
+                    learning_rate=3e-3, weight_decay=5e-4, schedule="cosine", batch_size=64,
+                    epochs=3, label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1)
     result = train(tiny, recipe=recipe, style="functional", seed=3, verbose=0,
                    out=tmp_path / "m.keras")
     model = load_classifier(result.model)
     assert result.recipe == "busy" and result.style == "functional"
-    assert 1 <= result.epochs <= recipe.epochs
+    assert result.epochs == recipe.epochs
     assert result.test_accuracy == pytest.approx(_accuracy(model, tiny.test), abs=1e-6)
-    assert model.optimizer.__class__.__name__ == "Adam"
+    assert model.optimizer.__class__.__name__ == "AdamW"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,233 @@
+"""The FastAPI app over one loaded :class:`SearchIndex`: its routes and their OpenAPI schema."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel
+
+from ..embed import LiteRTEncoder
+from ..errors import LenetEmbedError
+from ..preprocess import ImageTooLarge
+from ..search import SearchIndex
+from ..writer import WriterBusy
+from .auth import require_writer
+from .batcher import SearchBatcher
+from .decode import read_item, read_query
+from .errors import ApiError, install_error_handlers
+from .middleware import MAX_BODY_BYTES, RequestGuard
+from .reload import Reloader
+from .wire import ErrorBody, Health, Info, ItemBody, ItemCreated, SearchResult, search_body_model
+
+MAX_K = 100
+DEFAULT_K = 5
+WRITE_WAIT_SECONDS = 5.0
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` entries of a route's refusals."""
+    meanings = {
+        400: "Malformed request (empty or undecodable body).",
+        403: "Writes are disabled, or the request lacks the write token.",
+        404: "No such item.",
+        413: "Body over 5 MB, or image over 4096x4096 px.",
+        415: "Body is neither multipart/form-data nor JSON.",
+        422: "Invalid parameter, body, or image (e.g. blank or not an image).",
+        503: "Another process is writing to the bundle; retry.",
+    }
+    return {status: {"model": ErrorBody, "description": meanings[status]} for status in statuses}
+
+
+def _request_body_schema(body_model: type[BaseModel], label: bool = False) -> dict[str, Any]:
+    """The OpenAPI request body of ``POST /v1/search`` or ``/v1/items``: multipart or JSON."""
+    properties: dict[str, Any] = {"file": {"type": "string", "format": "binary",
+                                           "description": "An image file (PNG, JPEG, ...)."}}
+    if label:
+        properties["label"] = {"type": "string", "description": "The item's label."}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "properties": properties}
+            },
+            "application/json": {"schema": body_model.model_json_schema()},
+        },
+    }
+
+
+def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = None,
+               reload_interval: float | None = None) -> FastAPI:
+    """The service for a loaded index. ``threads`` caps FAISS's threads in each search.
+
+    Requests, not threads, are the service's parallelism: with one FAISS thread, the searches of
+    concurrent requests run batched on one core while the other core parses HTTP. With a
+    ``write_token``, ``POST``/``DELETE /v1/items`` add and remove items. The service follows
+    commits made by other processes (see :mod:`.reload`).
+    """
+    dim = index.manifest.dim
+    # A request waits this long for another process's commit before it answers 503.
+    index.lock_timeout = WRITE_WAIT_SECONDS
+    body_model = search_body_model(dim)
+    batcher = SearchBatcher(index, threads)
+    reloader = Reloader(index) if reload_interval is None else Reloader(index, reload_interval)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reloader.start()
+        try:
+            yield
+        finally:
+            await reloader.stop()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="lenet-embed",
+        version=index.manifest.lenet_embed_version,
+        summary="Similarity search for digit images: LeNet-5 embeddings in a FAISS index.",
+        description="JSON API of the lenet-embed search service; errors are "
+                    '`{"error": "..."}` with a 4xx status.',
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(RequestGuard, max_body=MAX_BODY_BYTES)
+    install_error_handlers(app)
+    static = files("lenet_embed") / "static"
+    page = (static / "index.html").read_text(encoding="utf-8")
+    app.mount("/static", StaticFiles(packages=[("lenet_embed", "static")]), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def home() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> dict[str, Any]:
+        """Liveness: ``{"status": "ok", "count": N, "version": V}``."""
+        snapshot = index.snapshot
+        return {"status": "ok", "count": len(snapshot), "version": snapshot.manifest.version}
+
+    @app.get("/v1/info", response_model=Info, tags=["search"])
+    def info() -> dict[str, Any]:
+        """What the loaded bundle holds: size, metric, FAISS factory, data set, encoder."""
+        snapshot = index.snapshot
+        manifest = snapshot.manifest
+        return {
+            "count": manifest.count,
+            "deleted": manifest.deleted,
+            "version": manifest.version,
+            "committed_at": manifest.committed_at,
+            "writes": write_token is not None,
+            "dim": manifest.dim,
+            "metric": manifest.metric,
+            "factory": manifest.factory,
+            "search_params": snapshot.search_params,
+            "dataset": manifest.dataset,
+            "classes": list(manifest.classes),
+            "created_at": manifest.created_at,
+            "lenet_embed_version": manifest.lenet_embed_version,
+            "encoder": "litert" if isinstance(snapshot.encoder, LiteRTEncoder) else "keras",
+            "max_k": MAX_K,
+        }
+
+    @app.post(
+        "/v1/search",
+        response_model=SearchResult,
+        tags=["search"],
+        responses=_errors(400, 413, 415, 422),
+        openapi_extra={"requestBody": _request_body_schema(body_model)},
+    )
+    async def search(
+        request: Request,
+        k: Annotated[int, Query(ge=1, le=MAX_K, description="Neighbours to return.")] = DEFAULT_K,
+    ) -> JSONResponse:
+        """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
+        ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
+        index.check_k(k)
+        query = await read_query(request, body_model)
+        result = await batcher.search(query, k)
+        # A ready response skips FastAPI's re-validation; the schema above documents it.
+        return JSONResponse(result.to_dict())
+
+    @app.get(
+        "/v1/items/{item_id}/image.png",
+        tags=["search"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}, "description": "A 28x28 PNG."},
+                   **_errors(404)},
+    )
+    def item_image(
+        item_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="An item's id.")],
+    ) -> Response:
+        """An indexed digit as the encoder saw it: a 28x28 grayscale PNG."""
+        try:
+            pixels = index.item_image(item_id)
+        except LenetEmbedError:
+            raise ApiError(404, f"no item with id {item_id}") from None
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.post(
+        "/v1/items",
+        status_code=201,
+        response_model=ItemCreated,
+        tags=["items"],
+        responses=_errors(400, 403, 413, 415, 422, 503),
+        openapi_extra={"requestBody": _request_body_schema(ItemBody, label=True)},
+    )
+    async def add_item(request: Request) -> JSONResponse:
+        """Add one image (multipart ``file`` and ``label``, or JSON ``image_base64``/``pixels``
+        and ``label``) as a new item, durably; it is searchable when this answers. Needs the
+        write token."""
+        require_writer(request, write_token)
+        query, label = await read_item(request)
+        new_id = await run_in_threadpool(_add, query, label)
+        manifest = index.manifest
+        body = {"id": new_id, "label": label, "version": manifest.version,
+                "count": manifest.count}
+        return JSONResponse(body, status_code=201)
+
+    def _add(query: Any, label: int | str | None) -> int:
+        try:
+            pixels = query.pixels()
+        except ImageTooLarge as exc:
+            raise ApiError(413, str(exc)) from None
+        return int(_writing(lambda: index.add(pixels, labels=[label], sources=None))[0])
+
+    @app.delete(
+        "/v1/items/{item_id}",
+        status_code=204,
+        response_class=Response,
+        tags=["items"],
+        responses={204: {"description": "Removed."}, **_errors(403, 404, 503)},
+    )
+    async def remove_item(
+        request: Request,
+        item_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="An item's id.")],
+    ) -> Response:
+        """Remove an item, durably; it never comes back in results. Needs the write token."""
+        require_writer(request, write_token)
+        removed = await run_in_threadpool(lambda: _writing(lambda: index.remove([item_id])))
+        if not removed:
+            raise ApiError(404, f"no item with id {item_id}")
+        return Response(status_code=204)
+
+    return app
+
+
+def _writing(write: Any) -> Any:
+    """Run a write; waiting too long for another writer becomes 503 with Retry-After."""
+    try:
+        return write()
+    except WriterBusy as exc:
+        raise ApiError(503, str(exc), retry_after=1) from None

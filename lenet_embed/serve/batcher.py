@@ -1,0 +1,73 @@
+"""Batched searching: the queries of concurrent requests answered together, in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi.concurrency import run_in_threadpool
+
+from ..ann import set_threads
+from ..preprocess import ImageTooLarge
+from ..search import Query, QueryResult, SearchIndex
+from .errors import ApiError
+
+
+class SearchBatcher:
+    """Answers the queries of concurrent requests together with one :meth:`SearchIndex.query`
+    call: one encoder call, one FAISS call.
+
+    An exact scan of 60,000 vectors costs several times less per query for a batch than for one
+    query at a time, and one worker-thread hop per batch replaces two per request. Queries that
+    arrive while a batch runs wait for it and form the next batch. There is no timer: a lone
+    request is answered at once.
+    """
+
+    def __init__(self, index: SearchIndex, threads: int) -> None:
+        self.index = index
+        self.threads = threads
+        self._waiting: list[tuple[Query, int, asyncio.Future[QueryResult]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def search(self, query: Query, k: int) -> QueryResult:
+        """The answer to one query with up to ``k`` neighbours; its own error is raised here
+        (:class:`ApiError` 413 for an image over the size limit, else the LenetEmbedError)."""
+        future: asyncio.Future[QueryResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((query, k, future))
+        if self._drainer is None:
+            # A task of its own, so a client that hangs up cancels only its own wait.
+            self._drainer = asyncio.create_task(self._drain())
+        result = await future
+        if result.error is not None:
+            if isinstance(result.error, ImageTooLarge):
+                raise ApiError(413, str(result.error))
+            raise result.error
+        return result
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    outcomes: list[QueryResult] | list[Exception] = await run_in_threadpool(
+                        self._answer, [(query, k) for query, k, _ in batch])
+                except Exception as exc:  # not any one query's fault: every request gets it
+                    outcomes = [exc] * len(batch)
+                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._drainer = None
+
+    def _answer(self, batch: list[tuple[Query, int]]) -> list[QueryResult]:
+        """Runs in a worker thread: every query of the batch in one call, at the largest k asked
+        (bounded by the items there are now: a removal may have landed since the request was
+        checked), then each cut to its own k."""
+        # FAISS's thread cap is per calling thread, so it is set in the thread that searches.
+        set_threads(self.threads)
+        k = min(max(k for _, k in batch), max(len(self.index), 1))
+        results = self.index.query([query for query, _ in batch], k)
+        return [result.top(wanted) for result, (_, wanted) in zip(results, batch, strict=True)]

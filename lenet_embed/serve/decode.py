@@ -1,0 +1,124 @@
+"""Turning a request body into a query: a multipart upload, or a JSON body holding base64 image
+bytes, a 28x28 pixel array or an embedding vector (searches only), and for ``POST /v1/items`` a
+label beside the image.
+
+Image bytes are only read here; they are decoded later, by :meth:`SearchIndex.query` in a worker
+thread, under the size limit :data:`MAX_IMAGE_SIDE`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from ..preprocess import SIDE
+from ..search import Query
+from .errors import ApiError
+from .wire import ItemBody, validation_message
+
+MAX_IMAGE_SIDE = 4096
+_BODY_HELP = (
+    "send an image as multipart field 'file', or a JSON object with one of "
+    "image_base64, pixels, vector"
+)
+_ITEM_HELP = (
+    "send an image as multipart field 'file' (and a field 'label'), or a JSON object with "
+    "image_base64 or pixels, and label"
+)
+
+
+def _from_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "image_base64 is not valid base64") from None
+
+
+def _image_query(name: str, data: bytes) -> Query:
+    if not data:
+        raise ApiError(422, f"{name}: the file is empty; {_BODY_HELP}")
+    return Query(image=data, name=name, max_side=MAX_IMAGE_SIDE)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _parse_json(body: bytes, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        status = 400 if any(error["type"] == "json_invalid" for error in errors) else 422
+        raise ApiError(status, validation_message(errors)) from None
+
+
+def _json_image(payload: Any) -> Query:
+    """The image of a validated JSON body: ``image_base64`` or ``pixels``."""
+    if payload.image_base64 is not None:
+        return _image_query("image_base64", _from_base64(payload.image_base64))
+    pixels = np.asarray(payload.pixels, dtype=np.float64).reshape(SIDE, SIDE)
+    return Query(image=pixels, name="pixels")
+
+
+async def _body(request: Request, help_text: str) -> bytes:
+    body = await request.body()
+    if not body:
+        raise ApiError(400, f"empty request body; {help_text}")
+    return body
+
+
+async def _upload(request: Request) -> tuple[Query, Any]:
+    """The image file (field ``file``) of a multipart form, and the form."""
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "multipart upload needs an image file in the field 'file'")
+    return _image_query(upload.filename or "file", await upload.read()), form
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def read_query(request: Request, body_model: type[BaseModel]) -> Query:
+    """The query of a ``POST /v1/search`` request, or :class:`ApiError`.
+
+    ``body_model`` is the JSON body's model (:func:`~.wire.search_body_model`).
+    """
+    body = await _body(request, _BODY_HELP)
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        query, _ = await _upload(request)
+        return query
+    if _is_json(media_type):
+        payload = _parse_json(body, body_model)
+        if payload.vector is not None:
+            return Query(vector=np.asarray(payload.vector, dtype=np.float64), name="vector")
+        return _json_image(payload)
+    raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; {_BODY_HELP}")
+
+
+async def read_item(request: Request) -> tuple[Query, int | str | None]:
+    """The image and label of a ``POST /v1/items`` request, or :class:`ApiError`."""
+    body = await _body(request, _ITEM_HELP)
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        query, form = await _upload(request)
+        label = form.get("label")
+        if label is not None and not isinstance(label, str):
+            raise ApiError(422, "label: give it as a plain form field, not a file")
+        label = label.strip() if label else None
+        return query, (int(label) if label and label.isdecimal() and label.isascii() else label)
+    if _is_json(media_type):
+        payload = _parse_json(body, ItemBody)
+        return _json_image(payload), payload.label
+    raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; {_ITEM_HELP}")

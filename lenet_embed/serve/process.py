@@ -1,0 +1,123 @@
+"""Running the service: the worker configuration, logging, uvicorn's app factory and ``serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..embed import LiteRTEncoder
+from ..errors import LenetEmbedError
+from ..search import SearchIndex
+from .app import create_app
+from .auth import read_token
+
+log = logging.getLogger(__package__)
+
+# Worker processes (``--workers N``) rebuild the app from this variable: a JSON ServiceConfig.
+CONFIG_ENV = "LENET_EMBED_SERVE_CONFIG"
+# What uvicorn's worker processes import; the package re-exports app_from_env under this name.
+_APP_FACTORY = "lenet_embed.serve:app_from_env"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What a worker process needs to load the same index: JSON in ``$LENET_EMBED_SERVE_CONFIG``."""
+
+    index_dir: str
+    backend: str = "auto"
+    threads: int = 1
+    search_params: dict[str, int] = field(default_factory=dict)
+    write_token_file: str | None = None
+
+    def to_json(self) -> str:
+        """This configuration as a JSON string."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceConfig:
+        """Read a configuration written by :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+    def load(self) -> SearchIndex:
+        """Load and verify the bundle."""
+        return SearchIndex.load(self.index_dir, backend=self.backend, threads=self.threads,
+                                search_params=self.search_params)
+
+
+def _ensure_logging() -> None:
+    """Send this package's INFO lines to stderr when nothing else has set logging up (worker
+    processes, or ``serve`` called from Python)."""
+    logger = logging.getLogger("lenet_embed")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes: the index named in ``$LENET_EMBED_SERVE_CONFIG``
+    (see :class:`ServiceConfig`)."""
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        raise LenetEmbedError(f"${CONFIG_ENV} is not set; start the service with lenet-embed serve")
+    _ensure_logging()
+    config = ServiceConfig.from_json(text)
+    return create_app(config.load(), threads=config.threads,
+                      write_token=read_token(config.write_token_file))
+
+
+def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          threads: int = 1, write_token_file: str | None = None) -> None:
+    """Serve a loaded index over HTTP until interrupted (``lenet-embed serve``).
+
+    Load the index first (``SearchIndex.load``), so a bad bundle is one error line before any
+    socket opens. With ``workers`` > 1, uvicorn starts that many processes, each loading the same
+    bundle with the same encoder and search parameters through :func:`app_from_env`.
+    ``threads`` caps FAISS's threads per search (see :func:`create_app`). Writes are enabled by
+    a token in ``write_token_file`` or ``$LENET_EMBED_WRITE_TOKEN`` (see :mod:`.auth`). Every
+    process follows commits to the bundle; SIGHUP makes a single process reload at once, and
+    makes uvicorn's supervisor restart its workers.
+    """
+    import uvicorn
+
+    _ensure_logging()
+    token = read_token(write_token_file)  # a bad token file is an error before any socket opens
+    log.info("writes %s", "enabled (POST/DELETE /v1/items need the token)" if token
+             else "disabled (start with --write-token-file to enable them)")
+    options: dict[str, Any] = {"host": host, "port": port, "access_log": False,
+                               "log_level": "info", "timeout_graceful_shutdown": 5}
+    log.info("serving %s (%d items) on http://%s:%d with %d worker(s)",
+             index.path, len(index), host, port, workers)
+    if workers == 1:
+        uvicorn.run(create_app(index, threads=threads, write_token=token), **options)
+        return
+    config = ServiceConfig(
+        index_dir=str(Path(index.path).resolve()),
+        backend="litert" if isinstance(index.encoder, LiteRTEncoder) else "keras",
+        threads=threads,
+        search_params=dict(index.overrides),
+        write_token_file=str(Path(write_token_file).resolve()) if write_token_file else None,
+    )
+    os.environ[CONFIG_ENV] = config.to_json()
+    from uvicorn.supervisors import Multiprocess
+
+    # What uvicorn.run does for workers, plus TCP_NODELAY: uvicorn makes this socket without
+    # IPPROTO_TCP, so asyncio leaves Nagle's algorithm on for the connections accepted from it
+    # (they inherit the option) and each response's body waits ~40 ms for a delayed ACK.
+    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, **options)
+    sock = server_config.bind_socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(server_config, sockets=[sock]).run()

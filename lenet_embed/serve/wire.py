@@ -1,0 +1,155 @@
+"""The wire formats: pydantic models of the JSON bodies, and validation errors as one line.
+
+The models document the API in the OpenAPI schema (``/openapi.json``); the search request body is
+built per index, since the length of a ``vector`` query is the index's dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..preprocess import SIDE
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="What was wrong with the request, in one line.")
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: str = Field(examples=["ok"])
+    count: int = Field(description="Number of live indexed items.")
+    version: int = Field(description="The bundle version being served.")
+
+
+class Info(BaseModel):
+    """``GET /v1/info``: what the loaded bundle holds and how it is searched."""
+
+    count: int = Field(description="Live items.")
+    deleted: int = Field(description="Removed items still stored until `lenet-embed compact`.")
+    version: int = Field(description="The bundle version being served.")
+    committed_at: str = Field(description="When that version was committed (UTC).")
+    writes: bool = Field(description="Whether POST/DELETE /v1/items are enabled.")
+    dim: int
+    metric: str
+    factory: str | None
+    search_params: dict[str, int]
+    dataset: dict[str, Any] | None
+    classes: list[str]
+    created_at: str | None
+    lenet_embed_version: str | None
+    encoder: str = Field(description="Encoder runner in use: litert or keras.")
+    max_k: int = Field(description="Largest k a search accepts.")
+
+
+class NeighborOut(BaseModel):
+    """One search result, as in ``query --json``."""
+
+    rank: int
+    id: int
+    label: int | str | None
+    distance: float = Field(description="Smaller is nearer: 1 - cos (cosine) or Euclidean (l2).")
+    source: str | None
+
+
+class SearchResult(BaseModel):
+    """``POST /v1/search``: the same object as one line of ``query --json``."""
+
+    query: str = Field(description="The upload's file name, or image_base64, pixels or vector.")
+    predicted_label: int | str | None = Field(description="Majority label of the neighbours.")
+    neighbors: list[NeighborOut]
+
+
+class ItemCreated(BaseModel):
+    """``POST /v1/items``: the new item."""
+
+    id: int = Field(description="The new item's id (ids are never reused).")
+    label: int | str | None
+    version: int = Field(description="The bundle version that holds it.")
+    count: int = Field(description="Live items after the commit.")
+
+
+Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
+PixelRow = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
+PixelsField = (
+    Annotated[list[Pixel], Field(min_length=SIDE * SIDE, max_length=SIDE * SIDE)]
+    | Annotated[list[PixelRow], Field(min_length=SIDE, max_length=SIDE)]
+    | None
+)
+_PIXELS_HELP = "28x28 grayscale, nested or 784 flat; 0-255, or 0-1 floats."
+_BASE64_HELP = "An image file (PNG, JPEG, ...) in base64; a data: URL works too."
+
+
+Label = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)] | None
+
+
+class ItemBody(BaseModel):
+    """The JSON body of ``POST /v1/items``: one image (exactly one of the two fields) and its
+    label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_base64: str | None = Field(None, description=_BASE64_HELP)
+    pixels: PixelsField = Field(None, description=_PIXELS_HELP)
+    label: Label = Field(None, description="A digit, or a class name in a bundle built from "
+                         "folders; null for none.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ItemBody:
+        if (self.image_base64 is None) == (self.pixels is None):
+            raise ValueError("give exactly one of image_base64, pixels")
+        return self
+
+
+def search_body_model(dim: int) -> type[BaseModel]:
+    """The JSON request body of ``POST /v1/search`` for an index of ``dim``-d vectors."""
+
+    class SearchBody(BaseModel):
+        """Exactly one of the three fields."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        image_base64: str | None = Field(None, description=_BASE64_HELP)
+        pixels: PixelsField = Field(None, description=_PIXELS_HELP)
+        vector: (
+            Annotated[list[Annotated[float, Field(allow_inf_nan=False)]],
+                      Field(min_length=dim, max_length=dim)]
+            | None
+        ) = Field(None, description=f"An embedding to search by: {dim} floats.")
+
+        @model_validator(mode="after")
+        def _exactly_one(self) -> SearchBody:
+            given = [name for name in ("image_base64", "pixels", "vector")
+                     if getattr(self, name) is not None]
+            if len(given) != 1:
+                raise ValueError("give exactly one of image_base64, pixels, vector")
+            return self
+
+    return SearchBody
+
+
+# The pixels field is a union (nested or flat), whose raw errors read badly: one rule instead.
+_PIXELS_RULE = "pixels: give 28 rows of 28 numbers or 784 numbers, each 0-255 (or 0-1 floats)"
+
+
+def validation_message(errors: list[Any]) -> str:
+    """Pydantic/FastAPI validation errors as one line: ``where: what; where: what``."""
+    parts: list[str] = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if loc and loc[0] == "pixels":
+            part = _PIXELS_RULE
+        else:
+            part = f"{'.'.join(loc)}: {message}" if loc else message
+        if part not in parts:
+            parts.append(part)
+    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more
