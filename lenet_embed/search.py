@@ -13,6 +13,7 @@ one and refresh.
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -139,6 +140,7 @@ class SearchIndex:
         self.threads = threads
         self.overrides = dict(search_params or {})
         self.lock_timeout = lock_timeout
+        self._refreshing = threading.Lock()
         self._snapshot = open_snapshot(self.path, self._load_encoder, None, self.overrides)
 
     @classmethod
@@ -202,9 +204,12 @@ class SearchIndex:
 
         Unchanged segments and the encoder are reused, so this costs little more than reading
         what the new commits added."""
-        old = self._snapshot
-        new = open_snapshot(self.path, self._load_encoder, old, self.overrides)
-        self._snapshot = new
+        # One refresh at a time, so a slow one cannot put back a version older than the one a
+        # faster one (say, right after this process's own commit) installed meanwhile.
+        with self._refreshing:
+            old = self._snapshot
+            new = open_snapshot(self.path, self._load_encoder, old, self.overrides)
+            self._snapshot = new
         return new is not old
 
     # ------------------------------------------------------------------ searching

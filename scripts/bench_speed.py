@@ -135,8 +135,10 @@ def main() -> None:
         queries = prepare_vectors(flat.encoder.embed(pixels), "cosine")
         indexed = flat.encoder.embed(scale_pixels(dataset.train.images))
         exact = exact_search(indexed, queries, "cosine", 10)
-        flat_seconds = best_seconds(lambda: flat.snapshot.segments[0].index.search(queries, 10), args.repeats)
-        hnsw_seconds = best_seconds(lambda: hnsw.snapshot.segments[0].index.search(queries, 10), args.repeats)
+        flat_index = flat.snapshot.segments[0].index
+        hnsw_index = hnsw.snapshot.segments[0].index
+        flat_seconds = best_seconds(lambda: flat_index.search(queries, 10), args.repeats)
+        hnsw_seconds = best_seconds(lambda: hnsw_index.search(queries, 10), args.repeats)
         _, found = hnsw.snapshot.segments[0].index.search(queries, 10)
         recall = recall_at_k(found, exact, 10)
         qps_gain = flat_seconds / hnsw_seconds

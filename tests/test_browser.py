@@ -1,12 +1,16 @@
 """The draw-a-digit page in real headless Chromium against the real `lenet-embed serve`.
 
 Debian's `chromium` at /usr/bin/chromium, driven by Playwright (no browser download). The service
-runs as a subprocess on 127.0.0.1 over the session bundle (2,000 real MNIST digits).
+runs as a subprocess on 127.0.0.1 over the session bundle (2,000 real MNIST digits); the tests that
+add to the index run a second one, with a write token, over a copy of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +41,10 @@ ALL_LOADED = """() => {
     return images.length > 0 && images.every((image) => image.complete && image.naturalWidth > 0);
 }"""
 
+TOKEN = "browser-test-token-0123456789"
+SCREENSHOT = Path("/tmp/page_add.png")
+TOKEN_KEY = "lenet-embed-write-token"  # the page's sessionStorage key
+
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="Debian's chromium is not at /usr/bin/chromium (apt-get install chromium)",
@@ -49,17 +57,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
-    """`lenet-embed serve` on a free loopback port; yields (base URL, log file path)."""
+@contextlib.contextmanager
+def serving(command: list[str], log_path: Path):
+    """`lenet-embed serve` (``command``, less its port) on a free loopback port; yields the base
+    URL once it answers."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("service") / "serve.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--port", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )
+        server = subprocess.Popen([*command, "--port", str(port)],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -71,7 +77,7 @@ def service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
                     pass
                 assert time.monotonic() < deadline, "the service did not start within 60 s"
                 time.sleep(0.2)
-            yield url, log_path
+            yield url
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -79,6 +85,29 @@ def service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+@pytest.fixture(scope="module")
+def service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
+    """The read-only service over the session bundle; yields (base URL, log file path)."""
+    log_path = tmp_path_factory.mktemp("service") / "serve.log"
+    with serving([*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir)], log_path) as url:
+        yield url, log_path
+
+
+@pytest.fixture(scope="module")
+def writable_service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
+    """The service with a write token over a copy of the session bundle; yields (base URL, log
+    file path, bundle path)."""
+    folder = tmp_path_factory.mktemp("writable")
+    bundle = Path(shutil.copytree(bundle_dir, folder / "index"))
+    token_file = folder / "token"
+    token_file.write_text(TOKEN + "\n")
+    log_path = folder / "serve.log"
+    command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle),
+               "--write-token-file", str(token_file)]
+    with serving(command, log_path) as url:
+        yield url, log_path, bundle
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +121,38 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, service):
-    """A fresh page on the service, failing the test on any script error or any request that
-    leaves the service (the page must work offline)."""
-    url, _ = service
+@contextlib.contextmanager
+def open_page(browser, url: str, prepare=None):
+    """A fresh page on the service at ``url``, failing the test on any script error or any
+    request that leaves the service (the page must work offline). ``prepare(page)`` runs before
+    the page loads (to route requests, say)."""
     context = browser.new_context(viewport={"width": 1000, "height": 640})
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
     page.on("request", lambda request: None if request.url.startswith(url)
             else problems.append(f"request outside the service: {request.url}"))
-    page.goto(url)
-    page.wait_for_function("document.getElementById('info').textContent.length > 0")
-    yield page
-    context.close()
+    if prepare is not None:
+        prepare(page)
+    try:
+        page.goto(url)
+        page.wait_for_function("document.getElementById('info').textContent.length > 0")
+        yield page
+    finally:
+        context.close()
     assert problems == []
+
+
+@pytest.fixture
+def page(browser, service):
+    with open_page(browser, service[0]) as opened:
+        yield opened
+
+
+@pytest.fixture
+def writable_page(browser, writable_service):
+    with open_page(browser, writable_service[0]) as opened:
+        yield opened
 
 
 def neighbours(page) -> list[dict]:
@@ -189,3 +234,115 @@ def test_a_text_file_shows_the_service_error(page, tmp_path):
     status.wait_for(timeout=15000)
     assert "notes.txt: not a readable image" in status.inner_text()
     assert page.locator("#neighbors li").count() == 0
+
+
+# ------------------------------------------------------------------------- adding to the index
+
+FIRST_IS = """(src) => {
+    const first = document.querySelector('#neighbors li img');
+    return first !== null && first.getAttribute('src') === src && first.complete
+        && first.naturalWidth > 0;
+}"""
+
+
+def draw_seven(page) -> None:
+    """One stroke: a bar across the top, then down to the lower left."""
+    pad = page.locator("#pad").bounding_box()
+    x, y = pad["x"], pad["y"]
+    page.mouse.move(x + 70, y + 60)
+    page.mouse.down()
+    page.mouse.move(x + 210, y + 60, steps=15)
+    page.mouse.move(x + 120, y + 230, steps=20)
+    page.mouse.up()
+
+
+def test_add_controls_are_hidden_without_writes(page):
+    assert "items" in page.locator("#info").inner_text()
+    assert page.locator("#add").is_hidden()
+    assert not page.locator("#token").is_visible()
+    assert not page.locator("#add-button").is_visible()
+
+
+def test_adding_a_drawing_makes_it_its_own_nearest_neighbour(writable_page, writable_service):
+    page = writable_page
+    url, log_path, bundle = writable_service
+    new_id = json.loads((bundle / "manifest.json").read_text())["next_id"]
+    new_src = f"/v1/items/{new_id}/image.png"
+    assert page.locator("#add").is_visible()
+    assert page.locator("#add-kind").inner_text() == "digit"
+    assert page.locator("#add-label option").all_inner_texts() == [str(d) for d in range(10)]
+    assert not page.locator("#add-class").is_visible()
+    assert page.locator("#token").get_attribute("type") == "password"
+
+    draw_seven(page)
+    page.wait_for_function(ALL_LOADED, timeout=15000)
+    assert neighbours(page)[0]["src"] != new_src
+    page.select_option("#add-label", "7")
+
+    # A wrong token: the service's one-line refusal, and nothing added.
+    page.fill("#token", "not-the-write-token-at-all")
+    page.click("#add-button")
+    page.locator("#add-status.error").wait_for(timeout=15000)
+    assert "this needs the write token" in page.locator("#add-status").inner_text()
+
+    page.fill("#token", TOKEN)
+    page.click("#add-button")
+    page.wait_for_function(
+        "document.getElementById('add-status').textContent.startsWith('added as id')",
+        timeout=15000)
+    assert page.locator("#add-status").inner_text() == (
+        f"added as id {new_id} (label 7); the index holds 2,001 items")
+    # The page searches the drawing again: the new item is its own nearest neighbour.
+    page.wait_for_function(FIRST_IS, arg=new_src, timeout=15000)
+    first = neighbours(page)[0]
+    assert (first["label"], first["distance"]) == ("7", 0)
+    assert "added" in page.locator("#neighbors li").first.get_attribute("class")
+    page.wait_for_function(
+        "document.getElementById('info').textContent.includes('2,001 items')", timeout=15000)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # Searching the same drawing afresh finds it first too.
+    page.click("#clear")
+    draw_seven(page)
+    page.wait_for_function(FIRST_IS, arg=new_src, timeout=15000)
+    assert neighbours(page)[0]["label"] == "7"
+
+    # The token stays in this tab's sessionStorage only, and fills the field again on reload.
+    assert page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") == TOKEN
+    assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""
+    page.reload()
+    page.wait_for_function("document.getElementById('info').textContent.length > 0")
+    assert page.locator("#token").input_value() == TOKEN
+
+    assert httpx.get(f"{url}{new_src}").status_code == 200
+    log = log_path.read_text()
+    assert "POST /v1/items 403 " in log and "POST /v1/items 201 " in log
+
+
+def test_class_name_bundles_get_a_free_text_label(browser, writable_service):
+    """With class names in /v1/info (routed here: the bundle holds digits), the label is free
+    text offered the known names; the service's refusal of a name shows as one line."""
+    url = writable_service[0]
+    info = httpx.get(f"{url}/v1/info").json() | {"classes": ["cat", "dog"]}
+
+    def with_classes(page) -> None:
+        page.route(f"{url}/v1/info", lambda route: route.fulfill(json=info))
+
+    with open_page(browser, url, prepare=with_classes) as page:
+        assert page.locator("#add-kind").inner_text() == "class"
+        assert not page.locator("#add-label").is_visible()
+        assert page.locator("#add-class").is_visible()
+        values = page.eval_on_selector_all("#add-classes option", "options => "
+                                           "options.map((option) => option.value)")
+        assert values == ["cat", "dog"]
+        page.fill("#token", TOKEN)
+        page.fill("#add-class", "dog")
+        page.click("#add-button")
+        assert page.locator("#add-status.error").inner_text() == "Draw a digit first."
+        draw_seven(page)
+        page.wait_for_function(ALL_LOADED, timeout=15000)
+        page.click("#add-button")
+        page.wait_for_function(
+            "document.getElementById('add-status').textContent.includes(\"label 'dog'\")",
+            timeout=15000)
+        assert "whole numbers" in page.locator("#add-status.error").inner_text()

@@ -1,12 +1,16 @@
 """The HTTP service: every endpoint and every refusal through FastAPI's TestClient over the session
 bundle (2,000 real MNIST digits), answers checked against in-process searches and `query --json`,
 concurrent searches, the TensorFlow-free process, `serve --workers 2` as a real subprocess, and
-schemathesis fuzzing of the OpenAPI schema."""
+schemathesis fuzzing of the OpenAPI schema.
+
+Writes (POST/DELETE /v1/items behind the write token) and following commits made elsewhere
+(polling, SIGHUP, two workers) run on private copies of the session bundle (`bundle_copy`)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,6 +36,7 @@ from schemathesis import GenerationMode
 
 from lenet_embed.cli import main
 from lenet_embed.errors import LenetEmbedError
+from lenet_embed.search import SearchIndex
 from lenet_embed.serve import (
     CONFIG_ENV,
     MAX_BODY_BYTES,
@@ -38,8 +44,11 @@ from lenet_embed.serve import (
     app_from_env,
     create_app,
 )
+from lenet_embed.serve.app import WRITE_WAIT_SECONDS
 
 K = 5
+TOKEN = "test-token-0123456789abcdef"  # over the 16-character minimum
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -84,22 +93,28 @@ def assert_error(response, status: int, *fragments: str) -> str:
 
 # ----------------------------------------------------------------------------------- endpoints
 
-def test_healthz(client, bundle_data):
+def test_healthz(client, bundle_data, search_index):
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "count": len(bundle_data.train)}
+    assert response.json() == {"status": "ok", "count": len(bundle_data.train),
+                               "version": search_index.version}
+    assert search_index.version >= 1
 
 
 def test_info_summarises_the_manifest(client, search_index):
     info = client.get("/v1/info").json()
     manifest = search_index.manifest
-    assert info["count"] == manifest["count"] == 2000
+    assert info["count"] == manifest.count == 2000
+    assert (info["deleted"], info["version"]) == (0, manifest.version)
+    assert info["committed_at"] == manifest.committed_at
+    assert info["writes"] is False  # no write token given to create_app
     assert (info["dim"], info["metric"], info["factory"]) == (84, "cosine", "Flat")
-    assert info["dataset"] == manifest["dataset"]
-    assert info["created_at"] == manifest["created_at"]
+    assert info["dataset"] == manifest.dataset
+    assert info["created_at"] == manifest.created_at
+    assert info["classes"] == []  # MNIST digits are their own labels
     assert info["encoder"] == "litert"
     assert info["max_k"] == 100
-    assert "files" not in info  # a summary, not the checksums
+    assert "files" not in info and "segments" not in info  # a summary, not the checksums
 
 
 def test_upload_finds_the_same_neighbours_as_searching_in_process(client, search_index, digits):
@@ -193,7 +208,8 @@ def test_unknown_item_is_a_json_404(client):
 def test_openapi_documents_every_endpoint(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
-        "/healthz", "/v1/info", "/v1/search", "/v1/items/{item_id}/image.png"}
+        "/healthz", "/v1/info", "/v1/search", "/v1/items/{item_id}/image.png", "/v1/items",
+        "/v1/items/{item_id}"}
     search = schema["paths"]["/v1/search"]["post"]
     content = search["requestBody"]["content"]
     assert content["multipart/form-data"]["schema"]["required"] == ["file"]
@@ -202,12 +218,22 @@ def test_openapi_documents_every_endpoint(client):
     k = next(p for p in search["parameters"] if p["name"] == "k")
     assert (k["schema"]["minimum"], k["schema"]["maximum"]) == (1, 100)
     assert {"200", "400", "413", "415", "422"} <= set(search["responses"])
+    add = schema["paths"]["/v1/items"]["post"]
+    content = add["requestBody"]["content"]
+    assert set(content["multipart/form-data"]["schema"]["properties"]) == {"file", "label"}
+    assert set(content["application/json"]["schema"]["properties"]) == {
+        "image_base64", "pixels", "label"}
+    assert {"201", "403", "413", "422", "503"} <= set(add["responses"])
+    delete = schema["paths"]["/v1/items/{item_id}"]["delete"]
+    assert {"204", "403", "404", "503"} <= set(delete["responses"])
 
 
 def test_page_is_served_by_the_app_and_needs_no_network(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<canvas id="pad" width="280" height="280"' in page.text
+    assert '<form id="add" class="add" hidden' in page.text  # shown only when writes are on
+    assert 'type="password" id="token"' in page.text
     for asset, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
         response = client.get(asset)
         assert response.status_code == 200 and kind in response.headers["content-type"]
@@ -330,7 +356,8 @@ def test_k_above_the_index_size_is_422(trained, bundle_data, tmp_path):
     with TestClient(create_app(SearchIndex.load(small.path))) as small_client:
         data = png(bundle_data.test.images[0])
         assert upload(small_client, data, k=30).status_code == 200
-        assert_error(upload(small_client, data, k=31), 422, "at most 30")
+        assert_error(upload(small_client, data, k=31), 422,
+                     f"k must be between 1 and 30 (the number of items in {small.path}), got 31")
 
 
 @pytest.mark.parametrize(
@@ -379,6 +406,308 @@ def test_malformed_requests_are_4xx(client):
     assert_error(client.get("/v2/nothing"), 404)
 
 
+# -------------------------------------------------------------------------------------- writes
+
+@pytest.fixture
+def writable(bundle_copy):
+    """The service with writes enabled over a private copy of the session bundle, its lifespan
+    (so its reloader) running; yields (client, the index it serves)."""
+    index = SearchIndex.load(bundle_copy)
+    with TestClient(create_app(index, write_token=TOKEN)) as test_client:
+        yield test_client, index
+
+
+def add_upload(client, data: bytes, label: str | None = "7", name: str = "new.png",
+               headers: dict[str, str] = AUTH):
+    """``POST /v1/items`` as multipart: the image in ``file``, the label in ``label``."""
+    return client.post("/v1/items", headers=headers, files={"file": (name, data, "image/png")},
+                       data={} if label is None else {"label": label})
+
+
+def nearest(client, data: bytes, k: int = K) -> list[dict]:
+    """The neighbours the service finds for an uploaded image."""
+    response = upload(client, data, k=k)
+    assert response.status_code == 200, response.text
+    return response.json()["neighbors"]
+
+
+def wait_for(check, seconds: float = 1.0, what: str = "the change") -> float:
+    """Poll ``check()`` until it is true; the seconds it took. Fails after ``seconds``."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"{what} not seen within {seconds} s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_writes_are_off_without_a_token(client, digits, search_index):
+    image = digits[0][0]
+    before = client.get("/healthz").json()
+    for headers in ({}, AUTH):  # even a well-formed token header is refused
+        assert_error(add_upload(client, png(image), headers=headers), 403,
+                     "writes are disabled", "--write-token-file")
+        assert_error(client.post("/v1/items", headers=headers,
+                                 json={"pixels": image.tolist(), "label": 7}), 403,
+                     "writes are disabled")
+        assert_error(client.delete("/v1/items/3", headers=headers), 403, "writes are disabled")
+    # Nothing changed, and the read API answers as before.
+    assert client.get("/healthz").json() == before
+    assert search_index.version == before["version"]
+    assert client.get("/v1/info").json()["writes"] is False
+    assert client.get("/v1/items/3/image.png").status_code == 200
+    assert [n["id"] for n in nearest(client, png(image))] == [
+        n.id for n in search_index.search(image, k=K)[0]]
+
+
+def test_writes_need_the_token(writable, digits):
+    client, index = writable
+    assert client.get("/v1/info").json()["writes"] is True
+    version = index.version
+    refused = [{}, {"Authorization": "Bearer wrong-token-0123456789"},
+               {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"Authorization": f"Bearer {TOKEN}x"},
+               {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}]
+    for headers in refused:
+        assert_error(add_upload(client, png(digits[0][0]), headers=headers), 403,
+                     "write token", "Authorization: Bearer")
+        assert_error(client.delete("/v1/items/3", headers=headers), 403, "write token")
+    assert index.version == version
+    assert client.get("/healthz").json()["count"] == 2000
+    assert client.get("/v1/items/3/image.png").status_code == 200
+
+
+def test_an_added_item_is_its_own_nearest_neighbour(writable, digits):
+    client, index = writable
+    images, labels = digits
+    data = png(images[4])
+    before = client.get("/healthz").json()
+    new_id = index.manifest.next_id
+    response = add_upload(client, data, label=f" {labels[4]} ")
+    assert response.status_code == 201, response.text
+    assert response.json() == {"id": new_id, "label": labels[4],
+                               "version": before["version"] + 1, "count": 2001}
+    # Searchable as soon as the answer came back, under the label given.
+    assert client.get("/healthz").json() == {"status": "ok", "count": 2001,
+                                             "version": before["version"] + 1}
+    first = nearest(client, data)[0]
+    assert (first["rank"], first["id"], first["label"]) == (1, new_id, labels[4])
+    assert first["distance"] == pytest.approx(0, abs=1e-5)
+    picture = client.get(f"/v1/items/{new_id}/image.png")
+    assert picture.status_code == 200
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(picture.content))),
+                          index.item_image(new_id))
+    # Durable: a fresh load of the bundle has it. Unlabelled uploads are welcome too.
+    assert SearchIndex.load(index.path).search(images[4], k=1)[0][0].id == new_id
+    unlabelled = add_upload(client, png(images[5]), label=None).json()
+    assert (unlabelled["id"], unlabelled["label"]) == (new_id + 1, None)
+    assert nearest(client, png(images[5]))[0]["label"] is None
+
+
+def test_json_bodies_add_items(writable, digits):
+    client, index = writable
+    images, labels = digits
+
+    def encoded(i: int) -> str:
+        return base64.b64encode(png(images[i])).decode()
+
+    bodies = [  # (digit, body, label reported by the answer and by searches)
+        (6, {"image_base64": encoded(6), "label": labels[6]}, labels[6]),
+        (7, {"image_base64": f"data:image/png;base64,{encoded(7)}", "label": str(labels[7])},
+         labels[7]),  # "4" on a digit bundle is the digit 4
+        (8, {"pixels": images[8].tolist(), "label": labels[8]}, labels[8]),
+        (9, {"pixels": (images[9].reshape(-1) / 255.0).tolist()}, None),
+        (10, {"pixels": images[10].tolist(), "label": None}, None),
+    ]
+    for i, body, label in bodies:
+        new_id = index.manifest.next_id
+        response = client.post("/v1/items", headers=AUTH, json=body)
+        assert response.status_code == 201, (i, response.text)
+        created = response.json()
+        assert (created["id"], created["label"], created["count"]) == (new_id, label,
+                                                                       index.manifest.count)
+        first = nearest(client, png(images[i]))[0]
+        assert (first["id"], first["label"]) == (new_id, label), i
+    assert client.get("/healthz").json()["count"] == 2000 + len(bodies)
+
+
+def test_a_removed_item_never_comes_back(writable, digits, bundle_data):
+    client, index = writable
+    data = png(digits[0][11])
+    new_id = add_upload(client, data, label="5").json()["id"]
+    assert nearest(client, data)[0]["id"] == new_id
+    response = client.delete(f"/v1/items/{new_id}", headers=AUTH)
+    assert response.status_code == 204 and response.content == b""
+    assert_error(client.delete(f"/v1/items/{new_id}", headers=AUTH), 404,
+                 f"no item with id {new_id}")
+    assert_error(client.get(f"/v1/items/{new_id}/image.png"), 404)
+    assert new_id not in [n["id"] for n in nearest(client, data, k=100)]
+    # An indexed training digit is its own nearest neighbour, until it is removed.
+    original = png(bundle_data.train.images[0])
+    assert nearest(client, original)[0]["id"] == 0
+    assert client.delete("/v1/items/0", headers=AUTH).status_code == 204
+    assert 0 not in [n["id"] for n in nearest(client, original, k=100)]
+    info = client.get("/v1/info").json()
+    assert (info["count"], info["deleted"]) == (1999, 2)
+    assert_error(client.delete("/v1/items/123456", headers=AUTH), 404, "no item with id 123456")
+    assert_error(client.delete("/v1/items/-1", headers=AUTH), 422, "item_id")
+    # Ids are never reused, not even the last one's.
+    assert add_upload(client, data, label="5").json()["id"] == new_id + 1
+    assert SearchIndex.load(index.path).search(digits[0][11], k=100)[0][0].id == new_id + 1
+
+
+def test_bad_item_requests_are_one_line_4xx(writable, digits):
+    client, index = writable
+    image = digits[0][0]
+    data = png(image)
+    version = index.version
+
+    def multipart(label: str | None = "3", payload: bytes = data, field: str = "file"):
+        return client.post("/v1/items", headers=AUTH, data={} if label is None else
+                           {"label": label}, files={field: ("digit.png", payload, "image/png")})
+
+    def json_body(body):
+        return client.post("/v1/items", headers=AUTH, json=body)
+
+    def raw(content: bytes, media_type: str):
+        return client.post("/v1/items", content=content,
+                           headers={**AUTH, "content-type": media_type})
+
+    refusals = [
+        (multipart("seven"), 422, "label 'seven'", "whole number"),
+        (json_body({"pixels": image.tolist(), "label": "seven"}), 422, "label 'seven'"),
+        (json_body({"pixels": image.tolist(), "label": -1}), 422, "label: give a whole number"),
+        (json_body({"pixels": image.tolist(), "label": True}), 422, "label: give"),
+        (json_body({"pixels": image.tolist(), "label": 7.5}), 422, "label: give"),
+        (json_body({"pixels": image.tolist(), "label": ""}), 422, "label: give"),
+        (multipart("x" * 201), 422, "label: at most 200 characters"),
+        (multipart(payload=png(np.zeros((28, 28)))), 422, "digit.png: no digit found"),
+        (multipart(payload=b"not an image"), 422, "digit.png: not a readable image"),
+        (multipart(payload=png(np.zeros((2, 4097)))), 413, "4097x2 px"),
+        (multipart(field="other"), 422, "field 'file'"),
+        (client.post("/v1/items", headers=AUTH), 400, "empty request body"),
+        (client.post("/v1/items", headers=AUTH, data={"label": "3"}), 415,
+         "x-www-form-urlencoded"),
+        (raw(b"hello", "text/plain"), 415, "text/plain", "field 'label'"),
+        (raw(b"{not json", "application/json"), 400, "Invalid JSON"),
+        (json_body({}), 422, "give exactly one of image_base64, pixels"),
+        (json_body({"label": 3}), 422, "give exactly one"),
+        (json_body({"pixels": image.tolist(), "image_base64": "AAAA"}), 422, "give exactly one"),
+        (json_body({"vector": [0.0] * 84, "label": 3}), 422, "vector: Extra inputs"),
+        (json_body({"pixels": [1, 2, 3], "label": 3}), 422, "pixels: give 28 rows"),
+        (json_body({"image_base64": "***", "label": 3}), 422, "not valid base64"),
+        (json_body([1, 2, 3]), 422, "Input should be an object"),
+    ]
+    for response, status, *fragments in refusals:
+        assert_error(response, status, *fragments)
+    assert index.version == version  # nothing was committed
+    assert client.get("/healthz").json()["count"] == 2000
+
+
+LOCKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_write_kept_waiting_by_another_writer_is_503(writable, digits):
+    client, index = writable
+    assert index.lock_timeout == WRITE_WAIT_SECONDS == 5  # what the service waits for the lock
+    index.lock_timeout = 0.3  # keep the test quick
+    data = png(digits[0][12])
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(index.path / ".lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        for response in (add_upload(client, data), client.delete("/v1/items/1", headers=AUTH)):
+            assert_error(response, 503, "another process", "try again")
+            assert response.headers["retry-after"] == "1"
+        assert nearest(client, data)  # readers never wait for writers
+    finally:
+        locker.stdin.close()
+        locker.wait(timeout=10)
+    assert add_upload(client, data).status_code == 201
+    assert client.delete("/v1/items/1", headers=AUTH).status_code == 204
+
+
+def test_commits_by_another_writer_are_served_within_a_second(writable, digits):
+    """The running app follows commits it did not make: its reloader polls the manifest."""
+    client, index = writable
+    other = SearchIndex(index.path)  # a second writer, like another process
+    image, label = digits[0][13], digits[1][13]
+    data = png(image)
+    new_id = int(other.add([image], labels=[label])[0])
+    wait_for(lambda: client.get("/healthz").json() == {
+        "status": "ok", "count": 2001, "version": other.version}, what="the add")
+    first = nearest(client, data)[0]
+    assert (first["id"], first["label"]) == (new_id, label)
+    other.remove([new_id])
+    wait_for(lambda: new_id not in [n["id"] for n in nearest(client, data, k=100)],
+             what="the removal")
+    other.compact()
+    wait_for(lambda: client.get("/v1/info").json()["version"] == other.version,
+             what="the compaction")
+    info = client.get("/v1/info").json()
+    assert (info["count"], info["deleted"]) == (2000, 0)
+    assert index.version == other.version  # the app's own index was refreshed in place
+
+
+WRITER = """
+import sys, time
+import numpy as np
+from lenet_embed.search import SearchIndex
+index = SearchIndex(sys.argv[1])
+images = np.load(sys.argv[2])
+stop = time.monotonic() + float(sys.argv[3])
+step = 0
+while time.monotonic() < stop:
+    ids = index.add([images[step % len(images)], images[(step + 1) % len(images)]], labels=[1, 2])
+    if step % 2:
+        index.remove(ids[:1].tolist())
+    if step % 5 == 4:
+        index.compact()
+    step += 1
+print(index.version)
+"""
+
+
+def test_searches_never_fail_while_another_process_commits(writable, digits, bundle_data,
+                                                          tmp_path):
+    client, index = writable
+    images = digits[0]
+    np.save(tmp_path / "more.npy", bundle_data.test.images[50:60])
+    start = index.version
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(index.path),
+                               str(tmp_path / "more.npy"), "2.5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    versions, answered = [], 0
+    try:
+        while writer.poll() is None:
+            response = upload(client, png(images[answered % len(images)]), k=K)
+            assert response.status_code == 200, response.text
+            neighbors = response.json()["neighbors"]
+            assert [n["rank"] for n in neighbors] == list(range(1, K + 1))
+            distances = [n["distance"] for n in neighbors]
+            assert distances == sorted(distances)
+            health = client.get("/healthz")
+            assert health.status_code == 200, health.text
+            versions.append(health.json()["version"])
+            for original in [n["id"] for n in neighbors if n["id"] < 2000][:1]:  # never removed
+                assert client.get(f"/v1/items/{original}/image.png").status_code == 200
+            answered += 1
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    final = int(out.split()[-1])
+    assert final > start + 5  # the writer did commit, many times
+    assert versions == sorted(versions) and len(set(versions)) >= 3, versions
+    wait_for(lambda: client.get("/healthz").json()["version"] == final, what="the last commit")
+    assert answered > 20
+
+
 # ------------------------------------------------------------------------- processes and CLI
 
 NO_TENSORFLOW = """
@@ -420,7 +749,7 @@ def test_serve_on_a_missing_bundle_is_one_line(tmp_path):
     assert result.output.count("\n") == 1 and "no index bundle there" in result.output
 
 
-def test_worker_factory_reads_its_configuration(monkeypatch, bundle_dir):
+def test_worker_factory_reads_its_configuration(monkeypatch, bundle_dir, tmp_path):
     config = ServiceConfig(str(bundle_dir), backend="litert", threads=2, search_params={})
     assert ServiceConfig.from_json(config.to_json()) == config
     monkeypatch.delenv(CONFIG_ENV, raising=False)
@@ -428,7 +757,18 @@ def test_worker_factory_reads_its_configuration(monkeypatch, bundle_dir):
         app_from_env()
     monkeypatch.setenv(CONFIG_ENV, config.to_json())
     with TestClient(app_from_env()) as factory_client:
-        assert factory_client.get("/healthz").json() == {"status": "ok", "count": 2000}
+        assert factory_client.get("/healthz").json() == {"status": "ok", "count": 2000,
+                                                         "version": 1}
+        assert factory_client.get("/v1/info").json()["writes"] is False
+    # A worker started with a token file reads the token itself and takes writes.
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    config = ServiceConfig(str(bundle_dir), backend="litert", write_token_file=str(token_file))
+    monkeypatch.setenv(CONFIG_ENV, config.to_json())
+    with TestClient(app_from_env()) as factory_client:
+        assert factory_client.get("/v1/info").json()["writes"] is True
+        assert_error(factory_client.delete("/v1/items/0", headers={"Authorization": "Bearer x"}),
+                     403, "write token")
 
 
 def free_port() -> int:
@@ -474,14 +814,187 @@ def test_serve_with_two_workers(lenet_embed_cmd, bundle_dir, digits, tmp_path):
     assert "Traceback" not in log
 
 
+
+@contextlib.contextmanager
+def running(command, log_path):
+    """A service subprocess: ``command(port)`` is its argv. Yields (base URL, process) once it
+    answers /healthz; stops it with SIGINT (as Ctrl-C does)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(command(port), stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(server, url)
+            yield url, server
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def version_at(url: str) -> int:
+    """The version /healthz reports, on a new connection (so on either worker)."""
+    response = httpx.get(f"{url}/healthz", timeout=10)
+    assert response.status_code == 200, response.text
+    return int(response.json()["version"])
+
+
+def cli_add(lenet_embed_cmd, bundle: Path, image: Path, label: str) -> dict:
+    """``lenet-embed add IMAGE --label L --json`` in a process of its own: another writer."""
+    result = subprocess.run([*lenet_embed_cmd, "add", str(image), "--label", label,
+                             "--index-dir", str(bundle), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_serve_refuses_a_short_write_token(lenet_embed_cmd, bundle_dir, tmp_path, monkeypatch):
+    short = tmp_path / "token"
+    short.write_text("too-short\n")
+    result = subprocess.run([*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir),
+                             "--port", str(free_port()), "--write-token-file", str(short)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1, lines
+    assert str(short) in lines[0] and "at least 16 characters" in lines[0]
+    # The other ways a token can be wrong, in-process; a server that started anyway would fail.
+    import uvicorn
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the service started")
+
+    monkeypatch.setattr(uvicorn, "run", no_server)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    cases = [
+        (["--write-token-file", str(empty)], {}, "at least 16 characters"),
+        (["--write-token-file", str(tmp_path / "missing")], {}, "cannot read the write token"),
+        ([], {"LENET_EMBED_WRITE_TOKEN": "short"}, "$LENET_EMBED_WRITE_TOKEN: the write token"),
+    ]
+    for options, env, fragment in cases:
+        outcome = CliRunner().invoke(main, ["serve", "--index-dir", str(bundle_dir), *options],
+                                     env=env)
+        assert outcome.exit_code == 1, outcome.output
+        assert outcome.output.count("\n") == 1 and fragment in outcome.output, outcome.output
+
+
+SLOW_POLLING = """
+import sys
+import uvicorn
+from lenet_embed.search import SearchIndex
+from lenet_embed.serve import create_app
+app = create_app(SearchIndex.load(sys.argv[1]), reload_interval=600)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def test_sighup_makes_the_service_reload_at_once(bundle_copy, digits, tmp_path):
+    """With polling every 10 minutes, only SIGHUP can explain a reload within half a second."""
+    command = [sys.executable, "-c", SLOW_POLLING, str(bundle_copy)]
+    with running(lambda port: [*command, str(port)], tmp_path / "serve.log") as (url, server):
+        before = version_at(url)
+        new_id = int(SearchIndex(bundle_copy).add([digits[0][14]], labels=[3])[0])
+        time.sleep(0.5)
+        assert version_at(url) == before  # not polled yet
+        server.send_signal(signal.SIGHUP)
+        wait_for(lambda: version_at(url) == before + 1, seconds=1, what="the SIGHUP reload")
+        response = httpx.post(f"{url}/v1/search?k=1", timeout=30,
+                              files={"file": ("d.png", png(digits[0][14]))})
+        assert response.json()["neighbors"][0]["id"] == new_id
+        assert server.poll() is None
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_follows_commits_and_survives_sighup(lenet_embed_cmd, bundle_copy, digits,
+                                                   tmp_path):
+    """The real `lenet-embed serve` with a token: a write over HTTP, a commit by the CLI in another
+    process, then SIGHUPs: it keeps answering, at the newest version."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(digits[0][15]))
+    log_path = tmp_path / "serve.log"
+    command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_copy),
+               "--write-token-file", str(token_file)]
+    with running(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
+        assert httpx.get(f"{url}/v1/info").json()["writes"] is True
+        created = httpx.post(f"{url}/v1/items", headers=AUTH, data={"label": "2"}, timeout=30,
+                             files={"file": ("two.png", png(digits[0][16]))})
+        assert created.status_code == 201, created.text
+        assert httpx.delete(f"{url}/v1/items/5", timeout=30).status_code == 403
+        added = cli_add(lenet_embed_cmd, bundle_copy, image, "3")
+        server.send_signal(signal.SIGHUP)
+        wait_for(lambda: version_at(url) == added["version"], seconds=1, what="the CLI's add")
+        for _ in range(3):
+            server.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        response = httpx.post(f"{url}/v1/search?k=3", timeout=30,
+                              files={"file": ("d.png", image.read_bytes())})
+        assert response.status_code == 200
+        first = response.json()["neighbors"][0]
+        assert (first["id"], first["label"]) == (added["ids"][0], 3)
+        assert version_at(url) == added["version"] == created.json()["version"] + 1
+        assert server.poll() is None  # SIGHUP did not stop it
+    log = log_path.read_text()
+    assert "writes enabled" in log and "POST /v1/items 201 " in log
+    assert f"now serving version {added['version']} (2002 items)" in log
+    assert "Traceback" not in log
+
+
+def test_two_workers_follow_commits(lenet_embed_cmd, bundle_copy, digits, tmp_path):
+    """`serve --workers 2`: a commit by `lenet-embed add`, and a write through one worker, reach
+    both workers within a second or two; SIGHUP restarts the workers and the service answers."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(digits[0][17]))
+    log_path = tmp_path / "serve.log"
+    command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_copy), "--workers", "2",
+               "--write-token-file", str(token_file)]
+
+    def log() -> str:
+        return log_path.read_text()
+
+    with running(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
+        wait_for(lambda: log().count("Application startup complete") == 2, seconds=60,
+                 what="two workers")
+        added = cli_add(lenet_embed_cmd, bundle_copy, image, "9")
+        version = added["version"]
+        # Each worker follows on its own and says so once; requests land on either one.
+        wait_for(lambda: log().count(f"now serving version {version} (") == 2, seconds=2,
+                 what="both workers reloading")
+        assert all(version_at(url) == version for _ in range(10))
+        # A write through one worker reaches the other.
+        created = httpx.post(f"{url}/v1/items", headers=AUTH, data={"label": "4"}, timeout=30,
+                             files={"file": ("four.png", png(digits[0][18]))}).json()
+        assert created["version"] == version + 1
+        wait_for(lambda: all(version_at(url) == version + 1 for _ in range(10)), seconds=2,
+                 what="the write on both workers")
+        for _ in range(6):
+            answer = httpx.post(f"{url}/v1/search?k=1", timeout=30,
+                                files={"file": ("q.png", png(digits[0][18]))}).json()
+            assert answer["neighbors"][0]["id"] == created["id"]
+        # SIGHUP: uvicorn's supervisor replaces each worker; the new ones serve the newest version.
+        server.send_signal(signal.SIGHUP)
+        wait_for(lambda: log().count("Application startup complete") == 4
+                 and log().count("Finished server process") == 2, seconds=90,
+                 what="the workers' restart")
+        assert all(version_at(url) == version + 1 for _ in range(6))
+        assert server.poll() is None
+    assert "Received SIGHUP" in log() and "Traceback" not in log()
+
+
 # ------------------------------------------------------------------------------------ fuzzing
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_fuzzed_requests_never_get_a_5xx(app, mode):
-    """Property-based requests generated from /openapi.json, valid ones and invalid ones, for
-    every operation: each answer has a documented status, content type and schema, and none is a
-    server error. (schemathesis's own pytest loader does not run on pytest 9, so this drives its
-    strategies with hypothesis directly.)"""
+def fuzz(operations, mode, headers: dict[str, str] | None = None) -> None:
+    """Property-based requests for each operation, valid ones or invalid ones: each answer has a
+    documented status, content type and schema, and none is a server error. (schemathesis's own
+    pytest loader does not run on pytest 9, so this drives its strategies with hypothesis.)"""
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
@@ -491,18 +1004,41 @@ def test_fuzzed_requests_never_get_a_5xx(app, mode):
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_schema_conformance]
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 4
-    if mode is GenerationMode.NEGATIVE:  # only operations with inputs have invalid ones
-        operations = [op for op in operations if len(op.query) + len(op.path_parameters)]
-        assert {op.path for op in operations} == {"/v1/search", "/v1/items/{item_id}/image.png"}
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=40, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        def fuzz(case):
-            case.call_and_validate(checks=checks)
+        def check(case):
+            case.call_and_validate(checks=checks, headers=headers)
 
-        fuzz()
+        check()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_fuzzed_requests_never_get_a_5xx(app, mode):
+    """Every operation of the read-only service (writes answer 403)."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 6
+    if mode is GenerationMode.NEGATIVE:  # only operations with inputs have invalid ones
+        operations = [op for op in operations if len(op.query) + len(op.path_parameters)]
+        assert {op.path for op in operations} == {"/v1/search", "/v1/items/{item_id}/image.png",
+                                                  "/v1/items/{item_id}"}
+    fuzz(operations, mode)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_fuzzed_writes_never_get_a_5xx(bundle_copy, mode):
+    """POST and DELETE /v1/items with the write token, on a copy of the bundle: random images,
+    labels and ids are added, refused or removed, never a server error."""
+    index = SearchIndex.load(bundle_copy)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(index, write_token=TOKEN))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if op.path.startswith("/v1/items") and
+                  op.method.upper() in ("POST", "DELETE")]
+    assert len(operations) == 2
+    start = index.version
+    fuzz(operations, mode, headers=AUTH)
+    if mode is GenerationMode.POSITIVE:
+        assert index.version > start  # some of the generated writes were committed

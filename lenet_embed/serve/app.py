@@ -26,7 +26,7 @@ from .batcher import SearchBatcher
 from .decode import read_item, read_query
 from .errors import ApiError, install_error_handlers
 from .middleware import MAX_BODY_BYTES, RequestGuard
-from .reload import Reloader
+from .reload import RELOAD_INTERVAL, Reloader
 from .wire import ErrorBody, Health, Info, ItemBody, ItemCreated, SearchResult, search_body_model
 
 MAX_K = 100
@@ -79,10 +79,13 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     index.lock_timeout = WRITE_WAIT_SECONDS
     body_model = search_body_model(dim)
     batcher = SearchBatcher(index, threads)
-    reloader = Reloader(index) if reload_interval is None else Reloader(index, reload_interval)
+    interval = RELOAD_INTERVAL if reload_interval is None else reload_interval
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A reloader per run: its task and wake-up event belong to this run's event loop (an
+        # app run again, or twice at once, e.g. by two test clients, must not share them).
+        reloader = Reloader(index, interval)
         reloader.start()
         try:
             yield
@@ -192,9 +195,12 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         require_writer(request, write_token)
         query, label = await read_item(request)
         new_id = await run_in_threadpool(_add, query, label)
-        manifest = index.manifest
-        body = {"id": new_id, "label": label, "version": manifest.version,
-                "count": manifest.count}
+        snapshot = index.snapshot
+        row = snapshot.row_of(new_id)
+        if row is not None:  # the label as searches report it (JSON "7" is stored as 7)
+            label = snapshot.label_name(int(snapshot.labels[row]))
+        body = {"id": new_id, "label": label, "version": snapshot.manifest.version,
+                "count": snapshot.manifest.count}
         return JSONResponse(body, status_code=201)
 
     def _add(query: Any, label: int | str | None) -> int:

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from ..preprocess import SIDE
 from ..search import Query
 from .errors import ApiError
-from .wire import ItemBody, validation_message
+from .wire import MAX_LABEL_LENGTH, ItemBody, validation_message
 
 MAX_IMAGE_SIDE = 4096
 _BODY_HELP = (
@@ -117,6 +117,8 @@ async def read_item(request: Request) -> tuple[Query, int | str | None]:
         if label is not None and not isinstance(label, str):
             raise ApiError(422, "label: give it as a plain form field, not a file")
         label = label.strip() if label else None
+        if label is not None and len(label) > MAX_LABEL_LENGTH:
+            raise ApiError(422, f"label: at most {MAX_LABEL_LENGTH} characters")
         return query, (int(label) if label and label.isdecimal() and label.isascii() else label)
     if _is_json(media_type):
         payload = _parse_json(body, ItemBody)

@@ -85,7 +85,10 @@ _PIXELS_HELP = "28x28 grayscale, nested or 784 flat; 0-255, or 0-1 floats."
 _BASE64_HELP = "An image file (PNG, JPEG, ...) in base64; a data: URL works too."
 
 
-Label = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)] | None
+MAX_LABEL_LENGTH = 200
+# Strict: JSON true/false or 7.5 are not labels (lax pydantic would store true as 1).
+Label = (Annotated[int, Field(ge=0, strict=True)]
+         | Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)] | None)
 
 
 class ItemBody(BaseModel):
@@ -135,6 +138,9 @@ def search_body_model(dim: int) -> type[BaseModel]:
 
 # The pixels field is a union (nested or flat), whose raw errors read badly: one rule instead.
 _PIXELS_RULE = "pixels: give 28 rows of 28 numbers or 784 numbers, each 0-255 (or 0-1 floats)"
+# So is the label (a whole number or a name).
+_LABEL_RULE = (f"label: give a whole number >= 0, a class name (1-{MAX_LABEL_LENGTH} "
+               "characters) or null")
 
 
 def validation_message(errors: list[Any]) -> str:
@@ -147,6 +153,8 @@ def validation_message(errors: list[Any]) -> str:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         if loc and loc[0] == "pixels":
             part = _PIXELS_RULE
+        elif loc and loc[0] == "label":
+            part = _LABEL_RULE
         else:
             part = f"{'.'.join(loc)}: {message}" if loc else message
         if part not in parts:

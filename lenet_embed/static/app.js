@@ -1,5 +1,7 @@
 // The draw-a-digit page: strokes on a 280x280 canvas (white on black, ~19 px wide so the digit
 // looks like MNIST once scaled to 28x28) are sent as PNG to /v1/search when each stroke ends.
+// When the service takes writes (/v1/info says so), the drawing can be added to the index with a
+// label: POST /v1/items with the write token, which is kept in this tab's sessionStorage only.
 "use strict";
 
 const STROKE_WIDTH = 19;
@@ -10,11 +12,24 @@ const predicted = document.getElementById("predicted");
 const neighborList = document.getElementById("neighbors");
 const kInput = document.getElementById("k");
 const fileInput = document.getElementById("file");
+const addForm = document.getElementById("add");
+const addKind = document.getElementById("add-kind");
+const digitLabel = document.getElementById("add-label");
+const classLabel = document.getElementById("add-class");
+const classList = document.getElementById("add-classes");
+const tokenInput = document.getElementById("token");
+const addButton = document.getElementById("add-button");
+const addStatus = document.getElementById("add-status");
+const TOKEN_KEY = "lenet-embed-write-token";
 
 let drawing = false;
 let last = null;
 let lastQuery = null; // {blob, name}: what k changes re-send
 let requestSeq = 0; // answers to superseded requests are dropped
+let hasInk = false; // whether the canvas holds a drawing to add
+let labelChosen = false; // the user picked the digit: predictions no longer preselect it
+let classNames = false; // the bundle's labels are class names (free text), not digits
+let justAdded = null; // id of the item added last, marked in the results
 
 function clearPad() {
   ctx.fillStyle = "#000";
@@ -24,6 +39,9 @@ function clearPad() {
   neighborList.replaceChildren();
   statusLine.textContent = "Draw a digit: results appear when the stroke ends.";
   statusLine.classList.remove("error");
+  hasInk = false;
+  labelChosen = false;
+  setAddStatus("", false);
 }
 
 function canvasPoint(event) {
@@ -50,6 +68,7 @@ pad.addEventListener("pointerdown", (event) => {
   event.preventDefault();
   pad.setPointerCapture(event.pointerId);
   drawing = true;
+  hasInk = true;
   last = canvasPoint(event);
   strokeTo(last); // a dot for a tap
 });
@@ -81,6 +100,7 @@ fileInput.addEventListener("change", async () => {
     const height = bitmap.height * scale;
     clearPad();
     ctx.drawImage(bitmap, (pad.width - width) / 2, (pad.height - height) / 2, width, height);
+    hasInk = true;
   } catch {
     clearPad(); // the service says what is wrong with the file
   }
@@ -110,6 +130,7 @@ async function search(query) {
     if (seq !== requestSeq) return;
     if (!response.ok) throw new Error(answer.error || response.statusText);
     show(answer, performance.now() - started);
+    preselectLabel(answer.predicted_label);
   } catch (error) {
     if (seq !== requestSeq) return;
     predicted.textContent = "–";
@@ -127,6 +148,7 @@ function show(answer, ms) {
       const item = document.createElement("li");
       item.className = "neighbor";
       if (label !== null && neighbor.label !== label) item.classList.add("other");
+      if (neighbor.id === justAdded) item.classList.add("added");
       const image = document.createElement("img");
       image.src = `/v1/items/${neighbor.id}/image.png`;
       image.width = 84;
@@ -153,11 +175,113 @@ async function showInfo() {
     const info = await response.json();
     document.getElementById("info").textContent =
       `index: ${info.count.toLocaleString("en")} items, ${info.metric}, ` +
-      `FAISS ${info.factory}, encoder ${info.encoder}`;
+      `FAISS ${info.factory}, encoder ${info.encoder}, version ${info.version}`;
+    showAddControls(info);
   } catch {
     // the footer is decoration; searches report their own errors
   }
 }
+
+// ---------------------------------------------------------------- adding to the index
+
+function showAddControls(info) {
+  addForm.hidden = !info.writes;
+  if (!info.writes) return;
+  classNames = Array.isArray(info.classes) && info.classes.length > 0;
+  addKind.textContent = classNames ? "class" : "digit";
+  digitLabel.hidden = classNames;
+  digitLabel.required = !classNames;
+  classLabel.hidden = !classNames;
+  classLabel.required = classNames;
+  addKind.parentElement.htmlFor = classNames ? "add-class" : "add-label";
+  if (classNames) {
+    classList.replaceChildren(
+      ...info.classes.map((name) => {
+        const option = document.createElement("option");
+        option.value = name;
+        return option;
+      }),
+    );
+  }
+}
+
+function preselectLabel(label) {
+  // The predicted digit is the likely label; the user's own choice wins.
+  if (labelChosen || classNames || label === null) return;
+  const value = String(label);
+  if ([...digitLabel.options].some((option) => option.value === value)) digitLabel.value = value;
+}
+
+function setAddStatus(text, isError) {
+  addStatus.textContent = text;
+  addStatus.classList.toggle("error", isError);
+}
+
+function readToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY) || "";
+  } catch {
+    return ""; // storage disabled: the field still works for this page
+  }
+}
+
+function keepToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // storage disabled: nothing is kept
+  }
+}
+
+digitLabel.addEventListener("change", () => {
+  labelChosen = true;
+});
+tokenInput.addEventListener("input", () => keepToken(tokenInput.value.trim()));
+
+addForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const label = (classNames ? classLabel.value : digitLabel.value).trim();
+  const token = tokenInput.value.trim();
+  if (!hasInk) return setAddStatus("Draw a digit first.", true);
+  if (!label) return setAddStatus("Give the drawing a label first.", true);
+  if (!token) {
+    tokenInput.focus();
+    return setAddStatus("Enter the write token first.", true);
+  }
+  const blob = await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("file", blob, "canvas.png");
+  form.append("label", label);
+  addButton.disabled = true;
+  setAddStatus("Adding…", false);
+  try {
+    const response = await fetch("/v1/items", {
+      method: "POST",
+      headers: { Authorization: `Bearer ${token}` },
+      body: form,
+    });
+    let answer = {};
+    try {
+      answer = await response.json();
+    } catch {
+      // not JSON: the status line below says what happened
+    }
+    if (!response.ok) throw new Error(answer.error || `${response.status} ${response.statusText}`);
+    justAdded = answer.id;
+    const shown = answer.label === null ? "no label" : `label ${answer.label}`;
+    setAddStatus(`added as id ${answer.id} (${shown}); the index holds ` +
+      `${answer.count.toLocaleString("en")} items`, false);
+    showInfo();
+    search({ blob, name: "canvas.png" }); // the new item is now its nearest neighbour
+  } catch (error) {
+    setAddStatus(error.message, true);
+  } finally {
+    addButton.disabled = false;
+  }
+});
+
+tokenInput.value = readToken();
 
 clearPad();
 showInfo();
