@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,43 +25,85 @@ INK_THRESHOLD = 32.0
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
+# The decode budget, one for every path (query, the API, build-index --images, add, the
+# service): an image is refused from its header, before any pixel is decoded, when it has more
+# pixels than this. Larger allowed images are reduced while or right after decoding, since the
+# digit ends up 20 px tall anyway.
+MAX_PIXELS = 4096 * 4096
+WORK_SIDE = 1024
+_LIMIT = f"{MAX_PIXELS / 1e6:.1f} megapixels (e.g. 4096x4096)"
+
+
 class ImageTooLarge(LenetEmbedError):
-    """An image bigger than the caller allows, or than Pillow's decompression-bomb guard."""
+    """An image with more pixels than :data:`MAX_PIXELS`."""
 
 
-def open_image(source: str | os.PathLike | bytes, name: str | None = None,
-               max_side: int | None = None) -> Image.Image:
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Refuse an image of more than :data:`MAX_PIXELS` pixels."""
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(
+            f"{name}: image is {width}x{height} px, over the limit of {_LIMIT}; scale it down"
+        )
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Decode an image file (a path, or the file's bytes) into a loaded PIL image.
 
     Only the first frame is read (GIF), EXIF orientation is applied, and ``name`` (default: the
-    path) names the file in errors. With ``max_side``, a larger image is refused from its header,
-    before it is decoded. Raises :class:`ImageTooLarge` or :class:`LenetEmbedError`.
+    path) names the file in errors. An image over :data:`MAX_PIXELS` is refused from its header
+    (:class:`ImageTooLarge`); a large JPEG is decoded at a reduced scale. Raises
+    :class:`LenetEmbedError` for anything that is not a readable image.
     """
     name = name or str(source)
     if isinstance(source, bytes) and not source:
         raise LenetEmbedError(f"{name}: the file is empty")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
-            width, height = opened.size
-            if max_side is not None and max(width, height) > max_side:
-                raise ImageTooLarge(
-                    f"{name}: image is {width}x{height} px; the limit is {max_side}x{max_side}"
-                )
-            opened.seek(0)
-            pil = ImageOps.exif_transpose(opened)
-            pil.load()
+        with warnings.catch_warnings():
+            # The budget above is checked first; Pillow's own bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+                check_pixels(*opened.size, name)
+                opened.seek(0)
+                if opened.format == "JPEG" and max(opened.size) > WORK_SIDE:
+                    opened.draft(opened.mode, (WORK_SIDE, WORK_SIDE))
+                opened.load()
+                pil = _shrink(opened)
+                pil = ImageOps.exif_transpose(pil)
+                pil.load()
     except FileNotFoundError:
         raise LenetEmbedError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise LenetEmbedError(f"{name}: is a folder, not an image file") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{name}: image is far over the limit of {_LIMIT}; scale it down"
+                            ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            MemoryError) as exc:
         raise LenetEmbedError(
             f"{name}: not a readable image ({exc.__class__.__name__}); "
             "give a PNG, JPEG, BMP or GIF file"
         ) from None
     return pil
+
+
+def _shrink(pil: Image.Image) -> Image.Image:
+    """Reduce an image whose longer side is over :data:`WORK_SIDE` by a whole factor (a box
+    filter), so that nothing after decoding works on more than about a megapixel."""
+    side = max(pil.size)
+    if side <= WORK_SIDE:
+        return pil
+    if pil.mode == "1":
+        pil = pil.convert("L")
+    elif pil.mode == "P":
+        pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
+    elif pil.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "I;16"):
+        pil = pil.convert("RGB")
+    factor = -(-side // WORK_SIDE)
+    try:
+        return pil.reduce(factor)
+    except (ValueError, NotImplementedError):
+        size = (max(1, pil.width // factor), max(1, pil.height // factor))
+        return pil.resize(size, Image.Resampling.BOX)
 
 
 def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
@@ -106,7 +149,8 @@ def _to_gray(image: ImageLike, name: str) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         pil = open_image(image, name)
     elif isinstance(image, Image.Image):
-        pil = image
+        check_pixels(*image.size, name)
+        pil = _shrink(image)
     else:
         raise LenetEmbedError(
             f"cannot use a {type(image).__name__} as an image; give a path, PIL image or array"
@@ -148,6 +192,7 @@ def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
         raise LenetEmbedError(f"{name}: expected a 2-D grayscale array, got shape {array.shape}")
     if array.size == 0:
         raise LenetEmbedError(f"{name}: the image is empty (0 pixels)")
+    check_pixels(array.shape[1], array.shape[0], name)
     values = array.astype(np.float64)
     if not np.isfinite(values).all():
         raise LenetEmbedError(f"{name}: the array holds NaN or infinite values")

@@ -63,14 +63,13 @@ def majority_label(neighbors: list[Neighbor]) -> int | str | None:
 class Query:
     """One query for :meth:`SearchIndex.query`: an image or an embedding vector.
 
-    ``image`` is a path, a PIL image, a 2-D array, or the bytes of an image file (decoded with
-    ``max_side`` as the largest width or height allowed). ``name`` names it in results and errors.
+    ``image`` is a path, a PIL image, a 2-D array, or the bytes of an image file. ``name``
+    names it in results and errors.
     """
 
     image: ImageLike | bytes | None = None
     vector: np.ndarray | Sequence[float] | None = None
     name: str | None = None
-    max_side: int | None = None
 
     @property
     def title(self) -> str:
@@ -85,7 +84,7 @@ class Query:
         """The image in the MNIST convention, (28, 28) float32; raises LenetEmbedError."""
         image = self.image
         if isinstance(image, bytes):
-            image = open_image(image, self.title, max_side=self.max_side)
+            image = open_image(image, self.title)
         return to_mnist(image, name=self.title)
 
 

@@ -335,9 +335,10 @@ def test_blank_image_is_422_with_the_preprocessing_message(client):
     assert_error(client.post("/v1/search", json={"image_base64": white}), 422, "no digit found")
 
 
-def test_image_over_4096_px_is_413(client):
-    wide = png(np.zeros((2, 4097)))
-    assert_error(upload(client, wide, name="wide.png"), 413, "4097x2 px", "4096x4096")
+def test_image_over_the_pixel_budget_is_413(client):
+    # 4097 x 4097 is one row and one column over 4096 x 4096 = 16.8 megapixels.
+    big = png(np.zeros((4097, 4097)))
+    assert_error(upload(client, big, name="big.png"), 413, "4097x4097 px", "16.8 megapixels")
     # Pillow's decompression-bomb guard stops a 30,000 x 30,000 header before any decoding.
     assert_error(upload(client, bomb_png(30000, 30000), name="bomb.png"), 413, "bomb.png")
     assert_error(upload(client, bomb_png(5000, 5000), name="big.png"), 413, "5000x5000")
@@ -581,7 +582,7 @@ def test_bad_item_requests_are_one_line_4xx(writable, digits):
         (multipart("x" * 201), 422, "label: at most 200 characters"),
         (multipart(payload=png(np.zeros((28, 28)))), 422, "digit.png: no digit found"),
         (multipart(payload=b"not an image"), 422, "digit.png: not a readable image"),
-        (multipart(payload=png(np.zeros((2, 4097)))), 413, "4097x2 px"),
+        (multipart(payload=png(np.zeros((4097, 4097)))), 413, "4097x4097 px"),
         (multipart(field="other"), 422, "field 'file'"),
         (client.post("/v1/items", headers=AUTH), 400, "empty request body"),
         (client.post("/v1/items", headers=AUTH, data={"label": "3"}), 415,

@@ -47,7 +47,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from None
 
 from .app import DEFAULT_K, MAX_K, create_app
-from .decode import MAX_IMAGE_SIDE
 from .errors import ApiError
 from .middleware import MAX_BODY_BYTES
 from .process import CONFIG_ENV, ServiceConfig, app_from_env, serve
@@ -56,7 +55,6 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_K",
     "MAX_BODY_BYTES",
-    "MAX_IMAGE_SIDE",
     "MAX_K",
     "ApiError",
     "ServiceConfig",

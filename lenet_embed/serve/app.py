@@ -40,7 +40,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Malformed request (empty or undecodable body).",
         403: "Writes are disabled, or the request lacks the write token.",
         404: "No such item.",
-        413: "Body over 5 MB, or image over 4096x4096 px.",
+        413: "Body over 5 MB, or image over 16.8 megapixels (4096x4096).",
         415: "Body is neither multipart/form-data nor JSON.",
         422: "Invalid parameter, body, or image (e.g. blank or not an image).",
         503: "Another process is writing to the bundle; retry.",

@@ -3,7 +3,7 @@ bytes, a 28x28 pixel array or an embedding vector (searches only), and for ``POS
 label beside the image.
 
 Image bytes are only read here; they are decoded later, by :meth:`SearchIndex.query` in a worker
-thread, under the size limit :data:`MAX_IMAGE_SIDE`.
+thread, under the package's decode budget (``preprocess.MAX_PIXELS``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ..search import Query
 from .errors import ApiError
 from .wire import MAX_LABEL_LENGTH, ItemBody, validation_message
 
-MAX_IMAGE_SIDE = 4096
 _BODY_HELP = (
     "send an image as multipart field 'file', or a JSON object with one of "
     "image_base64, pixels, vector"
@@ -45,7 +44,7 @@ def _from_base64(text: str) -> bytes:
 def _image_query(name: str, data: bytes) -> Query:
     if not data:
         raise ApiError(422, f"{name}: the file is empty; {_BODY_HELP}")
-    return Query(image=data, name=name, max_side=MAX_IMAGE_SIDE)
+    return Query(image=data, name=name)
 
 
 def _media_type(request: Request) -> str:
