@@ -27,12 +27,14 @@ _CANDIDATES = {
 SEARCH_PARAMETERS = tuple(_CANDIDATES)
 _OPTION_NAMES = {"efSearch": "--ef-search", "nprobe": "--nprobe"}
 TUNING_K = 10
+# More threads than this only crash OpenMP or LiteRT (50,000 did), they never help.
+MAX_THREADS = 256
 
 
 def set_threads(threads: int) -> None:
     """Cap the OpenMP threads FAISS uses (``--threads``)."""
-    if threads < 1:
-        raise LenetEmbedError(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise LenetEmbedError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     faiss.omp_set_num_threads(threads)
 
 
@@ -40,8 +42,9 @@ def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
     """Vectors as FAISS wants them: contiguous float32, L2-normalised for ``cosine``."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "cosine":
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, np.float32(1e-12))
+        # In float64, so that values near float32's limit (1e38) do not overflow the norm.
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+        vectors = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
     return vectors
 
 

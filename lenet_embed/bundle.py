@@ -9,12 +9,13 @@ to end. Layout::
     manifest.json                    the current version (the commit point)
     versions/00000007.json           the manifests of recent versions (kept while readers may
                                      still be opening their files)
-    segments/<segment>/vectors.npy   float32 (n, dim), as indexed (L2-normalised for cosine)
+    segments/<segment>/vectors.npy   a sealed segment: float32 (n, dim), as indexed
                        ids.npy       int64 (n,), strictly increasing, never reused
                        labels.npy    int64 (n,), -1 = no label, else a digit or a class code
                        images.npy    uint8 (n, 28, 28), the digits as the encoder saw them
                        sources.json  optional: the source path of each row (or null)
-                       index.faiss   in sealed segments: the FAISS index of the rows
+                       index.faiss   the FAISS index of the rows
+    segments/<segment>.npy           an unsealed segment (from add): the same, one record a row
     encoders/<fingerprint>/encoder.keras, encoder.tflite
     deletions/<name>.npy             int64, sorted: ids removed since the last compaction
     .lock                            the writer lock (``flock``)
@@ -26,6 +27,7 @@ inside the bundle and cover exactly the files the manifest's structure needs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +36,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import LenetEmbedError
 
@@ -70,11 +74,12 @@ REBUILD = "rebuild it with `lenet-embed build-index`"
 # A name a manifest may use: a file in a segment or encoder folder, or a deletions file.
 _NAME = re.compile(
     rf"({SEGMENTS_DIR}|{ENCODERS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
-    rf"|{DELETIONS_DIR}/[A-Za-z0-9][A-Za-z0-9_.-]*"
+    rf"|({SEGMENTS_DIR}|{DELETIONS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*\.npy"
 )
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+@functools.cache
 def package_version() -> str:
     """The installed lenet-embed version."""
     try:
@@ -102,8 +107,9 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Segment:
-    """An immutable set of rows: their vectors, ids, labels, images (and sources), and for a
-    sealed segment its FAISS index. Unsealed segments (written by ``add``) are searched exactly."""
+    """An immutable set of rows: their vectors, ids, labels, images (and sources). A sealed
+    segment (from a build or a compaction) is a folder of arrays and its FAISS index; an unsealed
+    one (from ``add``) is a single ``.npy`` file of :func:`row_dtype` records, searched exactly."""
 
     name: str
     rows: int
@@ -111,22 +117,32 @@ class Segment:
     has_sources: bool = False
 
     @property
-    def folder(self) -> str:
-        """The segment's folder, relative to the bundle."""
-        return f"{SEGMENTS_DIR}/{self.name}"
+    def entry(self) -> str:
+        """What the segment is under ``segments/``: a folder (sealed) or one ``.npy`` file."""
+        return f"{SEGMENTS_DIR}/{self.name}" + ("" if self.sealed else ".npy")
 
     def file(self, name: str) -> str:
-        """A file of this segment, relative to the bundle."""
-        return f"{self.folder}/{name}"
+        """A file of this sealed segment, relative to the bundle."""
+        return f"{self.entry}/{name}"
 
     def files(self) -> list[str]:
         """Every file this segment consists of."""
-        names = list(SEGMENT_FILES)
+        if not self.sealed:
+            return [self.entry]
+        names = [*SEGMENT_FILES, INDEX_FILE]
         if self.has_sources:
             names.append(SOURCES_FILE)
-        if self.sealed:
-            names.append(INDEX_FILE)
         return [self.file(name) for name in names]
+
+
+def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
+    """The record of one row in an unsealed segment's single ``.npy`` file (``source_chars`` > 0
+    adds the source path, "" for none)."""
+    fields = [("id", "<i8"), ("label", "<i8"), ("vector", "<f4", (dim,)),
+              ("image", "u1", (28, 28))]
+    if source_chars:
+        fields.append(("source", f"<U{source_chars}"))
+    return np.dtype(fields)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,11 @@ from typing import Any
 import click
 
 from . import _quiet
+from .ann import MAX_THREADS
 from .errors import LenetEmbedError
 
+# Bounds of numeric options: beyond them FAISS or LiteRT would crash or stall, not serve better.
+MAX_SEARCH_DEPTH = 65_536
 DATA_HELP = "MNIST-style data: a folder of the four IDX files (.gz or raw) or an mnist.npz. " \
     "Default: $LENET_EMBED_MNIST, else Keras's downloader."
 
@@ -81,11 +84,11 @@ def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--index-dir", type=click.Path(), default="index", show_default=True,
                      help="Bundle folder written by build-index."),
-        click.option("--ef-search", type=click.IntRange(min=1),
+        click.option("--ef-search", type=click.IntRange(1, MAX_SEARCH_DEPTH),
                      help="HNSW search depth (overrides the tuned value in the bundle)."),
-        click.option("--nprobe", type=click.IntRange(min=1),
+        click.option("--nprobe", type=click.IntRange(1, MAX_SEARCH_DEPTH),
                      help="IVF lists to visit (overrides the tuned value in the bundle)."),
-        click.option("--threads", type=click.IntRange(min=1),
+        click.option("--threads", type=click.IntRange(1, MAX_THREADS),
                      help="Threads for FAISS and LiteRT [default: all cores]."),
         click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
                      show_default=True, help="Encoder runner; auto = LiteRT when available."),
@@ -123,8 +126,9 @@ def main(verbose: bool) -> None:
 @click.option("--recipe", default=None, help="Training recipe (default: the package default).")
 @click.option("--style", type=click.Choice(["sequential", "functional", "subclass"]),
               default="sequential", show_default=True, help="How the Keras model is built.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Override the recipe's epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Override the recipe's batch size.")
+@click.option("--epochs", type=click.IntRange(1, 10_000), help="Override the recipe's epochs.")
+@click.option("--batch-size", type=click.IntRange(1, 65_536),
+              help="Override the recipe's batch size.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Random seed: the same seed and data give the same model.")
 @click.option("--out", type=click.Path(), default="models/lenet.keras", show_default=True,
@@ -163,7 +167,8 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True),
               help="For an approximate index: tune efSearch/nprobe to reach this recall@10 "
               "against exact search on held-out queries, and store it in the bundle.")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for FAISS [default: all].")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="Threads for FAISS [default: all].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
                 metric: str, factory: str, target_recall: float | None, threads: int | None,
@@ -242,7 +247,7 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
 
 _INDEX_DIR = click.option("--index-dir", type=click.Path(), default="index", show_default=True,
                           help="Bundle folder written by build-index.")
-_WAIT = click.option("--wait", "wait", type=click.FloatRange(min=0), default=30,
+_WAIT = click.option("--wait", "wait", type=click.FloatRange(0, 3600), default=30,
                      show_default=True,
                      help="Seconds to wait while another process is writing to the bundle.")
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -306,7 +311,7 @@ def add(images: tuple[str, ...], folder: str | None, label: str | None, index_di
 
 
 @main.command()
-@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(0, 2**63 - 1))
 @_INDEX_DIR
 @_WAIT
 @_JSON
@@ -336,15 +341,21 @@ def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> 
 @_WAIT
 @_JSON
 def compact(index_dir: str, wait: float, as_json: bool) -> None:
-    """Rebuild the bundle's live items into one FAISS index, reclaiming removed rows."""
+    """Rebuild the bundle's live items into one FAISS index, reclaiming removed rows.
+
+    The files of older versions are removed a few seconds after the new version is committed,
+    once no reader can still be opening them; this command waits for that.
+    """
     import time
 
     from .updates import compact as run_compact
+    from .updates import reclaim
 
     started = time.perf_counter()
     before, after = run_compact(index_dir, timeout=wait)
+    freed = reclaim(index_dir, timeout=wait) if after is not before else 0
     summary = {"index_dir": index_dir, "version": after.version, "count": after.count,
-               "reclaimed_rows": before.rows - after.rows,
+               "reclaimed_rows": before.rows - after.rows, "freed_bytes": freed,
                "segments_before": len(before.segments), "segments_after": len(after.segments),
                "seconds": round(time.perf_counter() - started, 2)}
     if as_json:
@@ -356,12 +367,12 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
         click.echo(f"compacted {index_dir}: version {after.version}, {after.count} items, "
                    f"{summary['reclaimed_rows']} removed row(s) reclaimed, "
                    f"{summary['segments_before']} segment(s) -> {summary['segments_after']}, "
-                   f"{summary['seconds']:.1f} s")
+                   f"{freed / 1e6:.1f} MB of old files removed, {summary['seconds']:.1f} s")
 
 
 @main.command()
 @click.argument("out_dir", type=click.Path())
-@click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("-n", "n", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="How many test digits to write.")
 @click.option("--data", type=click.Path(), help=DATA_HELP)
 def samples(out_dir: str, n: int, data: str | None) -> None:
@@ -470,7 +481,7 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
               help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="TCP port to listen on.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Server processes; each loads the bundle.")
 @click.option("--write-token-file", type=click.Path(dir_okay=False),
               help="Enable POST/DELETE /v1/items for requests with 'Authorization: Bearer "

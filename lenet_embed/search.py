@@ -237,7 +237,8 @@ class SearchIndex:
         """The ``k`` nearest neighbours of each embedding vector, shape (N, 84) or (84,)."""
         snapshot = self._snapshot
         self.check_k(k, snapshot)
-        return self._search(snapshot, self._check_vectors(vectors, snapshot.dim), k)
+        checked = self._check_vectors(vectors, snapshot.dim, snapshot.metric)
+        return self._search(snapshot, checked, k)
 
     def query(self, queries: Sequence[Query | ImageLike], k: int = 5) -> list[QueryResult]:
         """Answer many queries at once, each with its result or its own error.
@@ -255,7 +256,8 @@ class SearchIndex:
         for position, item in enumerate(items):
             try:
                 if item.vector is not None:
-                    vectors[position] = self._check_vectors(item.vector, snapshot.dim)[0]
+                    vectors[position] = self._check_vectors(item.vector, snapshot.dim,
+                                                          snapshot.metric)[0]
                 else:
                     pixels[position] = item.pixels()
             except LenetEmbedError as exc:
@@ -272,15 +274,22 @@ class SearchIndex:
         ]
 
     @staticmethod
-    def _check_vectors(vectors: Any, dim: int) -> np.ndarray:
+    def _check_vectors(vectors: Any, dim: int, metric: str) -> np.ndarray:
+        """Vectors as float32 (N, dim): numbers only, finite, and not all zero for cosine."""
+        raw = np.asarray(vectors)
+        if raw.dtype.kind not in "iuf":
+            raise LenetEmbedError(f"vectors must hold numbers, not {raw.dtype.name} values")
         with np.errstate(over="ignore"):
-            array = np.asarray(vectors, dtype=np.float32)
+            array = raw.astype(np.float32)
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != dim:
             raise LenetEmbedError(f"vectors must have shape (N, {dim}), got {array.shape}")
         if not np.isfinite(array).all():
             raise LenetEmbedError("vectors must hold finite 32-bit floats")
+        if metric == "cosine" and not np.abs(array).max(axis=1).all():
+            raise LenetEmbedError("a vector of zeros has no direction; cosine search needs a "
+                                  "vector with a non-zero value")
         return array
 
     def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:

@@ -40,6 +40,7 @@ from .bundle import (
     Manifest,
     Segment,
     read_manifest,
+    row_dtype,
     verify_file,
 )
 from .errors import LenetEmbedError
@@ -73,32 +74,51 @@ def _read_index(path: Path) -> Any:
         return faiss.read_index(str(path))
 
 
+def _read_sealed_index(path: Path) -> Any:
+    try:
+        return _read_index(path)
+    except RuntimeError as exc:
+        if not path.exists():
+            raise FileNotFoundError(path) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+        raise LenetEmbedError(f"{path}: unreadable ({first}); {REBUILD}") from None
+
+
+def _read_records(path: Path, dim: int, segment: Segment) -> tuple[Any, ...]:
+    """The arrays of an unsealed segment: views into its memory-mapped records."""
+    records = np.load(path, allow_pickle=False, mmap_mode="r")
+    expected = row_dtype(dim, records.dtype["source"].itemsize // 4
+                         if records.dtype.names and "source" in records.dtype.names else 0)
+    if records.dtype != expected or records.ndim != 1 or (
+            segment.has_sources != ("source" in (records.dtype.names or ()))):
+        raise ValueError("not a segment's records")
+    sources = ([s or None for s in records["source"].tolist()] if segment.has_sources
+               else None)
+    return (records["vector"], np.ascontiguousarray(records["id"]),
+            np.ascontiguousarray(records["label"]), records["image"], sources)
+
+
 def load_segment(directory: Path, manifest: Manifest, segment: Segment) -> LoadedSegment:
     """Check a segment's files against the manifest and read them."""
     for name in segment.files():
         verify_file(directory, name, manifest.files[name])
-    folder = directory / segment.folder
+    where = directory / segment.entry
+    index = None
     try:
-        vectors = np.load(folder / VECTORS_FILE, allow_pickle=False, mmap_mode="r")
-        ids = np.load(folder / IDS_FILE, allow_pickle=False)
-        labels = np.load(folder / LABELS_FILE, allow_pickle=False)
-        images = np.load(folder / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
-        sources = (json.loads((folder / SOURCES_FILE).read_text("utf-8"))
-                   if segment.has_sources else None)
+        if segment.sealed:
+            vectors = np.load(where / VECTORS_FILE, allow_pickle=False, mmap_mode="r")
+            ids = np.load(where / IDS_FILE, allow_pickle=False)
+            labels = np.load(where / LABELS_FILE, allow_pickle=False)
+            images = np.load(where / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
+            sources = (json.loads((where / SOURCES_FILE).read_text("utf-8"))
+                       if segment.has_sources else None)
+            index = _read_sealed_index(where / INDEX_FILE)
+        else:
+            vectors, ids, labels, images, sources = _read_records(where, manifest.dim, segment)
     except FileNotFoundError:
         raise _Vanished from None
     except (OSError, ValueError) as exc:
-        raise LenetEmbedError(f"{folder}: unreadable segment ({exc}); {REBUILD}") from None
-    index = None
-    if segment.sealed:
-        try:
-            index = _read_index(folder / INDEX_FILE)
-        except RuntimeError as exc:
-            if not (folder / INDEX_FILE).exists():
-                raise _Vanished from None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
-            raise LenetEmbedError(f"{folder / INDEX_FILE}: unreadable ({first}); {REBUILD}"
-                                  ) from None
+        raise LenetEmbedError(f"{where}: unreadable segment ({exc}); {REBUILD}") from None
     rows = segment.rows
     shapes_ok = (
         vectors.shape == (rows, manifest.dim) and vectors.dtype == np.float32
@@ -110,7 +130,7 @@ def load_segment(directory: Path, manifest: Manifest, segment: Segment) -> Loade
         and (index is None or (index.ntotal == rows and index.d == manifest.dim))
     )
     if not shapes_ok:
-        raise LenetEmbedError(f"{folder}: arrays disagree with {segment.name}'s entry in the "
+        raise LenetEmbedError(f"{where}: arrays disagree with {segment.name}'s entry in the "
                               f"manifest; {REBUILD}")
     return LoadedSegment(segment, vectors, ids, labels, images, sources, index)
 
@@ -142,6 +162,10 @@ class Snapshot:
             found = rows < len(self.ids)
             found[found] = self.ids[rows[found]] == deleted_ids[found]
             self.live[rows[found]] = False
+        classes = manifest.classes
+        if classes and len(self.labels) and int(self.labels.max()) >= len(classes):
+            raise LenetEmbedError(f"{directory}: labels name classes the manifest does not list; "
+                                  f"{REBUILD}")
         if int(self.live.sum()) != manifest.count:
             raise LenetEmbedError(f"{directory}: removed ids disagree with the manifest's count; "
                                   f"{REBUILD}")
@@ -186,9 +210,7 @@ class Snapshot:
         if code < 0:
             return None
         classes = self.manifest.classes
-        if classes:
-            return classes[code] if code < len(classes) else None
-        return int(code)
+        return classes[code] if classes else int(code)
 
     def live_rows(self) -> np.ndarray:
         """The rows of live items, in id order."""

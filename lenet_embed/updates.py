@@ -5,30 +5,44 @@ with the bundle's own encoder and calls :func:`add_vectors`. Every function hold
 writer lock for the length of its commit.
 
 Added items go into a new unsealed segment, searched exactly. So that a stream of small adds does
-not pile up segments, the newest unsealed segments are merged while the one before the newest is
-no larger than it (a binary counter: at most log2(n) unsealed segments, each row rewritten at
-most log2(n) times). ``compact`` rebuilds everything live into one sealed segment with the
+not pile up segments, unsealed segments are merged as in a size-tiered LSM tree: once the newest
+four share a size class (1-3 rows, 4-15, 16-63, ...), they become one segment of the next class.
+There are at most 3 per class (3 log4(n) in all), and each row is rewritten at most log4(n)
+times. ``compact`` rebuilds everything live into one sealed segment with the
 bundle's FAISS factory and forgets removed rows.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .ann import make_index, prepare_vectors
-from .bundle import FileEntry, Manifest, Segment, read_manifest, verify_file
+from .bundle import (
+    DELETIONS_DIR,
+    ENCODERS_DIR,
+    SEGMENTS_DIR,
+    FileEntry,
+    Manifest,
+    Segment,
+    read_manifest,
+    verify_file,
+)
 from .embed import Encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, to_batch, to_uint8
 from .snapshot import LoadedSegment, load_segment
-from .writer import DEFAULT_LOCK_TIMEOUT, BundleWriter
+from .writer import DEFAULT_LOCK_TIMEOUT, GRACE_SECONDS, BundleWriter
 
 Label = int | str | None
+# Unsealed segments are merged MERGE_FACTOR at a time, once that many of a size class pile up.
+MERGE_FACTOR = 4
 
 
 class EncoderChanged(LenetEmbedError):
@@ -152,22 +166,30 @@ def add_images(
     raise AssertionError("unreachable")
 
 
+def _tier(rows: int) -> int:
+    """A segment's size class: rows in [1, 4) are tier 0, [4, 16) tier 1, and so on."""
+    return (max(rows, 1).bit_length() - 1) // 2
+
+
 def _merge_tail(writer: BundleWriter, current: Manifest, segments: list[Segment],
                 files: dict[str, FileEntry]) -> tuple[list[Segment], dict[str, FileEntry]]:
-    """Merge the newest unsealed segments while the one before the newest is no larger."""
+    """Merge the newest unsealed segments while the last MERGE_FACTOR of them share a tier."""
     directory = writer.directory
-    while (len(segments) >= 2 and not segments[-1].sealed and not segments[-2].sealed
-           and segments[-2].rows <= segments[-1].rows):
-        pair = segments[-2:]
+    while True:
+        tail = segments[-MERGE_FACTOR:]
+        if (len(tail) < MERGE_FACTOR or any(s.sealed for s in tail)
+                or len({_tier(s.rows) for s in tail}) != 1):
+            return segments, files
         view = _files_view(current, files)
-        loaded = [load_segment(directory, view, s) for s in pair]
-        merged, merged_files = _write_rows(writer, loaded, [np.arange(s.rows) for s in pair])
-        for segment in pair:
+        loaded = [load_segment(directory, view, s) for s in tail]
+        merged, merged_files = _write_rows(writer, loaded, [np.arange(s.rows) for s in tail])
+        for segment in tail:
             for name in segment.files():
                 files.pop(name, None)
+            if segment not in current.segments:  # written by this commit: no version names it
+                (directory / segment.entry).unlink(missing_ok=True)
         files = {**files, **merged_files}
-        segments = [*segments[:-2], merged]
-    return segments, files
+        segments = [*segments[:-MERGE_FACTOR], merged]
 
 
 def _files_view(manifest: Manifest, files: dict[str, FileEntry]) -> Manifest:
@@ -214,6 +236,23 @@ def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
         manifest = current.next("remove", deletions=name, files={**new_files, **files},
                                 count=current.count - len(hits))
         return Removal(len(hits), missing), writer.commit(manifest)
+
+
+def reclaim(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT) -> int:
+    """Wait until readers can no longer be opening the files of superseded versions (a few
+    seconds), then remove them; return the bytes freed. ``compact`` is followed by this."""
+    def size(path: Path) -> int:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return sum(p.stat().st_size for p in files)
+
+    directory = Path(directory)
+    folders = [directory / name for name in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR)]
+    before = sum(size(folder) for folder in folders if folder.is_dir())
+    time.sleep(GRACE_SECONDS)
+    with BundleWriter(directory, timeout) as writer:
+        writer.require_current()
+        writer.collect_garbage(force=True)
+    return before - sum(size(folder) for folder in folders if folder.is_dir())
 
 
 def _deleted_ids(writer: BundleWriter, manifest: Manifest) -> np.ndarray:

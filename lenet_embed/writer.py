@@ -57,13 +57,18 @@ from .bundle import (
     manifest_json,
     parse_manifest,
     read_manifest,
+    row_dtype,
     sha256_file,
 )
 from .errors import LenetEmbedError
 
 # How long the files of a superseded version are kept for readers that are opening them.
-GRACE_SECONDS = 10.0
+GRACE_SECONDS = 3.0
 DEFAULT_LOCK_TIMEOUT = 30.0
+# A commit's manifest is written under this name in the bundle, then renamed to manifest.json.
+_STAGED_PREFIX = ".manifest.json.new-"
+# Superseded versions are looked for every this many commits (and at every build and compact).
+_SWEEP_EVERY = 16
 _VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
 
 
@@ -111,6 +116,9 @@ def _entry(path: Path) -> FileEntry:
     return FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
+_LOCK_RECORD = 32
+
+
 class WriterBusy(LenetEmbedError):
     """Another process held the writer lock for longer than this writer would wait."""
 
@@ -133,20 +141,32 @@ class WriterLock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    holder = self.state(fd)[1] or "?"
                     os.close(fd)
                     raise WriterBusy(
                         f"{self.path.parent}: another process (pid {holder}) is writing to this "
                         f"bundle; waited {self.timeout:g} s, try again"
                     ) from None
                 time.sleep(0.005)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        self.previous = self.state(fd)[0]
+        self._mark("busy")
 
-    def release(self) -> None:
-        """Let the next writer in."""
+    @staticmethod
+    def state(fd: int) -> tuple[str, str]:
+        """What the lock file says: ``busy`` or ``idle``, and the pid of the last writer."""
+        words = os.pread(fd, _LOCK_RECORD, 0).decode("ascii", "replace").split()
+        return (words[0], words[1]) if len(words) == 2 else ("", "")
+
+    def _mark(self, state: str) -> None:
+        # Fixed width, written in place: no truncation, no new file.
+        os.pwrite(self.fd, f"{state} {os.getpid()}".ljust(_LOCK_RECORD - 1).encode() + b"\n", 0)
+
+    def release(self, clean: bool = True) -> None:
+        """Let the next writer in; ``clean`` says this writer left nothing behind."""
         if self.fd is not None:
+            if clean:
+                self._mark("idle")
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
 
@@ -174,7 +194,11 @@ class BundleWriter:
         try:
             self.current = self._read_current()
             self._entered_at = self.current.version if self.current else 0
-            self.remove_leftovers()
+            # Each writer marks the lock file busy and idle again when it is done: finding it
+            # busy means the previous writer died, and only then is the bundle searched for what
+            # it left.
+            if self.current is None or self.lock.previous != "idle":
+                self.remove_leftovers()
         except BaseException:
             self.lock.release()
             raise
@@ -182,8 +206,15 @@ class BundleWriter:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  traceback: object) -> None:
-        shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
-        self.lock.release()
+        clean = True
+        try:
+            if exc is not None:
+                self.remove_leftovers()  # what this failed writer wrote for its next version
+            elif (self.directory / SCRATCH_DIR).exists():
+                shutil.rmtree(self.directory / SCRATCH_DIR)
+        except OSError:
+            clean = False  # the next writer will look again
+        self.lock.release(clean)
         if isinstance(exc, OSError):
             committed = (self.current.version if self.current else 0) != self._entered_at
             state = ("the new version was committed" if committed
@@ -242,33 +273,55 @@ class BundleWriter:
     def new_segment(self, *, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
                     images: np.ndarray, sources: list[str | None] | None = None,
                     index: Any = None) -> tuple[Segment, dict[str, FileEntry]]:
-        """Write a segment's files (an ``index`` makes it sealed) and return its entry."""
+        """Write a segment and return its entry: sealed (a folder of arrays and ``index``) when
+        an index is given, else unsealed (one file of records: one write, one fsync)."""
+        rows = len(ids)
+        if not (len(vectors) == len(labels) == len(images) == rows) or (
+                sources is not None and len(sources) != rows):
+            raise ValueError("a segment's arrays must have one row per item")
+        has_sources = sources is not None and any(s is not None for s in sources)
+        if index is None:
+            return self._unsealed_segment(vectors, ids, labels, images,
+                                          sources if has_sources else None)
         folder = self._new_folder(SEGMENTS_DIR, "s")
+        segment = Segment(name=folder.name, rows=rows, sealed=True, has_sources=has_sources)
         arrays = {
             VECTORS_FILE: np.ascontiguousarray(vectors, dtype=np.float32),
             IDS_FILE: np.ascontiguousarray(ids, dtype=np.int64),
             LABELS_FILE: np.ascontiguousarray(labels, dtype=np.int64),
             IMAGES_FILE: np.ascontiguousarray(images, dtype=np.uint8),
         }
-        rows = len(arrays[IDS_FILE])
-        if any(len(array) != rows for array in arrays.values()):
-            raise ValueError("a segment's arrays must have one row per item")
-        segment = Segment(name=folder.name, rows=rows, sealed=index is not None,
-                          has_sources=sources is not None and any(s is not None for s in sources))
         files: dict[str, FileEntry] = {}
         for name, array in arrays.items():
             files[segment.file(name)] = _durable_file(
                 folder / name, lambda fh, a=array: np.save(fh, a, allow_pickle=False))
-        if segment.has_sources:
+        if has_sources:
             text = _json_bytes(list(sources or []))
             files[segment.file(SOURCES_FILE)] = _durable_file(
                 folder / SOURCES_FILE, lambda fh: fh.write(text))
-        if index is not None:
-            faiss.write_index(index, str(folder / INDEX_FILE))
-            files[segment.file(INDEX_FILE)] = _entry(folder / INDEX_FILE)
+        faiss.write_index(index, str(folder / INDEX_FILE))
+        files[segment.file(INDEX_FILE)] = _entry(folder / INDEX_FILE)
         _fsync_dir(folder)
         _fsync_dir(folder.parent)
         return segment, files
+
+    def _unsealed_segment(self, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                          images: np.ndarray, sources: list[str | None] | None
+                          ) -> tuple[Segment, dict[str, FileEntry]]:
+        chars = max((len(s) for s in sources if s), default=1) if sources is not None else 0
+        records = np.zeros(len(ids), dtype=row_dtype(vectors.shape[1], chars))
+        records["id"], records["label"] = ids, labels
+        records["vector"], records["image"] = vectors, images
+        if sources is not None:
+            records["source"] = [s or "" for s in sources]
+        base = self.directory / SEGMENTS_DIR
+        base.mkdir(exist_ok=True)
+        segment = Segment(name=self._new_name("s"), rows=len(ids), sealed=False,
+                          has_sources=sources is not None)
+        entry = _durable_file(self.directory / segment.entry,
+                              lambda fh: np.save(fh, records, allow_pickle=False))
+        _fsync_dir(base)
+        return segment, {segment.entry: entry}
 
     def new_encoder(self, model: Any) -> tuple[str, dict[str, FileEntry]]:
         """Save a Keras encoder and its LiteRT export; return the folder and its entries."""
@@ -320,16 +373,16 @@ class BundleWriter:
         parse_manifest(text, "the new manifest")  # never commit what readers would refuse
         versions = self.directory / VERSIONS_DIR
         versions.mkdir(exist_ok=True)
-        _durable_file(versions / f"{manifest.version:08d}.json", lambda fh: fh.write(text.encode()))
-        _fsync_dir(versions)
-        scratch = self.directory / SCRATCH_DIR
-        scratch.mkdir(exist_ok=True)
-        staged = scratch / f"manifest-{secrets.token_hex(4)}.json"
+        # The version's record serves cleaning up only, so it is not flushed: lost in a power
+        # failure, the sweep treats that version's files as unused, which they are by then.
+        (versions / f"{manifest.version:08d}.json").write_text(text, encoding="utf-8")
+        staged = self.directory / f"{_STAGED_PREFIX}{secrets.token_hex(4)}"
         _durable_file(staged, lambda fh: fh.write(text.encode()))
         os.replace(staged, self.directory / MANIFEST)
         _fsync_dir(self.directory)
         self.current = manifest
-        self.collect_garbage()
+        if manifest.version % _SWEEP_EVERY == 0 or manifest.operation in ("build", "compact"):
+            self.collect_garbage()
         return manifest
 
     # ------------------------------------------------------------------------ cleaning up
@@ -338,6 +391,8 @@ class BundleWriter:
         """Remove what writers that died before committing left: scratch files, and files named
         after versions above the current one (or, with no bundle yet, all of the layout)."""
         shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+        for staged in self.directory.glob(f"{_STAGED_PREFIX}*"):
+            _remove(staged)
         current = self.current.version if self.current else 0
         for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
             folder = self.directory / parent
@@ -354,7 +409,7 @@ class BundleWriter:
                 if number is None or number > current:
                     _remove(entry)
 
-    def collect_garbage(self, grace: float = GRACE_SECONDS) -> None:
+    def collect_garbage(self, grace: float = GRACE_SECONDS, force: bool = False) -> None:
         """Remove files no version a reader may still be opening names, and files of the first
         bundle format once a version of this format is current.
 
@@ -370,32 +425,38 @@ class BundleWriter:
         versions = self.directory / VERSIONS_DIR
         numbered = sorted((n, p) for p in versions.iterdir()
                           if (n := _version_number(p)) is not None and n <= current.version)
-        if len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
+        if not force and len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
             return
         keep = [current]
+        expired: list[Path] = []
         for (number, path), (_, successor) in zip(numbered, numbered[1:], strict=False):
             if number == current.version:
                 continue
             if _age(successor) >= grace:
-                _remove(path)
+                expired.append(path)
                 continue
             try:
                 keep.append(parse_manifest(path.read_text(encoding="utf-8"), str(path)))
             except (OSError, LenetEmbedError):
-                _remove(path)
+                expired.append(path)
         referenced: set[str] = set()
         for manifest in keep:
             referenced.update(manifest.files)
-        folders = {name.rsplit("/", 1)[0] for name in referenced}
+        # What sits directly in segments/ or encoders/: a folder, or an unsealed segment's file.
+        entries = {"/".join(name.split("/")[:2]) for name in referenced}
         for parent in (SEGMENTS_DIR, ENCODERS_DIR):
             if (self.directory / parent).is_dir():
                 for entry in (self.directory / parent).iterdir():
-                    if f"{parent}/{entry.name}" not in folders:
+                    if f"{parent}/{entry.name}" not in entries:
                         _remove(entry)
         if (self.directory / DELETIONS_DIR).is_dir():
             for entry in (self.directory / DELETIONS_DIR).iterdir():
                 if f"{DELETIONS_DIR}/{entry.name}" not in referenced:
                     _remove(entry)
+        # The manifests go last: a writer killed during the sweep leaves no file that no kept
+        # manifest names (such files would wait for the next sweep, maybe 20 s away).
+        for path in expired:
+            _remove(path)
 
 
 def check_folder(directory: Path) -> None:
@@ -407,14 +468,33 @@ def check_folder(directory: Path) -> None:
         raise LenetEmbedError(f"{directory}: exists and is not a folder; choose another "
                               "--index-dir")
     found = contents(directory)
-    is_bundle = (directory / MANIFEST).is_file()
+    is_bundle = _holds_a_bundle(directory)
     strangers = [p for p in found.foreign
                  if not (p.is_file() and (is_bundle or p.name in KEPT_FILES))]
+    if not is_bundle:
+        # Named like a bundle's files but no bundle's: a build would replace manifest.json and
+        # remove what looks like format 1.
+        strangers += [p for p in found.ours if p.name == MANIFEST] + found.format_1
     if strangers:
         raise LenetEmbedError(
             f"{directory}: exists and is not an index bundle ({strangers[0].name} is not part "
             "of one); choose another --index-dir or empty that folder"
         )
+
+
+def _holds_a_bundle(directory: Path) -> bool:
+    """Whether ``manifest.json`` is a bundle's (of any format, maybe damaged): it names a
+    ``format_version``, or the folder holds the layout of format 2 beside it."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return False
+    if any((directory / name).is_dir() for name in (VERSIONS_DIR, SEGMENTS_DIR, ENCODERS_DIR)):
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data
 
 
 def _with_commit_time(manifest: Manifest) -> Manifest:
