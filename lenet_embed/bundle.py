@@ -288,9 +288,14 @@ class Manifest:
             lacking = sorted(needed - set(self.files))
             raise ValueError(
                 "its file list does not match its contents"
-                + (f"; unlisted: {', '.join(lacking)}" if lacking else "")
-                + (f"; not needed: {', '.join(extra)}" if extra else "")
+                + (f"; unlisted: {_some(lacking)}" if lacking else "")
+                + (f"; not needed: {_some(extra)}" if extra else "")
             )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _typed_dict(value: Any) -> dict[str, Any]:

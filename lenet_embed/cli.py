@@ -483,11 +483,14 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
               help="TCP port to listen on.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Server processes; each loads the bundle.")
+@click.option("--allowed-host", "allowed_host", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host is NAME (repeatable; '*' for any). By "
+              "default only this machine's own names are answered, which stops DNS rebinding.")
 @click.option("--write-token-file", type=click.Path(dir_okay=False),
               help="Enable POST/DELETE /v1/items for requests with 'Authorization: Bearer "
               "<token>', the token being this file's first line (or $LENET_EMBED_WRITE_TOKEN).")
 def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
-          backend: str, host: str, port: int, workers: int,
+          backend: str, host: str, port: int, workers: int, allowed_host: tuple[str, ...],
           write_token_file: str | None) -> None:
     """Serve the index over HTTP: a JSON API under /v1, and a page to draw digits on at /.
 
@@ -500,4 +503,4 @@ def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: in
     threads = threads or 1
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     run_serve(index, host=host, port=port, workers=workers, threads=threads,
-              write_token_file=write_token_file)
+              write_token_file=write_token_file, allowed_host=list(allowed_host))

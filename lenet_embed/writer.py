@@ -328,8 +328,8 @@ class BundleWriter:
         from .embed import export_litert
 
         folder = self._new_folder(ENCODERS_DIR, "e")
-        model.save(folder / ENCODER_FILE)
-        with self.scratch_tempdir():
+        with self.scratch_tempdir():  # Keras's save stages assets in a temporary folder too
+            model.save(folder / ENCODER_FILE)
             export_litert(model, folder / LITERT_FILE)
         relative = f"{ENCODERS_DIR}/{folder.name}"
         files = {f"{relative}/{name}": _entry(folder / name)
@@ -351,8 +351,9 @@ class BundleWriter:
     @contextlib.contextmanager
     def scratch_tempdir(self) -> Iterator[Path]:
         """Point Python's temporary files into the bundle's scratch folder for a while, so that
-        what a killed writer leaves there (e.g. the LiteRT exporter's SavedModel) is removed by
-        the next writer instead of piling up in the system's temp folder."""
+        what a killed writer leaves there (the assets folder of Keras's save, the LiteRT
+        exporter's SavedModel) is removed by the next writer instead of piling up in the
+        system's temp folder."""
         scratch = self.directory / SCRATCH_DIR
         scratch.mkdir(exist_ok=True)
         saved = tempfile.tempdir

@@ -136,7 +136,7 @@ def open_page(browser, url: str, prepare=None):
         prepare(page)
     try:
         page.goto(url)
-        page.wait_for_function("document.getElementById('info').textContent.length > 0")
+        page.wait_for_function("() => document.getElementById('info').textContent.length > 0")
         yield page
     finally:
         context.close()
@@ -288,7 +288,7 @@ def test_adding_a_drawing_makes_it_its_own_nearest_neighbour(writable_page, writ
     page.fill("#token", TOKEN)
     page.click("#add-button")
     page.wait_for_function(
-        "document.getElementById('add-status').textContent.startsWith('added as id')",
+        "() => document.getElementById('add-status').textContent.startsWith('added as id')",
         timeout=15000)
     assert page.locator("#add-status").inner_text() == (
         f"added as id {new_id} (label 7); the index holds 2,001 items")
@@ -298,7 +298,7 @@ def test_adding_a_drawing_makes_it_its_own_nearest_neighbour(writable_page, writ
     assert (first["label"], first["distance"]) == ("7", 0)
     assert "added" in page.locator("#neighbors li").first.get_attribute("class")
     page.wait_for_function(
-        "document.getElementById('info').textContent.includes('2,001 items')", timeout=15000)
+        "() => document.getElementById('info').textContent.includes('2,001 items')", timeout=15000)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
     # Searching the same drawing afresh finds it first too.
@@ -311,7 +311,7 @@ def test_adding_a_drawing_makes_it_its_own_nearest_neighbour(writable_page, writ
     assert page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") == TOKEN
     assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""
     page.reload()
-    page.wait_for_function("document.getElementById('info').textContent.length > 0")
+    page.wait_for_function("() => document.getElementById('info').textContent.length > 0")
     assert page.locator("#token").input_value() == TOKEN
 
     assert httpx.get(f"{url}{new_src}").status_code == 200
@@ -343,6 +343,6 @@ def test_class_name_bundles_get_a_free_text_label(browser, writable_service):
         page.wait_for_function(ALL_LOADED, timeout=15000)
         page.click("#add-button")
         page.wait_for_function(
-            "document.getElementById('add-status').textContent.includes(\"label 'dog'\")",
+            "() => document.getElementById('add-status').textContent.includes(\"label 'dog'\")",
             timeout=15000)
         assert "whole numbers" in page.locator("#add-status.error").inner_text()

@@ -109,7 +109,11 @@ def test_info_summarises_the_manifest(client, search_index):
     assert info["committed_at"] == manifest.committed_at
     assert info["writes"] is False  # no write token given to create_app
     assert (info["dim"], info["metric"], info["factory"]) == (84, "cosine", "Flat")
-    assert info["dataset"] == manifest.dataset
+    # The data set as in the manifest, less the folders of absolute paths (no server layout
+    # reaches clients): {"source": "IDX files in /x/y/mnist (subset)"} -> ".../mnist (subset)".
+    assert info["dataset"]["kind"] == manifest.dataset["kind"]
+    assert "/" not in json.dumps(info["dataset"], ensure_ascii=False).replace("…/", "")
+    assert info["dataset"]["source"].endswith(manifest.dataset["source"].rsplit("/", 1)[-1])
     assert info["created_at"] == manifest.created_at
     assert info["classes"] == []  # MNIST digits are their own labels
     assert info["encoder"] == "litert"
@@ -1043,3 +1047,46 @@ def test_fuzzed_writes_never_get_a_5xx(bundle_copy, mode):
     fuzz(operations, mode, headers=AUTH)
     if mode is GenerationMode.POSITIVE:
         assert index.version > start  # some of the generated writes were committed
+
+
+# ------------------------------------------------------------------------- exposure
+
+
+def test_every_response_carries_the_security_headers(client):
+    for response in (client.get("/"), client.get("/healthz"), client.get("/nowhere"),
+                     client.post("/v1/search", content=b"")):
+        headers = response.headers
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        csp = headers["content-security-policy"]
+        # The page's own script, style and images, nothing else; never inside a frame.
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert "frame-ancestors 'none'" in csp and "unsafe" not in csp
+
+
+def test_foreign_host_names_are_refused(search_index):
+    from lenet_embed.serve import create_app
+
+    app = create_app(search_index, allowed_hosts=["localhost", "127.0.0.1"])
+    with TestClient(app, base_url="http://localhost:8000") as ok:
+        assert ok.get("/healthz").status_code == 200
+    with TestClient(app, base_url="http://127.0.0.1:8000") as ok:
+        assert ok.get("/healthz").status_code == 200
+    with TestClient(app, base_url="http://rebind.example:8000") as foreign:
+        response = foreign.get("/healthz")
+        assert_error(response, 400, "Host", "--allowed-host")
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_allowed_hosts_by_binding():
+    import socket
+
+    from lenet_embed.serve.process import allowed_hosts
+
+    # Loopback: loopback names only (a DNS-rebinding page sends its own name and is refused).
+    assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "::1", "localhost"]
+    # Every interface: this machine's names too, and what the operator adds; '*' is any.
+    wide = allowed_hosts("0.0.0.0", ["digits.example.org"])
+    assert {"localhost", socket.gethostname().lower(), "digits.example.org"} <= set(wide)
+    assert "0.0.0.0" not in wide
+    assert allowed_hosts("0.0.0.0", ["*"]) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -66,13 +67,15 @@ def _request_body_schema(body_model: type[BaseModel], label: bool = False) -> di
 
 
 def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = None,
-               reload_interval: float | None = None) -> FastAPI:
+               reload_interval: float | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The service for a loaded index. ``threads`` caps FAISS's threads in each search.
 
     Requests, not threads, are the service's parallelism: with one FAISS thread, the searches of
     concurrent requests run batched on one core while the other core parses HTTP. With a
     ``write_token``, ``POST``/``DELETE /v1/items`` add and remove items. The service follows
-    commits made by other processes (see :mod:`.reload`).
+    commits made by other processes (see :mod:`.reload`). ``allowed_hosts`` lists the ``Host``
+    names it answers for (None: any; ``serve`` chooses them, see :func:`.process.allowed_hosts`).
     """
     dim = index.manifest.dim
     # A request waits this long for another process's commit before it answers 503.
@@ -102,7 +105,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(RequestGuard, max_body=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
     install_error_handlers(app)
     static = files("lenet_embed") / "static"
     page = (static / "index.html").read_text(encoding="utf-8")
@@ -133,7 +136,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
             "metric": manifest.metric,
             "factory": manifest.factory,
             "search_params": snapshot.search_params,
-            "dataset": manifest.dataset,
+            "dataset": _without_paths(manifest.dataset),
             "classes": list(manifest.classes),
             "created_at": manifest.created_at,
             "lenet_embed_version": manifest.lenet_embed_version,
@@ -229,6 +232,19 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         return Response(status_code=204)
 
     return app
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` with the folders of absolute paths cut out: the service does not tell its
+    clients how its machine's disk is laid out."""
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, str):
+        return _ABSOLUTE.sub("…/", value)
+    return value
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s/\\]+[/\\])+")
 
 
 def _writing(write: Any) -> Any:

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of the app: the request-body limit and the one-line access log."""
+"""ASGI middleware in front of the app: the request-body limit, the one-line access log, security
+headers on every response, and the allowed ``Host`` names."""
 
 from __future__ import annotations
 
@@ -11,14 +12,29 @@ from .errors import ApiError, error_response
 log = logging.getLogger(__package__)
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+# On every response (OWASP secure headers): the page may load only its own script, style and
+# images, nothing may frame it, and browsers must not guess content types.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+     b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+]
 
 
 class RequestGuard:
-    """ASGI middleware: refuses bodies over the limit (413) and logs one line per request."""
+    """ASGI middleware: refuses a ``Host`` not in ``allowed_hosts`` (400; None allows any),
+    refuses bodies over the limit (413), adds :data:`SECURITY_HEADERS` to every response and
+    logs one line per request."""
 
-    def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES,
+                 allowed_hosts: list[str] | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -41,11 +57,19 @@ class RequestGuard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *SECURITY_HEADERS]}
             await send(message)
 
         received = 0
         try:
-            declared = dict(scope["headers"]).get(b"content-length")
+            headers = dict(scope["headers"])
+            if self.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
+                await error_response(400, "this service does not answer for that Host name; "
+                                          "its operator can allow it with --allowed-host"
+                                     )(scope, receive, status_send)
+                return
+            declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
                 problem = too_large if declared.isdigit() else "malformed Content-Length header"
                 code = 413 if declared.isdigit() else 400
@@ -57,3 +81,13 @@ class RequestGuard:
             path = scope["path"] + (f"?{query}" if query else "")
             elapsed = (time.perf_counter() - started) * 1000
             log.info("%s %s %d %.1f ms", scope["method"], path, status, elapsed)
+
+    def _host_allowed(self, host: bytes | None) -> bool:
+        if host is None:
+            return False
+        name = host.decode("latin-1").strip().lower()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        return name in self.allowed_hosts or "*" in self.allowed_hosts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ class ServiceConfig:
     threads: int = 1
     search_params: dict[str, int] = field(default_factory=dict)
     write_token_file: str | None = None
+    allowed_hosts: list[str] | None = None
 
     def to_json(self) -> str:
         """This configuration as a JSON string."""
@@ -75,11 +77,45 @@ def app_from_env() -> FastAPI:
     _ensure_logging()
     config = ServiceConfig.from_json(text)
     return create_app(config.load(), threads=config.threads,
-                      write_token=read_token(config.write_token_file))
+                      write_token=read_token(config.write_token_file),
+                      allowed_hosts=config.allowed_hosts)
+
+
+_LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address to listen on) reaches this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def allowed_hosts(host: str, extra: list[str] | None = None) -> list[str] | None:
+    """The ``Host`` names the service answers for when listening on ``host``: the loopback names,
+    and beyond loopback this machine's own names and addresses, plus ``extra`` (``*``: any).
+
+    A browser page on another site that gets its name to resolve to this machine (DNS rebinding)
+    sends its own name as ``Host`` and is refused.
+    """
+    extra = list(extra or [])
+    if "*" in extra:
+        return None
+    names = set(_LOOPBACK_NAMES) | {name.lower() for name in extra}
+    if not is_loopback(host):
+        if host not in ("0.0.0.0", "::", ""):
+            names.add(host.lower())
+        hostname = socket.gethostname()
+        names |= {hostname.lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):
+            names |= {info[4][0] for info in socket.getaddrinfo(hostname, None)}
+    return sorted(names)
 
 
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          threads: int = 1, write_token_file: str | None = None) -> None:
+          threads: int = 1, write_token_file: str | None = None,
+          allowed_host: list[str] | None = None) -> None:
     """Serve a loaded index over HTTP until interrupted (``lenet-embed serve``).
 
     Load the index first (``SearchIndex.load``), so a bad bundle is one error line before any
@@ -88,7 +124,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     ``threads`` caps FAISS's threads per search (see :func:`create_app`). Writes are enabled by
     a token in ``write_token_file`` or ``$LENET_EMBED_WRITE_TOKEN`` (see :mod:`.auth`). Every
     process follows commits to the bundle; SIGHUP makes a single process reload at once, and
-    makes uvicorn's supervisor restart its workers.
+    makes uvicorn's supervisor restart its workers. Requests whose ``Host`` is not among
+    :func:`allowed_hosts` (with ``allowed_host`` added) are refused.
     """
     import uvicorn
 
@@ -96,12 +133,18 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     token = read_token(write_token_file)  # a bad token file is an error before any socket opens
     log.info("writes %s", "enabled (POST/DELETE /v1/items need the token)" if token
              else "disabled (start with --write-token-file to enable them)")
+    hosts = allowed_hosts(host, allowed_host)
+    if not is_loopback(host):
+        log.warning("listening on %s: anyone who can reach this machine can search this index%s",
+                    host, "" if token else " (writes stay off without a write token)")
+    log.info("answering for Host: %s", "any" if hosts is None else ", ".join(hosts))
     options: dict[str, Any] = {"host": host, "port": port, "access_log": False,
                                "log_level": "info", "timeout_graceful_shutdown": 5}
     log.info("serving %s (%d items) on http://%s:%d with %d worker(s)",
              index.path, len(index), host, port, workers)
     if workers == 1:
-        uvicorn.run(create_app(index, threads=threads, write_token=token), **options)
+        uvicorn.run(create_app(index, threads=threads, write_token=token, allowed_hosts=hosts),
+                    **options)
         return
     config = ServiceConfig(
         index_dir=str(Path(index.path).resolve()),
@@ -109,6 +152,7 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         threads=threads,
         search_params=dict(index.overrides),
         write_token_file=str(Path(write_token_file).resolve()) if write_token_file else None,
+        allowed_hosts=hosts,
     )
     os.environ[CONFIG_ENV] = config.to_json()
     from uvicorn.supervisors import Multiprocess
