@@ -1,5 +1,6 @@
-"""The on-disk bundle: manifest, round trip, atomic replacement, refusal to clobber foreign
-folders, and every kind of damage detected on load."""
+"""The on-disk bundle, format 2: the manifest and its file list, the layout on disk, commits that
+leave the folder (and anyone's files in it) in place, bundles of format 1, and every kind of
+damage detected on load."""
 
 from __future__ import annotations
 
@@ -7,34 +8,74 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
+from cli_checks import ok, one_line_error
+from PIL import Image
 
-from lenet_embed import LenetEmbedError, SearchIndex, build_index, build_lenet, encoder_of
-from lenet_embed import bundle as bundle_module
+from lenet_embed import LenetEmbedError, SearchIndex, build_index
+from lenet_embed import writer as writer_module
 from lenet_embed.ann import make_index, prepare_vectors
 from lenet_embed.bundle import (
+    DELETIONS_DIR,
     ENCODER_FILE,
+    ENCODERS_DIR,
+    FORMAT_1_FILES,
     FORMAT_VERSION,
     IDS_FILE,
     IMAGES_FILE,
     INDEX_FILE,
     LABELS_FILE,
+    LAYOUT,
+    LITERT_FILE,
     MANIFEST,
-    read_bundle,
+    SEGMENT_FILES,
+    SEGMENTS_DIR,
+    SOURCES_FILE,
+    VECTORS_FILE,
+    VERSIONS_DIR,
+    FileEntry,
+    Manifest,
+    Segment,
     read_manifest,
-    write_bundle,
+    row_dtype,
 )
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.preprocess import scale_pixels
+from lenet_embed.snapshot import inspect_bundle
+from lenet_embed.writer import BundleWriter
+
+SMALL_N = 60
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files_on_disk(directory: Path) -> set[str]:
+    """Every file under the data folders of a bundle, relative to it."""
+    found = set()
+    for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
+        if (directory / parent).is_dir():
+            found.update(p.relative_to(directory).as_posix()
+                         for p in (directory / parent).rglob("*") if p.is_file())
+    return found
+
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones too) and its bytes."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------ the session bundle
@@ -42,22 +83,51 @@ def _sha256(path: Path) -> str:
 
 def test_manifest_fields(built, bundle_dir, bundle_data):
     manifest = read_manifest(bundle_dir)
+    assert isinstance(manifest, Manifest)
     assert manifest == built.manifest
-    assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["lenet_embed_version"] == version("lenet-embed")
-    created = datetime.fromisoformat(manifest["created_at"])
-    assert created.utcoffset() == timedelta(0)
-    assert abs(datetime.now(timezone.utc) - created) < timedelta(hours=1)
-    assert manifest["dim"] == 84
-    assert (manifest["metric"], manifest["factory"]) == ("cosine", "Flat")
-    assert manifest["count"] == len(bundle_data.train)
-    assert manifest["dataset"] == {"kind": "idx", "source": bundle_data.source, "split": "train"}
-    assert manifest["classes"] == [] and manifest["search_params"] == {}
-    assert manifest["encoder_sha256"] == _sha256(bundle_dir / ENCODER_FILE)
-    on_disk = {p.name for p in bundle_dir.iterdir()} - {MANIFEST}
-    assert set(manifest["files"]) == on_disk
-    for name, digest in manifest["files"].items():
-        assert digest == _sha256(bundle_dir / name), name
+    n = len(bundle_data.train)
+    assert manifest.format_version == FORMAT_VERSION == 2
+    assert (manifest.version, manifest.operation) == (1, "build")
+    assert manifest.lenet_embed_version == version("lenet-embed")
+    for stamp in (manifest.created_at, manifest.committed_at):
+        when = datetime.fromisoformat(stamp)
+        assert when.utcoffset() == timedelta(0)
+        assert abs(datetime.now(timezone.utc) - when) < timedelta(hours=1)
+    assert manifest.created_at <= manifest.committed_at
+    assert (manifest.dim, manifest.metric, manifest.factory) == (84, "cosine", "Flat")
+    assert (manifest.count, manifest.rows, manifest.next_id, manifest.deleted) == (n, n, n, 0)
+    assert manifest.deletions is None
+    assert manifest.dataset == {"kind": "idx", "source": bundle_data.source, "split": "train"}
+    assert manifest.classes == [] and manifest.search_params == {}
+    assert manifest.target_recall is None
+    (segment,) = manifest.segments
+    assert isinstance(segment, Segment)
+    assert (segment.rows, segment.sealed, segment.has_sources) == (n, True, False)
+    assert re.fullmatch(r"s00000001-[0-9a-f]+", segment.name)
+    assert re.fullmatch(rf"{ENCODERS_DIR}/e00000001-[0-9a-f]+", manifest.encoder)
+    assert manifest.encoder_path == f"{manifest.encoder}/{ENCODER_FILE}"
+    assert manifest.litert_path == f"{manifest.encoder}/{LITERT_FILE}"
+    assert manifest.encoder_sha256 == _sha256(bundle_dir / manifest.encoder_path)
+    # The JSON on disk is exactly the dataclass, with the documented field names.
+    on_disk = json.loads((bundle_dir / MANIFEST).read_text())
+    assert on_disk == manifest.to_dict()
+    assert set(on_disk) == {f.name for f in fields(Manifest)}
+    assert (bundle_dir / VERSIONS_DIR / "00000001.json").read_text() == (
+        bundle_dir / MANIFEST).read_text()
+
+
+def test_file_list_covers_exactly_the_structure(bundle_dir):
+    manifest = read_manifest(bundle_dir)
+    expected = {manifest.encoder_path, manifest.litert_path,
+                *(f"{SEGMENTS_DIR}/{manifest.segments[0].name}/{name}"
+                  for name in (*SEGMENT_FILES, INDEX_FILE))}
+    assert set(manifest.files) == manifest.required_files() == expected
+    assert _files_on_disk(bundle_dir) == expected  # nothing on disk the manifest does not name
+    for name, entry in manifest.files.items():
+        assert isinstance(entry, FileEntry)
+        assert entry.bytes == (bundle_dir / name).stat().st_size, name
+        assert entry.sha256 == _sha256(bundle_dir / name), name
+    assert {p.name for p in bundle_dir.iterdir()} <= LAYOUT
 
 
 def test_build_summary(built, bundle_data):
@@ -65,38 +135,59 @@ def test_build_summary(built, bundle_data):
     assert summary["count"] == len(bundle_data.train)
     assert (summary["dim"], summary["metric"], summary["factory"]) == (84, "cosine", "Flat")
     assert summary["skipped"] == 0 and summary["index_dir"] == built.path
+    assert summary["version"] == 1 and summary["search_params"] == {}
 
 
-def test_bundle_contents(bundle_dir, bundle_data, trained):
-    bundle = read_bundle(bundle_dir)
-    assert bundle.labels.dtype == np.int64 and bundle.ids.dtype == np.int64
-    assert np.array_equal(bundle.labels, bundle_data.train.labels)
-    assert np.array_equal(bundle.ids, np.arange(len(bundle_data.train)))
-    assert bundle.sources is None and bundle.classes == []
-    assert np.array_equal(bundle.images, bundle_data.train.images)  # as the encoder saw them
-    # Row i holds the (normalised, for cosine) embedding of training image i.
-    stored = bundle.index.reconstruct_n(0, bundle.index.ntotal)
+def test_segment_files_and_what_loads(bundle_dir, bundle_data, trained, search_index):
+    manifest = read_manifest(bundle_dir)
+    folder = bundle_dir / manifest.segments[0].entry
+    assert folder == bundle_dir / SEGMENTS_DIR / manifest.segments[0].name  # sealed: a folder
+    n = len(bundle_data.train)
+    arrays = {name: np.load(folder / name, allow_pickle=False) for name in SEGMENT_FILES}
+    assert arrays[VECTORS_FILE].dtype == np.float32 and arrays[VECTORS_FILE].shape == (n, 84)
+    assert arrays[IDS_FILE].dtype == np.int64 and arrays[LABELS_FILE].dtype == np.int64
+    assert arrays[IMAGES_FILE].dtype == np.uint8 and arrays[IMAGES_FILE].shape == (n, 28, 28)
+    assert np.array_equal(arrays[IDS_FILE], np.arange(n))
+    assert np.array_equal(arrays[LABELS_FILE], bundle_data.train.labels)
+    assert np.array_equal(arrays[IMAGES_FILE], bundle_data.train.images)  # as the encoder saw them
+    # Row i holds the L2-normalised (cosine) embedding of training image i, in both the vectors
+    # file and the FAISS index.
     embeddings = KerasEncoder.load(trained.encoder).embed(scale_pixels(bundle_data.train.images))
     expected = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    assert np.abs(stored - expected).max() <= 1e-5
+    assert np.abs(arrays[VECTORS_FILE] - expected).max() <= 1e-5
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    assert index.ntotal == n and np.array_equal(index.reconstruct_n(0, n), arrays[VECTORS_FILE])
+    # What a SearchIndex loads is what is on disk.
+    snapshot = search_index.snapshot
+    assert snapshot.manifest == manifest and len(snapshot.segments) == 1
+    assert np.array_equal(snapshot.ids, arrays[IDS_FILE])
+    assert np.array_equal(snapshot.labels, arrays[LABELS_FILE]) and snapshot.live.all()
+    assert snapshot.sources(snapshot.live_rows()) is None
+    assert np.array_equal(snapshot.images(np.arange(n)), bundle_data.train.images)
     # The bundle's own encoder is the trained one.
-    bundled = KerasEncoder.load(bundle.encoder_path).embed(scale_pixels(bundle_data.test.images))
+    bundled = KerasEncoder.load(bundle_dir / manifest.encoder_path).embed(
+        scale_pixels(bundle_data.test.images))
     reference = KerasEncoder.load(trained.encoder).embed(scale_pixels(bundle_data.test.images))
     assert np.abs(bundled - reference).max() <= 1e-6
 
 
 def test_build_from_an_encoder_file(trained, bundle_dir, bundle_data, tmp_path):
-    """``--model`` may be the encoder file as well as the classifier: same vectors."""
+    """``--model`` may be the encoder file as well as the classifier: same vectors. A first build
+    creates missing parent folders, with ordinary permissions."""
     n = 300
     progress = []
-    result = build_index(data=bundle_data.head(n, 10), model=trained.encoder,
-                         index_dir=tmp_path / "index",
+    target = tmp_path / "nested" / "index"
+    result = build_index(data=bundle_data.head(n, 10), model=trained.encoder, index_dir=target,
                          on_progress=lambda done, total: progress.append((done, total)))
-    assert result.manifest["count"] == n
+    assert result.manifest.count == n
     assert progress and progress[-1] == (n, n)
-    ours = read_bundle(tmp_path / "index").index.reconstruct_n(0, n)
-    session = read_bundle(bundle_dir).index.reconstruct_n(0, n)
+    ours = SearchIndex.load(target).snapshot.vectors(np.arange(n))
+    session = SearchIndex.load(bundle_dir).snapshot.vectors(np.arange(n))
     assert np.abs(ours - session).max() <= 1e-6
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # like a plain mkdir, not private
+    assert sorted(p.name for p in target.parent.iterdir()) == ["index"]
 
 
 def test_build_with_a_missing_model(bundle_data, tmp_path):
@@ -106,68 +197,182 @@ def test_build_with_a_missing_model(bundle_data, tmp_path):
     assert not (tmp_path / "index").exists()
 
 
-# -------------------------------------------------------------- writing bundles directly
+def test_missing_bundle(tmp_path):
+    missing = tmp_path / "nothing"
+    for load in (read_manifest, SearchIndex.load, inspect_bundle):
+        with pytest.raises(LenetEmbedError, match="no index bundle there"):
+            load(missing)
+    from lenet_embed.updates import compact, remove
+
+    for write in (lambda: remove(missing, [1]), lambda: compact(missing)):
+        with pytest.raises(LenetEmbedError, match="no index bundle there"):
+            write()
+    assert not missing.exists()  # writers never create a folder to find no bundle in it
+
+
+# ------------------------------------------------------------- commits keep the folder
 
 
 @pytest.fixture
-def parts(trained, bundle_data):
-    """Everything write_bundle needs, from 50 real digits and the session encoder (fresh per test,
-    so tests may break its methods)."""
-    encoder = KerasEncoder.load(trained.encoder)
-    pixels = scale_pixels(bundle_data.train.images[:50])
-    vectors = encoder.embed(pixels)
-    return {
-        "index": make_index(vectors, "l2"),
-        "labels": bundle_data.train.labels[:50],
-        "ids": np.arange(100, 150),
-        "images": bundle_data.train.images[:50],
-        "encoder": encoder.model,
-        "metric": "l2",
-        "factory": "Flat",
-        "dataset": {"kind": "test", "n": 50},
-        "vectors": vectors,
-    }
+def small_build(trained, bundle_data):
+    """``small_build(index_dir)``: a 60-digit bundle, quick to build."""
+    def build(index_dir: Path, **options):
+        return build_index(data=bundle_data.head(SMALL_N, 10), model=trained.model,
+                           index_dir=index_dir, **options)
+    return build
 
 
-def _write(directory: Path, parts: dict, **overrides):
-    kwargs = {k: v for k, v in parts.items() if k != "vectors"}
-    kwargs.update(overrides)
-    return write_bundle(directory, **kwargs)
-
-
-def test_write_and_read_round_trip(parts, tmp_path):
-    target = tmp_path / "nested" / "index"
-    sources = [f"/pictures/{i}.png" for i in range(50)]
-    manifest = _write(target, parts, classes=["a", "b"], sources=sources,
-                      search_params={"efSearch": 16})
-    bundle = read_bundle(target)
-    assert bundle.manifest == manifest == read_manifest(target)
-    assert np.array_equal(bundle.labels, parts["labels"])
-    assert np.array_equal(bundle.ids, parts["ids"])
-    assert np.array_equal(bundle.images, parts["images"]) and bundle.images.dtype == np.uint8
-    assert bundle.sources == sources and bundle.classes == ["a", "b"]
-    assert manifest["search_params"] == {"efSearch": 16}
-    assert manifest["dataset"] == parts["dataset"]
-    stored = bundle.index.reconstruct_n(0, 50)
-    assert np.array_equal(stored, prepare_vectors(parts["vectors"], "l2"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # like a plain mkdir, not private
-    assert sorted(p.name for p in target.parent.iterdir()) == ["index"]
-
-
-def test_replacing_keeps_readme_and_leaves_nothing_behind(parts, tmp_path):
+def test_readme_and_own_files_survive_every_commit(small_build, bundle_data, tmp_path):
     target = tmp_path / "index"
     target.mkdir()
     (target / "README.md").write_text("# what this folder is\n")
     (target / ".gitkeep").write_text("")
-    _write(target, parts, dataset={"kind": "first"})
-    _write(target, parts, dataset={"kind": "second"})
-    assert (target / "README.md").read_text() == "# what this folder is\n"
-    assert (target / ".gitkeep").is_file()
-    assert read_bundle(target).manifest["dataset"] == {"kind": "second"}
-    assert "README.md" not in read_manifest(target)["files"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    small_build(target)
+    (target / "notes.txt").write_text("mine\n")  # a bundle's folder may hold anyone's files
+    kept = {"README.md": b"# what this folder is\n", ".gitkeep": b"", "notes.txt": b"mine\n"}
+
+    def check(operation: str, version: int) -> None:
+        manifest = read_manifest(target)
+        assert (manifest.operation, manifest.version) == (operation, version)
+        for name, content in kept.items():
+            assert (target / name).read_bytes() == content, (operation, name)
+            assert not any(name in f for f in manifest.files)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+    check("build", 1)
+    index = SearchIndex.load(target)
+    (new_id,) = index.add(bundle_data.test.images[:1], labels=[7])
+    check("add", 2)
+    assert index.remove([new_id, 0]) == 2
+    check("remove", 3)
+    index.compact()
+    check("compact", 4)
+    small_build(target, metric="l2")
+    check("build", 5)  # a rebuild continues the count
+    assert SearchIndex.load(target).metric == "l2"
+
+
+def test_rebuild_keeps_the_path_and_readers_never_miss_it(small_build, tmp_path):
+    target = tmp_path / "index"
+    first = small_build(target).manifest
+    inode = target.stat().st_ino
+    seen: list[int] = []
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                seen.append(read_manifest(target).version)
+            except Exception as exc:  # noqa: BLE001 - any failure to read is what we look for
+                errors.append(exc)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        second = small_build(target, factory="HNSW32").manifest
+    finally:
+        done.set()
+        watcher.join()
+    assert errors == []
+    assert seen and set(seen) <= {first.version, second.version}
+    assert second.version == first.version + 1 and second.factory == "HNSW32"
+    assert target.stat().st_ino == inode  # the same folder, committed into
+    assert second.encoder != first.encoder
+    assert not set(second.files) & set(first.files)  # every file of a version is new
+    assert SearchIndex.load(target).version == second.version
+
+
+WEB_MANIFEST = b'{"name": "my app", "start_url": "/"}'
+NOT_BUNDLES = {
+    "notes": {"notes.txt": b"my notes\n"},
+    "a web app": {MANIFEST: WEB_MANIFEST, "index.html": b"<html></html>"},
+    "a manifest.json of someone else's": {MANIFEST: WEB_MANIFEST},
+    "someone's arrays": {LABELS_FILE: b"my labels", IMAGES_FILE: b"my images"},
+    "arrays and a manifest": {MANIFEST: WEB_MANIFEST, INDEX_FILE: b"my index"},
+}
+
+
+@pytest.mark.parametrize("files", NOT_BUNDLES.values(), ids=NOT_BUNDLES)
+def test_refuses_a_folder_that_is_not_a_bundle(small_build, run, tmp_path, bundle_data, files,
+                                               tiny_idx_dir, trained):
+    """Files named like a bundle's (manifest.json, or the flat files of format 1) in a folder
+    whose manifest is not a bundle's belong to someone: a build would replace or remove them."""
+    target = tmp_path / "precious"
+    target.mkdir()
+    for name, content in files.items():
+        (target / name).write_bytes(content)
+    before = _listing(target)
+    png = tmp_path / "x.png"
+    Image.fromarray(bundle_data.test.images[0]).save(png)
+    with pytest.raises(LenetEmbedError, match=re.escape(str(target))) as caught:
+        small_build(target)
+    assert "not an index bundle" in str(caught.value)
+    assert re.search(r"\((.+) is not part of one\)", str(caught.value)).group(1) in files
+    line = one_line_error(run("build-index", "--data", tiny_idx_dir, "--model", trained.model,
+                              "--index-dir", target))
+    assert str(target) in line and "not an index bundle" in line
+    for args in (("add", "--label", 3, "--index-dir", target, png),
+                 ("remove", 1, "--index-dir", target),
+                 ("compact", "--index-dir", target),
+                 ("info", "--index-dir", target)):
+        assert str(target) in one_line_error(run(*args))
+    assert _listing(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "precious", "x.png"]
+
+
+def test_refuses_a_file(small_build, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(LenetEmbedError, match="not a folder"):
+        small_build(a_file)
+    assert a_file.read_text() == "x"
+
+
+def test_an_empty_folder_is_fine(small_build, tmp_path):
+    (tmp_path / "index").mkdir()
+    small_build(tmp_path / "index")
+    assert read_manifest(tmp_path / "index").count == SMALL_N
+
+
+def test_writer_commit_round_trip(bundle_copy, bundle_data, search_index):
+    """A commit through BundleWriter: a sealed segment with sources; what loads is what was
+    written, and a manifest that readers would refuse is never committed."""
+    images, labels = bundle_data.test.images[:10], bundle_data.test.labels[:10]
+    vectors = prepare_vectors(search_index.embed(images), "cosine")
+    sources = [f"/pictures/{i}.png" for i in range(len(images))]
+    with BundleWriter(bundle_copy) as writer:
+        current = writer.current
+        assert current == read_manifest(bundle_copy) and writer.next_version == 2
+        ids = np.arange(current.next_id, current.next_id + len(images))
+        segment, files = writer.new_segment(
+            vectors=vectors, ids=ids, labels=labels, images=images, sources=sources,
+            index=make_index(vectors, "cosine"))
+        assert segment.sealed and segment.has_sources and segment.rows == len(images)
+        manifest = current.next("add", segments=[*current.segments, segment],
+                                files={**current.files, **files}, count=current.count + 10,
+                                rows=current.rows + 10, next_id=current.next_id + 10)
+        with pytest.raises(ValueError, match="next version"):
+            writer.commit(replace(manifest, version=7))
+        unlisted = dict(manifest.files)
+        del unlisted[segment.file(SOURCES_FILE)]
+        with pytest.raises(LenetEmbedError, match="file list does not match"):
+            writer.commit(replace(manifest, files=unlisted))
+        assert read_manifest(bundle_copy).version == 1
+        committed = writer.commit(manifest)
+    assert committed == read_manifest(bundle_copy) and committed.version == 2
+    assert committed.committed_at >= manifest.committed_at
+    assert (bundle_copy / VERSIONS_DIR / "00000002.json").read_text() == (
+        bundle_copy / MANIFEST).read_text()
+    assert not (bundle_copy / ".tmp").exists()
+    index = SearchIndex.load(bundle_copy)
+    found = index.search(images, k=1)
+    assert [row[0].id for row in found] == ids.tolist()
+    assert [row[0].source for row in found] == sources
+    assert [row[0].label for row in found] == labels.tolist()
+    assert max(row[0].distance for row in found) <= 1e-5
+    assert index.item_image(int(ids[3])).tolist() == images[3].tolist()
 
 
 def _fail(*args, **kwargs):
@@ -178,103 +383,349 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("where", ["faiss.write_index", "encoder.save", "rename into place"])
+@pytest.mark.parametrize("where", ["index file", "manifest replace"])
 @pytest.mark.parametrize("error", [_fail, _interrupt], ids=["error", "interrupt"])
-def test_failed_write_keeps_previous_bundle(parts, tmp_path, monkeypatch, where, error):
+def test_failed_build_keeps_the_previous_version(small_build, tmp_path, monkeypatch, where,
+                                                 error):
     target = tmp_path / "index"
     target.mkdir()
     (target / "README.md").write_text("docs\n")
-    _write(target, parts, dataset={"kind": "first"})
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-
-    if where == "faiss.write_index":
-        monkeypatch.setattr(bundle_module.faiss, "write_index", error)
-    elif where == "encoder.save":
-        monkeypatch.setattr(parts["encoder"], "save", error)
+    small_build(target)
+    before = _listing(target)
+    if where == "index file":
+        monkeypatch.setattr(writer_module.faiss, "write_index", error)
     else:
-        real_rename = os.rename
+        real_replace = os.replace
 
-        def rename(src, dst):
-            if Path(src).name.startswith(".index.building-"):
+        def replace(src, dst):
+            if Path(dst).name == MANIFEST:
                 error()
-            real_rename(src, dst)
+            real_replace(src, dst)
 
-        monkeypatch.setattr(bundle_module.os, "rename", rename)
-
+        monkeypatch.setattr(writer_module.os, "replace", replace)
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
-        _write(target, parts, dataset={"kind": "second"})
+        small_build(target, metric="l2")
     monkeypatch.undo()
 
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert read_bundle(target).manifest["dataset"] == {"kind": "first"}
+    # A failed writer removes what it wrote: the folder is as it was, to the byte.
+    assert _listing(target) == before
+    assert read_manifest(target).version == 1
+    assert SearchIndex.load(target).metric == "cosine"
+    assert _files_on_disk(target) == set(read_manifest(target).files)
+    assert SearchIndex.load(target).remove([0]) == 1  # and the next writer gets in
+    assert read_manifest(target).version == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
-def test_refuses_to_replace_a_foreign_folder(parts, tmp_path):
-    target = tmp_path / "precious"
-    target.mkdir()
-    (target / "notes.txt").write_text("my notes\n")
-    with pytest.raises(LenetEmbedError, match=re.escape(str(target))):
-        _write(target, parts)
-    assert [p.name for p in target.iterdir()] == ["notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
-
-    a_file = tmp_path / "file"
-    a_file.write_text("x")
-    with pytest.raises(LenetEmbedError, match="not a folder"):
-        _write(a_file, parts)
-    assert a_file.read_text() == "x"
+# ------------------------------------------------------------------------- format 1
 
 
-def test_an_empty_folder_is_fine(parts, tmp_path):
-    (tmp_path / "index").mkdir()
-    _write(tmp_path / "index", parts)
-    assert read_manifest(tmp_path / "index")["count"] == 50
+def _format_1_bundle(directory: Path, source: Path, bundle_data) -> None:
+    """A bundle as lenet-embed wrote it before format 2: one flat folder."""
+    directory.mkdir()
+    n = 20
+    vectors = np.random.default_rng(0).normal(size=(n, 84)).astype(np.float32)
+    faiss.write_index(make_index(vectors, "cosine"), str(directory / INDEX_FILE))
+    np.save(directory / LABELS_FILE, bundle_data.train.labels[:n].astype(np.int64))
+    np.save(directory / IDS_FILE, np.arange(n, dtype=np.int64))
+    np.save(directory / IMAGES_FILE, bundle_data.train.images[:n])
+    manifest = read_manifest(source)
+    shutil.copy(source / manifest.encoder_path, directory / ENCODER_FILE)
+    shutil.copy(source / manifest.litert_path, directory / LITERT_FILE)
+    files = [INDEX_FILE, LABELS_FILE, IDS_FILE, IMAGES_FILE, LITERT_FILE]
+    (directory / MANIFEST).write_text(json.dumps({
+        "format_version": 1, "created_at": "2024-05-01T12:00:00+00:00",
+        "lenet_embed_version": "0.0.9", "dim": 84, "metric": "cosine", "factory": "Flat",
+        "count": n, "dataset": {"kind": "idx"}, "classes": [], "search_params": {},
+        "encoder_sha256": _sha256(directory / ENCODER_FILE),
+        "encoder_litert_sha256": _sha256(directory / LITERT_FILE),
+        "files": {name: _sha256(directory / name) for name in files},
+    }))
+    (directory / "README.md").write_text("docs\n")
+
+
+def test_a_format_1_bundle_asks_for_a_rebuild_and_build_index_replaces_it(
+        run, bundle_dir, bundle_data, trained, tmp_path, tiny_idx_dir):
+    target = tmp_path / "index"
+    _format_1_bundle(target, bundle_dir, bundle_data)
+    before = _listing(target)
+    expected = (f"{target / MANIFEST}: bundle format 1 is not supported by this lenet-embed "
+                "(format 2); rebuild it with `lenet-embed build-index`")
+    with pytest.raises(LenetEmbedError) as caught:
+        SearchIndex.load(target)
+    assert str(caught.value) == expected
+    png = tmp_path / "digit.png"
+    Image.fromarray(bundle_data.test.images[0]).save(png)
+    for args in (("info", "--index-dir", target), ("query", png, "--index-dir", target),
+                 ("add", png, "--index-dir", target), ("remove", 1, "--index-dir", target),
+                 ("compact", "--index-dir", target)):
+        assert one_line_error(run(*args)) == f"Error: {expected}"
+    # Nothing but a build touches it (a writer may leave its lock file, part of the layout).
+    assert {k: v for k, v in _listing(target).items() if k != ".lock"} == before
+
+    ok(run("build-index", "--data", tiny_idx_dir, "--model", trained.model, "--index-dir",
+           target))
+    names = {p.name for p in target.iterdir()}
+    assert not names & FORMAT_1_FILES  # the old flat files are gone
+    assert names - LAYOUT == {"README.md"}
+    assert (target / "README.md").read_text() == "docs\n"
+    manifest = read_manifest(target)
+    assert (manifest.format_version, manifest.version, manifest.count) == (2, 1, 600)
+    assert _files_on_disk(target) == set(manifest.files)
+    assert len(SearchIndex.load(target).search(png, k=3)[0]) == 3
 
 
 # --------------------------------------------------------------------------- damage on load
 
 
-def _edit_manifest(directory: Path, **changes) -> None:
-    manifest = json.loads((directory / MANIFEST).read_text())
-    manifest.update(changes)
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+@pytest.fixture(scope="module")
+def rich_bundle(bundle_dir, bundle_data, tmp_path_factory) -> Path:
+    """Every kind of file a bundle has: the session bundle with three added digits compacted into
+    it (a sealed segment with sources.json), three more added (an unsealed segment: one file of
+    records, with sources) and two items removed (a deletions file)."""
+    target = Path(shutil.copytree(bundle_dir, tmp_path_factory.mktemp("rich") / "index"))
+    index = SearchIndex.load(target)
+    digits = bundle_data.test.images
+    index.add(digits[:3], labels=[7, 2, 1], sources=["/a/7.png", None, "/a/1.png"])
+    index.compact()
+    added = index.add(digits[3:6], labels=[0, None, 4], sources=["/b/0.png", "/b/x.png", None])
+    index.remove([5, int(added[1])])
+    return target
 
 
-def _tamper_labels(d: Path) -> str:
-    labels = np.load(d / LABELS_FILE)
-    labels[0] = (labels[0] + 1) % 10
-    np.save(d / LABELS_FILE, labels)
-    return f"{d / LABELS_FILE}: checksum"
+@pytest.fixture
+def rich(rich_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(rich_bundle, tmp_path / "index"))
 
 
-def _replace_encoder(d: Path) -> str:
-    encoder_of(build_lenet("sequential")).save(d / ENCODER_FILE)
-    return f"{d / ENCODER_FILE}: fingerprint"
+def test_rich_bundle_structure(rich_bundle, bundle_data):
+    manifest = read_manifest(rich_bundle)
+    n = len(bundle_data.train)
+    assert (manifest.version, manifest.operation) == (5, "remove")
+    assert (manifest.rows, manifest.count, manifest.deleted, manifest.next_id) == (
+        n + 6, n + 4, 2, n + 6)
+    sealed, added = manifest.segments
+    assert (sealed.sealed, sealed.has_sources, sealed.rows) == (True, True, n + 3)
+    assert (added.sealed, added.has_sources, added.rows) == (False, True, 3)
+    assert added.entry == f"{SEGMENTS_DIR}/{added.name}.npy" and added.files() == [added.entry]
+    assert re.fullmatch(rf"{DELETIONS_DIR}/d00000005-[0-9a-f]+\.npy", manifest.deletions)
+    assert set(manifest.files) == manifest.required_files()
+    assert set(manifest.files) <= _files_on_disk(rich_bundle)
+    assert np.load(rich_bundle / manifest.deletions).tolist() == [5, n + 4]
+    sources = json.loads((rich_bundle / sealed.file(SOURCES_FILE)).read_text())
+    assert sources == [None] * n + ["/a/7.png", None, "/a/1.png"]
+    records = np.load(rich_bundle / added.entry, allow_pickle=False)
+    assert records.dtype == row_dtype(84, records.dtype["source"].itemsize // 4)
+    assert records["id"].tolist() == [n + 3, n + 4, n + 5]
+    assert records["label"].tolist() == [0, -1, 4]
+    assert records["source"].tolist() == ["/b/0.png", "/b/x.png", ""]
+    assert np.array_equal(records["image"], bundle_data.test.images[3:6])
+    snapshot = SearchIndex.load(rich_bundle).snapshot
+    assert snapshot.sources(np.array([n, n + 1, n + 3, n + 5])) == [
+        "/a/7.png", None, "/b/0.png", None]
 
 
-def _delete_encoder(d: Path) -> str:
-    (d / ENCODER_FILE).unlink()
-    return f"{d / ENCODER_FILE}: missing"
+def _path(d: Path, kind: str) -> Path:
+    """A file of the rich bundle: ``sealed/<file>``, ``added`` (the records), ``encoder/<file>``
+    or ``deletions``."""
+    manifest = read_manifest(d)
+    if kind == "deletions":
+        return d / manifest.deletions
+    if kind == "added":
+        return d / manifest.segments[1].entry
+    where, name = kind.split("/")
+    if where == "encoder":
+        return d / manifest.encoder / name
+    return d / manifest.segments[0].file(name)
 
 
-def _delete_ids(d: Path) -> str:
-    (d / IDS_FILE).unlink()
-    return f"{d / IDS_FILE}: missing"
+def _edit_manifest(d: Path, edit) -> None:
+    data = json.loads((d / MANIFEST).read_text())
+    edit(data)
+    (d / MANIFEST).write_text(json.dumps(data))
 
 
-def _truncate_images(d: Path) -> str:
-    images = np.load(d / IMAGES_FILE)
-    np.save(d / IMAGES_FILE, images[:-1])
-    files = read_manifest(d)["files"]
-    files[IMAGES_FILE] = _sha256(d / IMAGES_FILE)  # consistent checksum: only the count differs
-    _edit_manifest(d, files=files)
-    return f"{d}: index, labels and ids disagree"
+def _rehash(d: Path, path: Path) -> None:
+    """Make the manifest agree with a file again, so only a deeper check can tell."""
+    name = path.relative_to(d).as_posix()
+
+    def edit(data):
+        data["files"][name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _edit_manifest(d, edit)
+
+
+ALL_FILES = [f"sealed/{name}" for name in (*SEGMENT_FILES, INDEX_FILE, SOURCES_FILE)] + [
+    "added", f"encoder/{ENCODER_FILE}", f"encoder/{LITERT_FILE}", "deletions"]
+
+
+def _flip_byte(kind: str):
+    def damage(d: Path) -> str:
+        path = _path(d, kind)
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+        return f"{path}: does not match {MANIFEST} (size or checksum)"
+    damage.__name__ = f"flipped byte in {kind}"
+    return damage
+
+
+def _truncate(kind: str):
+    def damage(d: Path) -> str:
+        path = _path(d, kind)
+        path.write_bytes(path.read_bytes()[:-16])
+        return f"{path}: does not match {MANIFEST} (size or checksum)"
+    damage.__name__ = f"truncated {kind}"
+    return damage
+
+
+def _missing(kind: str):
+    def damage(d: Path) -> str:
+        path = _path(d, kind)
+        path.unlink()
+        return f"{path}: missing from the bundle"
+    damage.__name__ = f"missing {kind}"
+    return damage
+
+
+def _rewrite_array(kind: str, change, name: str, expected: str):
+    """Replace an array file with ``change(array)`` and fix its checksum; ``expected`` is the
+    error, with {where} for the segment (its folder, or its records file) and {d} the bundle."""
+    def damage(d: Path) -> str:
+        path = _path(d, kind)
+        array = change(np.load(path, allow_pickle=False))
+        with open(path, "wb") as fh:
+            np.save(fh, array, allow_pickle=array.dtype == object)
+        _rehash(d, path)
+        where = path if kind == "added" else path.parent
+        return expected.format(where=where, d=d)
+    damage.__name__ = f"{name} in {kind}"
+    return damage
+
+
+DISAGREE = "{where}: arrays disagree with {where.stem}'s entry in the manifest"
+UNREADABLE = "{where}: unreadable segment"
+ORDER = "{d}: item ids are not in increasing order"
+COUNT = "{d}: removed ids disagree with the manifest's count"
+
+
+def _swap_first_ids(ids: np.ndarray) -> np.ndarray:
+    ids = ids.copy()
+    ids[[0, 1]] = ids[[1, 0]]
+    return ids
+
+
+def _records(change):
+    """A change to an unsealed segment's records."""
+    def apply(records: np.ndarray) -> np.ndarray:
+        records = records.copy()
+        change(records)
+        return records
+    return apply
+
+
+def _records_as(dtype_of):
+    """The records converted to another record layout."""
+    def apply(records: np.ndarray) -> np.ndarray:
+        dtype = dtype_of(records)
+        out = np.zeros(len(records), dtype=dtype)
+        for name in dtype.names:
+            if name == "vector":
+                out[name] = records[name][:, : dtype[name].shape[0]]
+            else:
+                out[name] = records[name]
+        return out
+    return apply
+
+
+def _sources_of_wrong_length(d: Path) -> str:
+    path = _path(d, f"sealed/{SOURCES_FILE}")
+    path.write_text(json.dumps(json.loads(path.read_text())[:-1]))
+    _rehash(d, path)
+    return f"{path.parent}: arrays disagree with"
+
+
+def _garbage_index(d: Path) -> str:
+    path = _path(d, f"sealed/{INDEX_FILE}")
+    path.write_bytes(b"garbage, not a FAISS index" * 10)
+    _rehash(d, path)
+    return f"{path}: unreadable"
+
+
+def _index_of_other_rows(d: Path) -> str:
+    path = _path(d, f"sealed/{INDEX_FILE}")
+    vectors = np.load(_path(d, f"sealed/{VECTORS_FILE}"))
+    faiss.write_index(make_index(vectors[:-1], "cosine"), str(path))
+    _rehash(d, path)
+    return f"{path.parent}: arrays disagree with"
+
+
+def _count_off_by_one(d: Path) -> str:
+    _edit_manifest(d, lambda data: data.update(count=data["count"] + 1))
+    return f"{d}: removed ids disagree with the manifest's count"
+
+
+def _rows_off_by_one(d: Path) -> str:
+    _edit_manifest(d, lambda data: data["segments"][1].update(rows=4))
+    return "count and rows disagree with the segments"
+
+
+def _deletions_dropped(d: Path) -> str:
+    def edit(data):
+        del data["files"][data["deletions"]]
+        data["deletions"] = None
+    _edit_manifest(d, edit)
+    return "removed rows need a deletions file"
+
+
+def _entry_dropped(d: Path) -> str:
+    name = _path(d, f"sealed/{LABELS_FILE}").relative_to(d).as_posix()
+    _edit_manifest(d, lambda data: data["files"].pop(name))
+    return f"its file list does not match its contents; unlisted: {name}"
+
+
+def _records_entry_dropped(d: Path) -> str:
+    name = _path(d, "added").relative_to(d).as_posix()
+    _edit_manifest(d, lambda data: data["files"].pop(name))
+    return f"its file list does not match its contents; unlisted: {name}"
+
+
+def _entry_added(d: Path) -> str:
+    extra = _path(d, f"sealed/{LABELS_FILE}").with_name("extra.npy")
+    shutil.copy(_path(d, f"sealed/{LABELS_FILE}"), extra)
+    name = extra.relative_to(d).as_posix()
+    _edit_manifest(d, lambda data: data["files"].update(
+        {name: {"bytes": extra.stat().st_size, "sha256": _sha256(extra)}}))
+    return f"not needed: {name}"
+
+
+def _outside_entry(name: str):
+    def damage(d: Path) -> str:
+        _edit_manifest(d, lambda data: data["files"].update(
+            {name: {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}}))
+        return f"{name!r} is not a name inside the bundle"
+    damage.__name__ = f"entry {name}"
+    return damage
+
+
+def _segment_outside(d: Path) -> str:
+    _edit_manifest(d, lambda data: data["segments"][1].update(name="../../x"))
+    return "segment '../../x' is not a name inside the bundle"
+
+
+def _encoder_outside(d: Path) -> str:
+    _edit_manifest(d, lambda data: data.update(encoder="encoders/../../models"))
+    return "the encoder must be a folder under encoders/"
+
+
+def _sealed_flag_flipped(d: Path) -> str:
+    """The manifest calls the sealed segment unsealed: it now needs a records file instead."""
+    _edit_manifest(d, lambda data: data["segments"][0].update(sealed=False))
+    return "its file list does not match its contents"
 
 
 def _delete_manifest(d: Path) -> str:
     (d / MANIFEST).unlink()
-    return f"{d}: no {MANIFEST}"
+    return f"{d}: no {MANIFEST}, so not an index bundle"
 
 
 def _garbage_manifest(d: Path) -> str:
@@ -284,57 +735,116 @@ def _garbage_manifest(d: Path) -> str:
 
 def _manifest_not_an_object(d: Path) -> str:
     (d / MANIFEST).write_text("[1, 2, 3]")
-    return f"{d / MANIFEST}: manifest lacks required fields"
+    return f"{d / MANIFEST}: not a manifest"
 
 
 def _manifest_missing_field(d: Path) -> str:
-    manifest = json.loads((d / MANIFEST).read_text())
-    del manifest["encoder_sha256"]
-    (d / MANIFEST).write_text(json.dumps(manifest))
-    return f"{d / MANIFEST}: manifest lacks required fields"
+    _edit_manifest(d, lambda data: data.pop("next_id"))
+    return f"{d / MANIFEST}: manifest lacks next_id"
 
 
 def _future_format(d: Path) -> str:
-    _edit_manifest(d, format_version=FORMAT_VERSION + 1)
-    return "not supported"
+    _edit_manifest(d, lambda data: data.update(format_version=FORMAT_VERSION + 1))
+    return f"bundle format {FORMAT_VERSION + 1} is not supported"
 
 
-def _wrong_count(d: Path) -> str:
-    _edit_manifest(d, count=read_manifest(d)["count"] + 1)
-    return f"{d}: index, labels and ids disagree"
+def _files_not_an_object(d: Path) -> str:
+    _edit_manifest(d, lambda data: data.update(files=sorted(data["files"])))
+    return f"{d / MANIFEST}: malformed manifest (files must be an object)"
 
 
-def _unreadable_index(d: Path) -> str:
-    (d / INDEX_FILE).write_bytes(b"garbage, not a FAISS index" * 10)
-    files = read_manifest(d)["files"]
-    files[INDEX_FILE] = _sha256(d / INDEX_FILE)  # consistent checksum: only FAISS can tell
-    _edit_manifest(d, files=files)
-    return f"{d / INDEX_FILE}: unreadable"
+def _count_a_string(d: Path) -> str:
+    _edit_manifest(d, lambda data: data.update(count=str(data["count"])))
+    return "malformed manifest (count must be a whole number >= 0)"
 
 
-DAMAGE = [_tamper_labels, _replace_encoder, _delete_encoder, _delete_ids, _truncate_images,
-          _delete_manifest,
-          _garbage_manifest, _manifest_not_an_object, _manifest_missing_field, _future_format,
-          _wrong_count, _unreadable_index]
+def _unknown_metric(d: Path) -> str:
+    _edit_manifest(d, lambda data: data.update(metric="manhattan"))
+    return "unknown metric 'manhattan'"
+
+
+DAMAGE = [
+    *(_flip_byte(kind) for kind in ALL_FILES),
+    _truncate(f"sealed/{IMAGES_FILE}"), _truncate(f"sealed/{INDEX_FILE}"), _truncate("added"),
+    _truncate(f"encoder/{LITERT_FILE}"), _truncate("deletions"),
+    _missing(f"sealed/{IDS_FILE}"), _missing(f"sealed/{SOURCES_FILE}"), _missing("added"),
+    _missing(f"encoder/{LITERT_FILE}"), _missing(f"encoder/{ENCODER_FILE}"),
+    _missing("deletions"),
+    _rewrite_array(f"sealed/{IMAGES_FILE}", lambda a: a[:-1], "one row fewer", DISAGREE),
+    _rewrite_array(f"sealed/{VECTORS_FILE}", lambda a: a[:, :80], "wrong width", DISAGREE),
+    _rewrite_array(f"sealed/{LABELS_FILE}", lambda a: a.astype(np.int32), "int32", DISAGREE),
+    _rewrite_array(f"sealed/{IDS_FILE}", lambda a: a.astype(object), "pickle", UNREADABLE),
+    _rewrite_array(f"sealed/{IDS_FILE}", _swap_first_ids, "order", ORDER),
+    _rewrite_array("added", lambda a: a[:-1], "one record fewer", DISAGREE),
+    _rewrite_array("added", _records_as(lambda r: row_dtype(80, r.dtype["source"].itemsize // 4)),
+                   "vectors of 80", UNREADABLE),
+    _rewrite_array("added", _records_as(lambda r: row_dtype(84)), "no sources", UNREADABLE),
+    _rewrite_array("added", lambda a: a["id"].copy(), "plain ids", UNREADABLE),
+    _rewrite_array("added", _records(lambda r: r.__setitem__("id", r["id"] - 10)), "order",
+                   ORDER),
+    _rewrite_array("deletions", lambda a: np.append(a, 7), "one more id", COUNT),
+    _rewrite_array("deletions", lambda a: np.array([a[0], 10**6]), "unknown id", COUNT),
+    _rewrite_array("deletions", lambda a: a.astype(np.float64), "float ids",
+                   "{d}/deletions/"),
+    _sources_of_wrong_length, _garbage_index, _index_of_other_rows,
+    _count_off_by_one, _rows_off_by_one, _deletions_dropped, _entry_dropped,
+    _records_entry_dropped, _entry_added, _sealed_flag_flipped,
+    _outside_entry("../../etc/passwd"), _outside_entry("segments/../../x"),
+    _outside_entry("deletions/../../x.npy"), _outside_entry("segments/../x.npy"),
+    _segment_outside, _encoder_outside,
+    _delete_manifest, _garbage_manifest, _manifest_not_an_object, _manifest_missing_field,
+    _future_format, _files_not_an_object, _count_a_string, _unknown_metric,
+]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.strip("_"))
-def test_damaged_bundle_is_refused(bundle_copy, damage):
-    assert read_bundle(bundle_copy).manifest["count"] > 0  # sound before the damage
-    expected = damage(bundle_copy)
-    with pytest.raises(LenetEmbedError) as info:
-        SearchIndex.load(bundle_copy)
-    message = str(info.value)
-    assert expected in message
-    assert "\n" not in message and "build-index" in message
+def test_damaged_bundle_is_refused(rich, damage):
+    assert len(SearchIndex.load(rich)) > 0  # sound before the damage
+    expected = damage(rich)
+    for load in (SearchIndex.load, inspect_bundle):
+        with pytest.raises(LenetEmbedError) as caught:
+            load(rich)
+        message = str(caught.value)
+        assert expected in message, load
+        assert "\n" not in message and "rebuild it with `lenet-embed build-index`" in message
 
 
-def test_missing_bundle(tmp_path):
-    with pytest.raises(LenetEmbedError, match="no index bundle there"):
-        read_bundle(tmp_path / "nothing")
+def test_the_cli_reports_damage_in_one_line(run, rich):
+    path = _path(rich, "added")
+    raw = bytearray(path.read_bytes())
+    raw[-200] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for command in ("info", "compact", "remove"):
+        args = (command, 1) if command == "remove" else (command,)
+        line = one_line_error(run(*args, "--index-dir", rich))
+        assert f"{path}: does not match {MANIFEST}" in line and "build-index" in line
 
 
-def test_manifest_with_wrong_field_types_is_refused(bundle_copy):
-    _edit_manifest(bundle_copy, files=["index.faiss", "labels.npy"])
-    with pytest.raises(LenetEmbedError, match=MANIFEST):
-        read_bundle(bundle_copy)
+@pytest.mark.parametrize("name", ["deletions/../../secret.npy", "segments/../../secret.npy"])
+def test_info_never_reads_outside_the_bundle(rich, lenet_embed_cmd, quiet_env, name):
+    """The manifest names a file outside the bundle that exists and matches its entry (empty).
+    It is a FIFO: anything that opened it for reading would hang until the timeout."""
+    secret = rich / name
+    os.mkfifo(secret.resolve())
+    assert secret.resolve() == (rich.parent / "secret.npy")
+
+    def edit(data):
+        data["files"][name] = {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+        if name.startswith(DELETIONS_DIR):
+            data["files"].pop(data["deletions"])
+            data["deletions"] = name
+    _edit_manifest(rich, edit)
+    done = subprocess.run([*lenet_embed_cmd, "info", "--index-dir", str(rich)],
+                          capture_output=True, text=True, env=quiet_env, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"Error: {rich / MANIFEST}: malformed manifest ({name!r} is not a name inside the "
+        "bundle); rebuild it with `lenet-embed build-index`"]
+
+
+def test_vectors_on_disk_are_prepared(rich_bundle):
+    """Every segment stores its vectors as indexed: unit length for cosine."""
+    snapshot = SearchIndex.load(rich_bundle).snapshot
+    vectors = snapshot.vectors(np.arange(len(snapshot.ids)))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(prepare_vectors(vectors, "cosine"), vectors, atol=1e-6)

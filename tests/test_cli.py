@@ -94,14 +94,23 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
                         r"metric l2, factory Flat, \d+\.\d s\n", result.stdout)
 
     manifest = read_manifest(index_dir)
-    assert json.loads(ok(run("info", "--index-dir", index_dir, "--json")).stdout) == manifest
+    assert (manifest.version, manifest.operation, manifest.metric) == (2, "build", "l2")
+    report = json.loads(ok(run("info", "--index-dir", index_dir, "--json")).stdout)
+    extra = {key: report.pop(key) for key in ("deleted", "bytes", "reclaimable_bytes", "checks")}
+    assert report == manifest.to_dict()
+    on_disk = sum((index_dir / name).stat().st_size for name in manifest.files)
+    assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": 0, "checks": "ok"}
     rows = {}
     for line in ok(run("info", "--index-dir", index_dir)).stdout.splitlines():
         key, _, value = line.partition(":")
         rows[key] = value.strip()
-    assert rows["count"] == str(count) and rows["dim"] == "84" and rows["metric"] == "l2"
-    assert rows["encoder sha256"] == manifest["encoder_sha256"]
-    assert rows["checksums"] == "ok"
+    assert rows["items"] == f"{count} live, 0 removed"
+    assert rows["version"].startswith("2 (build, ")
+    assert rows["segments"] == "1 (1 sealed, 0 from adds)"
+    assert rows["dim"] == "84" and rows["metric"] == "l2" and rows["factory"] == "Flat"
+    assert rows["size on disk"] == f"{on_disk} bytes"
+    assert rows["encoder sha256"] == manifest.encoder_sha256
+    assert rows["checks"].startswith("ok")
 
 
 def test_build_index_from_images_reports_skipped_files(run, trained, pngs, tmp_path):
@@ -219,12 +228,14 @@ def test_missing_bundle(run, pngs, tmp_path):
 
 
 def test_corrupt_bundle(run, bundle_copy, pngs):
-    labels = np.load(bundle_copy / LABELS_FILE)
-    np.save(bundle_copy / LABELS_FILE, labels[::-1].copy())
+    (segment,) = read_manifest(bundle_copy).segments
+    labels_path = bundle_copy / segment.file(LABELS_FILE)
+    labels = np.load(labels_path)
+    np.save(labels_path, labels[::-1].copy())
     for args in (("query", pngs[0], "--index-dir", bundle_copy),
                  ("info", "--index-dir", bundle_copy)):
         line = one_line_error(run(*args))
-        assert str(bundle_copy / LABELS_FILE) in line and "checksum" in line
+        assert str(labels_path) in line and "checksum" in line
 
 
 def test_not_an_image(run, bundle_dir, tmp_path):
@@ -247,7 +258,7 @@ def test_blank_image(run, bundle_dir, tmp_path):
 
 
 def test_k_larger_than_the_index(run, bundle_dir, pngs):
-    count = read_manifest(bundle_dir)["count"]
+    count = read_manifest(bundle_dir).count
     line = one_line_error(run("query", pngs[0], "--index-dir", bundle_dir, "-k", count + 1))
     assert str(count) in line and str(count + 1) in line
     ok(run("query", pngs[0], "--index-dir", bundle_dir, "-k", count, "--json"))
@@ -314,7 +325,7 @@ def test_real_process_is_quiet(lenet_embed_cmd, quiet_env, bundle_dir, search_in
     done = subprocess.run([*lenet_embed_cmd, "info", "--index-dir", str(bundle_dir)],
                           capture_output=True, text=True, env=quiet_env, timeout=300)
     assert done.returncode == 0 and done.stderr == ""
-    assert re.search(r"^checksums:\s+ok$", done.stdout, re.MULTILINE)
+    assert re.search(r"^checks:\s+ok \(", done.stdout, re.MULTILINE)
 
 
 def test_verbose_lets_tensorflow_speak(lenet_embed_cmd, quiet_env, bundle_dir, pngs):

@@ -154,7 +154,7 @@ def test_build_index_hnsw_summary(hnsw_build):
     assert set(params) == {"efSearch", "tuned_recall_at_10"}
     assert params["efSearch"] in _CANDIDATES["efSearch"]
     assert 0.95 <= params["tuned_recall_at_10"] <= 1.0
-    assert read_manifest(index_dir)["search_params"] == params
+    assert read_manifest(index_dir).search_params == params
 
 
 def test_info_shows_search_params(run, hnsw_build, bundle_dir):

@@ -40,7 +40,7 @@ def test_full_mnist_pipeline(mnist_path, mnist, tmp_path, lenet_embed_cmd, quiet
     built = json.loads(_run([*lenet_embed_cmd, "build-index", "--data", str(mnist_path),
                              "--model", str(model), "--index-dir", str(index_dir), "--json"],
                             quiet_env).stdout)
-    assert built["count"] == len(mnist.train) == read_manifest(index_dir)["count"]
+    assert built["count"] == len(mnist.train) == read_manifest(index_dir).count
 
     paths = write_samples(tmp_path / "samples", n=N_QUERIES, data=mnist_path)
     assert len(paths) == N_QUERIES

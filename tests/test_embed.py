@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from lenet_embed import LenetEmbedError, SearchIndex
-from lenet_embed.bundle import ENCODER_FILE, LITERT_FILE, MANIFEST, read_manifest, sha256_file
+from lenet_embed.bundle import MANIFEST, read_manifest, sha256_file
 from lenet_embed.embed import BATCH_SIZE, KerasEncoder, LiteRTEncoder, load_encoder
 from lenet_embed.preprocess import scale_pixels
 
@@ -23,14 +23,22 @@ PARITY_N = 1000
 HEAVY = ("tensorflow", "keras")
 
 
+def _keras_file(bundle: Path) -> Path:
+    return bundle / read_manifest(bundle).encoder_path
+
+
+def _litert_file(bundle: Path) -> Path:
+    return bundle / read_manifest(bundle).litert_path
+
+
 @pytest.fixture(scope="module")
 def keras_encoder(bundle_dir) -> KerasEncoder:
-    return KerasEncoder.load(bundle_dir / ENCODER_FILE)
+    return KerasEncoder.load(_keras_file(bundle_dir))
 
 
 @pytest.fixture(scope="module")
 def litert_encoder(bundle_dir) -> LiteRTEncoder:
-    return LiteRTEncoder(bundle_dir / LITERT_FILE)
+    return LiteRTEncoder(_litert_file(bundle_dir))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,13 @@ def digits(mnist) -> np.ndarray:
 
 def test_litert_file_is_the_one_the_manifest_fingerprints(bundle_dir):
     manifest = read_manifest(bundle_dir)
-    digest = sha256_file(bundle_dir / LITERT_FILE)
-    assert manifest["encoder_litert_sha256"] == manifest["files"][LITERT_FILE] == digest
+    assert manifest.litert_path == f"{manifest.encoder}/encoder.tflite"
+    entry = manifest.files[manifest.litert_path]
+    assert entry.sha256 == sha256_file(bundle_dir / manifest.litert_path)
+    assert entry.bytes == (bundle_dir / manifest.litert_path).stat().st_size
+    # Both runners live in the one encoder folder the manifest names.
+    assert manifest.encoder_sha256 == sha256_file(bundle_dir / manifest.encoder_path)
+    assert (bundle_dir / manifest.encoder_path).parent == (bundle_dir / manifest.litert_path).parent
 
 
 def test_litert_matches_keras_on_real_digits(keras_encoder, litert_encoder, search_index,
@@ -92,10 +105,11 @@ def test_litert_small_chunks_and_progress(litert_encoder, digits):
 
 def _encoder_copy(bundle_dir: Path, folder: Path, with_litert: bool) -> tuple[Path, Path]:
     folder.mkdir()
-    shutil.copy(bundle_dir / ENCODER_FILE, folder / ENCODER_FILE)
+    keras_file, litert_file = _keras_file(bundle_dir), _litert_file(bundle_dir)
+    shutil.copy(keras_file, folder / keras_file.name)
     if with_litert:
-        shutil.copy(bundle_dir / LITERT_FILE, folder / LITERT_FILE)
-    return folder / ENCODER_FILE, folder / LITERT_FILE
+        shutil.copy(litert_file, folder / litert_file.name)
+    return folder / keras_file.name, folder / litert_file.name
 
 
 def test_load_encoder_auto_prefers_litert(bundle_dir, tmp_path, caplog):
@@ -133,30 +147,33 @@ def test_load_encoder_refuses_litert_without_its_file_and_unknown_backends(bundl
         load_encoder(keras_path, litert_path, "onnx")
 
 
-def test_bundle_without_litert_entry_falls_back_to_keras(bundle_copy, search_index, mnist,
-                                                         caplog, monkeypatch):
-    """A bundle whose manifest never listed encoder.tflite (made before LiteRT) still loads."""
+def test_bundle_without_litert_entry_is_refused(bundle_copy):
+    """Format 2 always ships both runners: a manifest that stops listing encoder.tflite cannot
+    skip its check, and the error names the unlisted file."""
+    litert = read_manifest(bundle_copy).litert_path
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
-    del manifest["encoder_litert_sha256"]
-    del manifest["files"][LITERT_FILE]
+    del manifest["files"][litert]
     (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
-    (bundle_copy / LITERT_FILE).unlink()
-    monkeypatch.setattr(logging.getLogger("lenet_embed"), "propagate", True)
-    with caplog.at_level(logging.WARNING, logger="lenet_embed"):
-        index = SearchIndex.load(bundle_copy)
+    with pytest.raises(LenetEmbedError, match="file list does not match") as caught:
+        SearchIndex.load(bundle_copy)
+    assert litert in str(caught.value)
+
+
+def test_keras_backend_on_a_bundle_gives_the_same_results(bundle_dir, search_index, mnist):
+    index = SearchIndex.load(bundle_dir, backend="keras")
     assert isinstance(index.encoder, KerasEncoder)
-    assert any(LITERT_FILE in r.getMessage() for r in caplog.records)
+    assert isinstance(SearchIndex.load(bundle_dir, backend="litert").encoder, LiteRTEncoder)
     queries = mnist.test.images[:20]
     assert [[n.id for n in row] for row in index.search(queries, k=3)] == [
         [n.id for n in row] for row in search_index.search(queries, k=3)]
-    with pytest.raises(LenetEmbedError, match="cannot use LiteRT"):
-        SearchIndex.load(bundle_copy, backend="litert")
 
 
 def test_bundle_missing_its_litert_file_is_refused(bundle_copy):
-    (bundle_copy / LITERT_FILE).unlink()
-    with pytest.raises(LenetEmbedError, match="missing from the bundle"):
+    litert = bundle_copy / read_manifest(bundle_copy).litert_path
+    litert.unlink()
+    with pytest.raises(LenetEmbedError, match="missing from the bundle") as caught:
         SearchIndex.load(bundle_copy)
+    assert str(litert) in str(caught.value)
 
 
 # ----------------------------------------------------------------- no TensorFlow on queries

@@ -17,7 +17,7 @@ from PIL import Image
 from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist
 from lenet_embed._quiet import set_verbose
 from lenet_embed.ann import _CANDIDATES
-from lenet_embed.bundle import ENCODER_FILE, read_manifest
+from lenet_embed.bundle import read_manifest
 from lenet_embed.cli import main
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.embed import KerasEncoder
@@ -48,7 +48,7 @@ def evaluation(keras_index, bundle_data) -> Evaluation:
 @pytest.fixture(scope="module")
 def reference(bundle_dir, bundle_data) -> dict[str, float]:
     """The quality figures by brute force in numpy, from KerasEncoder embeddings (cosine)."""
-    encoder = KerasEncoder.load(bundle_dir / ENCODER_FILE)
+    encoder = KerasEncoder.load(bundle_dir / read_manifest(bundle_dir).encoder_path)
     indexed = encoder.embed(scale_pixels(bundle_data.train.images)).astype(np.float64)
     queries = encoder.embed(scale_pixels(bundle_data.test.images)).astype(np.float64)
     indexed /= np.linalg.norm(indexed, axis=1, keepdims=True)
@@ -125,15 +125,16 @@ def hnsw_dir(trained, bundle_data, tmp_path_factory) -> Path:
 
 def test_hnsw_bundle_stores_applies_and_reports_its_tuning(hnsw_dir, bundle_data):
     manifest = read_manifest(hnsw_dir)
-    assert manifest["factory"] == "HNSW32"
-    params = manifest["search_params"]
+    assert manifest.factory == "HNSW32"
+    params = manifest.search_params
     assert set(params) == {"efSearch", "tuned_recall_at_10"}
     ef = params["efSearch"]
     assert ef in _CANDIDATES["efSearch"] and params["tuned_recall_at_10"] >= 0.95
 
     index = SearchIndex.load(hnsw_dir, backend="keras")
     assert index.search_params == {"efSearch": ef}
-    assert index.bundle.index.hnsw.efSearch == ef
+    (segment,) = index.snapshot.segments
+    assert segment.index.hnsw.efSearch == ef
 
     figures = evaluate(index, data=bundle_data, k=K).to_dict()
     assert (figures["factory"], figures["search_params"]) == ("HNSW32", {"efSearch": ef})
@@ -153,7 +154,7 @@ def test_hnsw_search_params_override(hnsw_dir, bundle_data):
     recall_tuned = evaluate(tuned, data=bundle_data, k=K).recall_at_10
     shallow = SearchIndex.load(hnsw_dir, search_params={"efSearch": 1})
     assert shallow.search_params == {"efSearch": 1}
-    assert shallow.bundle.index.hnsw.efSearch == 1
+    assert shallow.snapshot.segments[0].index.hnsw.efSearch == 1
     figures = evaluate(shallow, data=bundle_data, k=K)
     assert figures.search_params == {"efSearch": 1}
     assert figures.recall_at_10 <= recall_tuned
@@ -173,8 +174,8 @@ def test_evaluate_refuses_a_bundle_from_other_data(search_index, mnist, bundle_d
     for data in (fewer, shifted):
         with pytest.raises(LenetEmbedError, match="not built from the training split"):
             evaluate(search_index, data=data)
-    with pytest.raises(LenetEmbedError, match="-k"):
-        evaluate(search_index, data=bundle_data, k=len(search_index) + 1)
+    with pytest.raises(LenetEmbedError, match=rf"k must be between 1 and {n}\b.*got {n + 1}$"):
+        evaluate(search_index, data=bundle_data, k=n + 1)
 
 
 def test_evaluate_refuses_other_digits_with_the_same_labels(search_index, mnist, bundle_data):
@@ -203,7 +204,7 @@ def test_write_report(evaluation, keras_index, tmp_path):
     out = tmp_path / "report"
     written = write_report(evaluation, out, keras_index)
     details = evaluation.details
-    predicted = keras_index.bundle.labels[details["rows"][:, 0]]
+    predicted = keras_index.snapshot.labels[details["rows"][:, 0]]
     n_wrong = int(np.sum(predicted != details["test_labels"]))
     assert n_wrong == round((1 - evaluation.nn1_accuracy) * evaluation.queries) > 0
     names = ["figures.json", "confusion.png", "worst.png", "embedding_map.png"]

@@ -43,7 +43,7 @@ def _distances(results: list[list[Neighbor]]) -> np.ndarray:
 def test_size_and_metric(search_index, l2_index, bundle_data):
     assert len(search_index) == len(l2_index) == len(bundle_data.train)
     assert (search_index.metric, l2_index.metric) == ("cosine", "l2")
-    assert search_index.manifest["count"] == len(bundle_data.train)
+    assert search_index.manifest.count == len(bundle_data.train)
 
 
 def test_cosine_distances_match_numpy(search_index, indexed_embeddings, queries):
@@ -119,7 +119,7 @@ def test_embed(search_index, queries):
 def test_k_bounds(search_index, queries):
     everything = search_index.search(queries[0], k=len(search_index))[0]
     assert len(everything) == len(search_index)
-    assert sorted(n.id for n in everything) == sorted(search_index.bundle.ids.tolist())
+    assert sorted(n.id for n in everything) == sorted(search_index.snapshot.ids.tolist())
     vector = search_index.embed(queries[:1])
     for k in (0, -1, len(search_index) + 1, 2.5, "3"):
         with pytest.raises(LenetEmbedError, match="k must be between 1 and"):
@@ -198,17 +198,18 @@ def picture_bundle(trained, mnist, tmp_path_factory):
 def test_folder_bundle_manifest(picture_bundle):
     root, result, index = picture_bundle
     manifest = index.manifest
-    assert manifest["classes"] == ["one", "zero"]
-    assert manifest["dataset"] == {"kind": "images", "root": str(root), "skipped": 1}
+    assert manifest.classes == ["one", "zero"]
+    assert manifest.dataset == {"kind": "images", "root": str(root), "skipped": 1}
     assert result.skipped == [str(root / "one" / "broken.png")]
     expected_sources = sorted(str(p) for p in root.rglob("*.png") if p.name != "broken.png")
-    assert index.bundle.sources == expected_sources
-    assert index.bundle.ids.tolist() == list(range(len(expected_sources)))
+    snapshot = index.snapshot
+    assert snapshot.sources(snapshot.live_rows()) == expected_sources
+    assert snapshot.ids.tolist() == list(range(len(expected_sources)))
 
 
 def test_folder_bundle_search_names_labels_and_sources(picture_bundle, mnist):
     root, _, index = picture_bundle
-    sources = index.bundle.sources
+    sources = index.snapshot.sources(index.snapshot.live_rows())
     first_zero = sorted((root / "zero").glob("*.png"))[0]
     for path in (first_zero, root / "odd.png"):
         (row,) = index.search(path, k=3)
@@ -229,7 +230,7 @@ def test_hnsw_factory_agrees_with_exact_search(trained, bundle_data, search_inde
                                                tmp_path):
     result = build_index(data=bundle_data, model=trained.model, index_dir=tmp_path / "hnsw",
                          factory="HNSW32")
-    assert result.manifest["factory"] == "HNSW32"
+    assert result.manifest.factory == "HNSW32"
     approximate = SearchIndex.load(tmp_path / "hnsw")
     exact_ids = _ids(search_index.search(queries, k=1))
     approx_ids = _ids(approximate.search(queries, k=1))
