@@ -60,8 +60,10 @@ def test_saved_encoder_matches_the_classifier(trained, classifier, small):
     assert saved.dim == 84
     # Same batch size on both sides: oneDNN's kernels round differently for other batch shapes
     # (a few ulps), and this test is about the saved weights, not about batching.
+    # predict() and a direct call may still take different kernels (1.9e-6 was seen on a busy
+    # two-core machine); wrong or missing weights would differ by orders of magnitude more.
     expected = encoder_of(classifier).predict(pixels[..., None], batch_size=64, verbose=0)
-    assert np.abs(saved.embed(pixels, batch_size=64) - expected).max() <= 1e-6
+    assert np.abs(saved.embed(pixels, batch_size=64) - expected).max() <= 1e-5
 
 
 def test_same_seed_same_weights(tiny, tmp_path):
