@@ -42,6 +42,27 @@ class _Group(click.Group):
             raise error from None
 
 
+def run_script(main: Callable[[], int | None]) -> None:
+    """Run a script's ``main()`` with the CLI's error handling, then exit with its status.
+
+    A :class:`LenetEmbedError` is printed as one line, ``Error: ...``, on stderr and the exit
+    status is 1, as for every ``lenet-embed`` command; so is Ctrl-C. ``main`` returning None
+    exits with 0, an int with that status. The scripts under ``scripts/`` end with::
+
+        if __name__ == "__main__":
+            run_script(main)
+    """
+    try:
+        status = main()
+    except LenetEmbedError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(1)
+    sys.exit(status or 0)
+
+
 class _StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()

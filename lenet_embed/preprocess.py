@@ -13,7 +13,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import LenetEmbedError
 
@@ -59,9 +59,12 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         raise LenetEmbedError(f"{name}: the file is empty")
     try:
         with warnings.catch_warnings():
-            # The budget above is checked first; Pillow's own bomb warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            # The budget above is checked first; Pillow's own bomb warning would only be noise,
+            # and so are its warnings about damaged files ("Corrupt EXIF data", TIFF tags larger
+            # than the file): a file decodes or raises the one error below.
+            warnings.simplefilter("ignore")
+            with (io.BytesIO(source) if isinstance(source, bytes) else _File(source)) as fh, \
+                    Image.open(fh) as opened:
                 check_pixels(*opened.size, name)
                 opened.seek(0)
                 if opened.format == "JPEG" and max(opened.size) > WORK_SIDE:
@@ -77,13 +80,32 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{name}: image is far over the limit of {_LIMIT}; scale it down"
                             ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            MemoryError) as exc:
+    except LenetEmbedError:
+        raise
+    except Exception as exc:
+        # Pillow's plugins fail on damaged files in many ways: OSError (UnidentifiedImageError),
+        # SyntaxError, ValueError, EOFError, MemoryError, but also TypeError, KeyError,
+        # struct.error... (tests/test_hardening.py fuzzes them). The file is not readable.
         raise LenetEmbedError(
             f"{name}: not a readable image ({exc.__class__.__name__}); "
             "give a PNG, JPEG, BMP or GIF file"
         ) from None
     return pil
+
+
+class _File(io.BufferedReader):
+    """An image file whose ``read(n)`` never asks for more than the file still holds: Pillow
+    skips the rest of a damaged PNG chunk by reading its declared length (up to 4 GB) at once,
+    and a file's ``read(n)`` allocates ``n`` bytes before reading."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(self._size - self.tell(), 0))
+        return super().read(size)
 
 
 def _shrink(pil: Image.Image) -> Image.Image:

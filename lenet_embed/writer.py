@@ -14,6 +14,7 @@ manifest again (``snapshot.open_snapshot``). Readers never take the lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,6 +115,16 @@ def _entry(path: Path) -> FileEntry:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     return FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def _disk_error(exc: BaseException) -> OSError | None:
+    """The OSError that a library's own exception stands for, when it reports a full disk."""
+    if isinstance(exc, OSError):
+        return None
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in str(exc):
+            return OSError(code, os.strerror(code))
+    return None
 
 
 _LOCK_RECORD = 32
@@ -299,8 +310,11 @@ class BundleWriter:
             text = _json_bytes(list(sources or []))
             files[segment.file(SOURCES_FILE)] = _durable_file(
                 folder / SOURCES_FILE, lambda fh: fh.write(text))
-        faiss.write_index(index, str(folder / INDEX_FILE))
-        files[segment.file(INDEX_FILE)] = _entry(folder / INDEX_FILE)
+        # Serialised here and written by Python, so a full disk is an OSError like every other
+        # write's (faiss.write_index raises a RuntimeError, or misses a failed final flush).
+        serialized = faiss.serialize_index(index)
+        files[segment.file(INDEX_FILE)] = _durable_file(
+            folder / INDEX_FILE, lambda fh: fh.write(serialized))
         _fsync_dir(folder)
         _fsync_dir(folder.parent)
         return segment, files
@@ -330,7 +344,15 @@ class BundleWriter:
         folder = self._new_folder(ENCODERS_DIR, "e")
         with self.scratch_tempdir():  # Keras's save stages assets in a temporary folder too
             model.save(folder / ENCODER_FILE)
-            export_litert(model, folder / LITERT_FILE)
+            try:
+                export_litert(model, folder / LITERT_FILE)
+            except Exception as exc:
+                # TensorFlow reports a full disk as its own error (ResourceExhaustedError): make
+                # it the OSError that the writer turns into one line.
+                disk_full = _disk_error(exc)
+                if disk_full is None:
+                    raise
+                raise disk_full from exc
         relative = f"{ENCODERS_DIR}/{folder.name}"
         files = {f"{relative}/{name}": _entry(folder / name)
                  for name in (ENCODER_FILE, LITERT_FILE)}

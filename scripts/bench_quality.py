@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from lenet_embed import RECIPES, build_index, load_mnist, train
+from lenet_embed.cli import run_script
 from lenet_embed.evaluate import evaluate
 
 BASELINE = "seed"
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

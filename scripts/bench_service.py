@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from lenet_embed import SearchIndex, build_index, load_mnist, train
+from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
@@ -262,4 +263,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from lenet_embed import SearchIndex, build_index, load_mnist, train
 from lenet_embed.ann import exact_search, prepare_vectors
+from lenet_embed.cli import run_script
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.metrics import recall_at_k
 from lenet_embed.preprocess import scale_pixels
@@ -162,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from lenet_embed.cli import run_script
+from lenet_embed.errors import LenetEmbedError
+
 DEFAULT_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 # (name, canvas side, glyph size as a fraction of the canvas, offset as a fraction, dark ink?, fmt)
@@ -58,8 +61,8 @@ def write_set(out_dir: Path, font_dir: Path = DEFAULT_FONT_DIR) -> list[Path]:
     """Render every digit in every font and variant into ``out_dir``; return the paths."""
     fonts = find_fonts(font_dir)
     if not fonts:
-        raise SystemExit(f"error: no .ttf fonts in {font_dir}; install fonts-dejavu-core or pass "
-                         "--fonts DIR")
+        raise LenetEmbedError(f"no .ttf fonts in {font_dir}; install fonts-dejavu-core or pass "
+                              "--fonts DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for font_path in fonts:
@@ -78,6 +81,9 @@ def query_accuracy(paths: list[Path], index_dir: str) -> dict[str, object]:
                "--index-dir", index_dir, *map(str, paths)]
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
+    if result.returncode and not rows:  # no answer at all: the bundle itself is the problem
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        raise LenetEmbedError(f"lenet-embed query failed: {lines[-1].removeprefix('Error: ')}")
     wrong = [r["query"] for r in rows
              if r["predicted_label"] != int(re.search(r"label-(\d)", r["query"]).group(1))]
     failed = result.stderr.strip().splitlines() if result.returncode else []
@@ -103,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
