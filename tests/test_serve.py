@@ -1090,3 +1090,13 @@ def test_allowed_hosts_by_binding():
     assert {"localhost", socket.gethostname().lower(), "digits.example.org"} <= set(wide)
     assert "0.0.0.0" not in wide
     assert allowed_hosts("0.0.0.0", ["*"]) is None
+
+
+def test_wire_values_are_strict_numbers(client):
+    """Vector and pixel values must be JSON numbers: strings and booleans are refused, not
+    converted, and so are all-zero vectors (no direction to compare by cosine)."""
+    good = [0.5] * 84
+    for bad in (["0.5"] + good[1:], [True] + good[1:], [0.0] * 84):
+        assert_error(client.post("/v1/search", json={"vector": bad}), 422)
+    assert client.post("/v1/search", json={"vector": good}).status_code == 200
+    assert_error(client.post("/v1/search", json={"pixels": ["0"] * 784}), 422, "pixels")

@@ -74,7 +74,8 @@ class ItemCreated(BaseModel):
     count: int = Field(description="Live items after the commit.")
 
 
-Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
+# Strict: JSON numbers only ("7" or true are refused, not converted).
+Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False, strict=True)]
 PixelRow = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
 PixelsField = (
     Annotated[list[Pixel], Field(min_length=SIDE * SIDE, max_length=SIDE * SIDE)]
@@ -120,7 +121,7 @@ def search_body_model(dim: int) -> type[BaseModel]:
         image_base64: str | None = Field(None, description=_BASE64_HELP)
         pixels: PixelsField = Field(None, description=_PIXELS_HELP)
         vector: (
-            Annotated[list[Annotated[float, Field(allow_inf_nan=False)]],
+            Annotated[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]],
                       Field(min_length=dim, max_length=dim)]
             | None
         ) = Field(None, description=f"An embedding to search by: {dim} floats.")
