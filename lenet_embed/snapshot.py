@@ -218,22 +218,21 @@ class Snapshot:
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored (indexed) vectors of ``rows``: float32 (len(rows), dim)."""
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for position, segment in enumerate(self.segments):
-            start, stop = self.offsets[position], self.offsets[position + 1]
-            inside = (rows >= start) & (rows < stop)
-            if inside.any():
-                out[inside] = segment.vectors[rows[inside] - start]
-        return out
+        return self._gather("vectors", rows, (self.dim,), np.float32)
 
     def images(self, rows: np.ndarray) -> np.ndarray:
         """The stored digits of ``rows``: uint8 (len(rows), 28, 28)."""
-        out = np.empty((len(rows), 28, 28), dtype=np.uint8)
+        return self._gather("images", rows, (28, 28), np.uint8)
+
+    def _gather(self, field: str, rows: np.ndarray, shape: tuple[int, ...],
+                dtype: type) -> np.ndarray:
+        """Rows of one per-segment array, picked across the segments they live in."""
+        out = np.empty((len(rows), *shape), dtype=dtype)
         for position, segment in enumerate(self.segments):
             start, stop = self.offsets[position], self.offsets[position + 1]
             inside = (rows >= start) & (rows < stop)
             if inside.any():
-                out[inside] = segment.images[rows[inside] - start]
+                out[inside] = getattr(segment, field)[rows[inside] - start]
         return out
 
     def sources(self, rows: np.ndarray) -> list[str | None] | None:
