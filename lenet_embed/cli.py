@@ -510,9 +510,16 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
 @click.option("--write-token-file", type=click.Path(dir_okay=False),
               help="Enable POST/DELETE /v1/items for requests with 'Authorization: Bearer "
               "<token>', the token being this file's first line (or $LENET_EMBED_WRITE_TOKEN).")
+@click.option("--max-connections", type=click.IntRange(1, 1_000_000), default=1000,
+              show_default=True, help="Open connections per server process; beyond it the "
+              "oldest idle ones are closed (bounded by the open-file limit).")
+@click.option("--decode-timeout", type=click.FloatRange(0.1, 60), default=2.0,
+              show_default=True, help="Seconds an uploaded image may take to decode (and to "
+              "wait for a decoder); over it the request gets 503, or 413 if the image itself "
+              "is too costly.")
 def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
           backend: str, host: str, port: int, workers: int, allowed_host: tuple[str, ...],
-          write_token_file: str | None) -> None:
+          write_token_file: str | None, max_connections: int, decode_timeout: float) -> None:
     """Serve the index over HTTP: a JSON API under /v1, and a page to draw digits on at /.
 
     The service follows commits to the bundle (add, remove, compact, a rebuild) within a second,
@@ -524,4 +531,5 @@ def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: in
     threads = threads or 1
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     run_serve(index, host=host, port=port, workers=workers, threads=threads,
-              write_token_file=write_token_file, allowed_host=list(allowed_host))
+              write_token_file=write_token_file, allowed_host=list(allowed_host),
+              max_connections=max_connections, decode_timeout=decode_timeout)

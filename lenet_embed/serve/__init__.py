@@ -13,19 +13,26 @@ and answers:
   write token and authorised by ``Authorization: Bearer <token>``;
 - ``GET /``: a page to draw a digit and see its neighbours (``static/``, no CDN).
 
-Every error is JSON ``{"error": "<one line>"}`` with a 4xx status; bodies over 5 MB get 413 before
-they are read. Each request is logged as one INFO line (method, path, status, milliseconds) on the
-``lenet_embed.serve`` logger.
+Every error is JSON ``{"error": "<one line>"}`` with a 4xx status, or 503 with ``Retry-After`` when
+the service has no room for a request; bodies over 5 MB get 413 before they are read. Uploaded
+images are decoded in bounded pools, costly ones in worker processes within a time budget, so they
+never hold up other searches; each process keeps a bounded number of connections and cuts off
+slow or oversized request headers. Each request is logged as one INFO line (method, path, status,
+milliseconds) on the ``lenet_embed.serve`` logger; overload as at most one WARNING per kind every
+10 seconds.
 
 The modules, one concern each:
 
 - :mod:`.wire`: pydantic models of the request and response bodies, validation errors as one line;
 - :mod:`.decode`: a request body (multipart, base64, pixels, vector) into one query;
-- :mod:`.middleware`: the body-size limit and the access log;
+- :mod:`.pools`: image files decoded in bounded pools (threads, worker processes) before a search;
+- :mod:`.middleware`: the body limits (size, time) and the access log;
 - :mod:`.batcher`: the searches of concurrent requests answered in batches;
 - :mod:`.reload`: following commits by other processes (polling, SIGHUP);
 - :mod:`.auth`: the write token;
 - :mod:`.errors`: :class:`ApiError` and the handlers that turn every error into JSON;
+- :mod:`.overload`: 503 with ``Retry-After``, and overload logged once per interval;
+- :mod:`.connections`: uvicorn's protocol with a connection cap and header limits;
 - :mod:`.app`: :func:`create_app` and its routes;
 - :mod:`.process`: :class:`ServiceConfig`, logging, the worker factory and :func:`serve`.
 

@@ -19,7 +19,6 @@ from pydantic import BaseModel
 
 from ..embed import LiteRTEncoder
 from ..errors import LenetEmbedError
-from ..preprocess import ImageTooLarge
 from ..search import SearchIndex
 from ..writer import WriterBusy
 from .auth import require_writer
@@ -27,6 +26,7 @@ from .batcher import SearchBatcher
 from .decode import read_item, read_query
 from .errors import ApiError, install_error_handlers
 from .middleware import MAX_BODY_BYTES, RequestGuard
+from .pools import DECODE_TIMEOUT, DecodePools
 from .reload import RELOAD_INTERVAL, Reloader
 from .wire import ErrorBody, Health, Info, ItemBody, ItemCreated, SearchResult, search_body_model
 
@@ -41,10 +41,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Malformed request (empty or undecodable body).",
         403: "Writes are disabled, or the request lacks the write token.",
         404: "No such item.",
-        413: "Body over 5 MB, or image over 16.8 megapixels (4096x4096).",
+        408: "The body did not arrive within 30 s.",
+        413: "Body over 5 MB, image over 16.8 megapixels (4096x4096), or an image that uses "
+             "the whole decode budget.",
         415: "Body is neither multipart/form-data nor JSON.",
         422: "Invalid parameter, body, or image (e.g. blank or not an image).",
-        503: "Another process is writing to the bundle; retry.",
+        503: "Busy: the decode pools are full or slow, or (writes) another process is writing "
+             "to the bundle; retry after Retry-After seconds.",
     }
     return {status: {"model": ErrorBody, "description": meanings[status]} for status in statuses}
 
@@ -68,7 +71,8 @@ def _request_body_schema(body_model: type[BaseModel], label: bool = False) -> di
 
 def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = None,
                reload_interval: float | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None,
+               decode_timeout: float = DECODE_TIMEOUT) -> FastAPI:
     """The service for a loaded index. ``threads`` caps FAISS's threads in each search.
 
     Requests, not threads, are the service's parallelism: with one FAISS thread, the searches of
@@ -76,12 +80,15 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     ``write_token``, ``POST``/``DELETE /v1/items`` add and remove items. The service follows
     commits made by other processes (see :mod:`.reload`). ``allowed_hosts`` lists the ``Host``
     names it answers for (None: any; ``serve`` chooses them, see :func:`.process.allowed_hosts`).
+    Uploaded images are decoded in bounded pools before they are searched, each within
+    ``decode_timeout`` seconds (see :mod:`.pools`).
     """
     dim = index.manifest.dim
     # A request waits this long for another process's commit before it answers 503.
     index.lock_timeout = WRITE_WAIT_SECONDS
     body_model = search_body_model(dim)
     batcher = SearchBatcher(index, threads)
+    pools = DecodePools(decode_timeout)
     interval = RELOAD_INTERVAL if reload_interval is None else reload_interval
 
     @asynccontextmanager
@@ -90,10 +97,12 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         # app run again, or twice at once, e.g. by two test clients, must not share them).
         reloader = Reloader(index, interval)
         reloader.start()
+        pools.start()
         try:
             yield
         finally:
             await reloader.stop()
+            pools.stop()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -148,7 +157,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         "/v1/search",
         response_model=SearchResult,
         tags=["search"],
-        responses=_errors(400, 413, 415, 422),
+        responses=_errors(400, 408, 413, 415, 422, 503),
         openapi_extra={"requestBody": _request_body_schema(body_model)},
     )
     async def search(
@@ -158,7 +167,8 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
         index.check_k(k)
-        query = await read_query(request, body_model)
+        pools.check_room(request.headers.get("content-length"))
+        query = await pools.prepare(await read_query(request, body_model))
         result = await batcher.search(query, k)
         # A ready response skips FastAPI's re-validation; the schema above documents it.
         return JSONResponse(result.to_dict())
@@ -188,7 +198,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         status_code=201,
         response_model=ItemCreated,
         tags=["items"],
-        responses=_errors(400, 403, 413, 415, 422, 503),
+        responses=_errors(400, 403, 408, 413, 415, 422, 503),
         openapi_extra={"requestBody": _request_body_schema(ItemBody, label=True)},
     )
     async def add_item(request: Request) -> JSONResponse:
@@ -196,7 +206,9 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         and ``label``) as a new item, durably; it is searchable when this answers. Needs the
         write token."""
         require_writer(request, write_token)
+        pools.check_room(request.headers.get("content-length"))
         query, label = await read_item(request)
+        query = await pools.prepare(query)
         new_id = await run_in_threadpool(_add, query, label)
         snapshot = index.snapshot
         row = snapshot.row_of(new_id)
@@ -207,10 +219,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         return JSONResponse(body, status_code=201)
 
     def _add(query: Any, label: int | str | None) -> int:
-        try:
-            pixels = query.pixels()
-        except ImageTooLarge as exc:
-            raise ApiError(413, str(exc)) from None
+        pixels = query.pixels()  # decoded already, or a JSON pixel array
         return int(_writing(lambda: index.add(pixels, labels=[label], sources=None))[0])
 
     @app.delete(

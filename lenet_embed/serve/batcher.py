@@ -7,9 +7,7 @@ import asyncio
 from fastapi.concurrency import run_in_threadpool
 
 from ..ann import set_threads
-from ..preprocess import ImageTooLarge
 from ..search import Query, QueryResult, SearchIndex
-from .errors import ApiError
 
 
 class SearchBatcher:
@@ -20,6 +18,9 @@ class SearchBatcher:
     query at a time, and one worker-thread hop per batch replaces two per request. Queries that
     arrive while a batch runs wait for it and form the next batch. There is no timer: a lone
     request is answered at once.
+
+    Image files arrive decoded (:mod:`.pools`), so a batch only embeds and searches: no query
+    waits for another's costly image.
     """
 
     def __init__(self, index: SearchIndex, threads: int) -> None:
@@ -29,8 +30,8 @@ class SearchBatcher:
         self._drainer: asyncio.Task[None] | None = None
 
     async def search(self, query: Query, k: int) -> QueryResult:
-        """The answer to one query with up to ``k`` neighbours; its own error is raised here
-        (:class:`ApiError` 413 for an image over the size limit, else the LenetEmbedError)."""
+        """The answer to one query with up to ``k`` neighbours; its own LenetEmbedError is
+        raised here."""
         future: asyncio.Future[QueryResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((query, k, future))
         if self._drainer is None:
@@ -38,8 +39,6 @@ class SearchBatcher:
             self._drainer = asyncio.create_task(self._drain())
         result = await future
         if result.error is not None:
-            if isinstance(result.error, ImageTooLarge):
-                raise ApiError(413, str(result.error))
             raise result.error
         return result
 

@@ -2,8 +2,8 @@
 bytes, a 28x28 pixel array or an embedding vector (searches only), and for ``POST /v1/items`` a
 label beside the image.
 
-Image bytes are only read here; they are decoded later, by :meth:`SearchIndex.query` in a worker
-thread, under the package's decode budget (``preprocess.MAX_PIXELS``).
+Image bytes are only read here; they are decoded later, in the decode pools (:mod:`.pools`),
+under the package's decode budget (``preprocess.MAX_PIXELS``) and the service's time budget.
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ async def _body(request: Request, help_text: str) -> bytes:
     return body
 
 
-async def _upload(request: Request) -> tuple[Query, Any]:
-    """The image file (field ``file``) of a multipart form, and the form."""
+async def _upload(request: Request, help_text: str) -> tuple[Query, Any]:
+    """The image file (field ``file``) of a multipart form, and the form, parsed as the body
+    arrives (a large upload is not held in memory twice, nor parsed in one go)."""
+    if request.headers.get("content-length") == "0":
+        raise ApiError(400, f"empty request body; {help_text}")
     form = await request.form(max_files=1, max_fields=8)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -93,11 +96,11 @@ async def read_query(request: Request, body_model: type[BaseModel]) -> Query:
 
     ``body_model`` is the JSON body's model (:func:`~.wire.search_body_model`).
     """
-    body = await _body(request, _BODY_HELP)
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
-        query, _ = await _upload(request)
+        query, _ = await _upload(request, _BODY_HELP)
         return query
+    body = await _body(request, _BODY_HELP)
     if _is_json(media_type):
         payload = _parse_json(body, body_model)
         if payload.vector is not None:
@@ -108,10 +111,9 @@ async def read_query(request: Request, body_model: type[BaseModel]) -> Query:
 
 async def read_item(request: Request) -> tuple[Query, int | str | None]:
     """The image and label of a ``POST /v1/items`` request, or :class:`ApiError`."""
-    body = await _body(request, _ITEM_HELP)
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
-        query, form = await _upload(request)
+        query, form = await _upload(request, _ITEM_HELP)
         label = form.get("label")
         if label is not None and not isinstance(label, str):
             raise ApiError(422, "label: give it as a plain form field, not a file")
@@ -119,6 +121,7 @@ async def read_item(request: Request) -> tuple[Query, int | str | None]:
         if label is not None and len(label) > MAX_LABEL_LENGTH:
             raise ApiError(422, f"label: at most {MAX_LABEL_LENGTH} characters")
         return query, (int(label) if label and label.isdecimal() and label.isascii() else label)
+    body = await _body(request, _ITEM_HELP)
     if _is_json(media_type):
         payload = _parse_json(body, ItemBody)
         return _json_image(payload), payload.label

@@ -1,8 +1,9 @@
-"""ASGI middleware in front of the app: the request-body limit, the one-line access log, security
-headers on every response, and the allowed ``Host`` names."""
+"""ASGI middleware in front of the app: the request-body limits (size and time), the one-line
+access log, security headers on every response, and the allowed ``Host`` names."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -12,6 +13,9 @@ from .errors import ApiError, error_response
 log = logging.getLogger(__package__)
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+# A body must have arrived this long after its request started (a client trickling one byte at
+# a time would otherwise hold its connection for ever).
+BODY_TIMEOUT = 30.0
 # On every response (OWASP secure headers): the page may load only its own script, style and
 # images, nothing may frame it, and browsers must not guess content types.
 SECURITY_HEADERS = [
@@ -27,13 +31,16 @@ SECURITY_HEADERS = [
 
 class RequestGuard:
     """ASGI middleware: refuses a ``Host`` not in ``allowed_hosts`` (400; None allows any),
-    refuses bodies over the limit (413), adds :data:`SECURITY_HEADERS` to every response and
-    logs one line per request."""
+    refuses bodies over the limit (413) or still incomplete ``body_timeout`` seconds after the
+    request started (408), adds :data:`SECURITY_HEADERS` to every response and logs one line
+    per request."""
 
     def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES,
-                 allowed_hosts: list[str] | None = None) -> None:
+                 allowed_hosts: list[str] | None = None,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.max_body = max_body
+        self.body_timeout = body_timeout
         self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -45,12 +52,20 @@ class RequestGuard:
         too_large = f"request body over {self.max_body // (1024 * 1024)} MB"
 
         async def counting_receive() -> dict[str, Any]:
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            remaining = started + self.body_timeout - time.perf_counter()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"request body not received within {self.body_timeout:g} s"
+                               ) from None
             if message["type"] == "http.request":
-                nonlocal received
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise ApiError(413, too_large)
+                body_done = not message.get("more_body", False)
             return message
 
         async def status_send(message: dict[str, Any]) -> None:
@@ -62,6 +77,7 @@ class RequestGuard:
             await send(message)
 
         received = 0
+        body_done = False
         try:
             headers = dict(scope["headers"])
             if self.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):

@@ -20,6 +20,13 @@ from ..errors import LenetEmbedError
 from ..search import SearchIndex
 from .app import create_app
 from .auth import read_token
+from .connections import (
+    HEADER_TIMEOUT,
+    RESERVED_FILES,
+    quiet_repeated_warnings,
+    raise_open_file_limit,
+)
+from .pools import DECODE_TIMEOUT
 
 log = logging.getLogger(__package__)
 
@@ -27,6 +34,13 @@ log = logging.getLogger(__package__)
 CONFIG_ENV = "LENET_EMBED_SERVE_CONFIG"
 # What uvicorn's worker processes import; the package re-exports app_from_env under this name.
 _APP_FACTORY = "lenet_embed.serve:app_from_env"
+# uvicorn's httptools protocol with the connection cap and header limits (see .connections).
+_PROTOCOL = "lenet_embed.serve.connections:GuardedHttpToolsProtocol"
+MAX_CONNECTIONS = 1000
+# Connections the kernel queues before the server accepts them (uvicorn's default; Linux caps
+# it at net.core.somaxconn).
+BACKLOG = 2048
+KEEP_ALIVE = 5
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class ServiceConfig:
     search_params: dict[str, int] = field(default_factory=dict)
     write_token_file: str | None = None
     allowed_hosts: list[str] | None = None
+    decode_timeout: float = DECODE_TIMEOUT
 
     def to_json(self) -> str:
         """This configuration as a JSON string."""
@@ -75,10 +90,11 @@ def app_from_env() -> FastAPI:
     if not text:
         raise LenetEmbedError(f"${CONFIG_ENV} is not set; start the service with lenet-embed serve")
     _ensure_logging()
+    quiet_repeated_warnings()
     config = ServiceConfig.from_json(text)
     return create_app(config.load(), threads=config.threads,
                       write_token=read_token(config.write_token_file),
-                      allowed_hosts=config.allowed_hosts)
+                      allowed_hosts=config.allowed_hosts, decode_timeout=config.decode_timeout)
 
 
 _LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
@@ -115,7 +131,8 @@ def allowed_hosts(host: str, extra: list[str] | None = None) -> list[str] | None
 
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           threads: int = 1, write_token_file: str | None = None,
-          allowed_host: list[str] | None = None) -> None:
+          allowed_host: list[str] | None = None, max_connections: int = MAX_CONNECTIONS,
+          decode_timeout: float = DECODE_TIMEOUT) -> None:
     """Serve a loaded index over HTTP until interrupted (``lenet-embed serve``).
 
     Load the index first (``SearchIndex.load``), so a bad bundle is one error line before any
@@ -126,6 +143,11 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     process follows commits to the bundle; SIGHUP makes a single process reload at once, and
     makes uvicorn's supervisor restart its workers. Requests whose ``Host`` is not among
     :func:`allowed_hosts` (with ``allowed_host`` added) are refused.
+
+    Each process keeps at most ``max_connections`` connections open (closing idle ones first,
+    see :mod:`.connections`; bounded by its open-file limit, which is raised to the hard limit
+    first) and gives each uploaded image ``decode_timeout`` seconds to decode (see
+    :mod:`.pools`).
     """
     import uvicorn
 
@@ -138,13 +160,20 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         log.warning("listening on %s: anyone who can reach this machine can search this index%s",
                     host, "" if token else " (writes stay off without a write token)")
     log.info("answering for Host: %s", "any" if hosts is None else ", ".join(hosts))
+    connections = _connection_limit(max_connections)
+    quiet_repeated_warnings()
     options: dict[str, Any] = {"host": host, "port": port, "access_log": False,
-                               "log_level": "info", "timeout_graceful_shutdown": 5}
+                               "log_level": "info", "timeout_graceful_shutdown": 5,
+                               "http": _PROTOCOL, "limit_concurrency": connections,
+                               "backlog": BACKLOG, "timeout_keep_alive": KEEP_ALIVE}
+    log.info("limits per process: %d connections, request headers within %g s, keep-alive %d s, "
+             "image decoding within %g s", connections, HEADER_TIMEOUT, KEEP_ALIVE,
+             decode_timeout)
     log.info("serving %s (%d items) on http://%s:%d with %d worker(s)",
              index.path, len(index), host, port, workers)
     if workers == 1:
-        uvicorn.run(create_app(index, threads=threads, write_token=token, allowed_hosts=hosts),
-                    **options)
+        uvicorn.run(create_app(index, threads=threads, write_token=token, allowed_hosts=hosts,
+                               decode_timeout=decode_timeout), **options)
         return
     config = ServiceConfig(
         index_dir=str(Path(index.path).resolve()),
@@ -153,6 +182,7 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         search_params=dict(index.overrides),
         write_token_file=str(Path(write_token_file).resolve()) if write_token_file else None,
         allowed_hosts=hosts,
+        decode_timeout=decode_timeout,
     )
     os.environ[CONFIG_ENV] = config.to_json()
     from uvicorn.supervisors import Multiprocess
@@ -165,3 +195,15 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with contextlib.suppress(KeyboardInterrupt):
         Multiprocess(server_config, sockets=[sock]).run()
+
+
+def _connection_limit(wanted: int) -> int:
+    """``wanted`` connections per process, or fewer when the open-file limit (raised to its hard
+    limit first; worker processes inherit it) leaves no room for them."""
+    open_files = raise_open_file_limit()
+    if open_files is None or wanted + RESERVED_FILES <= open_files:
+        return wanted
+    allowed = max(open_files - RESERVED_FILES, 1)
+    log.warning("--max-connections %d does not fit the open-file limit of %d (ulimit -n); "
+                "using %d", wanted, open_files, allowed)
+    return allowed

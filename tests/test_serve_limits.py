@@ -1,0 +1,457 @@
+"""The service under abuse: costly images do not hold up other searches, full decode pools answer
+503 with Retry-After, a decode over its budget is stopped, idle, slow or oversized connections
+cannot take the server's connections, and each kind of overload is logged once per interval,
+not once per request.
+
+The machine is shared, so latencies are compared as ratios to a quiet baseline measured in the
+same test, never as absolute milliseconds; every wait has a timeout. Connection limits are tested
+on ``lenet-embed serve`` as a real subprocess, and in detail on a small app served by uvicorn in
+a thread with the service's protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+from test_serve import assert_error, free_port, png, running
+
+from lenet_embed.serve import connections, create_app, pools
+from lenet_embed.serve.connections import GuardedHttpToolsProtocol
+from lenet_embed.serve.errors import install_error_handlers
+from lenet_embed.serve.middleware import RequestGuard
+
+SERVE_LOGGER = "lenet_embed.serve"
+
+
+@pytest.fixture(scope="module")
+def digits(bundle_data):
+    return bundle_data.test.images[:10]
+
+
+@pytest.fixture(scope="module")
+def costly_image() -> bytes:
+    """A 4096x4096 digit as JPEG 2000 with a single resolution level: the costliest kind of file
+    the service accepts (142 KB, about 1 s of CPU and 100 MB to decode; the same with RGBA and
+    small code-blocks is 4.5 MB and 6 s). Encoding it takes a few seconds."""
+    side = 4096
+    picture = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(picture).line([(side * 0.3, side * 0.2), (side * 0.7, side * 0.2),
+                                  (side * 0.45, side * 0.85)], fill=0, width=side // 25)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG2000", num_resolutions=1)
+    return buffer.getvalue()
+
+
+def large_png(digit: np.ndarray, side: int = 1024) -> bytes:
+    """A real digit scaled up to ``side`` x ``side``: cheap to decode, but over the light size,
+    so it goes to a decode worker process."""
+    return png(np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.NEAREST)))
+
+
+def ppm(digit: np.ndarray) -> bytes:
+    """A 28x28 digit as PPM: not a light format, so decoded by a worker process in a blink."""
+    buffer = io.BytesIO()
+    Image.fromarray(digit).save(buffer, format="PPM")
+    return buffer.getvalue()
+
+
+def search(client, data: bytes, name: str = "digit.png", k: int = 5):
+    return client.post(f"/v1/search?k={k}", files={"file": (name, data, "image/png")})
+
+
+def overload_lines(caplog, fragment: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == SERVE_LOGGER and fragment in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------ decode pools
+
+def test_costly_images_do_not_hold_up_light_searches(search_index, digits, costly_image):
+    """While three clients send the costliest image in a loop, searches of small PNGs take about
+    as long as when the service is quiet: the costly decodes run in worker processes, not in the
+    search batches (before the pools, each light search waited behind seconds of decoding)."""
+    light = [png(digit) for digit in digits]
+    app = create_app(search_index, decode_timeout=5.0)
+
+    def light_round(count: int) -> list[float]:
+        latencies = []
+        for i in range(count):
+            begun = time.perf_counter()
+            response = search(client, light[i % len(light)])
+            latencies.append(time.perf_counter() - begun)
+            assert response.status_code == 200, response.text
+        return latencies
+
+    heavy: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    stop = threading.Event()
+
+    def send_costly() -> None:
+        for _ in range(30):
+            if stop.is_set():
+                return
+            sent = time.monotonic()
+            response = search(client, costly_image, name="costly.jp2")
+            heavy.append((sent, time.monotonic(), response.status_code))
+            assert response.status_code in (200, 413, 503), response.text
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "1"
+
+    with TestClient(app) as client:
+        light_round(10)  # warm-up
+        quiet = light_round(40)
+        senders = [threading.Thread(target=send_costly) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        time.sleep(1.0)  # the costly images are being decoded
+        loaded_started = time.monotonic()
+        loaded = light_round(40)
+        loaded_ended = time.monotonic()
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=120)
+    assert not any(sender.is_alive() for sender in senders)
+    # The costly images were in flight while the light searches ran.
+    assert any(sent < loaded_started and answered > loaded_started for sent, answered, _ in heavy)
+    busy = sum(min(answered, loaded_ended) - max(sent, loaded_started)
+               for sent, answered, _ in heavy if answered > loaded_started and sent < loaded_ended)
+    assert busy >= 0.5 * (loaded_ended - loaded_started)
+    ratio = statistics.median(loaded) / statistics.median(quiet)
+    assert ratio < 4, (ratio, statistics.median(quiet), statistics.median(loaded))
+
+
+def test_a_full_decode_pool_is_503_with_retry_after_and_one_log_line(
+        search_index, digits, monkeypatch, caplog):
+    """One heavy worker and no queue, held busy: further heavy images get 503 with Retry-After
+    at once (large bodies before they are read), light ones are still answered, and the log
+    says so once. The held image is then answered like the same search made in-process."""
+    monkeypatch.setattr(pools, "HEAVY_WORKERS", 1)
+    monkeypatch.setattr(pools, "HEAVY_QUEUE", 0)
+    monkeypatch.setattr(pools, "HEAVY_NICE", 0)  # see test_a_decode_over_its_budget_is_stopped
+    entered, release = threading.Event(), threading.Event()
+    decode_heavy = pools.DecodePools._decode_heavy
+
+    def held(self, name, data, queued_at):
+        entered.set()
+        release.wait(30)
+        return decode_heavy(self, name, data, time.monotonic())
+
+    monkeypatch.setattr(pools.DecodePools, "_decode_heavy", held)
+    big = large_png(digits[0])
+    noise = png(np.random.default_rng(0).integers(0, 256, (400, 400)))  # over 128 KB
+    assert len(big) <= pools.LIGHT_BYTES < pools.SURELY_HEAVY_BODY < len(noise)
+    first: list[httpx.Response] = []
+    with TestClient(create_app(search_index, decode_timeout=30)) as client, \
+            caplog.at_level(logging.WARNING, logger=SERVE_LOGGER):
+        holder = threading.Thread(target=lambda: first.append(search(client, big, "big.png")))
+        holder.start()
+        assert entered.wait(30)
+        refused = [search(client, big, f"more-{i}.png") for i in range(4)]
+        refused.append(search(client, noise, "noise.png"))
+        light = search(client, png(digits[1]))
+        release.set()
+        holder.join(timeout=60)
+    for response in refused:
+        assert_error(response, 503, "busy decoding other images")
+        assert response.headers["retry-after"] == "1"
+    assert light.status_code == 200, light.text
+    assert len(overload_lines(caplog, "decode queue full")) == 1
+    assert first and first[0].status_code == 200, first
+    want = search_index.search(Image.open(io.BytesIO(big)), k=5)[0]
+    assert [n["id"] for n in first[0].json()["neighbors"]] == [n.id for n in want]
+
+
+def test_a_decode_over_its_budget_is_stopped(search_index, digits, costly_image, caplog,
+                                             monkeypatch):
+    """With a 0.3 s budget the costly image is refused (413 when its decoder had the CPU, 503 when
+    it waited for it) and its worker process replaced: the next image for a worker is
+    answered. (The workers run at normal priority here: at the lowest, on a machine that others
+    keep busy, even a tiny image can wait longer than 0.3 s for a core.)"""
+    monkeypatch.setattr(pools, "HEAVY_NICE", 0)
+    with TestClient(create_app(search_index, decode_timeout=0.3)) as client, \
+            caplog.at_level(logging.WARNING, logger=SERVE_LOGGER):
+        for _ in range(3):
+            response = search(client, costly_image, name="costly.jp2")
+            assert response.status_code in (413, 503)
+            if response.status_code == 413:
+                assert_error(response, 413, "costly.jp2: decoding this image takes over 0.3 s")
+            else:
+                assert_error(response, 503, "took over 0.3 s")
+                assert response.headers["retry-after"] == "1"
+        answered = search(client, ppm(digits[2]), name="after.ppm")
+    assert answered.status_code == 200, answered.text
+    want = search_index.search(digits[2], k=5)[0]
+    assert [n["id"] for n in answered.json()["neighbors"]] == [n.id for n in want]
+    assert len(overload_lines(caplog, "decode budget overrun")) == 1
+
+
+def test_a_decode_over_its_memory_budget_is_413(search_index, digits, monkeypatch):
+    """A worker may map DECODE_MEMORY more for a decode: a 4096x4096 RGBA PNG needs 64 MB for its
+    pixels alone, so with 48 MB it is refused; a small image is still decoded."""
+    monkeypatch.setattr(pools, "DECODE_MEMORY", 48 * 1024 * 1024)
+    monkeypatch.setattr(pools, "HEAVY_NICE", 0)  # see test_a_decode_over_its_budget_is_stopped
+    picture = Image.new("RGBA", (4096, 4096), (255, 255, 255, 255))
+    ImageDraw.Draw(picture).line([(1200, 800), (2800, 800), (1800, 3500)], fill=(0, 0, 0, 255),
+                                 width=160)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    with TestClient(create_app(search_index, decode_timeout=30)) as client:
+        assert_error(search(client, buffer.getvalue(), name="wide.png"), 413,
+                     "wide.png: decoding this image needs over 48 MB of memory")
+        assert search(client, ppm(digits[3]), name="small.ppm").status_code == 200
+
+
+# ------------------------------------------------------------------------- the real service
+
+def socket_fds(pid: int) -> int | None:
+    """Open sockets of a process (Linux /proc), or None."""
+    try:
+        return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def closed_by_peer(socks: list[socket.socket], want: int, seconds: float) -> int:
+    """How many of ``socks`` the other side has closed, waiting up to ``seconds`` for ``want``."""
+    closed: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(closed) < want:
+        for number, sock in enumerate(socks):
+            if number in closed:
+                continue
+            try:
+                if sock.recv(1024) == b"":
+                    closed.add(number)
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed.add(number)
+        time.sleep(0.05)
+    return len(closed)
+
+
+def test_idle_connections_beyond_the_limit_do_not_stop_searches(lenet_embed_cmd, bundle_dir,
+                                                                 digits, tmp_path):
+    """``serve --max-connections 50`` and 200 idle sockets: the service closes the oldest idle
+    ones, keeps at most 50 open, answers searches on new connections, and logs it once."""
+    log_path = tmp_path / "serve.log"
+
+    def command(port: int) -> list[str]:
+        return [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--port", str(port),
+                "--max-connections", "50"]
+
+    with running(command, log_path) as (url, server):
+        port = int(url.rsplit(":", 1)[1])
+        idle = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.setblocking(False)
+                idle.append(sock)
+            statuses = []
+            for i in range(5):
+                response = httpx.post(f"{url}/v1/search?k=3", timeout=10,
+                                      files={"file": (f"{i}.png", png(digits[i]))})
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert response.headers["retry-after"] == "1"
+            assert statuses.count(200) >= 4 and set(statuses) <= {200, 503}, statuses
+            assert closed_by_peer(idle, 150, seconds=10) >= 150
+            sockets = socket_fds(server.pid)
+            if sockets is not None:  # the listening socket, the connections, a few pipes
+                assert sockets <= 50 + 8, sockets
+        finally:
+            for sock in idle:
+                sock.close()
+    log = log_path.read_text()
+    assert log.count("connection limit reached: 50 open") == 1, log
+    assert "Traceback" not in log
+
+
+# ------------------------------------------------------------- the protocol, on a small app
+
+def small_app(body_timeout: float = 30.0) -> tuple[FastAPI, threading.Event]:
+    """An app that echoes body sizes (``POST /echo``) and holds requests until released
+    (``GET /hold``), behind the service's middleware and error handlers."""
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, body_timeout=body_timeout)
+    released = threading.Event()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.get("/hold")
+    async def hold() -> dict[str, bool]:
+        for _ in range(1500):
+            if released.is_set():
+                break
+            await asyncio.sleep(0.02)
+        return {"released": released.is_set()}
+
+    return app, released
+
+
+@contextlib.contextmanager
+def served(app, max_connections: int = 100):
+    """``app`` served by uvicorn in a thread with the service's protocol; yields the port."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=GuardedHttpToolsProtocol,
+                            limit_concurrency=max_connections, lifespan="off", log_config=None,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def read_response(sock: socket.socket, seconds: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one response read from a blocking socket."""
+    sock.settimeout(seconds)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def is_closed(sock: socket.socket, seconds: float) -> bool:
+    """Whether the other side closes ``sock`` within ``seconds`` (data before that is skipped)."""
+    sock.settimeout(0.1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_slow_or_missing_headers_are_cut_off(monkeypatch):
+    """A connection that sends nothing, or sends its headers a byte at a time (slowloris), is
+    closed once the header timeout passes; uvicorn alone keeps both open for ever."""
+    monkeypatch.setattr(connections, "HEADER_TIMEOUT", 0.5)
+    app, _ = small_app()
+    with served(app) as port, connect(port) as silent, connect(port) as slow:
+        begun = time.monotonic()
+        slow.sendall(b"GET /hold HTTP/1.1\r\nHost: localhost\r\n")
+        for _ in range(10):  # 2 s of a header byte every 0.2 s
+            with contextlib.suppress(OSError):
+                slow.sendall(b"X")
+            time.sleep(0.2)
+        assert is_closed(slow, 3) and is_closed(silent, 3)
+        assert time.monotonic() - begun < 6
+
+
+def test_oversized_headers_get_431(monkeypatch):
+    app, _ = small_app()
+    with served(app) as port, connect(port) as sock:
+        sock.sendall(b"GET /hold HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000
+                     + b"\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert status == 431 and headers["connection"] == "close"
+        assert json.loads(body) == {"error": "request headers over 16 KB"}
+        assert is_closed(sock, 3)
+    # A normal request with a body larger than the header limit is not affected.
+    with served(app) as port:
+        response = httpx.post(f"http://127.0.0.1:{port}/echo", content=b"x" * 100_000, timeout=10)
+        assert response.json() == {"bytes": 100_000}
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408():
+    app, _ = small_app(body_timeout=0.5)
+    with served(app) as port, connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n"
+                     + b"x" * 10)
+        status, _, body = read_response(sock, seconds=5)
+        assert status == 408
+        assert json.loads(body) == {"error": "request body not received within 0.5 s"}
+
+
+def test_beyond_the_limit_the_oldest_idle_connection_is_closed(caplog):
+    """Limit 3: a fourth connection closes the oldest that never sent a request, not one kept
+    alive between requests; every connection busy, a new one gets 503 and is closed; both are
+    logged once however often they happen."""
+    app, released = small_app()
+    with caplog.at_level(logging.WARNING, logger=SERVE_LOGGER), \
+            served(app, max_connections=3) as port, contextlib.ExitStack() as stack:
+        kept = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10))
+        assert kept.post("/echo", content=b"abc").json() == {"bytes": 3}
+        first, second = (stack.enter_context(connect(port)) for _ in range(2))
+        time.sleep(0.2)
+        third = stack.enter_context(connect(port))
+        assert is_closed(first, 3)  # the oldest never-used connection went
+        assert kept.post("/echo", content=b"abcd").json() == {"bytes": 4}  # still alive
+        # Busy: hold a request on each of the three connections...
+        for sock in (second, third):
+            sock.sendall(b"GET /hold HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        holding = threading.Thread(target=lambda: kept.get("/hold"))
+        holding.start()
+        time.sleep(0.3)
+        # ...and new connections are answered 503 and closed, twice, logged once.
+        for _ in range(2):
+            with connect(port) as late:
+                status, headers, body = read_response(late)
+                assert status == 503 and headers["retry-after"] == "1"
+                assert "connection limit" in json.loads(body)["error"]
+                assert is_closed(late, 3)
+        released.set()
+        holding.join(timeout=30)
+        for sock in (second, third):
+            assert read_response(sock)[0] == 200
+    lines = overload_lines(caplog, "connection limit reached")
+    assert len([line for line in lines if "closing the oldest idle" in line]) == 1, lines
+    assert len([line for line in lines if "answering new ones 503" in line]) == 1, lines
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit():
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        lowered = min(soft, 512)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+        raised = connections.raise_open_file_limit()
+        assert raised == (lowered if hard == resource.RLIM_INFINITY else hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
