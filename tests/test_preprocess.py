@@ -155,6 +155,19 @@ def test_jpeg_is_close(white_on_black, reference, tmp_path):
     assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("resolutions", [1, 2, 6])
+def test_large_jpeg2000_is_decoded_reduced_and_close(white_on_black, reference, tmp_path,
+                                                     resolutions):
+    # A 2880x2160 JPEG 2000 has its codestream decoded at a quarter of the side when it holds
+    # enough resolution levels (6, the default); with fewer (1: none to drop, 2: fewer than
+    # asked) it is decoded at full size and then reduced. Either way, the same digit.
+    big = np.kron(255 - white_on_black, np.ones((24, 24), dtype=np.uint8))
+    path = tmp_path / "digit.jp2"
+    Image.fromarray(big).save(path, num_resolutions=resolutions)
+    result = to_mnist(path)
+    assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.98
+
+
 def test_float_array_in_unit_range(white_on_black, reference):
     assert np.abs(to_mnist(white_on_black / 255.0) - reference).max() < 1e-6
     assert np.abs(to_mnist(white_on_black[..., None]) - reference).max() < 1e-6
