@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._keras import keras
 from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
 from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
 from .data import Dataset, load_image_folder, load_mnist
@@ -91,6 +92,7 @@ def build_index(
         set_threads(threads)
     check_factory(factory, metric, EMBEDDING_DIM)
     check_folder(Path(index_dir))
+    keras("build-index")  # embedding needs it: say so before reading any data
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None

@@ -219,11 +219,12 @@ def load_mnist(path: str | os.PathLike[str] | Dataset | None = None) -> Dataset:
 def _load_from_keras() -> Dataset:
     from ._keras import keras
 
+    keras_module = keras(f"downloading MNIST (no --data and no ${ENV_VAR})")
     log.info("no --data and no $%s: using keras.datasets.mnist", ENV_VAR)
     try:
         # Keras prints its download notice on stdout, which belongs to results (--json).
         with contextlib.redirect_stdout(sys.stderr):
-            (x_train, y_train), (x_test, y_test) = keras().datasets.mnist.load_data()
+            (x_train, y_train), (x_test, y_test) = keras_module.datasets.mnist.load_data()
     except Exception as exc:  # network errors come in many types
         raise LenetEmbedError(
             f"could not download MNIST through Keras ({exc}); pass --data PATH or set ${ENV_VAR}"

@@ -64,12 +64,17 @@ class KerasEncoder:
         self.model = model
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> KerasEncoder:
-        """Load an encoder written by ``train`` or ``build-index`` (``*.keras``)."""
+    def load(cls, path: str | os.PathLike[str],
+             needed_for: str = "the Keras encoder") -> KerasEncoder:
+        """Load an encoder written by ``train`` or ``build-index`` (``*.keras``).
+
+        ``needed_for`` names this use in the error raised where TensorFlow is not installed.
+        """
         from ._keras import keras
 
+        keras_module = keras(needed_for)
         try:
-            model = keras().models.load_model(path, compile=False)
+            model = keras_module.models.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad file
             raise LenetEmbedError(
                 f"{path}: cannot load the encoder ({exc.__class__.__name__}); "
@@ -167,7 +172,7 @@ def load_encoder(keras_path: Path, litert_path: Path, backend: str = "auto",
     """Load a bundle's encoder: LiteRT when ``backend`` is ``auto`` or ``litert``, else Keras.
 
     With ``auto``, a missing ``encoder.tflite`` or a missing ``ai-edge-litert`` falls back to Keras
-    with a one-line notice.
+    with a one-line notice (or, where TensorFlow is not installed either, one error saying so).
     """
     if backend not in BACKENDS:
         raise LenetEmbedError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -180,7 +185,9 @@ def load_encoder(keras_path: Path, litert_path: Path, backend: str = "auto",
             return LiteRTEncoder(litert_path, threads)
         if backend == "litert":
             raise LenetEmbedError(f"cannot use LiteRT: {problem}")
+        encoder = KerasEncoder.load(keras_path, f"the Keras encoder, used because {problem},")
         log.warning("%s; using the slower Keras encoder", problem)
+        return encoder
     return KerasEncoder.load(keras_path)
 
 

@@ -215,8 +215,8 @@ def train(
         chosen = replace(chosen, batch_size=batch_size)
     if chosen.epochs < 1 or chosen.batch_size < 1:
         raise LenetEmbedError("--epochs and --batch-size must be at least 1")
+    k, tf = keras("train"), tensorflow()  # before loading data: fail at once without TensorFlow
     dataset = load_mnist(data)
-    k, tf = keras(), tensorflow()
     if seed is not None:
         k.utils.set_random_seed(seed)
         tf.config.experimental.enable_op_determinism()
