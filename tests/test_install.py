@@ -22,8 +22,8 @@ from lenet_embed.bundle import read_manifest
 
 MISSING = ('needs TensorFlow, which this install lacks; pip install "lenet-embed[train]"')
 
-# Run first in every subprocess: tensorflow and keras are "not installed". On exit the last line
-# of stderr lists every import of them that was attempted, and those loaded.
+# Run first in every subprocess: tensorflow and keras are "not installed". On exit a line on
+# stderr lists every import of them that was attempted, and those loaded.
 NO_TENSORFLOW = """
 import atexit, importlib.abc, json, sys
 
@@ -60,11 +60,14 @@ def _run(code: str, *args: object, env: dict[str, str] | None = None,
     report) and the report."""
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=180)
-    *lines, last = done.stderr.rstrip("\n").split("\n")
-    return done.returncode, done.stdout, "\n".join(lines), json.loads(last)
+    lines = done.stderr.splitlines()
+    reports = [i for i, line in enumerate(lines) if line.startswith('{"tried": ')]
+    assert reports, done.stderr
+    report = json.loads(lines.pop(reports[-1]))
+    return done.returncode, done.stdout, "\n".join(lines), report
 
 
-def lenet_embed(*args: object, **kwargs) -> tuple[int, str, str, dict[str, list[str]]]:
+def run_cli(*args: object, **kwargs) -> tuple[int, str, str, dict[str, list[str]]]:
     """Run ``lenet-embed ARGS`` without TensorFlow."""
     return _run(CLI, *args, **kwargs)
 
@@ -95,7 +98,7 @@ def with_tensorflow(bundle_dir) -> SearchIndex:
 
 
 def test_query_answers_as_with_tensorflow(bundle_dir, pngs, with_tensorflow):
-    status, out, err, report = lenet_embed("query", *pngs, "--index-dir", bundle_dir, "-k", 5,
+    status, out, err, report = run_cli("query", *pngs, "--index-dir", bundle_dir, "-k", 5,
                                            "--json")
     assert status == 0, err
     _clean(report)
@@ -110,31 +113,31 @@ def test_query_answers_as_with_tensorflow(bundle_dir, pngs, with_tensorflow):
 
 
 def test_info_add_remove_compact_without_tensorflow(bundle_copy, pngs):
-    status, out, err, report = lenet_embed("info", "--index-dir", bundle_copy, "--json")
+    status, out, err, report = run_cli("info", "--index-dir", bundle_copy, "--json")
     assert status == 0, err
     _clean(report)
     before = json.loads(out)
     assert before["count"] == 2000 and before["checks"] == "ok"
 
-    status, out, err, report = lenet_embed("add", pngs[0], "--label", 7, "--index-dir",
+    status, out, err, report = run_cli("add", pngs[0], "--label", 7, "--index-dir",
                                            bundle_copy, "--json")
     assert status == 0, err
     _clean(report)
     (new_id,) = json.loads(out)["ids"]
     assert new_id == before["next_id"]
-    status, out, err, report = lenet_embed("query", pngs[0], "--index-dir", bundle_copy, "-k", 1,
+    status, out, err, report = run_cli("query", pngs[0], "--index-dir", bundle_copy, "-k", 1,
                                            "--json")
     assert status == 0, err
     _clean(report)
     (top,) = json.loads(out)["neighbors"]
     assert (top["id"], top["label"]) == (new_id, 7) and top["distance"] < 1e-5
 
-    status, out, err, report = lenet_embed("remove", new_id, 0, "--index-dir", bundle_copy,
+    status, out, err, report = run_cli("remove", new_id, 0, "--index-dir", bundle_copy,
                                            "--json")
     assert status == 0, err
     _clean(report)
     assert json.loads(out)["removed"] == 2
-    status, out, err, report = lenet_embed("compact", "--index-dir", bundle_copy, "--wait", 0,
+    status, out, err, report = run_cli("compact", "--index-dir", bundle_copy, "--wait", 0,
                                            "--json")
     assert status == 0, err
     _clean(report)
@@ -144,7 +147,7 @@ def test_info_add_remove_compact_without_tensorflow(bundle_copy, pngs):
 
 
 def test_samples_without_tensorflow_when_mnist_is_local(mnist_path, tmp_path):
-    status, out, err, report = lenet_embed("samples", tmp_path / "s", "-n", 3, "--data",
+    status, out, err, report = run_cli("samples", tmp_path / "s", "-n", 3, "--data",
                                            mnist_path)
     assert status == 0, err
     _clean(report)
@@ -168,7 +171,7 @@ def test_train_and_build_index_say_what_to_install(command, bundle_copy, mnist_p
     version = read_manifest(bundle_copy).version
     work = tmp_path / "cwd"
     work.mkdir()
-    status, out, err, report = lenet_embed(*args, "--data", mnist_path, cwd=work)
+    status, out, err, report = run_cli(*args, "--data", mnist_path, cwd=work)
     assert status == 1 and out == ""
     assert _one_line(err) == f"Error: {command[0]} {MISSING}"
     assert report["loaded"] == [] and report["tried"]
@@ -177,12 +180,12 @@ def test_train_and_build_index_say_what_to_install(command, bundle_copy, mnist_p
 
 
 def test_keras_fallbacks_say_what_to_install(bundle_dir, pngs, tmp_path):
-    status, _, err, _ = lenet_embed("query", pngs[0], "--index-dir", bundle_dir,
+    status, _, err, _ = run_cli("query", pngs[0], "--index-dir", bundle_dir,
                                     "--backend", "keras")
     assert status == 1 and _one_line(err) == f"Error: the Keras encoder {MISSING}"
     # No data given and none in $LENET_EMBED_MNIST: Keras's downloader would be the only source.
     env = {k: v for k, v in os.environ.items() if k != "LENET_EMBED_MNIST"}
-    status, _, err, _ = lenet_embed("samples", tmp_path / "s", env=env)
+    status, _, err, _ = run_cli("samples", tmp_path / "s", env=env)
     assert status == 1
     assert _one_line(err) == ("Error: downloading MNIST (no --data and no $LENET_EMBED_MNIST) "
                               f"{MISSING}")
@@ -190,11 +193,8 @@ def test_keras_fallbacks_say_what_to_install(bundle_dir, pngs, tmp_path):
 
 def test_missing_litert_and_tensorflow_is_one_line(bundle_dir, pngs):
     # Where ai-edge-litert has no wheel the base install has no encoder at all: say which extra.
-    code = NO_TENSORFLOW.replace('HEAVY = ("tensorflow", "keras")',
-                                 'HEAVY = ("tensorflow", "keras", "ai_edge_litert")') + """
-from lenet_embed.cli import main
-main(sys.argv[1:], prog_name="lenet-embed")
-"""
+    code = CLI.replace('HEAVY = ("tensorflow", "keras")',
+                       'HEAVY = ("tensorflow", "keras", "ai_edge_litert")')
     status, _, err, _ = _run(code, "query", pngs[0], "--index-dir", bundle_dir)
     assert status == 1
     assert _one_line(err) == ("Error: the Keras encoder, used because ai-edge-litert is not "
@@ -216,7 +216,7 @@ top_after_add = other.search(png, k=1)[0][0].id
 index.remove([added])
 refreshed = other.refresh()
 print(json.dumps({"added": added, "top_after_add": top_after_add, "refreshed": refreshed,
-                  "top_after_remove": other.search(png, k=1)[0][0].id}))
+                  "top_after_remove": other.search(png, k=1)[0][0].id, "tried": list(tried)}))
 try:
     build_index(data=bundle, index_dir=bundle + "-rebuilt")
 except LenetEmbedError as exc:
@@ -232,9 +232,10 @@ def test_search_index_without_tensorflow(bundle_copy, pngs, with_tensorflow):
     assert searched == queried == expected
     assert updates["top_after_add"] == updates["added"] == read_manifest(bundle_copy).next_id - 1
     assert updates["refreshed"] is True and updates["top_after_remove"] == expected[0]
+    assert updates["tried"] == []  # searching and updating never even tried to import TensorFlow
     assert refused == f"build-index {MISSING}"
     # Only the refused build tried to import TensorFlow; nothing loaded it.
-    assert report["loaded"] == [] and report["tried"] and "tensorflow" not in out
+    assert report["loaded"] == [] and report["tried"]
 
 
 SERVICE = NO_TENSORFLOW + """
