@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from . import milvus
 from ._keras import keras
 from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
-from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
+from .bundle import DEFAULT_INDEX_DIR, Manifest, Segment, package_version
 from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
@@ -76,6 +77,8 @@ def build_index(
     target_recall: float | None = None,
     threads: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    milvus_uri: str | None = None,
+    milvus_token: str | None = None,
 ) -> BuildResult:
     """Embed a data set and write a self-contained index bundle to ``index_dir``.
 
@@ -86,7 +89,9 @@ def build_index(
     ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
     parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
     and stores it in the manifest. ``threads`` caps FAISS's threads. ``on_progress(done, total)``
-    is called as images are embedded.
+    is called as images are embedded. With ``milvus_uri`` (a Milvus Lite file or a server
+    address; ``milvus_token`` when it needs one) the items go into a new Milvus collection with an
+    index of the factory's family, and the bundle keeps the manifest and the encoder.
     """
     if threads is not None:
         set_threads(threads)
@@ -114,30 +119,49 @@ def build_index(
         held_out = dataset.test.images[:TUNING_QUERIES]
     encoder = KerasEncoder(encoder_model)
     vectors = encoder.embed(pixels, on_progress=on_progress)
-    index = make_index(vectors, metric, factory)
     search_params: dict[str, float] = {}
-    if target_recall is not None:
-        if held_out is not None:
-            queries = encoder.embed(scale_pixels(held_out))
-        else:
-            sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
-            queries = vectors[sample]
-        search_params = tune(index, vectors, queries, metric, target_recall)
+    index = None
+    if milvus_uri is None:
+        index = make_index(vectors, metric, factory)
+        if target_recall is not None:
+            if held_out is not None:
+                queries = encoder.embed(scale_pixels(held_out))
+            else:
+                sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
+                queries = vectors[sample]
+            search_params = tune(index, vectors, queries, metric, target_recall)
     prepared = prepare_vectors(vectors, metric)
+    ids = np.arange(len(labels), dtype=np.int64)
     with BundleWriter(index_dir, replacing=True) as writer:
+        replaced = writer.current
         encoder_folder, encoder_files = writer.new_encoder(encoder_model)
-        segment, segment_files = writer.new_segment(
-            vectors=prepared, ids=np.arange(len(labels), dtype=np.int64), labels=labels,
-            images=stored, sources=sources, index=index,
-        )
+        segments: list[Segment] = []
+        store = None
+        if index is None:
+            store, collection = milvus.new_collection(writer.directory, milvus_uri,
+                                                      writer.next_version, metric,
+                                                      prepared.shape[1], factory, milvus_token)
+            try:
+                collection.insert(ids, prepared, labels, stored, sources)
+            except BaseException:
+                collection.drop()
+                raise
+            segment_files = {}
+        else:
+            segment, segment_files = writer.new_segment(
+                vectors=prepared, ids=ids, labels=labels, images=stored, sources=sources,
+                index=index,
+            )
+            segments = [segment]
         now = now_iso()
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
-            lenet_embed_version=package_version(), dim=int(index.d), metric=metric,
+            lenet_embed_version=package_version(), dim=int(prepared.shape[1]), metric=metric,
             factory=factory, search_params=search_params, dataset=description,
-            classes=list(classes), encoder=encoder_folder, segments=[segment], deletions=None,
+            classes=list(classes), encoder=encoder_folder, segments=segments, deletions=None,
             count=len(labels), rows=len(labels), next_id=len(labels),
-            files={**encoder_files, **segment_files}, target_recall=target_recall,
+            files={**encoder_files, **segment_files}, target_recall=target_recall, store=store,
         ))
+    milvus.drop_replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)

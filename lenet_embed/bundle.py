@@ -135,6 +135,18 @@ class Segment:
         return [self.file(name) for name in names]
 
 
+@dataclass(frozen=True)
+class Store:
+    """Where a bundle's items live when not in its own segments: a Milvus collection
+    (:mod:`.milvus`). ``uri`` is a server address or a Milvus Lite file relative to the bundle;
+    ``index`` is the Milvus index type."""
+
+    kind: str
+    uri: str
+    collection: str
+    index: str
+
+
 def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     """The record of one row in an unsealed segment's single ``.npy`` file (``source_chars`` > 0
     adds the source path, "" for none)."""
@@ -174,6 +186,7 @@ class Manifest:
     files: dict[str, FileEntry]
     format_version: int = FORMAT_VERSION
     target_recall: float | None = None
+    store: Store | None = None
 
     @property
     def deleted(self) -> int:
@@ -194,6 +207,12 @@ class Manifest:
     def encoder_sha256(self) -> str:
         """The fingerprint of the encoder that made the vectors."""
         return self.files[self.encoder_path].sha256
+
+    def label_name(self, code: int) -> int | str | None:
+        """A stored label code as the user knows it: the digit, the folder name, or None."""
+        if code < 0:
+            return None
+        return self.classes[code] if self.classes else int(code)
 
     def required_files(self) -> set[str]:
         """The files this manifest's structure needs: exactly the keys of ``files``."""
@@ -225,13 +244,16 @@ class Manifest:
                 f"(format {FORMAT_VERSION}); {REBUILD}"
             )
         names = {f.name for f in fields(cls)}
-        optional = {"format_version", "target_recall"}
+        optional = {"format_version", "target_recall", "store"}
         missing = sorted(names - optional - set(data))
         if missing:
             raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
         values = {name: data[name] for name in names if name in data}
         try:
             values["segments"] = [_segment(item) for item in data["segments"]]
+            if data.get("store") is not None:
+                values["store"] = Store(**_typed(data["store"], {
+                    "kind": str, "uri": str, "collection": str, "index": str}))
             values["files"] = {
                 name: FileEntry(**_typed(entry, {"bytes": int, "sha256": str}))
                 for name, entry in _typed_dict(data["files"]).items()
@@ -267,7 +289,12 @@ class Manifest:
             raise ValueError("deletions must be a file name or null")
         if self.target_recall is not None and not isinstance(self.target_recall, (int, float)):
             raise ValueError("target_recall must be a number or null")
-        if self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
+        if self.store is not None:
+            if self.store.kind != "milvus" or not _FOLDER_NAME.fullmatch(self.store.collection):
+                raise ValueError("store must be a Milvus collection")
+            if self.segments or self.deletions is not None or self.rows != self.count:
+                raise ValueError("a bundle whose items are in Milvus has no segments")
+        elif self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
             raise ValueError("count and rows disagree with the segments")
         if (self.deletions is None) != (self.count == self.rows):
             raise ValueError("removed rows need a deletions file, and only they")

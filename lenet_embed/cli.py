@@ -190,18 +190,35 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
               "against exact search on held-out queries, and store it in the bundle.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="Threads for FAISS [default: all].")
+@click.option("--store", type=click.Choice(["faiss", "milvus"]), default="faiss",
+              show_default=True, help="Where the items go: FAISS files in the bundle, or a "
+              "Milvus collection (the bundle keeps the manifest and the encoder).")
+@click.option("--milvus-uri", metavar="URI", help="With --store milvus: a Milvus Lite file "
+              "(./digits.db) or a server (http://host:19530).")
+@click.option("--milvus-token-file", type=click.Path(dir_okay=False),
+              help="With --store milvus: a file whose first line is the server's token "
+              "(or set $LENET_EMBED_MILVUS_TOKEN, which later commands read too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
                 metric: str, factory: str, target_recall: float | None, threads: int | None,
+                store: str, milvus_uri: str | None, milvus_token_file: str | None,
                 as_json: bool) -> None:
     """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
     from .build import build_index as run_build
 
+    if (store == "milvus") != (milvus_uri is not None):
+        raise click.UsageError("--store milvus and --milvus-uri go together")
+    token = None
+    if milvus_token_file is not None:
+        from .milvus import token_from_file
+
+        token = token_from_file(milvus_token_file)
     progress = _Progress("embedding")
     try:
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
                            metric=metric, factory=factory, target_recall=target_recall,
-                           threads=threads, on_progress=progress)
+                           threads=threads, on_progress=progress, milvus_uri=milvus_uri,
+                           milvus_token=token)
     finally:
         progress.close()
     summary = result.summary()
@@ -421,6 +438,8 @@ def info(index_dir: str, as_json: bool) -> None:
         "bundle": index_dir,
         "version": f"{m.version} ({m.operation}, {m.committed_at})",
         "items": f"{m.count} live, {m.deleted} removed",
+        **({"store": f"Milvus collection {m.store.collection} at {m.store.uri} "
+                     f"({m.store.index} index)"} if m.store else {}),
         "segments": f"{len(m.segments)} ({report.sealed} sealed, "
                     f"{len(m.segments) - report.sealed} from adds)",
         "compaction would reclaim": f"{m.deleted} row(s), {report.reclaimable_bytes} bytes"

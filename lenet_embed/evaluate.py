@@ -107,6 +107,9 @@ def evaluate(
         index = SearchIndex.load(index)
     snapshot = index.snapshot
     index_dir = index.path
+    if index.manifest.store is not None:
+        raise LenetEmbedError(f"{index_dir}: its items are in Milvus; evaluate works on a bundle "
+                              "that holds its vectors (build one with the default --store faiss)")
     dataset = load_mnist(data)
     index.check_k(k, snapshot)
     rows_live = snapshot.live_rows()

@@ -293,30 +293,30 @@ class SearchIndex:
         return array
 
     def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:
-        distances, rows = snapshot.search(prepare_vectors(vectors, snapshot.metric), k)
-        ids, labels = snapshot.ids, snapshot.labels
+        distances, ids, labels, sources = snapshot.hits(
+            prepare_vectors(vectors, snapshot.metric), k)
         results = []
-        for row_list, distance_list in zip(rows.tolist(), distances.tolist(), strict=True):
+        for position, (id_list, label_list, distance_list) in enumerate(zip(
+                ids.tolist(), labels.tolist(), distances.tolist(), strict=True)):
             neighbors = []
-            for rank, (row, distance) in enumerate(zip(row_list, distance_list, strict=True),
-                                                   start=1):
-                if row < 0:
+            for rank, (item, code, distance) in enumerate(zip(id_list, label_list, distance_list,
+                                                             strict=True), start=1):
+                if item < 0:
                     break
                 neighbors.append(Neighbor(
-                    rank=rank, id=int(ids[row]), label=snapshot.label_name(int(labels[row])),
+                    rank=rank, id=int(item), label=snapshot.label_name(int(code)),
                     distance=float(distance),
-                    source=snapshot.source(row) if snapshot.has_sources else None,
+                    source=sources[position][rank - 1] if sources is not None else None,
                 ))
             results.append(neighbors)
         return results
 
     def item_image(self, item_id: int) -> np.ndarray:
         """The indexed digit with this id, as the encoder saw it: uint8 (28, 28)."""
-        snapshot = self._snapshot
-        row = snapshot.row_of(item_id)
-        if row is None:
+        image = self._snapshot.image_of(item_id)
+        if image is None:
             raise LenetEmbedError(f"no item with id {item_id} in {self.path}")
-        return snapshot.image(row)
+        return image
 
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""

@@ -191,6 +191,16 @@ class Snapshot:
             return row
         return None
 
+    def image_of(self, item_id: int) -> np.ndarray | None:
+        """The stored digit of a live item (uint8 28x28), or None."""
+        row = self.row_of(item_id)
+        return None if row is None else self.image(row)
+
+    def label_of(self, item_id: int) -> int | str | None:
+        """The label of a live item as the user knows it (None also when there is no item)."""
+        row = self.row_of(item_id)
+        return None if row is None else self.label_name(int(self.labels[row]))
+
     def _locate(self, row: int) -> tuple[LoadedSegment, int]:
         position = int(np.searchsorted(self.offsets, row, side="right")) - 1
         return self.segments[position], row - int(self.offsets[position])
@@ -207,10 +217,7 @@ class Snapshot:
 
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""
-        if code < 0:
-            return None
-        classes = self.manifest.classes
-        return classes[code] if classes else int(code)
+        return self.manifest.label_name(code)
 
     def live_rows(self) -> np.ndarray:
         """The rows of live items, in id order."""
@@ -292,6 +299,19 @@ class Snapshot:
             distances = np.take_along_axis(distances, order, axis=1)
             rows = np.take_along_axis(rows, order, axis=1)
         return _pad(distances, rows, k)
+
+    def hits(self, vectors: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]] | None]:
+        """:meth:`search` as what the rows hold: distances, ids and label codes (n, k; -1 ids
+        and labels pad) and, when the bundle records any, the rows' sources."""
+        distances, rows = self.search(vectors, k)
+        missing = rows < 0
+        safe = np.where(missing, 0, rows)
+        ids = np.where(missing, -1, self.ids[safe]) if len(self.ids) else rows
+        labels = np.where(missing, -1, self.labels[safe]) if len(self.ids) else rows
+        sources = ([[self.source(row) for row in found if row >= 0] for found in rows.tolist()]
+                   if self.has_sources else None)
+        return distances, ids, labels, sources
 
     def _as_rows(self, scores: np.ndarray, local: np.ndarray, rows: np.ndarray | int
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -448,6 +468,10 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
         encoder = bundle_encoder(directory, manifest, load_encoder)
     params = {**{k: int(v) for k, v in manifest.search_params.items()
                  if k in SEARCH_PARAMETERS}, **(search_params or {})}
+    if manifest.store is not None:
+        from .milvus import MilvusSnapshot  # pymilvus only for bundles that use it
+
+        return MilvusSnapshot(directory, manifest, encoder, params)  # type: ignore[return-value]
     return Snapshot(directory, manifest, segments, deleted, encoder, params)
 
 
@@ -481,6 +505,8 @@ def inspect_bundle(directory: str | os.PathLike[str]) -> BundleReport:
 
     snapshot = open_snapshot(directory, check_encoder)
     manifest = snapshot.manifest
+    if manifest.store is not None:
+        snapshot.check_count()  # type: ignore[attr-defined]
     total = sum(entry.bytes for entry in manifest.files.values())
     per_row = sum(entry.bytes for name, entry in manifest.files.items()
                   if name.startswith("segments/")) / max(manifest.rows, 1)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import milvus
 from .ann import make_index, prepare_vectors
 from .bundle import (
     DELETIONS_DIR,
@@ -120,11 +121,14 @@ def add_vectors(
             raise LenetEmbedError(f"vectors must have shape (N, {current.dim})")
         codes, classes = _label_codes(labels, current)
         ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
-        segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=codes,
-                                            images=images, sources=sources)
-        segments = [*current.segments, segment]
-        new_files = {**current.files, **files}
-        segments, new_files = _merge_tail(writer, current, segments, new_files)
+        segments, new_files = current.segments, current.files
+        if current.store is not None:
+            milvus.add_rows(writer.directory, current, ids, vectors, codes, images, sources)
+        else:
+            segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=codes,
+                                                images=images, sources=sources)
+            segments, new_files = _merge_tail(writer, current, [*segments, segment],
+                                              {**new_files, **files})
         manifest = current.next(
             "add", classes=classes, segments=segments, files=new_files,
             count=current.count + count, rows=current.rows + count,
@@ -222,6 +226,14 @@ def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
     wanted = np.unique(np.asarray(list(ids), dtype=np.int64))
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
+        if current.store is not None:
+            gone = milvus.remove_rows(writer.directory, current, wanted)
+            missing = [int(i) for i in np.setdiff1d(wanted, gone)]
+            if len(gone) == 0:
+                return Removal(0, missing), current
+            manifest = current.next("remove", count=current.count - len(gone),
+                                    rows=current.rows - len(gone))
+            return Removal(len(gone), missing), writer.commit(manifest)
         view = [load_segment(writer.directory, current, s) for s in current.segments]
         all_ids = (np.concatenate([s.ids for s in view]) if view
                    else np.zeros(0, np.int64))
@@ -268,6 +280,9 @@ def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIM
     removed rows; return the manifests before and after. Ids stay as they are."""
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
+        if current.store is not None:
+            milvus.compact(writer.directory, current)
+            return current, current
         unsealed = sum(not s.sealed for s in current.segments)
         if current.deleted == 0 and unsealed == 0 and len(current.segments) <= 1:
             return current, current

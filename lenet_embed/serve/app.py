@@ -211,9 +211,8 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         query = await pools.prepare(query)
         new_id = await run_in_threadpool(_add, query, label)
         snapshot = index.snapshot
-        row = snapshot.row_of(new_id)
-        if row is not None:  # the label as searches report it (JSON "7" is stored as 7)
-            label = snapshot.label_name(int(snapshot.labels[row]))
+        # The label as searches report it (JSON "7" is stored as 7).
+        label = snapshot.label_of(new_id) if label is not None else None
         body = {"id": new_id, "label": label, "version": snapshot.manifest.version,
                 "count": snapshot.manifest.count}
         return JSONResponse(body, status_code=201)

@@ -1,0 +1,417 @@
+"""Items kept in a Milvus collection instead of the bundle's own segments: :class:`MilvusStore`.
+
+A bundle built with ``--store milvus`` still holds its manifest and its encoder; the manifest's
+``store`` names the Milvus deployment and the collection that holds the items (id, vector,
+label, image, source). The same ``MilvusClient`` API reaches every deployment:
+
+- a **Milvus Lite** file (``./digits.db``): embedded, opened by one process at a time (Milvus
+  Lite locks the file). A relative path is kept relative to the bundle, so the two move together.
+- a **Milvus server** (``http://host:19530``, ``python -m milvus_lite server``, or a cluster),
+  with a token from ``$LENET_EMBED_MILVUS_TOKEN`` when it needs one.
+
+Milvus makes an insert or a delete visible by itself (the collection is created with strong
+consistency); the bundle's manifest, committed after it under the writer lock, keeps the count
+and the next id, so ids are still never reused. Rows that a killed writer inserted but never
+committed (ids at or above the manifest's ``next_id``) are deleted by the next writer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import secrets
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._quiet import is_verbose
+from .bundle import Manifest, Store
+from .errors import LenetEmbedError
+
+EXTRA = 'pip install "lenet-embed[milvus]"'
+TOKEN_ENV = "LENET_EMBED_MILVUS_TOKEN"
+INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
+# Milvus's HNSW searches with ef = k unless told: too few for recall on small k.
+MIN_EF = 64
+_SERVER = re.compile(r"^(https?|tcp|grpcs?|unix)://", re.IGNORECASE)
+_SOURCE_CHARS = 4096
+# Rows per insert call (Milvus caps one gRPC message at 64 MB; a row is about 1.5 KB).
+_BATCH = 5000
+_FIELDS = ("id", "label", "source")
+
+
+def is_server(uri: str) -> bool:
+    """True for a server address, False for a Milvus Lite file."""
+    return bool(_SERVER.match(uri))
+
+
+def stored_uri(uri: str, bundle: Path) -> str:
+    """The URI as the manifest keeps it: a Milvus Lite file relative to the bundle."""
+    if is_server(uri):
+        return uri
+    return os.path.relpath(Path(uri).resolve(), bundle.resolve())
+
+
+def resolved_uri(uri: str, bundle: Path) -> str:
+    """The URI to connect to, from the manifest's ``uri``."""
+    if is_server(uri):
+        return uri
+    return str((bundle / uri).resolve())
+
+
+def token_from_file(path: str | os.PathLike[str]) -> str:
+    """A Milvus token: the first line of ``path``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LenetEmbedError(f"{path}: cannot read the Milvus token ({exc})") from None
+    if not lines or not lines[0].strip():
+        raise LenetEmbedError(f"{path}: empty; put the Milvus token on its first line")
+    return lines[0].strip()
+
+
+# pymilvus and Milvus Lite log each failure with a traceback (and gRPC an unimplemented call
+# Milvus Lite answers at every connection); the one-line errors here say what matters, and
+# --verbose lets the rest through.
+_NOISY_LOGGERS = ("pymilvus", "milvus_lite", "grpc._server")
+
+
+def _client(uri: str, token: str | None) -> Any:
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise LenetEmbedError(f"the Milvus store needs pymilvus and milvus-lite; {EXTRA}"
+                              ) from None
+    if not is_verbose():
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=30)
+    except Exception as exc:  # pymilvus raises its own types, or gRPC's, or OSError
+        raise LenetEmbedError(_connect_error(uri, exc)) from None
+
+
+def _connect_error(uri: str, exc: Exception) -> str:
+    if is_server(uri):
+        return (f"cannot reach Milvus at {uri} ({_first_line(exc)}); start the server or fix "
+                f"--milvus-uri (a token goes in ${TOKEN_ENV})")
+    return (f"{uri}: cannot open this Milvus Lite file ({_first_line(exc)}); a Milvus Lite "
+            "file is open in one process at a time: stop the other one (a running `serve`?), "
+            f"or serve the file with `python -m milvus_lite server --data-dir {uri}` and use "
+            "--milvus-uri http://127.0.0.1:19530")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "message", "") or exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _milvus_metric(metric: str) -> str:
+    return "COSINE" if metric == "cosine" else "L2"
+
+
+def _encode_image(image: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).decode()
+
+
+def _decode_image(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(28, 28).copy()
+
+
+class MilvusStore:
+    """One collection of a Milvus deployment, holding a bundle's items."""
+
+    def __init__(self, uri: str, collection: str, metric: str, dim: int,
+                 token: str | None = None) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.metric = metric
+        self.dim = dim
+        self._client = _client(uri, token)
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A client call whose failure becomes one line naming the collection and the step."""
+        try:
+            return getattr(self._client, method)(*args, **kwargs)
+        except LenetEmbedError:
+            raise
+        except Exception as exc:
+            raise LenetEmbedError(f"Milvus at {self.uri}, collection {self.collection}: {what} "
+                                  f"failed ({_first_line(exc)})") from None
+
+    # ----------------------------------------------------------------------- the collection
+
+    def exists(self) -> bool:
+        """Whether the collection exists."""
+        return bool(self._call("listing collections", "has_collection", self.collection))
+
+    def create(self, index_type: str) -> None:
+        """Create the (empty) collection with its vector index."""
+        from pymilvus import DataType
+
+        if index_type not in INDEX_TYPES:
+            raise LenetEmbedError(f"Milvus index {index_type!r} is not one of "
+                                  f"{', '.join(INDEX_TYPES)}")
+        schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("label", DataType.INT64)
+        schema.add_field("image", DataType.VARCHAR, max_length=2 * 28 * 28)
+        schema.add_field("source", DataType.VARCHAR, max_length=_SOURCE_CHARS)
+        params = self._client.prepare_index_params()
+        params.add_index(field_name="vector", index_type=index_type,
+                         metric_type=_milvus_metric(self.metric))
+        self._call("creating the collection", "create_collection", self.collection,
+                   schema=schema, index_params=params, consistency_level="Strong")
+
+    def load(self) -> None:
+        """Load the collection for searching (Milvus releases it when its process ends)."""
+        if not self.exists():
+            raise LenetEmbedError(f"Milvus at {self.uri} has no collection {self.collection}; "
+                                  "the bundle's items are gone from there, rebuild it with "
+                                  "`lenet-embed build-index --store milvus`")
+        self._call("loading the collection", "load_collection", self.collection)
+
+    def drop(self) -> None:
+        """Drop the collection, if it exists."""
+        if self.exists():
+            self._call("dropping the collection", "drop_collection", self.collection)
+
+    def close(self) -> None:
+        """Close the connection (a Milvus Lite file is unlocked for other processes)."""
+        self._client.close()
+
+    # ----------------------------------------------------------------------- writes
+
+    def insert(self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray,
+               images: np.ndarray, sources: Sequence[str | None] | None = None) -> None:
+        """Insert rows (vectors as indexed; labels as codes, -1 for none)."""
+        for start in range(0, len(ids), _BATCH):
+            stop = start + _BATCH
+            rows = [
+                {"id": int(item), "vector": vector, "label": int(label),
+                 "image": _encode_image(image),
+                 "source": (sources[start + i] or "") if sources is not None else ""}
+                for i, (item, vector, label, image) in enumerate(zip(
+                    ids[start:stop].tolist(), vectors[start:stop], labels[start:stop].tolist(),
+                    images[start:stop], strict=True))
+            ]
+            for row in rows:
+                if len(row["source"]) > _SOURCE_CHARS:
+                    raise LenetEmbedError(f"{row['source'][:80]}...: source path longer than "
+                                          f"{_SOURCE_CHARS} characters")
+            self._call("inserting items", "insert", self.collection, rows)
+
+    def delete(self, ids: np.ndarray) -> int:
+        """Delete rows by id; return how many existed."""
+        present = self.present(ids)
+        if len(present):
+            self._call("removing items", "delete", self.collection, ids=present.tolist())
+        return len(present)
+
+    def delete_from(self, first_id: int) -> None:
+        """Delete every row whose id is ``first_id`` or above (a killed writer's rows)."""
+        self._call("removing uncommitted items", "delete", self.collection,
+                   filter=f"id >= {int(first_id)}")
+
+    def compact(self) -> None:
+        """Ask Milvus to compact the collection (it drops deleted rows in the background)."""
+        self._call("compacting", "compact", self.collection)
+
+    # ----------------------------------------------------------------------- reads
+
+    def count(self, where: str = "") -> int:
+        """The number of rows in the collection (that match the filter ``where``)."""
+        result = self._call("counting items", "query", self.collection, filter=where,
+                            output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+    def get(self, ids: Sequence[int], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """The given fields of the rows with these ids (those that exist)."""
+        return list(self._call("reading items", "get", self.collection,
+                               ids=[int(i) for i in ids], output_fields=list(fields)))
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """Those of ``ids`` that are in the collection."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        found: list[int] = []
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start:start + _BATCH].tolist()
+            found.extend(int(row["id"]) for row in self.get(chunk, ["id"]))
+        return np.array(sorted(found), dtype=np.int64)
+
+    def image(self, item_id: int) -> np.ndarray | None:
+        """The stored digit of an item (uint8 28x28), or None when there is no such item."""
+        rows = self.get([item_id], ["image"])
+        return _decode_image(rows[0]["image"]) if rows else None
+
+    def search(self, vectors: np.ndarray, k: int, params: dict[str, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]]]:
+        """The ``k`` nearest rows of each (prepared) vector: distances (1 - cosine, or L2),
+        ids, label codes (n, k; padded with +inf, -1, -1) and source paths. ``params`` are the
+        index's search parameters (``ef``, ``nprobe``)."""
+        answers = self._call("searching", "search", self.collection, data=vectors, limit=k,
+                             output_fields=list(_FIELDS[1:]), anns_field="vector",
+                             search_params={"params": dict(params or {})})
+        n = len(vectors)
+        distances = np.full((n, k), np.inf, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        labels = np.full((n, k), -1, dtype=np.int64)
+        sources: list[list[str | None]] = []
+        for row, hits in enumerate(answers):
+            found: list[str | None] = []
+            for rank, hit in enumerate(hits[:k]):
+                score = float(hit["distance"])
+                distances[row, rank] = (max(1.0 - score, 0.0) if self.metric == "cosine"
+                                        else np.sqrt(max(score, 0.0)))
+                ids[row, rank] = int(hit["id"])
+                labels[row, rank] = int(hit["entity"]["label"])
+                found.append(hit["entity"]["source"] or None)
+            sources.append(found)
+        return distances, ids, labels, sources
+
+
+def index_type(factory: str) -> str:
+    """The Milvus index for a FAISS factory string: the same family (Milvus builds and tunes
+    its own), AUTOINDEX for anything else (``auto``)."""
+    parts = factory.upper().replace(" ", "").split(",")
+    if parts == ["FLAT"]:
+        return "FLAT"
+    if parts[0].startswith("HNSW"):
+        return "HNSW"
+    if parts[0].startswith("IVF"):
+        tail = ",".join(parts[1:])
+        return "IVF_PQ" if tail.startswith("PQ") else "IVF_SQ8" if "SQ8" in tail else "IVF_FLAT"
+    return "AUTOINDEX"
+
+
+_OPEN: dict[tuple[str, str], MilvusStore] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_store(directory: Path, manifest: Manifest, token: str | None = None) -> MilvusStore:
+    """The store a manifest names, connected once per process (a Milvus Lite file admits one
+    process, and one client in it)."""
+    ref = manifest.store
+    if ref is None:
+        raise LenetEmbedError(f"{directory}: this bundle keeps its items itself, not in Milvus")
+    uri = resolved_uri(ref.uri, directory)
+    with _OPEN_LOCK:
+        store = _OPEN.get((uri, ref.collection))
+        if store is None:
+            store = MilvusStore(uri, ref.collection, manifest.metric, manifest.dim, token)
+            store.load()
+            _OPEN[(uri, ref.collection)] = store
+    return store
+
+
+class MilvusSnapshot:
+    """One version of a bundle whose items are in Milvus: its manifest and encoder, and the
+    collection. Milvus shows every committed write at once, so searches see the newest items;
+    the manifest's version says which commits this process has taken in."""
+
+    def __init__(self, directory: Path, manifest: Manifest, encoder: Any,
+                 search_params: dict[str, int] | None = None) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.encoder = encoder
+        self.metric = manifest.metric
+        self.dim = manifest.dim
+        self.search_params = dict(search_params or {})
+        self.has_sources = True
+        self.segments: list[Any] = []  # the items are in Milvus, none in the bundle
+        self.store = open_store(directory, manifest)
+
+    def __len__(self) -> int:
+        """The number of live items."""
+        return self.manifest.count
+
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What tells two versions apart."""
+        return self.manifest.version, self.manifest.committed_at
+
+    def label_name(self, code: int) -> int | str | None:
+        """A stored label code as the user knows it."""
+        return self.manifest.label_name(code)
+
+    def hits(self, vectors: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]]]:
+        """Distances, ids and label codes (n, k) of the nearest items, and their sources."""
+        ef = max(MIN_EF, k, int(self.search_params.get("efSearch", 0)))
+        return self.store.search(vectors, k, {"ef": ef, "nprobe": int(
+            self.search_params.get("nprobe", 16))})
+
+    def image_of(self, item_id: int) -> np.ndarray | None:
+        """The stored digit of an item, or None."""
+        return self.store.image(item_id)
+
+    def label_of(self, item_id: int) -> int | str | None:
+        """The label of an item as the user knows it (None also when there is no item)."""
+        rows = self.store.get([item_id], ["label"])
+        return self.label_name(int(rows[0]["label"])) if rows else None
+
+    def check_count(self) -> None:
+        """Check that the collection holds the items the manifest counts."""
+        found = self.store.count(f"id < {self.manifest.next_id}")
+        if found != self.manifest.count:
+            raise LenetEmbedError(
+                f"{self.directory}: Milvus collection {self.store.collection} holds {found} "
+                f"items, the manifest {self.manifest.count}; rebuild it with "
+                "`lenet-embed build-index --store milvus`")
+
+
+# --------------------------------------------------------------------------- writes
+# Each runs inside the bundle's writer session, so ids come from one manifest at a time.
+
+def new_collection(directory: Path, uri: str, version: int, metric: str, dim: int,
+                   factory: str, token: str | None = None) -> tuple[Store, MilvusStore]:
+    """Create an empty collection for a build of the bundle in ``directory``; its name is new
+    (the version and a random part), so a rebuild never touches the collection in use."""
+    name = f"lenet_embed_v{version}_{secrets.token_hex(4)}"
+    ref = Store(kind="milvus", uri=stored_uri(uri, directory), collection=name,
+                index=index_type(factory))
+    store = MilvusStore(resolved_uri(ref.uri, directory), name, metric, dim, token)
+    store.create(ref.index)
+    return ref, store
+
+
+def add_rows(directory: Path, current: Manifest, ids: np.ndarray, vectors: np.ndarray,
+             labels: np.ndarray, images: np.ndarray,
+             sources: Sequence[str | None] | None) -> None:
+    """Insert rows with new ids (from ``current.next_id``). Rows at or above that id are a
+    writer's that never committed (killed, or its commit failed): they go first."""
+    store = open_store(directory, current)
+    store.delete_from(current.next_id)
+    store.insert(ids, vectors, labels, images, sources)
+
+
+def remove_rows(directory: Path, current: Manifest, ids: np.ndarray) -> np.ndarray:
+    """Delete the committed items among ``ids``; return the ids that were there."""
+    store = open_store(directory, current)
+    present = store.present(ids[ids < current.next_id])
+    if len(present):
+        store.delete(present)
+    return present
+
+
+def compact(directory: Path, current: Manifest) -> None:
+    """Have Milvus drop deleted rows (it compacts in the background)."""
+    open_store(directory, current).compact()
+
+
+def drop_replaced(directory: Path, old: Manifest | None, new: Manifest) -> None:
+    """After a rebuild, drop the collection the previous version used (when it was in Milvus
+    and is not the new one's)."""
+    if old is None or old.store is None or old.store == new.store:
+        return
+    uri = resolved_uri(old.store.uri, directory)
+    with _OPEN_LOCK:
+        store = _OPEN.pop((uri, old.store.collection), None)
+    (store or MilvusStore(uri, old.store.collection, old.metric, old.dim)).drop()
