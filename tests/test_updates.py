@@ -16,7 +16,7 @@ import pytest
 from cli_checks import ok, one_line_error
 from PIL import Image
 
-from lenet_embed import LenetEmbedError, SearchIndex, build_index
+from lenet_embed import LenetEmbedError, SearchIndex, build_index, inspect_bundle
 from lenet_embed.ann import prepare_vectors
 from lenet_embed.bundle import MANIFEST, read_manifest
 from lenet_embed.search import Query
@@ -444,6 +444,44 @@ def test_a_reader_keeps_its_version_after_its_files_are_swept(any_factory, bundl
     assert reader.refresh() is True and len(reader) == len(bundle_data.train) + 1
     with pytest.raises(LenetEmbedError, match="no item with id 3"):
         reader.item_image(3)
+
+
+def test_verify_follows_a_commit_that_sweeps_its_files(bundle_copy, monkeypatch):
+    """`info --verify` reads for a long time. When a commit and its sweep remove the files of the
+    version it loaded, it verifies the new version; a file missing with no newer version is
+    damage, said in one line."""
+    import lenet_embed.snapshot as snapshot_module
+    from lenet_embed.writer import BundleWriter
+
+    real, versions = snapshot_module.verify_files, []
+
+    def racing(directory, files):
+        versions.append(read_manifest(directory).version)
+        if len(versions) == 1:
+            index = SearchIndex.load(directory)
+            index.remove([1])
+            index.compact()
+            with BundleWriter(directory) as sweeper:
+                sweeper.collect_garbage(grace=0, force=True)
+        return real(directory, files)
+
+    monkeypatch.setattr(snapshot_module, "verify_files", racing)
+    report = inspect_bundle(bundle_copy, verify=True)
+    assert versions == [1, 3] and report.verified
+    assert (report.manifest.version, report.manifest.operation) == (3, "compact")
+
+    segment = report.manifest.segments[0]
+    victim = bundle_copy / segment.file("labels.npy")
+
+    def vanishing(directory, files):
+        victim.unlink()
+        return real(directory, files)
+
+    monkeypatch.setattr(snapshot_module, "verify_files", vanishing)
+    with pytest.raises(LenetEmbedError) as caught:
+        inspect_bundle(bundle_copy, verify=True)
+    assert str(caught.value) == (f"{victim}: missing from the bundle; rebuild it with "
+                                 "`lenet-embed build-index`")
 
 
 LOCK_HOLDER = "\n".join([
