@@ -27,6 +27,7 @@ _EXPORTS = {
     "write_samples": "data",
     "to_mnist": "preprocess",
     "read_manifest": "bundle",
+    "inspect_bundle": "snapshot",
     "LenetEmbedError": "errors",
 }
 

@@ -22,11 +22,17 @@ to end. Layout::
     .tmp/                            writers' scratch space, emptied by the next writer
 
 Everything a manifest names is listed in its ``files`` with size and sha256; the names must stay
-inside the bundle and cover exactly the files the manifest's structure needs.
+inside the bundle and cover exactly the files the manifest's structure needs. The manifest carries
+the sha256 of its own body (``manifest_sha256``), so a torn or edited manifest is refused.
+
+Loading costs O(files), not O(data): a load checks the manifest's own checksum and each file's
+size, and memory-maps the data; the sha256 of every file is computed once, when it is written,
+and compared by ``lenet-embed info --verify`` (:func:`verify_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -43,6 +49,8 @@ from .errors import LenetEmbedError
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# The key under which a manifest stores the sha256 of the rest of it.
+SEAL = "manifest_sha256"
 VERSIONS_DIR = "versions"
 SEGMENTS_DIR = "segments"
 ENCODERS_DIR = "encoders"
@@ -90,11 +98,8 @@ def package_version() -> str:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,7 @@ class Manifest:
                 f"{where}: bundle format {found} is not supported by this lenet-embed "
                 f"(format {FORMAT_VERSION}); {REBUILD}"
             )
+        _check_seal(data, where)
         names = {f.name for f in fields(cls)}
         optional = {"format_version", "target_recall", "store"}
         missing = sorted(names - optional - set(data))
@@ -320,6 +326,29 @@ class Manifest:
             )
 
 
+def _seal(body: dict[str, Any]) -> str:
+    """The sha256 of a manifest's body: its canonical JSON (sorted keys, no spaces), so that the
+    layout of the text does not matter but every value does."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _check_seal(data: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose body does not match its ``manifest_sha256`` (a manifest written
+    before lenet-embed sealed them has none, and is taken as it is)."""
+    if SEAL not in data:
+        return
+    body = {key: value for key, value in data.items() if key != SEAL}
+    if data[SEAL] != _seal(body):
+        raise LenetEmbedError(f"{where}: does not match its own checksum ({SEAL}): the manifest "
+                              f"was edited or damaged; {REBUILD}")
+
+
+def sealed_json(body: dict[str, Any]) -> str:
+    """A manifest's body as the JSON text written to disk, with its ``manifest_sha256``."""
+    return json.dumps({**body, SEAL: _seal(body)}, indent=2) + "\n"
+
+
 def _some(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -380,22 +409,53 @@ def parse_manifest(text: str, where: str) -> Manifest:
 
 
 def manifest_json(manifest: Manifest) -> str:
-    """A manifest as the JSON text written to disk."""
-    return json.dumps(manifest.to_dict(), indent=2) + "\n"
+    """A manifest as the JSON text written to disk (sealed with its checksum)."""
+    return sealed_json(manifest.to_dict())
 
 
-def verify_file(directory: Path, name: str, entry: FileEntry) -> None:
-    """Check one file a manifest names against its size and sha256."""
+def check_size(directory: Path, name: str, entry: FileEntry) -> None:
+    """Check that a file a manifest names is there with its size: what every load checks (a
+    stat, whatever the file's size)."""
     path = directory / name
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
-    if size != entry.bytes or sha256_file(path) != entry.sha256:
+    if size != entry.bytes:
         raise LenetEmbedError(
-            f"{path}: does not match {MANIFEST} (size or checksum); the bundle is damaged, "
-            f"{REBUILD}"
+            f"{path}: does not match {MANIFEST} (size: {size} bytes, not {entry.bytes}); the "
+            f"bundle is damaged, {REBUILD}"
         )
+
+
+def verify_file(directory: Path, name: str, entry: FileEntry) -> None:
+    """Check one file a manifest names against its size and sha256 (reads all of it)."""
+    check_size(directory, name, entry)
+    if sha256_file(directory / name) != entry.sha256:
+        raise damaged([name], directory)
+
+
+def verify_files(directory: Path, files: dict[str, FileEntry]) -> None:
+    """Compare every file of ``files`` with its size and sha256 (reads them all) and raise one
+    error naming those that differ. All are opened before any is read, so that however long the
+    reading takes, a sweep of their version cannot make one vanish; FileNotFoundError when one is
+    already gone."""
+    with contextlib.ExitStack() as stack:
+        handles = {name: stack.enter_context(open(directory / name, "rb")) for name in files}
+        bad = [name for name, fh in handles.items()
+               if os.fstat(fh.fileno()).st_size != files[name].bytes
+               or hashlib.file_digest(fh, "sha256").hexdigest() != files[name].sha256]
+    if bad:
+        raise damaged(bad, directory)
+
+
+def damaged(names: list[str], directory: Path) -> LenetEmbedError:
+    """The one-line error for files whose bytes do not match their checksums."""
+    others = f"; neither do {_some(names[1:])}" if len(names) > 1 else ""
+    return LenetEmbedError(
+        f"{directory / names[0]}: does not match {MANIFEST} (checksum){others}; the bundle is "
+        f"damaged, {REBUILD}"
+    )
 
 
 @dataclass

@@ -150,7 +150,8 @@ class SearchIndex:
         threads: int | None = None,
         search_params: dict[str, int] | None = None,
     ) -> SearchIndex:
-        """Load and verify a bundle written by ``build-index``, with its encoder.
+        """Load a bundle written by ``build-index`` (checking its manifest and the sizes of its
+        files, memory-mapping them), with its encoder.
 
         ``backend``: ``auto`` (LiteRT when available, else Keras), ``litert`` or ``keras``; LiteRT
         never imports TensorFlow. ``threads`` caps FAISS's and LiteRT's threads.

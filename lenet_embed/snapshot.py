@@ -2,7 +2,10 @@
 
 A snapshot holds everything one manifest names (segments, removed ids, the encoder), checked
 against it, and never changes; a newer version is a new snapshot that shares the unchanged
-segments with the old one. Searching combines the segments:
+segments with the old one. Opening one costs O(files), not O(rows): the segments' files are
+checked for their sizes and memory-mapped, not read (:func:`inspect_bundle` with ``verify``
+compares every checksum); only the small files read whole (encoder, removed ids) are hashed.
+Searching combines the segments:
 
 - a sealed segment is searched with its own FAISS index. Removed rows are masked with an
   ``IDSelectorBitmap`` where the index takes one (Flat, IVF, HNSW), else over-fetched and dropped;
@@ -17,10 +20,11 @@ Rows are numbered across segments in manifest order; ids are strictly increasing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +43,11 @@ from .bundle import (
     VECTORS_FILE,
     Manifest,
     Segment,
+    check_size,
     read_manifest,
     row_dtype,
     verify_file,
+    verify_files,
 )
 from .errors import LenetEmbedError
 
@@ -55,7 +61,8 @@ class _Vanished(Exception):
 
 @dataclass
 class LoadedSegment:
-    """A segment's arrays (vectors and images memory-mapped) and, when sealed, its index."""
+    """A segment's arrays (memory-mapped; copied only for an unsealed segment's ids and labels)
+    and, when sealed, its index."""
 
     info: Segment
     vectors: np.ndarray
@@ -98,27 +105,51 @@ def _read_records(path: Path, dim: int, segment: Segment) -> tuple[Any, ...]:
             np.ascontiguousarray(records["label"]), records["image"], sources)
 
 
-def load_segment(directory: Path, manifest: Manifest, segment: Segment) -> LoadedSegment:
-    """Check a segment's files against the manifest and read them."""
+def _mapped(path: Path) -> np.ndarray:
+    """A ``.npy`` array memory-mapped read-only: nothing is read until it is used, and the mapping
+    stays valid when a later commit's sweep unlinks the file (segment files never change)."""
+    return np.asarray(np.load(path, allow_pickle=False, mmap_mode="r"))
+
+
+@contextlib.contextmanager
+def _opening(directory: Path, manifest: Manifest, segment: Segment,
+             verify: bool = False) -> Iterator[Path]:
+    """Check a segment's files against the manifest, then open them in the ``with`` block: one
+    that vanished means a newer version replaced this one; one that cannot be read, one line."""
+    check = verify_file if verify else check_size
     for name in segment.files():
-        verify_file(directory, name, manifest.files[name])
+        check(directory, name, manifest.files[name])
     where = directory / segment.entry
-    index = None
     try:
+        yield where
+    except FileNotFoundError:
+        raise _Vanished from None
+    except (OSError, ValueError) as exc:
+        raise LenetEmbedError(f"{where}: unreadable segment ({exc}); {REBUILD}") from None
+
+
+def _disagrees(where: Path, segment: Segment) -> LenetEmbedError:
+    return LenetEmbedError(f"{where}: arrays disagree with {segment.name}'s entry in the "
+                           f"manifest; {REBUILD}")
+
+
+def load_segment(directory: Path, manifest: Manifest, segment: Segment,
+                 verify: bool = False) -> LoadedSegment:
+    """Open a segment, its arrays memory-mapped, after checking its files' sizes against the
+    manifest (``verify``: their checksums too, which reads them whole; for writers that copy rows
+    into a new segment, so that damage is never sealed under a fresh checksum)."""
+    index = None
+    with _opening(directory, manifest, segment, verify) as where:
         if segment.sealed:
-            vectors = np.load(where / VECTORS_FILE, allow_pickle=False, mmap_mode="r")
-            ids = np.load(where / IDS_FILE, allow_pickle=False)
-            labels = np.load(where / LABELS_FILE, allow_pickle=False)
-            images = np.load(where / IMAGES_FILE, allow_pickle=False, mmap_mode="r")
+            vectors = _mapped(where / VECTORS_FILE)
+            ids = _mapped(where / IDS_FILE)
+            labels = _mapped(where / LABELS_FILE)
+            images = _mapped(where / IMAGES_FILE)
             sources = (json.loads((where / SOURCES_FILE).read_text("utf-8"))
                        if segment.has_sources else None)
             index = _read_sealed_index(where / INDEX_FILE)
         else:
             vectors, ids, labels, images, sources = _read_records(where, manifest.dim, segment)
-    except FileNotFoundError:
-        raise _Vanished from None
-    except (OSError, ValueError) as exc:
-        raise LenetEmbedError(f"{where}: unreadable segment ({exc}); {REBUILD}") from None
     rows = segment.rows
     shapes_ok = (
         vectors.shape == (rows, manifest.dim) and vectors.dtype == np.float32
@@ -130,9 +161,18 @@ def load_segment(directory: Path, manifest: Manifest, segment: Segment) -> Loade
         and (index is None or (index.ntotal == rows and index.d == manifest.dim))
     )
     if not shapes_ok:
-        raise LenetEmbedError(f"{where}: arrays disagree with {segment.name}'s entry in the "
-                              f"manifest; {REBUILD}")
+        raise _disagrees(where, segment)
     return LoadedSegment(segment, vectors, ids, labels, images, sources, index)
+
+
+def segment_ids(directory: Path, manifest: Manifest, segment: Segment) -> np.ndarray:
+    """Only the ids of a segment (memory-mapped when sealed), after checking its files' sizes."""
+    with _opening(directory, manifest, segment) as where:
+        ids = (_mapped(where / IDS_FILE) if segment.sealed
+               else _read_records(where, manifest.dim, segment)[1])
+    if ids.shape != (segment.rows,) or ids.dtype != np.int64:
+        raise _disagrees(where, segment)
+    return ids
 
 
 class Snapshot:
@@ -150,22 +190,14 @@ class Snapshot:
         self.search_params = dict(search_params or {})
         sizes = [s.info.rows for s in segments]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.ids = (np.concatenate([s.ids for s in segments]) if segments
-                    else np.zeros(0, np.int64))
-        self.labels = (np.concatenate([s.labels for s in segments]) if segments
-                       else np.zeros(0, np.int64))
-        if len(self.ids) > 1 and not (np.diff(self.ids) > 0).all():
-            raise LenetEmbedError(f"{directory}: item ids are not in increasing order; {REBUILD}")
+        # One segment (a fresh build, a compaction) is used as it is mapped: nothing is read.
+        self.ids = _joined([s.ids for s in segments])
+        self.labels = _joined([s.labels for s in segments])
         self.live = np.ones(len(self.ids), dtype=bool)
-        if len(deleted_ids):
-            rows = np.searchsorted(self.ids, deleted_ids)
-            found = rows < len(self.ids)
-            found[found] = self.ids[rows[found]] == deleted_ids[found]
-            self.live[rows[found]] = False
-        classes = manifest.classes
-        if classes and len(self.labels) and int(self.labels.max()) >= len(classes):
-            raise LenetEmbedError(f"{directory}: labels name classes the manifest does not list; "
-                                  f"{REBUILD}")
+        rows, found = find_sorted(self.ids, deleted_ids)
+        self.live[rows[found]] = False
+        # What costs a pass over every row (ids in order, labels among the classes) is checked by
+        # check_contents, on `info --verify`; the writers guarantee it and checksums guard it.
         if int(self.live.sum()) != manifest.count:
             raise LenetEmbedError(f"{directory}: removed ids disagree with the manifest's count; "
                                   f"{REBUILD}")
@@ -185,7 +217,8 @@ class Snapshot:
         return self.manifest.version, self.manifest.committed_at
 
     def row_of(self, item_id: int) -> int | None:
-        """The row of a live item, or None."""
+        """The row of a live item, or None: a binary search of the ids, which are strictly
+        increasing (log2(n) probes, 24 at ten million; no table to build at load)."""
         row = int(np.searchsorted(self.ids, item_id))
         if row < len(self.ids) and self.ids[row] == item_id and self.live[row]:
             return row
@@ -200,6 +233,16 @@ class Snapshot:
         """The label of a live item as the user knows it (None also when there is no item)."""
         row = self.row_of(item_id)
         return None if row is None else self.label_name(int(self.labels[row]))
+
+    def check_contents(self) -> None:
+        """The checks that read every row: ids strictly increasing, labels among the classes."""
+        if len(self.ids) > 1 and not (np.diff(self.ids) > 0).all():
+            raise LenetEmbedError(f"{self.directory}: item ids are not in increasing order; "
+                                  f"{REBUILD}")
+        classes = self.manifest.classes
+        if classes and len(self.labels) and int(self.labels.max()) >= len(classes):
+            raise LenetEmbedError(f"{self.directory}: labels name classes the manifest does not "
+                                  f"list; {REBUILD}")
 
     def _locate(self, row: int) -> tuple[LoadedSegment, int]:
         position = int(np.searchsorted(self.offsets, row, side="right")) - 1
@@ -217,6 +260,12 @@ class Snapshot:
 
     def label_name(self, code: int) -> int | str | None:
         """A stored label code as the user knows it: the digit, the folder name, or None."""
+        classes = self.manifest.classes
+        # A load does not read every label: say so when one is wrong.
+        if classes and code >= len(classes):
+            raise LenetEmbedError(f"{self.directory}: label {code} names a class the manifest "
+                                  "does not list; the bundle is damaged, check it with "
+                                  "`lenet-embed info --verify`")
         return self.manifest.label_name(code)
 
     def live_rows(self) -> np.ndarray:
@@ -365,6 +414,22 @@ class Snapshot:
             return part["exact"]
 
 
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array of the segments' arrays, copied only when there are several."""
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
+def find_sorted(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``needles`` sits in the strictly increasing ``haystack``, and whether it is
+    there at all (rows of absent needles are 0)."""
+    rows = np.searchsorted(haystack, needles)
+    found = rows < len(haystack)
+    found[found] = haystack[rows[found]] == needles[found]
+    return np.where(found, rows, 0), found
+
+
 def _pad(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     have = rows.shape[1]
     if have >= k:
@@ -415,12 +480,35 @@ def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader
             if _current_identity(directory) != (manifest.version, manifest.committed_at):
                 continue  # a newer version replaced what we were checking
             raise
-    raise LenetEmbedError(f"{directory}: the bundle changed {_ATTEMPTS} times while it was being "
-                          "opened; try again")
+    raise _changed(directory)
+
+
+def _changed(directory: Path) -> LenetEmbedError:
+    return LenetEmbedError(f"{directory}: the bundle changed {_ATTEMPTS} times while it was being "
+                           "opened; try again")
+
+
+def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
+    """The ids removed in this version (sorted), checked against the manifest. The file is read
+    whole, so its checksum is checked too: it costs as much as the reading."""
+    if manifest.deletions is None:
+        return np.zeros(0, dtype=np.int64)
+    path = directory / manifest.deletions
+    verify_file(directory, manifest.deletions, manifest.files[manifest.deletions])
+    try:
+        deleted = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise _Vanished from None
+    except (OSError, ValueError) as exc:
+        raise LenetEmbedError(f"{path}: unreadable ({exc}); {REBUILD}") from None
+    if deleted.dtype != np.int64 or deleted.ndim != 1:
+        raise LenetEmbedError(f"{path}: not a list of ids; {REBUILD}")
+    return deleted
 
 
 def bundle_encoder(directory: Path, manifest: Manifest, load_encoder: EncoderLoader) -> Any:
-    """Check the two encoder files of ``manifest`` and load the encoder with ``load_encoder``."""
+    """Check the two encoder files of ``manifest`` (their checksums: the loaders read them whole,
+    and their size does not grow with the data) and load the encoder with ``load_encoder``."""
     for name in (manifest.encoder_path, manifest.litert_path):
         verify_file(directory, name, manifest.files[name])
     try:
@@ -449,19 +537,7 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
         reusable.get(segment.name) or load_segment(directory, manifest, segment)
         for segment in manifest.segments
     ]
-    deleted = np.zeros(0, dtype=np.int64)
-    if manifest.deletions is not None:
-        verify_file(directory, manifest.deletions, manifest.files[manifest.deletions])
-        try:
-            deleted = np.load(directory / manifest.deletions, allow_pickle=False)
-        except FileNotFoundError:
-            raise _Vanished from None
-        except (OSError, ValueError) as exc:
-            raise LenetEmbedError(f"{directory / manifest.deletions}: unreadable ({exc}); "
-                                  f"{REBUILD}") from None
-        if deleted.dtype != np.int64 or deleted.ndim != 1:
-            raise LenetEmbedError(f"{directory / manifest.deletions}: not a list of ids; "
-                                  f"{REBUILD}")
+    deleted = read_deletions(directory, manifest)
     if previous is not None and previous.manifest.encoder_sha256 == manifest.encoder_sha256:
         encoder = previous.encoder
     else:
@@ -482,6 +558,7 @@ class BundleReport:
     manifest: Manifest
     bytes: int
     reclaimable_bytes: int
+    verified: bool
 
     @property
     def sealed(self) -> int:
@@ -491,23 +568,38 @@ class BundleReport:
     def to_dict(self) -> dict[str, Any]:
         """The manifest, plus the figures ``info`` prints."""
         return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
-                "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok"}
+                "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok",
+                "verified": self.verified}
 
 
-def inspect_bundle(directory: str | os.PathLike[str]) -> BundleReport:
-    """Load the current version completely (every file checked against the manifest, the LiteRT
-    encoder opened where ai-edge-litert is installed) and report on it."""
+def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> BundleReport:
+    """Load the current version as a search would (sizes checked, the LiteRT encoder opened where
+    ai-edge-litert is installed) and report on it. ``verify`` also compares every file with its
+    sha256 and checks every row (ids in order, labels among the classes): it reads the whole
+    bundle, and names the files that are damaged."""
     from .embed import LiteRTEncoder, litert_available
 
     def check_encoder(keras_path: Path, litert_path: Path) -> None:
         if litert_available():
             LiteRTEncoder(litert_path, threads=1)
 
-    snapshot = open_snapshot(directory, check_encoder)
-    manifest = snapshot.manifest
-    if manifest.store is not None:
-        snapshot.check_count()  # type: ignore[attr-defined]
-    total = sum(entry.bytes for entry in manifest.files.values())
-    per_row = sum(entry.bytes for name, entry in manifest.files.items()
-                  if name.startswith("segments/")) / max(manifest.rows, 1)
-    return BundleReport(manifest, total, int(per_row * manifest.deleted))
+    directory = Path(directory)
+    for _ in range(_ATTEMPTS):
+        snapshot = open_snapshot(directory, check_encoder)
+        manifest = snapshot.manifest
+        if manifest.store is not None:
+            snapshot.check_count()  # type: ignore[attr-defined]
+        if verify:
+            try:
+                verify_files(directory, manifest.files)
+            except FileNotFoundError as exc:
+                if _current_identity(directory) != snapshot.identity:
+                    continue  # a newer version was committed and this one's files swept
+                raise LenetEmbedError(f"{exc.filename}: missing from the bundle; {REBUILD}"
+                                      ) from None
+            snapshot.check_contents()
+        total = sum(entry.bytes for entry in manifest.files.values())
+        per_row = sum(entry.bytes for name, entry in manifest.files.items()
+                      if name.startswith("segments/")) / max(manifest.rows, 1)
+        return BundleReport(manifest, total, int(per_row * manifest.deleted), verify)
+    raise _changed(directory)

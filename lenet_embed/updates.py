@@ -33,12 +33,11 @@ from .bundle import (
     Manifest,
     Segment,
     read_manifest,
-    verify_file,
 )
 from .embed import Encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, to_batch, to_uint8
-from .snapshot import LoadedSegment, load_segment
+from .snapshot import LoadedSegment, find_sorted, load_segment, read_deletions, segment_ids
 from .writer import DEFAULT_LOCK_TIMEOUT, GRACE_SECONDS, BundleWriter
 
 Label = int | str | None
@@ -185,7 +184,7 @@ def _merge_tail(writer: BundleWriter, current: Manifest, segments: list[Segment]
                 or len({_tier(s.rows) for s in tail}) != 1):
             return segments, files
         view = _files_view(current, files)
-        loaded = [load_segment(directory, view, s) for s in tail]
+        loaded = [load_segment(directory, view, s, verify=True) for s in tail]
         merged, merged_files = _write_rows(writer, loaded, [np.arange(s.rows) for s in tail])
         for segment in tail:
             for name in segment.files():
@@ -234,11 +233,11 @@ def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
             manifest = current.next("remove", count=current.count - len(gone),
                                     rows=current.rows - len(gone))
             return Removal(len(gone), missing), writer.commit(manifest)
-        view = [load_segment(writer.directory, current, s) for s in current.segments]
-        all_ids = (np.concatenate([s.ids for s in view]) if view
-                   else np.zeros(0, np.int64))
-        deleted = _deleted_ids(writer, current)
-        present = np.isin(wanted, all_ids) & ~np.isin(wanted, deleted)
+        stored = np.zeros(len(wanted), dtype=bool)
+        for segment in current.segments:
+            stored |= find_sorted(segment_ids(writer.directory, current, segment), wanted)[1]
+        deleted = read_deletions(writer.directory, current)
+        present = stored & ~np.isin(wanted, deleted)
         missing = [int(i) for i in wanted[~present]]
         hits = wanted[present]
         if len(hits) == 0:
@@ -267,13 +266,6 @@ def reclaim(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIM
     return before - sum(size(folder) for folder in folders if folder.is_dir())
 
 
-def _deleted_ids(writer: BundleWriter, manifest: Manifest) -> np.ndarray:
-    if manifest.deletions is None:
-        return np.zeros(0, dtype=np.int64)
-    verify_file(writer.directory, manifest.deletions, manifest.files[manifest.deletions])
-    return np.load(writer.directory / manifest.deletions, allow_pickle=False)
-
-
 def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT
             ) -> tuple[Manifest, Manifest]:
     """Rebuild every live item into one sealed segment with the bundle's FAISS factory, dropping
@@ -286,8 +278,9 @@ def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIM
         unsealed = sum(not s.sealed for s in current.segments)
         if current.deleted == 0 and unsealed == 0 and len(current.segments) <= 1:
             return current, current
-        loaded = [load_segment(writer.directory, current, s) for s in current.segments]
-        deleted = _deleted_ids(writer, current)
+        loaded = [load_segment(writer.directory, current, s, verify=True)
+                  for s in current.segments]
+        deleted = read_deletions(writer.directory, current)
         rows = [np.flatnonzero(~np.isin(s.ids, deleted)) for s in loaded]
         vectors = (np.concatenate([np.asarray(s.vectors)[r] for s, r in zip(loaded, rows,
                                                                             strict=True)])

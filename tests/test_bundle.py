@@ -1,6 +1,7 @@
 """The on-disk bundle, format 2: the manifest and its file list, the layout on disk, commits that
 leave the folder (and anyone's files in it) in place, bundles of format 1, and every kind of
-damage detected on load."""
+damage: detected on load (sizes, shapes, the manifest's own checksum), or by `info --verify`
+(a changed byte inside a file)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import time
 from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from lenet_embed.bundle import (
     LAYOUT,
     LITERT_FILE,
     MANIFEST,
+    SEAL,
     SEGMENT_FILES,
     SEGMENTS_DIR,
     SOURCES_FILE,
@@ -49,6 +52,7 @@ from lenet_embed.bundle import (
     Segment,
     read_manifest,
     row_dtype,
+    sealed_json,
 )
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.preprocess import scale_pixels
@@ -108,9 +112,9 @@ def test_manifest_fields(built, bundle_dir, bundle_data):
     assert manifest.encoder_path == f"{manifest.encoder}/{ENCODER_FILE}"
     assert manifest.litert_path == f"{manifest.encoder}/{LITERT_FILE}"
     assert manifest.encoder_sha256 == _sha256(bundle_dir / manifest.encoder_path)
-    # The JSON on disk is exactly the dataclass, with the documented field names.
+    # The JSON on disk is exactly the dataclass, with the documented field names, and sealed.
     on_disk = json.loads((bundle_dir / MANIFEST).read_text())
-    assert on_disk == manifest.to_dict()
+    assert on_disk.pop(SEAL) and on_disk == manifest.to_dict()
     assert set(on_disk) == {f.name for f in fields(Manifest)}
     assert (bundle_dir / VERSIONS_DIR / "00000001.json").read_text() == (
         bundle_dir / MANIFEST).read_text()
@@ -540,9 +544,12 @@ def _path(d: Path, kind: str) -> Path:
 
 
 def _edit_manifest(d: Path, edit) -> None:
+    """Edit the manifest and seal it again (as a faulty writer would), so that only the checks
+    of its contents can tell."""
     data = json.loads((d / MANIFEST).read_text())
+    data.pop(SEAL)
     edit(data)
-    (d / MANIFEST).write_text(json.dumps(data))
+    (d / MANIFEST).write_text(sealed_json(data))
 
 
 def _rehash(d: Path, path: Path) -> None:
@@ -558,13 +565,14 @@ ALL_FILES = [f"sealed/{name}" for name in (*SEGMENT_FILES, INDEX_FILE, SOURCES_F
     "added", f"encoder/{ENCODER_FILE}", f"encoder/{LITERT_FILE}", "deletions"]
 
 
-def _flip_byte(kind: str):
+def _flip_byte(kind: str, expected: str = f"{{path}}: does not match {MANIFEST} (checksum)"):
+    """Change one bit in the middle of a file: same size, another checksum."""
     def damage(d: Path) -> str:
         path = _path(d, kind)
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0x01
         path.write_bytes(bytes(raw))
-        return f"{path}: does not match {MANIFEST} (size or checksum)"
+        return expected.format(path=path, where=path.parent)
     damage.__name__ = f"flipped byte in {kind}"
     return damage
 
@@ -573,7 +581,7 @@ def _truncate(kind: str):
     def damage(d: Path) -> str:
         path = _path(d, kind)
         path.write_bytes(path.read_bytes()[:-16])
-        return f"{path}: does not match {MANIFEST} (size or checksum)"
+        return f"{path}: does not match {MANIFEST} (size: "
     damage.__name__ = f"truncated {kind}"
     return damage
 
@@ -723,6 +731,21 @@ def _sealed_flag_flipped(d: Path) -> str:
     return "its file list does not match its contents"
 
 
+def _manifest_edited_unsealed(d: Path) -> str:
+    """One value changed by hand, the manifest's own checksum left as it was."""
+    data = json.loads((d / MANIFEST).read_text())
+    data["next_id"] += 1
+    (d / MANIFEST).write_text(json.dumps(data, indent=2))
+    return f"{d / MANIFEST}: does not match its own checksum ({SEAL})"
+
+
+def _manifest_seal_not_a_string(d: Path) -> str:
+    data = json.loads((d / MANIFEST).read_text())
+    data[SEAL] = 0
+    (d / MANIFEST).write_text(json.dumps(data))
+    return f"{d / MANIFEST}: does not match its own checksum"
+
+
 def _delete_manifest(d: Path) -> str:
     (d / MANIFEST).unlink()
     return f"{d}: no {MANIFEST}, so not an index bundle"
@@ -763,8 +786,15 @@ def _unknown_metric(d: Path) -> str:
     return "unknown metric 'manhattan'"
 
 
+# Files a load reads whole, so it checks them whole: the encoder (a constant size) and the
+# removed ids (as many as were removed); and sources.json, whose JSON breaks when a bit flips.
+READ_WHOLE = [f"encoder/{ENCODER_FILE}", f"encoder/{LITERT_FILE}", "deletions"]
+# Files a load maps but does not read: a changed byte inside them is for `info --verify` to find.
+MAPPED = [kind for kind in ALL_FILES if kind not in (*READ_WHOLE, f"sealed/{SOURCES_FILE}")]
+
 DAMAGE = [
-    *(_flip_byte(kind) for kind in ALL_FILES),
+    *(_flip_byte(kind) for kind in READ_WHOLE),
+    _flip_byte(f"sealed/{SOURCES_FILE}", "{where}: unreadable segment"),
     _truncate(f"sealed/{IMAGES_FILE}"), _truncate(f"sealed/{INDEX_FILE}"), _truncate("added"),
     _truncate(f"encoder/{LITERT_FILE}"), _truncate("deletions"),
     _missing(f"sealed/{IDS_FILE}"), _missing(f"sealed/{SOURCES_FILE}"), _missing("added"),
@@ -774,14 +804,14 @@ DAMAGE = [
     _rewrite_array(f"sealed/{VECTORS_FILE}", lambda a: a[:, :80], "wrong width", DISAGREE),
     _rewrite_array(f"sealed/{LABELS_FILE}", lambda a: a.astype(np.int32), "int32", DISAGREE),
     _rewrite_array(f"sealed/{IDS_FILE}", lambda a: a.astype(object), "pickle", UNREADABLE),
-    _rewrite_array(f"sealed/{IDS_FILE}", _swap_first_ids, "order", ORDER),
     _rewrite_array("added", lambda a: a[:-1], "one record fewer", DISAGREE),
     _rewrite_array("added", _records_as(lambda r: row_dtype(80, r.dtype["source"].itemsize // 4)),
                    "vectors of 80", UNREADABLE),
     _rewrite_array("added", _records_as(lambda r: row_dtype(84)), "no sources", UNREADABLE),
     _rewrite_array("added", lambda a: a["id"].copy(), "plain ids", UNREADABLE),
+    # Ids out of order: here the removed id n + 4 is no longer found, so the count disagrees.
     _rewrite_array("added", _records(lambda r: r.__setitem__("id", r["id"] - 10)), "order",
-                   ORDER),
+                   COUNT),
     _rewrite_array("deletions", lambda a: np.append(a, 7), "one more id", COUNT),
     _rewrite_array("deletions", lambda a: np.array([a[0], 10**6]), "unknown id", COUNT),
     _rewrite_array("deletions", lambda a: a.astype(np.float64), "float ids",
@@ -792,32 +822,81 @@ DAMAGE = [
     _outside_entry("../../etc/passwd"), _outside_entry("segments/../../x"),
     _outside_entry("deletions/../../x.npy"), _outside_entry("segments/../x.npy"),
     _segment_outside, _encoder_outside,
+    _manifest_edited_unsealed, _manifest_seal_not_a_string,
     _delete_manifest, _garbage_manifest, _manifest_not_an_object, _manifest_missing_field,
     _future_format, _files_not_an_object, _count_a_string, _unknown_metric,
 ]
+
+
+# Same sizes, same shapes: what only reading every byte or every row can find.
+FOUND_BY_VERIFY = [
+    *(_flip_byte(kind) for kind in MAPPED),
+    _rewrite_array(f"sealed/{IDS_FILE}", _swap_first_ids, "order", ORDER),
+]
+
+
+def _refused(load, path: Path) -> str:
+    with pytest.raises(LenetEmbedError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert "\n" not in message and "rebuild it with `lenet-embed build-index`" in message
+    return message
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.strip("_"))
 def test_damaged_bundle_is_refused(rich, damage):
     assert len(SearchIndex.load(rich)) > 0  # sound before the damage
     expected = damage(rich)
-    for load in (SearchIndex.load, inspect_bundle):
-        with pytest.raises(LenetEmbedError) as caught:
-            load(rich)
-        message = str(caught.value)
-        assert expected in message, load
-        assert "\n" not in message and "rebuild it with `lenet-embed build-index`" in message
+    for load in (SearchIndex.load, inspect_bundle, partial(inspect_bundle, verify=True)):
+        assert expected in _refused(load, rich), load
+
+
+@pytest.mark.parametrize("damage", FOUND_BY_VERIFY, ids=lambda f: f.__name__.strip("_"))
+def test_damage_inside_a_file_is_found_by_verify(rich, damage):
+    """A load checks sizes, not every byte (it costs O(files)): the bundle still loads and plain
+    `info` says so; `info --verify` names what is damaged."""
+    expected = damage(rich)
+    assert len(SearchIndex.load(rich)) == read_manifest(rich).count
+    assert inspect_bundle(rich).verified is False
+    assert expected in _refused(partial(inspect_bundle, verify=True), rich)
+
+
+def test_verify_names_every_damaged_file(rich):
+    paths = [_path(rich, f"sealed/{name}") for name in (VECTORS_FILE, IMAGES_FILE)]
+    for path in paths:
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x01
+        path.write_bytes(bytes(raw))
+    message = _refused(partial(inspect_bundle, verify=True), rich)
+    first, second = (p.relative_to(rich).as_posix() for p in paths)  # in the manifest's order
+    assert message.startswith(f"{rich / first}: does not match {MANIFEST} (checksum); "
+                              f"neither do {second}; the bundle is damaged")
+
+
+def test_manifest_checksum_is_of_its_canonical_json(rich):
+    """As index/README.md defines it; and a manifest written before manifests carried one loads."""
+    data = json.loads((rich / MANIFEST).read_text())
+    body = {key: value for key, value in data.items() if key != SEAL}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert data[SEAL] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert list(data)[-1] == SEAL
+    (rich / MANIFEST).write_text(json.dumps(body, indent=2))
+    assert read_manifest(rich).to_dict() == body
+    assert len(SearchIndex.load(rich)) == body["count"]
 
 
 def test_the_cli_reports_damage_in_one_line(run, rich):
+    """A changed byte in an added segment: `info` loads the bundle, `info --verify` names the file,
+    and `compact` (which would copy the rows under new checksums) refuses it."""
     path = _path(rich, "added")
     raw = bytearray(path.read_bytes())
     raw[-200] ^= 0xFF
     path.write_bytes(bytes(raw))
-    for command in ("info", "compact", "remove"):
-        args = (command, 1) if command == "remove" else (command,)
+    assert "info --verify" in ok(run("info", "--index-dir", rich)).stdout
+    for args in (("info", "--verify"), ("compact",)):
         line = one_line_error(run(*args, "--index-dir", rich))
-        assert f"{path}: does not match {MANIFEST}" in line and "build-index" in line
+        assert f"{path}: does not match {MANIFEST} (checksum)" in line and "build-index" in line
+    assert read_manifest(rich).version == 5
 
 
 @pytest.mark.parametrize("name", ["deletions/../../secret.npy", "segments/../../secret.npy"])

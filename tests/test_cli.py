@@ -95,11 +95,14 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
 
     manifest = read_manifest(index_dir)
     assert (manifest.version, manifest.operation, manifest.metric) == (2, "build", "l2")
-    report = json.loads(ok(run("info", "--index-dir", index_dir, "--json")).stdout)
-    extra = {key: report.pop(key) for key in ("deleted", "bytes", "reclaimable_bytes", "checks")}
-    assert report == manifest.to_dict()
     on_disk = sum((index_dir / name).stat().st_size for name in manifest.files)
-    assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": 0, "checks": "ok"}
+    for verify in ([], ["--verify"]):
+        report = json.loads(ok(run("info", "--index-dir", index_dir, "--json", *verify)).stdout)
+        extra = {key: report.pop(key)
+                 for key in ("deleted", "bytes", "reclaimable_bytes", "checks", "verified")}
+        assert report == manifest.to_dict()
+        assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": 0, "checks": "ok",
+                         "verified": bool(verify)}
     rows = {}
     for line in ok(run("info", "--index-dir", index_dir)).stdout.splitlines():
         key, _, value = line.partition(":")
@@ -110,7 +113,9 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
     assert rows["dim"] == "84" and rows["metric"] == "l2" and rows["factory"] == "Flat"
     assert rows["size on disk"] == f"{on_disk} bytes"
     assert rows["encoder sha256"] == manifest.encoder_sha256
-    assert rows["checks"].startswith("ok")
+    assert rows["checks"].startswith("ok") and "info --verify" in rows["checks"]
+    verified = ok(run("info", "--index-dir", index_dir, "--verify")).stdout
+    assert "every file matches its checksum" in verified
 
 
 def test_build_index_from_images_reports_skipped_files(run, trained, pngs, tmp_path):
@@ -228,14 +233,21 @@ def test_missing_bundle(run, pngs, tmp_path):
 
 
 def test_corrupt_bundle(run, bundle_copy, pngs):
+    """Labels rewritten in place, same size: a load checks sizes only (it costs O(files)), so
+    `query` and `info` cannot tell; `info --verify` names the file."""
     (segment,) = read_manifest(bundle_copy).segments
     labels_path = bundle_copy / segment.file(LABELS_FILE)
     labels = np.load(labels_path)
     np.save(labels_path, labels[::-1].copy())
+    ok(run("query", pngs[0], "--index-dir", bundle_copy))
+    ok(run("info", "--index-dir", bundle_copy))
+    line = one_line_error(run("info", "--verify", "--index-dir", bundle_copy))
+    assert str(labels_path) in line and "checksum" in line and "build-index" in line
+    np.save(labels_path, labels[:-1].copy())  # one label fewer: the size differs, found at load
     for args in (("query", pngs[0], "--index-dir", bundle_copy),
                  ("info", "--index-dir", bundle_copy)):
         line = one_line_error(run(*args))
-        assert str(labels_path) in line and "checksum" in line
+        assert str(labels_path) in line and "size" in line
 
 
 def test_not_an_image(run, bundle_dir, tmp_path):

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from lenet_embed import SearchIndex, build_index
+from lenet_embed import SearchIndex, build_index, inspect_bundle
 from lenet_embed.ann import prepare_vectors
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.updates import add_vectors
@@ -300,7 +300,8 @@ def test_killed_writers_leave_acknowledged_versions_and_no_leftovers(
             interrupted = pending["op"] if pending else "none"
             in_flight[interrupted] += 1
 
-            index = SearchIndex.load(path)  # the bundle loads, every file checked
+            inspect_bundle(path, verify=True)  # every file matches its checksum
+            index = SearchIndex.load(path)
             manifest = index.manifest
             if pending is not None and manifest.version == state["version"] + 1:
                 state = _apply(state, pending, build_size)  # committed, then killed

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from lenet_embed import LenetEmbedError, SearchIndex
-from lenet_embed.bundle import MANIFEST, read_manifest, sha256_file
+from lenet_embed.bundle import MANIFEST, SEAL, read_manifest, sealed_json, sha256_file
 from lenet_embed.embed import BATCH_SIZE, KerasEncoder, LiteRTEncoder, load_encoder
 from lenet_embed.preprocess import scale_pixels
 
@@ -152,8 +152,8 @@ def test_bundle_without_litert_entry_is_refused(bundle_copy):
     skip its check, and the error names the unlisted file."""
     litert = read_manifest(bundle_copy).litert_path
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
-    del manifest["files"][litert]
-    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    del manifest["files"][litert], manifest[SEAL]
+    (bundle_copy / MANIFEST).write_text(sealed_json(manifest))  # sealed again: not a torn file
     with pytest.raises(LenetEmbedError, match="file list does not match") as caught:
         SearchIndex.load(bundle_copy)
     assert litert in str(caught.value)

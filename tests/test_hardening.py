@@ -846,21 +846,30 @@ def named_bundle(trained, mnist, tmp_path_factory) -> Path:
 
 
 def test_manifest_classes_shorter_than_labels(named_bundle, tmp_path, lenet_embed_cmd):
-    """A manifest whose `classes` list is cut short (everything else valid): `query` and `info`
-    stop with one line at load, and so does `SearchIndex.load`."""
-    from lenet_embed.bundle import MANIFEST, parse_manifest
+    """A manifest whose `classes` list is cut short. Edited by hand, its own checksum refuses it
+    at load. Sealed again (everything else valid, as a faulty writer would leave it), a load does
+    not read every label: `query` stops with one line when a result's label is not a class,
+    `info --verify` checks every label, and both name the classes."""
+    from lenet_embed.bundle import MANIFEST, SEAL, parse_manifest, sealed_json
 
     bundle = Path(shutil.copytree(named_bundle, tmp_path / "index"))
     manifest = json.loads((bundle / MANIFEST).read_text())
     assert len(manifest["classes"]) >= 5
     manifest["classes"] = manifest["classes"][:2]
-    text = json.dumps(manifest, indent=2)
-    parse_manifest(text, "edited")  # the manifest itself is still well-formed
-    (bundle / MANIFEST).write_text(text)
-    with pytest.raises(LenetEmbedError, match="classes"):
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(LenetEmbedError, match="does not match its own checksum"):
         SearchIndex.load(bundle)
-    digit = next((named_bundle.parent / "digits").rglob("*.png"))
-    for argv in (["query", digit, "--index-dir", bundle], ["info", "--index-dir", bundle]):
+    del manifest[SEAL]
+    text = sealed_json(manifest)
+    parse_manifest(text, "edited")  # the manifest itself is well-formed
+    (bundle / MANIFEST).write_text(text)
+    index = SearchIndex.load(bundle)
+    digit = next(p for p in (named_bundle.parent / "digits").rglob("*.png")
+                 if p.parent.name not in manifest["classes"])
+    with pytest.raises(LenetEmbedError, match="classes"):
+        index.search(digit, k=1)
+    for argv in (["query", digit, "--index-dir", bundle],
+                 ["info", "--verify", "--index-dir", bundle]):
         run = _measure([*lenet_embed_cmd, *argv], tmp_path)
         assert run.returncode == 1, run.stdout
         line = _single_error_line(run.stderr)

@@ -16,7 +16,7 @@ import pytest
 from cli_checks import ok, one_line_error
 from PIL import Image
 
-from lenet_embed import LenetEmbedError, SearchIndex, build_index
+from lenet_embed import LenetEmbedError, SearchIndex, build_index, inspect_bundle
 from lenet_embed.ann import prepare_vectors
 from lenet_embed.bundle import MANIFEST, read_manifest
 from lenet_embed.search import Query
@@ -405,6 +405,83 @@ def test_refresh_sees_another_writers_commits(bundle_copy, new_digits):
     assert first.search(image, k=1)[0][0].id == new_id  # until it refreshes
     assert first.refresh() is True
     assert first.search(image, k=1)[0][0].id != new_id
+
+
+def _mapped_deleted_files() -> set[str]:
+    """Files this process still has mapped although they were unlinked (Linux: ``(deleted)``)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5].removesuffix(" (deleted)") for line in lines
+            if line.endswith(" (deleted)")}
+
+
+def test_a_reader_keeps_its_version_after_its_files_are_swept(any_factory, bundle_data,
+                                                              new_digits):
+    """A load maps the segment files instead of reading them. A compaction and its sweep then
+    remove them: the reader that never refreshes keeps answering from its version, unchanged,
+    from pages the kernel keeps while they are mapped."""
+    from lenet_embed.writer import BundleWriter
+
+    reader, writer = SearchIndex.load(any_factory), SearchIndex.load(any_factory)
+    queries = np.concatenate([new_digits[0][:5], bundle_data.train.images[:5]])
+    expected = reader.search(queries, k=K)
+    old_files = {any_factory / name for name in reader.manifest.files}
+    writer.add(new_digits[0][:3], labels=new_digits[1][:3].tolist())
+    writer.remove([3, 7])
+    writer.compact()
+    with BundleWriter(any_factory) as sweeper:
+        sweeper.collect_garbage(grace=0, force=True)
+    sealed = reader.snapshot.segments[0].info
+    old_vectors = any_factory / sealed.file("vectors.npy")
+    assert not old_vectors.exists() and not (any_factory / sealed.entry).exists()
+    assert str(old_vectors) in _mapped_deleted_files()  # read from the unlinked file
+    swept = old_files - {any_factory / name for name in read_manifest(any_factory).files}
+    assert swept and not any(path.exists() for path in swept)
+
+    results = reader.search(queries, k=K)
+    assert _ids(results) == _ids(expected)
+    assert [[n.distance for n in r] for r in results] == [[n.distance for n in r] for r in expected]
+    assert np.array_equal(reader.item_image(3), bundle_data.train.images[3])
+    assert reader.refresh() is True and len(reader) == len(bundle_data.train) + 1
+    with pytest.raises(LenetEmbedError, match="no item with id 3"):
+        reader.item_image(3)
+
+
+def test_verify_follows_a_commit_that_sweeps_its_files(bundle_copy, monkeypatch):
+    """`info --verify` reads for a long time. When a commit and its sweep remove the files of the
+    version it loaded, it verifies the new version; a file missing with no newer version is
+    damage, said in one line."""
+    import lenet_embed.snapshot as snapshot_module
+    from lenet_embed.writer import BundleWriter
+
+    real, versions = snapshot_module.verify_files, []
+
+    def racing(directory, files):
+        versions.append(read_manifest(directory).version)
+        if len(versions) == 1:
+            index = SearchIndex.load(directory)
+            index.remove([1])
+            index.compact()
+            with BundleWriter(directory) as sweeper:
+                sweeper.collect_garbage(grace=0, force=True)
+        return real(directory, files)
+
+    monkeypatch.setattr(snapshot_module, "verify_files", racing)
+    report = inspect_bundle(bundle_copy, verify=True)
+    assert versions == [1, 3] and report.verified
+    assert (report.manifest.version, report.manifest.operation) == (3, "compact")
+
+    segment = report.manifest.segments[0]
+    victim = bundle_copy / segment.file("labels.npy")
+
+    def vanishing(directory, files):
+        victim.unlink()
+        return real(directory, files)
+
+    monkeypatch.setattr(snapshot_module, "verify_files", vanishing)
+    with pytest.raises(LenetEmbedError) as caught:
+        inspect_bundle(bundle_copy, verify=True)
+    assert str(caught.value) == (f"{victim}: missing from the bundle; rebuild it with "
+                                 "`lenet-embed build-index`")
 
 
 LOCK_HOLDER = "\n".join([

@@ -65,7 +65,7 @@ class ServiceConfig:
         return cls(**json.loads(text))
 
     def load(self) -> SearchIndex:
-        """Load and verify the bundle."""
+        """Load the bundle."""
         return SearchIndex.load(self.index_dir, backend=self.backend, threads=self.threads,
                                 search_params=self.search_params)
 
