@@ -25,6 +25,11 @@ from .writer import BundleWriter, check_folder, now_iso
 log = logging.getLogger(__name__)
 
 TUNING_QUERIES = 5000
+# Images scaled and embedded at a time: their float32 copy is 16,384 x 784 x 4 = 51 MB, where all
+# of a million digits would be 3 GB. Memory-mapped images are read from disk a chunk at a time.
+CHUNK = 16_384
+# ``on_progress(stage, done, total)``: "embedding", "indexing" and "writing", in that order.
+StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def build_index(
     factory: str = "Flat",
     target_recall: float | None = None,
     threads: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: StageProgress | None = None,
 ) -> BuildResult:
     """Embed a data set and write a self-contained index bundle to ``index_dir``.
 
@@ -84,9 +89,14 @@ def build_index(
     ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is any FAISS
     ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
     parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
-    and stores it in the manifest. ``threads`` caps FAISS's threads. ``on_progress(done, total)``
-    is called as images are embedded.
+    and stores it in the manifest. ``threads`` caps FAISS's threads.
+
+    Memory stays bounded whatever the count: images are embedded and written a chunk at a time
+    (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
+    million) and the index are held. ``on_progress(stage, done, total)`` is called as each stage
+    ("embedding", "indexing", "writing") advances.
     """
+    report = on_progress or _ignore
     if threads is not None:
         set_threads(threads)
     check_factory(factory, metric, EMBEDDING_DIM)
@@ -98,6 +108,7 @@ def build_index(
     held_out: np.ndarray | None = None  # uint8 tuning queries kept out of the index
     if images is not None:
         folder = load_image_folder(images)
+        # Embedded as preprocessed (float32), stored as bytes.
         pixels, labels = folder.images, folder.labels
         stored = to_uint8(pixels)
         classes, sources, skipped = folder.classes, folder.sources, folder.skipped
@@ -107,11 +118,13 @@ def build_index(
         dataset = load_mnist(data)
         encoder_model = _load_encoder(model, dataset)
         stored, labels = dataset.train.images, dataset.train.labels
-        pixels = scale_pixels(stored)
+        pixels = stored  # scaled a chunk at a time by _embed
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
         held_out = dataset.test.images[:TUNING_QUERIES]
     encoder = KerasEncoder(encoder_model)
-    vectors = encoder.embed(pixels, on_progress=on_progress)
+    vectors = _embed(encoder, pixels, report)
+    count = len(vectors)
+    report("indexing", 0, count)
     index = make_index(vectors, metric, factory)
     search_params: dict[str, float] = {}
     if target_recall is not None:
@@ -121,12 +134,18 @@ def build_index(
             sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
             queries = vectors[sample]
         search_params = tune(index, vectors, queries, metric, target_recall)
-    prepared = prepare_vectors(vectors, metric)
+    report("indexing", count, count)
+    # In place, a chunk at a time: prepare_vectors on all of them would take two more copies
+    # (one of them float64). It works row by row, so the result is the same.
+    for start in range(0, count, CHUNK):
+        vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
+    report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:
         encoder_folder, encoder_files = writer.new_encoder(encoder_model)
         segment, segment_files = writer.new_segment(
-            vectors=prepared, ids=np.arange(len(labels), dtype=np.int64), labels=labels,
+            vectors=vectors, ids=np.arange(len(labels), dtype=np.int64), labels=labels,
             images=stored, sources=sources, index=index,
+            on_progress=lambda done, total: report("writing", done, total),
         )
         now = now_iso()
         manifest = writer.commit(Manifest(
@@ -139,3 +158,22 @@ def build_index(
         ))
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)
+
+
+def _ignore(stage: str, done: int, total: int) -> None:
+    """The progress callback of a build nobody watches."""
+
+
+def _embed(encoder: KerasEncoder, pixels: np.ndarray, report: StageProgress) -> np.ndarray:
+    """The (N, dim) float32 embeddings of ``pixels`` (uint8 bytes, scaled a chunk at a time, or
+    floats in [0, 1]), reporting each chunk as the "embedding" stage."""
+    count = len(pixels)
+    vectors = np.empty((count, encoder.dim), dtype=np.float32)
+    report("embedding", 0, count)
+    for start in range(0, count, CHUNK):
+        chunk = pixels[start : start + CHUNK]
+        if chunk.dtype == np.uint8:
+            chunk = scale_pixels(chunk)
+        vectors[start : start + len(chunk)] = encoder.embed(chunk)
+        report("embedding", start + len(chunk), count)
+    return vectors

@@ -39,6 +39,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+# Magic number and 255 dimensions: no IDX header is longer.
+_LONGEST_HEADER = 4 + 4 * 255
 # The four standard file stems; the original distribution also used a dot before "idx".
 _STEMS = {
     ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -92,29 +94,46 @@ class ImageFolder:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (raw or gzip-compressed), validating its header against its size."""
+    """Read one IDX file, validating its header against its size.
+
+    A gzip-compressed file is decompressed into memory; a raw one is memory-mapped (read-only),
+    so that a million digits (784 MB) are read from disk as they are used instead of all at once.
+    """
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            head = fh.read(_LONGEST_HEADER)
+            if head[:2] == b"\x1f\x8b":
+                fh.seek(0)
+                raw = gzip.decompress(fh.read())
+                dtype, shape, header = _idx_layout(path, raw[:_LONGEST_HEADER], len(raw))
+                return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+            size = os.fstat(fh.fileno()).st_size
     except (OSError, EOFError, zlib.error) as exc:
         raise LenetEmbedError(f"{path}: cannot read ({exc}); replace the file") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    dtype, shape, header = _idx_layout(path, head, size)
+    if size == header:  # nothing to map: mmap refuses an empty range
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, mode="r", offset=header, shape=shape)
+
+
+def _idx_layout(path: Path, head: bytes, size: int) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and header length an IDX file's first bytes declare, checked against the
+    file's ``size`` in bytes."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
         raise LenetEmbedError(f"{path}: not an IDX file (bad magic number); replace the file")
-    dtype = _IDX_DTYPES[raw[2]]
-    ndim = raw[3]
+    dtype = _IDX_DTYPES[head[2]]
+    ndim = head[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if ndim == 0 or len(head) < header:
         raise LenetEmbedError(f"{path}: truncated IDX header; replace the file")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(head, ">u4", count=ndim, offset=4))
     expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if size - header != expected:
         raise LenetEmbedError(
             f"{path}: header says {shape} ({expected} bytes of data) but the file holds "
-            f"{len(raw) - header}; the file is truncated or corrupt, replace it"
+            f"{size - header}; the file is truncated or corrupt, replace it"
         )
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+    return dtype, shape, header
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path:
