@@ -14,7 +14,7 @@ import numpy as np
 
 from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
 from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
-from .data import Dataset, load_image_folder, load_mnist
+from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
@@ -171,7 +171,7 @@ def _embed(encoder: KerasEncoder, pixels: np.ndarray, report: StageProgress) -> 
     vectors = np.empty((count, encoder.dim), dtype=np.float32)
     report("embedding", 0, count)
     for start in range(0, count, CHUNK):
-        chunk = pixels[start : start + CHUNK]
+        chunk = read_rows(pixels, start, start + CHUNK)
         if chunk.dtype == np.uint8:
             chunk = scale_pixels(chunk)
         vectors[start : start + len(chunk)] = encoder.embed(chunk)

@@ -61,6 +61,7 @@ from .bundle import (
     row_dtype,
     sha256_file,
 )
+from .data import read_rows
 from .errors import LenetEmbedError
 
 # How long the files of a superseded version are kept for readers that are opening them.
@@ -125,7 +126,7 @@ def _save_npy(fh: Any, array: np.ndarray, dtype: np.dtype,
     row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * dtype.itemsize)
     step = max(1, _SAVE_CHUNK_BYTES // row_bytes)
     for start in range(0, len(array), step):
-        fh.write(np.ascontiguousarray(array[start : start + step], dtype=dtype))
+        fh.write(np.ascontiguousarray(read_rows(array, start, start + step), dtype=dtype))
         if on_rows is not None:
             on_rows(min(start + step, len(array)))
 

@@ -127,14 +127,17 @@ def make_digits(n: int, out: Path, seed: int = 0,
     """Write ``n`` deformed training digits and the real test split to ``out`` as IDX files."""
     if not 1 <= n < 2**32:
         raise LenetEmbedError(f"N must be between 1 and {2**32 - 1}, got {n}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LenetEmbedError(f"{out}: exists and is not an empty folder; choose a new OUT (its "
+                              "files would replace a data set's, e.g. MNIST's own)")
     source = load_mnist(data)
     train = source.train
     out.mkdir(parents=True, exist_ok=True)
     images_path = out / _NAMES[("train", "images")]
     partial = images_path.with_name(images_path.name + ".partial")
     labels = np.empty(n, dtype=np.uint8)
-    # One generator per chunk, derived from (seed, chunk number): chunks are independent streams,
-    # so the output does not depend on how the work is scheduled.
+    # One generator per chunk, derived from (seed, chunk number): a chunk's digits depend on
+    # nothing but the seed and its position, so chunks could be made in any order or in parallel.
     progress = bar(n, "deforming", "digits")
     with open(partial, "wb") as fh, progress:
         fh.write(_idx_header(0x08, (n, IMAGE_SIDE, IMAGE_SIDE)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +86,20 @@ def test_make_digits_layout_and_labels(digits_dir, mnist, classifier):
     # model trained on all of MNIST: 0.99 and 0.95). Labels that did not follow the digits
     # would agree one time in ten.
     assert agreement >= 0.7 and agreement >= 0.8 * baseline, (agreement, baseline)
+
+
+def test_make_digits_refuses_a_folder_with_files(digits_dir, mnist_path):
+    """A second run into the same folder, or into MNIST's own (whose raw files would then be read
+    before its .gz files): one line, through the CLI's error handling, nothing replaced."""
+    before = _bytes(digits_dir)
+    for target in (digits_dir, mnist_path):
+        run = subprocess.run([sys.executable, SCRIPT, "10", target], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines() == [
+            f"Error: {target}: exists and is not an empty folder; choose a new OUT (its files "
+            "would replace a data set's, e.g. MNIST's own)"]
+    assert _bytes(digits_dir) == before
 
 
 def test_make_digits_cycles_through_the_training_digits(make_digits, mnist, tmp_path):
