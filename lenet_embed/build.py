@@ -28,7 +28,8 @@ TUNING_QUERIES = 5000
 # Images scaled and embedded at a time: their float32 copy is 16,384 x 784 x 4 = 51 MB, where all
 # of a million digits would be 3 GB. Memory-mapped images are read from disk a chunk at a time.
 CHUNK = 16_384
-# ``on_progress(stage, done, total)``: "embedding", "indexing" and "writing", in that order.
+# ``on_progress(stage, done, total)``: "reading" (image files, for ``images``), "embedding",
+# "indexing" and "writing", in that order.
 StageProgress = Callable[[str, int, int], None]
 
 
@@ -94,7 +95,7 @@ def build_index(
     Memory stays bounded whatever the count: images are embedded and written a chunk at a time
     (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
     million) and the index are held. ``on_progress(stage, done, total)`` is called as each stage
-    ("embedding", "indexing", "writing") advances.
+    ("reading" image files, "embedding", "indexing", "writing") advances.
     """
     report = on_progress or _ignore
     if threads is not None:
@@ -107,7 +108,8 @@ def build_index(
     skipped: list[str] = []
     held_out: np.ndarray | None = None  # uint8 tuning queries kept out of the index
     if images is not None:
-        folder = load_image_folder(images)
+        folder = load_image_folder(
+            images, on_progress=lambda done, total: report("reading", done, total))
         # Embedded as preprocessed (float32), stored as bytes.
         pixels, labels = folder.images, folder.labels
         stored = to_uint8(pixels)

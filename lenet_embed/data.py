@@ -17,6 +17,7 @@ import os
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,12 +273,14 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
-def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
+def load_image_folder(root: str | os.PathLike[str],
+                      on_progress: Callable[[int, int], None] | None = None) -> ImageFolder:
     """Read every image under ``root`` (recursively), in sorted path order.
 
     A file's label is the name of its immediate subfolder (the ImageFolder convention); files
     directly in ``root`` get no label. Files that cannot be read as images are skipped with a
     warning naming them. Folder names that are all integers become those integers as labels.
+    ``on_progress(done, total)`` is called before each file and after the last.
     """
     from .preprocess import to_mnist
 
@@ -289,7 +292,9 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
     names: list[str | None] = []
     sources: list[str] = []
     skipped: list[str] = []
-    for path in paths:
+    report = on_progress or (lambda done, total: None)
+    for done, path in enumerate(paths):
+        report(done, len(paths))
         try:
             images.append(to_mnist(path))
         except LenetEmbedError as exc:
@@ -301,6 +306,7 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
             continue
         names.append(path.parent.name if path.parent != root else None)
         sources.append(str(path))
+    report(len(paths), len(paths))
     if not images:
         raise LenetEmbedError(f"{root}: no readable image files found")
     classes = sorted({n for n in names if n is not None}, key=_class_sort_key)

@@ -702,7 +702,7 @@ def _build_error_line(result) -> str:
     600/600 ...", one per stage and ten seconds on a non-terminal) may come before it."""
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines()
-             if not re.match(r"(embedding|indexing|writing): \d", line)]
+             if not re.match(r"(reading|embedding|indexing|writing): \d", line)]
     assert len(lines) == 1, result.stderr
     return one_line_error(SimpleNamespace(exit_code=result.exit_code,
                                           exception=result.exception, output=result.output,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_checks import ok
+from PIL import Image
 
 from lenet_embed import build_index, load_mnist
 from lenet_embed.ann import prepare_vectors
@@ -155,6 +156,21 @@ def test_streaming_build_matches_a_build_from_arrays(digits_dir, trained, tmp_pa
     assert embedding == [0, *range(96, N, 96), N]
     writing = [done for stage, done, _ in progress if stage == "writing"]
     assert writing == [0, *range(100, N, 100), N]
+
+
+def test_build_from_images_reports_reading(mnist, trained, tmp_path):
+    """With ``images``, reading the files is a stage of its own, file by file."""
+    root = tmp_path / "pictures"
+    for i in range(12):
+        folder = root / str(int(mnist.test.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mnist.test.images[i]).save(folder / f"{i}.png")
+    progress: list[tuple[str, int, int]] = []
+    build_index(images=root, model=trained.model, index_dir=tmp_path / "index",
+                on_progress=lambda *step: progress.append(step))
+    reading = [step for step in progress if step[0] == "reading"]
+    assert reading == [("reading", done, 12) for done in range(13)]
+    assert progress.index(reading[-1]) < progress.index(("embedding", 12, 12))
 
 
 def test_progress_lines_on_a_non_terminal(monkeypatch):
