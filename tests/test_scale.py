@@ -89,18 +89,23 @@ def test_make_digits_layout_and_labels(digits_dir, mnist, classifier):
     assert agreement >= 0.7 and agreement >= 0.8 * baseline, (agreement, baseline)
 
 
-def test_make_digits_refuses_a_folder_with_files(digits_dir, mnist_path):
-    """A second run into the same folder, or into MNIST's own (whose raw files would then be read
-    before its .gz files): one line, through the CLI's error handling, nothing replaced."""
-    before = _bytes(digits_dir)
-    for target in (digits_dir, mnist_path):
+def test_make_digits_refuses_a_folder_with_files(digits_dir, mnist_path, tmp_path):
+    """A second run into the same folder, or into a folder of MNIST's .gz files (whose raw
+    replacements would then be read first): one line, through the CLI's error handling, nothing
+    replaced. (A copy of MNIST's folder, so that a regression cannot damage the real one.)"""
+    gz_folder = tmp_path / "mnist"
+    gz_folder.mkdir()
+    (gz_folder / "train-images-idx3-ubyte.gz").write_bytes(
+        (mnist_path / "train-images-idx3-ubyte.gz").read_bytes())
+    for target in (digits_dir, gz_folder):
+        before = _bytes(target)
         run = subprocess.run([sys.executable, SCRIPT, "10", target], capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 1
         assert run.stderr.strip().splitlines() == [
             f"Error: {target}: exists and is not an empty folder; choose a new OUT (its files "
             "would replace a data set's, e.g. MNIST's own)"]
-    assert _bytes(digits_dir) == before
+        assert _bytes(target) == before
 
 
 def test_make_digits_cycles_through_the_training_digits(make_digits, mnist, tmp_path):
