@@ -16,7 +16,7 @@ from . import milvus
 from ._keras import keras
 from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
 from .bundle import DEFAULT_INDEX_DIR, Manifest, Segment, package_version
-from .data import Dataset, load_image_folder, load_mnist
+from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
@@ -27,6 +27,12 @@ from .writer import BundleWriter, check_folder, now_iso
 log = logging.getLogger(__name__)
 
 TUNING_QUERIES = 5000
+# Images scaled and embedded at a time: their float32 copy is 16,384 x 784 x 4 = 51 MB, where all
+# of a million digits would be 3 GB. Memory-mapped images are read from disk a chunk at a time.
+CHUNK = 16_384
+# ``on_progress(stage, done, total)``: "reading" (image files, for ``images``), "embedding",
+# "indexing" and "writing", in that order.
+StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ def build_index(
     factory: str = "Flat",
     target_recall: float | None = None,
     threads: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: StageProgress | None = None,
     milvus_uri: str | None = None,
     milvus_token: str | None = None,
 ) -> BuildResult:
@@ -88,11 +94,18 @@ def build_index(
     ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is any FAISS
     ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
     parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
-    and stores it in the manifest. ``threads`` caps FAISS's threads. ``on_progress(done, total)``
-    is called as images are embedded. With ``milvus_uri`` (a Milvus Lite file or a server
-    address; ``milvus_token`` when it needs one) the items go into a new Milvus collection with an
-    index of the factory's family, and the bundle keeps the manifest and the encoder.
+    and stores it in the manifest. ``threads`` caps FAISS's threads.
+
+    Memory stays bounded whatever the count: images are embedded and written a chunk at a time
+    (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
+    million) and the index are held. ``on_progress(stage, done, total)`` is called as each stage
+    ("reading" image files, "embedding", "indexing", "writing") advances.
+
+    With ``milvus_uri`` (a Milvus Lite file or a server address; ``milvus_token`` when it needs
+    one) the items go into a new Milvus collection with an index of the factory's family, and the
+    bundle keeps the manifest and the encoder.
     """
+    report = on_progress or _ignore
     if threads is not None:
         set_threads(threads)
     check_factory(factory, metric, EMBEDDING_DIM)
@@ -104,7 +117,9 @@ def build_index(
     skipped: list[str] = []
     held_out: np.ndarray | None = None  # uint8 tuning queries kept out of the index
     if images is not None:
-        folder = load_image_folder(images)
+        folder = load_image_folder(
+            images, on_progress=lambda done, total: report("reading", done, total))
+        # Embedded as preprocessed (float32), stored as bytes.
         pixels, labels = folder.images, folder.labels
         stored = to_uint8(pixels)
         classes, sources, skipped = folder.classes, folder.sources, folder.skipped
@@ -114,14 +129,16 @@ def build_index(
         dataset = load_mnist(data)
         encoder_model = _load_encoder(model, dataset)
         stored, labels = dataset.train.images, dataset.train.labels
-        pixels = scale_pixels(stored)
+        pixels = stored  # scaled a chunk at a time by _embed
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
         held_out = dataset.test.images[:TUNING_QUERIES]
     encoder = KerasEncoder(encoder_model)
-    vectors = encoder.embed(pixels, on_progress=on_progress)
+    vectors = _embed(encoder, pixels, report)
+    count = len(vectors)
     search_params: dict[str, float] = {}
     index = None
     if milvus_uri is None:
+        report("indexing", 0, count)
         index = make_index(vectors, metric, factory)
         if target_recall is not None:
             if held_out is not None:
@@ -130,8 +147,13 @@ def build_index(
                 sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
                 queries = vectors[sample]
             search_params = tune(index, vectors, queries, metric, target_recall)
-    prepared = prepare_vectors(vectors, metric)
-    ids = np.arange(len(labels), dtype=np.int64)
+        report("indexing", count, count)
+    # In place, a chunk at a time: prepare_vectors on all of them would take two more copies
+    # (one of them float64). It works row by row, so the result is the same.
+    for start in range(0, count, CHUNK):
+        vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
+    ids = np.arange(count, dtype=np.int64)
+    report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:
         replaced = writer.current
         encoder_folder, encoder_files = writer.new_encoder(encoder_model)
@@ -140,23 +162,24 @@ def build_index(
         if index is None:
             store, collection = milvus.new_collection(writer.directory, milvus_uri,
                                                       writer.next_version, metric,
-                                                      prepared.shape[1], factory, milvus_token)
+                                                      vectors.shape[1], factory, milvus_token)
             try:
-                collection.insert(ids, prepared, labels, stored, sources)
+                collection.insert(ids, vectors, labels, stored, sources,
+                                  on_progress=lambda done, total: report("writing", done, total))
             except BaseException:
                 collection.drop()
                 raise
             segment_files = {}
         else:
             segment, segment_files = writer.new_segment(
-                vectors=prepared, ids=ids, labels=labels, images=stored, sources=sources,
-                index=index,
+                vectors=vectors, ids=ids, labels=labels, images=stored, sources=sources,
+                index=index, on_progress=lambda done, total: report("writing", done, total),
             )
             segments = [segment]
         now = now_iso()
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
-            lenet_embed_version=package_version(), dim=int(prepared.shape[1]), metric=metric,
+            lenet_embed_version=package_version(), dim=int(vectors.shape[1]), metric=metric,
             factory=factory, search_params=search_params, dataset=description,
             classes=list(classes), encoder=encoder_folder, segments=segments, deletions=None,
             count=len(labels), rows=len(labels), next_id=len(labels),
@@ -165,3 +188,22 @@ def build_index(
     milvus.drop_replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)
+
+
+def _ignore(stage: str, done: int, total: int) -> None:
+    """The progress callback of a build nobody watches."""
+
+
+def _embed(encoder: KerasEncoder, pixels: np.ndarray, report: StageProgress) -> np.ndarray:
+    """The (N, dim) float32 embeddings of ``pixels`` (uint8 bytes, scaled a chunk at a time, or
+    floats in [0, 1]), reporting each chunk as the "embedding" stage."""
+    count = len(pixels)
+    vectors = np.empty((count, encoder.dim), dtype=np.float32)
+    report("embedding", 0, count)
+    for start in range(0, count, CHUNK):
+        chunk = read_rows(pixels, start, start + CHUNK)
+        if chunk.dtype == np.uint8:
+            chunk = scale_pixels(chunk)
+        vectors[start : start + len(chunk)] = encoder.embed(chunk)
+        report("embedding", start + len(chunk), count)
+    return vectors

@@ -78,24 +78,6 @@ def _setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
-class _Progress:
-    """An embedding progress bar on stderr, created when the total is first known."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(done - self.bar.pos)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj))
 
@@ -205,6 +187,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
                 as_json: bool) -> None:
     """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
     from .build import build_index as run_build
+    from .progress import StageBars
 
     if (store == "milvus") != (milvus_uri is not None):
         raise click.UsageError("--store milvus and --milvus-uri go together")
@@ -213,7 +196,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
         from .milvus import token_from_file
 
         token = token_from_file(milvus_token_file)
-    progress = _Progress("embedding")
+    progress = StageBars()
     try:
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
                            metric=metric, factory=factory, target_recall=target_recall,

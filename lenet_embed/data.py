@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import mmap
 import os
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+# Magic number and 255 dimensions: no IDX header is longer.
+_LONGEST_HEADER = 4 + 4 * 255
 # The four standard file stems; the original distribution also used a dot before "idx".
 _STEMS = {
     ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -92,29 +96,58 @@ class ImageFolder:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (raw or gzip-compressed), validating its header against its size."""
+    """Read one IDX file, validating its header against its size.
+
+    A gzip-compressed file is decompressed into memory; a raw one is memory-mapped (read-only),
+    so that a million digits (784 MB) are read from disk as they are used instead of all at once.
+    """
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            head = fh.read(_LONGEST_HEADER)
+            if head[:2] == b"\x1f\x8b":
+                fh.seek(0)
+                raw = gzip.decompress(fh.read())
+                dtype, shape, header = _idx_layout(path, raw[:_LONGEST_HEADER], len(raw))
+                return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+            size = os.fstat(fh.fileno()).st_size
     except (OSError, EOFError, zlib.error) as exc:
         raise LenetEmbedError(f"{path}: cannot read ({exc}); replace the file") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    dtype, shape, header = _idx_layout(path, head, size)
+    if size == header:  # nothing to map: mmap refuses an empty range
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, mode="r", offset=header, shape=shape)
+
+
+def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``array`` copied into memory. For a memory-mapped IDX file the pages
+    just read are dropped from this process's mapping again: mapped pages count as the process's
+    resident memory until unmapped (784 MB for a million digits read once), while the kernel's
+    page cache keeps them, so reading them again costs no disk access."""
+    rows = np.array(array[start:stop])
+    mapping = getattr(array, "_mmap", None)  # np.memmap's mapping; numpy has no public name
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+    return rows
+
+
+def _idx_layout(path: Path, head: bytes, size: int) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and header length an IDX file's first bytes declare, checked against the
+    file's ``size`` in bytes."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
         raise LenetEmbedError(f"{path}: not an IDX file (bad magic number); replace the file")
-    dtype = _IDX_DTYPES[raw[2]]
-    ndim = raw[3]
+    dtype = _IDX_DTYPES[head[2]]
+    ndim = head[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if ndim == 0 or len(head) < header:
         raise LenetEmbedError(f"{path}: truncated IDX header; replace the file")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(head, ">u4", count=ndim, offset=4))
     expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if size - header != expected:
         raise LenetEmbedError(
             f"{path}: header says {shape} ({expected} bytes of data) but the file holds "
-            f"{len(raw) - header}; the file is truncated or corrupt, replace it"
+            f"{size - header}; the file is truncated or corrupt, replace it"
         )
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+    return dtype, shape, header
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path:
@@ -241,12 +274,14 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
-def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
+def load_image_folder(root: str | os.PathLike[str],
+                      on_progress: Callable[[int, int], None] | None = None) -> ImageFolder:
     """Read every image under ``root`` (recursively), in sorted path order.
 
     A file's label is the name of its immediate subfolder (the ImageFolder convention); files
     directly in ``root`` get no label. Files that cannot be read as images are skipped with a
     warning naming them. Folder names that are all integers become those integers as labels.
+    ``on_progress(done, total)`` is called before each file and after the last.
     """
     from .preprocess import to_mnist
 
@@ -258,7 +293,9 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
     names: list[str | None] = []
     sources: list[str] = []
     skipped: list[str] = []
-    for path in paths:
+    report = on_progress or (lambda done, total: None)
+    for done, path in enumerate(paths):
+        report(done, len(paths))
         try:
             images.append(to_mnist(path))
         except LenetEmbedError as exc:
@@ -270,6 +307,7 @@ def load_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
             continue
         names.append(path.parent.name if path.parent != root else None)
         sources.append(str(path))
+    report(len(paths), len(paths))
     if not images:
         raise LenetEmbedError(f"{root}: no readable image files found")
     classes = sorted({n for n in names if n is not None}, key=_class_sort_key)

@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,10 @@ class MilvusStore:
     # ----------------------------------------------------------------------- writes
 
     def insert(self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray,
-               images: np.ndarray, sources: Sequence[str | None] | None = None) -> None:
-        """Insert rows (vectors as indexed; labels as codes, -1 for none)."""
+               images: np.ndarray, sources: Sequence[str | None] | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Insert rows (vectors as indexed; labels as codes, -1 for none), reporting
+        ``on_progress(done, total)`` after each batch."""
         for start in range(0, len(ids), _BATCH):
             stop = start + _BATCH
             rows = [
@@ -207,6 +209,8 @@ class MilvusStore:
                     raise LenetEmbedError(f"{row['source'][:80]}...: source path longer than "
                                           f"{_SOURCE_CHARS} characters")
             self._call("inserting items", "insert", self.collection, rows)
+            if on_progress is not None:
+                on_progress(min(stop, len(ids)), len(ids))
 
     def delete(self, ids: np.ndarray) -> int:
         """Delete rows by id; return how many existed."""

@@ -24,7 +24,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +61,7 @@ from .bundle import (
     row_dtype,
     sha256_file,
 )
+from .data import read_rows
 from .errors import LenetEmbedError
 
 # How long the files of a superseded version are kept for readers that are opening them.
@@ -71,6 +72,9 @@ _STAGED_PREFIX = ".manifest.json.new-"
 # Superseded versions are looked for every this many commits (and at every build and compact).
 _SWEEP_EVERY = 16
 _VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
+# Bytes of an array saved at a time: the images of a million digits may be memory-mapped from the
+# data set's file, and are then read (and hashed, and written) 64 MB at a time, never copied whole.
+_SAVE_CHUNK_BYTES = 64 << 20
 
 
 def now_iso() -> str:
@@ -109,6 +113,22 @@ def _durable_file(path: Path, write: Any) -> FileEntry:
         fh.flush()
         os.fsync(fh.fileno())
     return FileEntry(bytes=hashing.size, sha256=hashing.digest.hexdigest())
+
+
+def _save_npy(fh: Any, array: np.ndarray, dtype: np.dtype,
+              on_rows: Callable[[int], None] | None = None) -> None:
+    """Write ``array`` as ``dtype`` in ``.npy`` format, the same bytes as ``np.save``, a chunk of
+    rows at a time; ``on_rows(done)`` after each chunk."""
+    np.lib.format.write_array_header_1_0(fh, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": array.shape,
+    })
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _SAVE_CHUNK_BYTES // row_bytes)
+    for start in range(0, len(array), step):
+        fh.write(np.ascontiguousarray(read_rows(array, start, start + step), dtype=dtype))
+        if on_rows is not None:
+            on_rows(min(start + step, len(array)))
 
 
 def _entry(path: Path) -> FileEntry:
@@ -283,9 +303,13 @@ class BundleWriter:
 
     def new_segment(self, *, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
                     images: np.ndarray, sources: list[str | None] | None = None,
-                    index: Any = None) -> tuple[Segment, dict[str, FileEntry]]:
+                    index: Any = None, on_progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[Segment, dict[str, FileEntry]]:
         """Write a segment and return its entry: sealed (a folder of arrays and ``index``) when
-        an index is given, else unsealed (one file of records: one write, one fsync)."""
+        an index is given, else unsealed (one file of records: one write, one fsync).
+
+        A sealed segment's arrays are written a chunk at a time (``images`` may be memory-mapped
+        and larger than memory would like); ``on_progress(done, rows)`` follows the images."""
         rows = len(ids)
         if not (len(vectors) == len(labels) == len(images) == rows) or (
                 sources is not None and len(sources) != rows):
@@ -297,15 +321,17 @@ class BundleWriter:
         folder = self._new_folder(SEGMENTS_DIR, "s")
         segment = Segment(name=folder.name, rows=rows, sealed=True, has_sources=has_sources)
         arrays = {
-            VECTORS_FILE: np.ascontiguousarray(vectors, dtype=np.float32),
-            IDS_FILE: np.ascontiguousarray(ids, dtype=np.int64),
-            LABELS_FILE: np.ascontiguousarray(labels, dtype=np.int64),
-            IMAGES_FILE: np.ascontiguousarray(images, dtype=np.uint8),
+            VECTORS_FILE: (vectors, np.dtype(np.float32)),
+            IDS_FILE: (ids, np.dtype(np.int64)),
+            LABELS_FILE: (labels, np.dtype(np.int64)),
+            IMAGES_FILE: (images, np.dtype(np.uint8)),
         }
+        on_rows = None if on_progress is None else (lambda done: on_progress(done, rows))
         files: dict[str, FileEntry] = {}
-        for name, array in arrays.items():
+        for name, (array, dtype) in arrays.items():
+            track = on_rows if name == IMAGES_FILE else None
             files[segment.file(name)] = _durable_file(
-                folder / name, lambda fh, a=array: np.save(fh, a, allow_pickle=False))
+                folder / name, lambda fh, a=array, d=dtype, t=track: _save_npy(fh, a, d, t))
         if has_sources:
             text = _json_bytes(list(sources or []))
             files[segment.file(SOURCES_FILE)] = _durable_file(

@@ -182,9 +182,10 @@ def test_build_from_an_encoder_file(trained, bundle_dir, bundle_data, tmp_path):
     progress = []
     target = tmp_path / "nested" / "index"
     result = build_index(data=bundle_data.head(n, 10), model=trained.encoder, index_dir=target,
-                         on_progress=lambda done, total: progress.append((done, total)))
+                         on_progress=lambda *step: progress.append(step))
     assert result.manifest.count == n
-    assert progress and progress[-1] == (n, n)
+    assert [step for step in progress if step[1] == n] == [
+        ("embedding", n, n), ("indexing", n, n), ("writing", n, n)]
     ours = SearchIndex.load(target).snapshot.vectors(np.arange(n))
     session = SearchIndex.load(bundle_dir).snapshot.vectors(np.arange(n))
     assert np.abs(ours - session).max() <= 1e-6

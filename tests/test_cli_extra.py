@@ -135,7 +135,7 @@ def test_build_index_rejects_a_bad_factory_before_embedding(trained, bundle_data
     progress = []
     with pytest.raises(LenetEmbedError, match="PQ10"):
         build_index(data=bundle_data, model=trained.model, index_dir=tmp_path / "index",
-                    factory="PQ10", on_progress=lambda done, total: progress.append(done))
+                    factory="PQ10", on_progress=lambda *step: progress.append(step))
     assert progress == []
 
 

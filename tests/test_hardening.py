@@ -32,6 +32,7 @@ import gc
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import struct
@@ -697,10 +698,11 @@ def tmpfs(tmp_path):
 
 
 def _build_error_line(result) -> str:
-    """The one error line of a failed in-process `build-index`; the progress bar's label
-    ("embedding", printed once on a non-terminal) may come before it."""
+    """The one error line of a failed in-process `build-index`; progress lines ("embedding:
+    600/600 ...", one per stage and ten seconds on a non-terminal) may come before it."""
     assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip() != "embedding"]
+    lines = [line for line in result.stderr.splitlines()
+             if not re.match(r"(reading|embedding|indexing|writing): \d", line)]
     assert len(lines) == 1, result.stderr
     return one_line_error(SimpleNamespace(exit_code=result.exit_code,
                                           exception=result.exception, output=result.output,
