@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
+from .ann import (
+    AUTO,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_TARGET_RECALL,
+    build_tuned_index,
+    check_factory,
+    check_target_recall,
+    parse_size,
+    prepare_vectors,
+    set_threads,
+)
 from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
 from .data import Dataset, load_image_folder, load_mnist
 from .embed import KerasEncoder
@@ -49,6 +59,7 @@ class BuildResult:
             "seconds": self.seconds,
             "skipped": len(self.skipped),
             "search_params": dict(m.search_params),
+            "factory_reason": m.factory_reason,
         }
 
 
@@ -71,8 +82,9 @@ def build_index(
     model: str | os.PathLike[str] | None = None,
     index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     metric: str = "cosine",
-    factory: str = "Flat",
-    target_recall: float | None = None,
+    factory: str = AUTO,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     threads: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> BuildResult:
@@ -81,15 +93,20 @@ def build_index(
     By default the 60,000 MNIST training images are indexed (ids = their positions in the training
     set). With ``images`` every image file under that folder is indexed instead, labelled by its
     subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
-    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is any FAISS
-    ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
-    parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
-    and stores it in the manifest. ``threads`` caps FAISS's threads. ``on_progress(done, total)``
-    is called as images are embedded.
+    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is ``auto`` (chosen
+    from the count, the dimension and ``memory_budget``, bytes or a size such as ``"2GB"``; see
+    :func:`lenet_embed.ann.choose_index`) or any FAISS ``index_factory`` string. An approximate
+    index's search parameter is tuned to ``target_recall`` (recall@10 against exact search) on
+    held-out queries (the test split; for ``images``, a sample of the indexed items) and stored in
+    the manifest with the reason for the choice. ``threads`` caps FAISS's threads.
+    ``on_progress(done, total)`` is called as images are embedded.
     """
     if threads is not None:
         set_threads(threads)
-    check_factory(factory, metric, EMBEDDING_DIM)
+    if factory != AUTO:
+        check_factory(factory, metric, EMBEDDING_DIM)
+    check_target_recall(target_recall)
+    budget = parse_size(memory_budget)
     check_folder(Path(index_dir))
     started = time.perf_counter()
     classes: list[str] = []
@@ -112,15 +129,15 @@ def build_index(
         held_out = dataset.test.images[:TUNING_QUERIES]
     encoder = KerasEncoder(encoder_model)
     vectors = encoder.embed(pixels, on_progress=on_progress)
-    index = make_index(vectors, metric, factory)
-    search_params: dict[str, float] = {}
-    if target_recall is not None:
+
+    def held_out_queries() -> np.ndarray:
         if held_out is not None:
-            queries = encoder.embed(scale_pixels(held_out))
-        else:
-            sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
-            queries = vectors[sample]
-        search_params = tune(index, vectors, queries, metric, target_recall)
+            return encoder.embed(scale_pixels(held_out))
+        sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
+        return vectors[sample]
+
+    built = build_tuned_index(vectors, metric, factory, target_recall, budget, held_out_queries)
+    index = built.index
     prepared = prepare_vectors(vectors, metric)
     with BundleWriter(index_dir, replacing=True) as writer:
         encoder_folder, encoder_files = writer.new_encoder(encoder_model)
@@ -132,10 +149,11 @@ def build_index(
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
             lenet_embed_version=package_version(), dim=int(index.d), metric=metric,
-            factory=factory, search_params=search_params, dataset=description,
+            factory=built.factory, search_params=built.search_params, dataset=description,
             classes=list(classes), encoder=encoder_folder, segments=[segment], deletions=None,
             count=len(labels), rows=len(labels), next_id=len(labels),
-            files={**encoder_files, **segment_files}, target_recall=target_recall,
+            files={**encoder_files, **segment_files}, target_recall=built.target_recall,
+            factory_reason=built.reason,
         ))
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)

@@ -174,6 +174,7 @@ class Manifest:
     files: dict[str, FileEntry]
     format_version: int = FORMAT_VERSION
     target_recall: float | None = None
+    factory_reason: str | None = None
 
     @property
     def deleted(self) -> int:
@@ -225,7 +226,7 @@ class Manifest:
                 f"(format {FORMAT_VERSION}); {REBUILD}"
             )
         names = {f.name for f in fields(cls)}
-        optional = {"format_version", "target_recall"}
+        optional = {"format_version", "target_recall", "factory_reason"}
         missing = sorted(names - optional - set(data))
         if missing:
             raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
@@ -267,6 +268,8 @@ class Manifest:
             raise ValueError("deletions must be a file name or null")
         if self.target_recall is not None and not isinstance(self.target_recall, (int, float)):
             raise ValueError("target_recall must be a number or null")
+        if not (isinstance(self.factory_reason, str) or self.factory_reason is None):
+            raise ValueError("factory_reason must be a string or null")
         if self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
             raise ValueError("count and rows disagree with the segments")
         if (self.deletions is None) != (self.count == self.rows):
