@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "SearchIndex": "search",
     "Neighbor": "search",
+    "Hits": "search",
     "majority_label": "search",
     "build_lenet": "model",
     "encoder_of": "model",

@@ -5,10 +5,19 @@ Any ``faiss.index_factory`` string works (``Flat``, ``HNSW32``, ``IVF256,Flat``,
 stable ids, so no ``IndexIDMap`` is needed for ids to survive. For an approximate index the search
 parameter (``efSearch`` for HNSW, ``nprobe`` for IVF) is tuned on held-out queries against exact
 search, and the smallest value that reaches the target recall@10 is stored in the manifest.
+
+``auto`` (the default of ``build-index``) chooses the factory from the number of vectors, their
+dimension and a memory budget, as autofaiss does: exact ``Flat`` while a single query over all of
+them is fast anyway, an HNSW graph beyond, inverted lists with fewer bytes per vector when the
+graph would not fit the budget (``IVF,Flat``, then ``IVF,SQ8``, then product quantisation).
+:func:`build_tuned_index` builds the choice, tunes it and says why in one line.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -27,6 +36,22 @@ _CANDIDATES = {
 SEARCH_PARAMETERS = tuple(_CANDIDATES)
 _OPTION_NAMES = {"efSearch": "--ef-search", "nprobe": "--nprobe"}
 TUNING_K = 10
+AUTO = "auto"
+DEFAULT_TARGET_RECALL = 0.995
+DEFAULT_MEMORY_BUDGET = "2GB"
+# One query scans every vector of a Flat index: over 10,000 x 84 floats that takes 0.1-0.2 ms of
+# FAISS time on the team's two-core machine, over 60,000 1-2.4 ms (scripts/bench_speed.py prints
+# both), while decoding, preprocessing and embedding one image take about 0.3 ms. Up to here a
+# whole `search(one.png)` stays near the 0.5 ms goal exactly; beyond, only a graph meets it.
+FLAT_MAX_COUNT = 10_000
+HNSW_M = 32
+# FAISS's k-means wants at least 39 training vectors per centroid; fewer only warns, but the
+# lists then come out uneven.
+_POINTS_PER_LIST = 39
+# Product quantisation: sub-vectors per code (each m must divide the dimension), most accurate
+# first; 8-bit codes, so m bytes per vector. Below 4 bytes a code says too little to rank by.
+_PQ_BYTES = (42, 28, 21, 14, 12, 7, 6, 4)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 # More threads than this only crash OpenMP or LiteRT (50,000 did), they never help.
 MAX_THREADS = 256
 
@@ -91,6 +116,145 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat") -> Any:
     return index
 
 
+def parse_size(text: str | int) -> int:
+    """Bytes from a size such as ``2GB``, ``500MB``, ``1.5GiB`` or a plain number of bytes.
+
+    KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE.fullmatch(str(text))
+        if match is None:
+            raise LenetEmbedError(f"--memory-budget must be a size such as 2GB or 500MB, "
+                                  f"got {text!r}")
+        number, prefix, binary = match.groups()
+        power = "kmgt".index(prefix.lower()) + 1 if prefix else 0
+        value = int(float(number) * (1024 if binary else 1000) ** power)
+    if value <= 0:
+        raise LenetEmbedError(f"--memory-budget must be more than 0 bytes, got {text!r}")
+    return value
+
+
+def format_size(count: int) -> str:
+    """A byte count for people: ``36.5 MB``, ``2 GB`` (powers of 1000, as ``parse_size``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count} B"
+
+
+def check_target_recall(target_recall: float) -> None:
+    """Refuse a recall target outside (0, 1]."""
+    if not 0.0 < target_recall <= 1.0:
+        raise LenetEmbedError(f"--target-recall must be in (0, 1], got {target_recall}")
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """What ``auto`` picked for a set of vectors: a factory string, its estimated size in memory,
+    and why, in words."""
+
+    factory: str
+    bytes: int
+    why: str
+
+
+def _ivf_lists(count: int) -> int:
+    """Inverted lists for ``count`` vectors: a power of two near 4 sqrt(count) (autofaiss's rule
+    of thumb), with enough vectors per list to train the coarse quantiser."""
+    lists = 1 << max(0, round(np.log2(max(4 * np.sqrt(count), 1))))
+    while lists > 1 and lists * _POINTS_PER_LIST > count:
+        lists //= 2
+    return lists
+
+
+def _candidates(count: int, dim: int) -> list[tuple[str, int]]:
+    """Approximate factories and their estimated bytes in memory, fastest first."""
+    # HNSW: the vector, 2M neighbour links on level 0 (upper levels add about one more), a level
+    # and two offsets: 608 bytes per 84-d vector, as FAISS writes it.
+    found = [(f"HNSW{HNSW_M}", count * (4 * dim + 4 * (2 * HNSW_M + 1) + 12))]
+    lists = _ivf_lists(count)
+    centroids = lists * dim * 4
+    found.append((f"IVF{lists},Flat", count * (4 * dim + 8) + centroids))
+    found.append((f"IVF{lists},SQ8", count * (dim + 8) + centroids + 8 * dim))
+    # Each PQ sub-quantiser is a k-means of 256 centroids, trained on the vectors themselves.
+    trainable = count >= 256 * _POINTS_PER_LIST
+    for m in (m for m in _PQ_BYTES if dim % m == 0 and trainable):
+        found.append((f"IVF{lists},PQ{m}", count * (m + 8) + centroids + 256 * dim * 4))
+    return found
+
+
+def choose_index(count: int, dim: int, memory_budget: int,
+                 flat_max_count: int = FLAT_MAX_COUNT) -> IndexChoice:
+    """The factory ``auto`` builds for ``count`` vectors of ``dim`` within ``memory_budget`` bytes.
+
+    Exact Flat up to ``flat_max_count`` vectors, then the fastest of HNSW, IVF-Flat, IVF-SQ8 and
+    IVF-PQ (largest codes first) whose estimated size fits the budget.
+    """
+    budget = format_size(memory_budget)
+    flat_bytes = count * dim * 4
+    if count <= flat_max_count and flat_bytes <= memory_budget:
+        return IndexChoice("Flat", flat_bytes,
+                           f"exact search is fast up to {flat_max_count} vectors; "
+                           f"{format_size(flat_bytes)} within the {budget} budget")
+    if count <= flat_max_count:
+        over = f"Flat ({format_size(flat_bytes)}) is over the {budget} budget"
+    else:
+        over = f"exact search is slow beyond {flat_max_count} vectors"
+    for factory, size in _candidates(count, dim):
+        if size <= memory_budget:
+            return IndexChoice(factory, size,
+                               f"{over}; {format_size(size)} within the {budget} budget")
+        over = f"{factory} ({format_size(size)}) is over the {budget} budget"
+    raise LenetEmbedError(
+        f"--memory-budget {budget} is too small for {count} vectors of dim {dim}: the smallest "
+        f"index, {factory}, needs about {format_size(size)}; raise the budget"
+    )
+
+
+@dataclass(frozen=True)
+class TunedIndex:
+    """A built FAISS index, the factory it was built with, its tuned search parameters (as stored
+    in the manifest), the recall target they were tuned for (None when nothing was tuned), and
+    the one-line reason recorded in the manifest."""
+
+    index: Any
+    factory: str
+    search_params: dict[str, float]
+    target_recall: float | None
+    reason: str
+
+
+def build_tuned_index(vectors: np.ndarray, metric: str, factory: str, target_recall: float,
+                      memory_budget: int, queries: Callable[[], np.ndarray],
+                      flat_max_count: int = FLAT_MAX_COUNT) -> TunedIndex:
+    """Build ``factory`` (``auto``: :func:`choose_index`) over ``vectors`` and tune its search
+    parameter to ``target_recall`` on ``queries()``, held-out query vectors (only asked for when
+    the index has something to tune)."""
+    count, dim = vectors.shape
+    chosen = factory == AUTO
+    if chosen:
+        choice = choose_index(count, dim, memory_budget, flat_max_count)
+        factory, why = choice.factory, f"{count} vectors x {dim} d: {choice.factory} ({choice.why})"
+    else:
+        why = f"{factory} as asked (--factory)"
+    index = make_index(vectors, metric, factory)
+    params: dict[str, float] = {}
+    if search_parameter(index) is not None:
+        params = tune(index, vectors, queries(), metric, target_recall)
+    if not params:
+        return TunedIndex(index, factory, params, None, why)
+    (name, value), reached = next(iter(params.items())), params["tuned_recall_at_10"]
+    why += f", {name} {value} for recall@{TUNING_K} {reached:.4f}"
+    if reached < target_recall:
+        # Lossy codes (SQ, PQ) cap the recall whatever the search depth.
+        lossy = chosen and ("SQ" in factory or "PQ" in factory)
+        why += f", short of the {target_recall} target" + (
+            ": the memory budget forces lossy codes; raise --memory-budget" if lossy else "")
+    return TunedIndex(index, factory, params, target_recall, why)
+
+
 def exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
     """Row numbers of the exact ``k`` nearest ``vectors`` to each query (brute force)."""
     exact = faiss.IndexFlat(vectors.shape[1], faiss_metric(metric))
@@ -135,6 +299,15 @@ def apply_search_params(index: Any, params: dict[str, int]) -> None:
             ) from None
 
 
+def _candidate_values(index: Any, name: str) -> list[int]:
+    """The values of ``name`` worth trying on ``index``: for IVF, none past visiting every list
+    (the recall cannot grow beyond it, and lossy codes may keep it below the target)."""
+    if name != "nprobe":
+        return _CANDIDATES[name]
+    lists = faiss.extract_index_ivf(index).nlist
+    return [value for value in _CANDIDATES[name] if value < lists] + [lists]
+
+
 def tune(index: Any, vectors: np.ndarray, queries: np.ndarray, metric: str,
          target_recall: float) -> dict[str, Any]:
     """Pick the smallest search parameter whose recall@10 on ``queries`` reaches the target.
@@ -143,15 +316,14 @@ def tune(index: Any, vectors: np.ndarray, queries: np.ndarray, metric: str,
     them. Returns the search parameters to store, e.g. ``{"efSearch": 48}``, with the recall
     reached under ``"tuned_recall_at_10"``; ``{}`` for an exact index.
     """
-    if not 0.0 < target_recall <= 1.0:
-        raise LenetEmbedError(f"--target-recall must be in (0, 1], got {target_recall}")
+    check_target_recall(target_recall)
     name = search_parameter(index)
     if name is None:
         return {}
     exact = exact_search(vectors, queries, metric, TUNING_K)
     prepared = prepare_vectors(queries, metric)
     reached = 0.0
-    for value in _CANDIDATES[name]:
+    for value in _candidate_values(index, name):
         apply_search_params(index, {name: value})
         _, rows = index.search(prepared, TUNING_K)
         reached = recall_at_k(rows, exact, TUNING_K)

@@ -14,7 +14,17 @@ import numpy as np
 
 from . import milvus
 from ._keras import keras
-from .ann import check_factory, make_index, prepare_vectors, set_threads, tune
+from .ann import (
+    AUTO,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_TARGET_RECALL,
+    build_tuned_index,
+    check_factory,
+    check_target_recall,
+    parse_size,
+    prepare_vectors,
+    set_threads,
+)
 from .bundle import DEFAULT_INDEX_DIR, Manifest, Segment, package_version
 from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
@@ -57,6 +67,7 @@ class BuildResult:
             "seconds": self.seconds,
             "skipped": len(self.skipped),
             "search_params": dict(m.search_params),
+            "factory_reason": m.factory_reason,
         }
 
 
@@ -79,8 +90,9 @@ def build_index(
     model: str | os.PathLike[str] | None = None,
     index_dir: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     metric: str = "cosine",
-    factory: str = "Flat",
-    target_recall: float | None = None,
+    factory: str = AUTO,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     threads: int | None = None,
     on_progress: StageProgress | None = None,
     milvus_uri: str | None = None,
@@ -91,10 +103,12 @@ def build_index(
     By default the 60,000 MNIST training images are indexed (ids = their positions in the training
     set). With ``images`` every image file under that folder is indexed instead, labelled by its
     subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
-    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is any FAISS
-    ``index_factory`` string; for an approximate one, ``target_recall`` (e.g. 0.99) tunes its search
-    parameter on held-out queries (the test split; for ``images``, a sample of the indexed items)
-    and stores it in the manifest. ``threads`` caps FAISS's threads.
+    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is ``auto`` (chosen
+    from the count, the dimension and ``memory_budget``, bytes or a size such as ``"2GB"``; see
+    :func:`lenet_embed.ann.choose_index`) or any FAISS ``index_factory`` string. An approximate
+    index's search parameter is tuned to ``target_recall`` (recall@10 against exact search) on
+    held-out queries (the test split; for ``images``, a sample of the indexed items) and stored in
+    the manifest with the reason for the choice. ``threads`` caps FAISS's threads.
 
     Memory stays bounded whatever the count: images are embedded and written a chunk at a time
     (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
@@ -108,7 +122,10 @@ def build_index(
     report = on_progress or _ignore
     if threads is not None:
         set_threads(threads)
-    check_factory(factory, metric, EMBEDDING_DIM)
+    if factory != AUTO:
+        check_factory(factory, metric, EMBEDDING_DIM)
+    check_target_recall(target_recall)
+    budget = parse_size(memory_budget)
     check_folder(Path(index_dir))
     keras("build-index")  # embedding needs it: say so before reading any data
     started = time.perf_counter()
@@ -135,18 +152,18 @@ def build_index(
     encoder = KerasEncoder(encoder_model)
     vectors = _embed(encoder, pixels, report)
     count = len(vectors)
-    search_params: dict[str, float] = {}
-    index = None
+
+    def held_out_queries() -> np.ndarray:
+        if held_out is not None:
+            return encoder.embed(scale_pixels(held_out))
+        sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
+        return vectors[sample]
+
+    built = None
     if milvus_uri is None:
         report("indexing", 0, count)
-        index = make_index(vectors, metric, factory)
-        if target_recall is not None:
-            if held_out is not None:
-                queries = encoder.embed(scale_pixels(held_out))
-            else:
-                sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
-                queries = vectors[sample]
-            search_params = tune(index, vectors, queries, metric, target_recall)
+        built = build_tuned_index(vectors, metric, factory, target_recall, budget,
+                                  held_out_queries)
         report("indexing", count, count)
     # In place, a chunk at a time: prepare_vectors on all of them would take two more copies
     # (one of them float64). It works row by row, so the result is the same.
@@ -159,7 +176,7 @@ def build_index(
         encoder_folder, encoder_files = writer.new_encoder(encoder_model)
         segments: list[Segment] = []
         store = None
-        if index is None:
+        if built is None:
             store, collection = milvus.new_collection(writer.directory, milvus_uri,
                                                       writer.next_version, metric,
                                                       vectors.shape[1], factory, milvus_token)
@@ -173,17 +190,21 @@ def build_index(
         else:
             segment, segment_files = writer.new_segment(
                 vectors=vectors, ids=ids, labels=labels, images=stored, sources=sources,
-                index=index, on_progress=lambda done, total: report("writing", done, total),
+                index=built.index,
+                on_progress=lambda done, total: report("writing", done, total),
             )
             segments = [segment]
         now = now_iso()
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
             lenet_embed_version=package_version(), dim=int(vectors.shape[1]), metric=metric,
-            factory=factory, search_params=search_params, dataset=description,
+            factory=built.factory if built else factory,
+            search_params=built.search_params if built else {}, dataset=description,
             classes=list(classes), encoder=encoder_folder, segments=segments, deletions=None,
             count=len(labels), rows=len(labels), next_id=len(labels),
-            files={**encoder_files, **segment_files}, target_recall=target_recall, store=store,
+            files={**encoder_files, **segment_files},
+            target_recall=built.target_recall if built else None,
+            factory_reason=built.reason if built else None, store=store,
         ))
     milvus.drop_replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)

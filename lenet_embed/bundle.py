@@ -192,6 +192,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     target_recall: float | None = None
     store: Store | None = None
+    factory_reason: str | None = None
 
     @property
     def deleted(self) -> int:
@@ -250,7 +251,7 @@ class Manifest:
             )
         _check_seal(data, where)
         names = {f.name for f in fields(cls)}
-        optional = {"format_version", "target_recall", "store"}
+        optional = {"format_version", "target_recall", "store", "factory_reason"}
         missing = sorted(names - optional - set(data))
         if missing:
             raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
@@ -295,6 +296,8 @@ class Manifest:
             raise ValueError("deletions must be a file name or null")
         if self.target_recall is not None and not isinstance(self.target_recall, (int, float)):
             raise ValueError("target_recall must be a number or null")
+        if not (isinstance(self.factory_reason, str) or self.factory_reason is None):
+            raise ValueError("factory_reason must be a string or null")
         if self.store is not None:
             if self.store.kind != "milvus" or not _FOLDER_NAME.fullmatch(self.store.collection):
                 raise ValueError("store must be a Milvus collection")

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from . import _quiet
-from .ann import MAX_THREADS
+from .ann import DEFAULT_MEMORY_BUDGET, DEFAULT_TARGET_RECALL, MAX_THREADS
 from .errors import LenetEmbedError
 
 # Bounds of numeric options: beyond them FAISS or LiteRT would crash or stall, not serve better.
@@ -165,11 +165,17 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
               help="Bundle folder to write (replaced atomically).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine",
               show_default=True, help="cosine: normalised vectors, inner product; l2: Euclidean.")
-@click.option("--factory", default="Flat", show_default=True,
-              help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat, OPQ12,IVF256,PQ12.")
+@click.option("--factory", default="auto", show_default=True,
+              help="auto: Flat for small sets, else HNSW32, or IVF with fewer bytes per vector "
+              "when the memory budget demands it; or any FAISS index_factory string, e.g. Flat, "
+              "HNSW32, IVF256,Flat, OPQ12,IVF256,PQ12.")
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True),
+              default=DEFAULT_TARGET_RECALL, show_default=True,
               help="For an approximate index: tune efSearch/nprobe to reach this recall@10 "
               "against exact search on held-out queries, and store it in the bundle.")
+@click.option("--memory-budget", default=DEFAULT_MEMORY_BUDGET, show_default=True,
+              help="Memory the index may take (2GB, 500MB, 1.5GiB): --factory auto picks an "
+              "index that fits it.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="Threads for FAISS [default: all].")
 @click.option("--store", type=click.Choice(["faiss", "milvus"]), default="faiss",
@@ -182,9 +188,9 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
               "(or set $LENET_EMBED_MILVUS_TOKEN, which later commands read too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
-                metric: str, factory: str, target_recall: float | None, threads: int | None,
-                store: str, milvus_uri: str | None, milvus_token_file: str | None,
-                as_json: bool) -> None:
+                metric: str, factory: str, target_recall: float, memory_budget: str,
+                threads: int | None, store: str, milvus_uri: str | None,
+                milvus_token_file: str | None, as_json: bool) -> None:
     """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
     from .build import build_index as run_build
     from .progress import StageBars
@@ -200,8 +206,8 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
     try:
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
                            metric=metric, factory=factory, target_recall=target_recall,
-                           threads=threads, on_progress=progress, milvus_uri=milvus_uri,
-                           milvus_token=token)
+                           memory_budget=memory_budget, threads=threads, on_progress=progress,
+                           milvus_uri=milvus_uri, milvus_token=token)
     finally:
         progress.close()
     summary = result.summary()
@@ -214,6 +220,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
     click.echo(f"wrote {summary['index_dir']}: {summary['count']} vectors, dim {summary['dim']}, "
                f"metric {summary['metric']}, factory {summary['factory']}{tuned}, "
                f"{summary['seconds']:.1f} s")
+    click.echo(f"index: {summary['factory_reason']}")
 
 
 def _neighbor_table(neighbors: Sequence[Any]) -> str:
@@ -437,6 +444,7 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         "dim": m.dim,
         "metric": m.metric,
         "factory": m.factory,
+        "why this index": m.factory_reason or "not recorded (built before lenet-embed said why)",
         "search params": json.dumps(m.search_params),
         "data set": json.dumps(m.dataset),
         "created": m.created_at,

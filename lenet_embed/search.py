@@ -49,6 +49,24 @@ class Neighbor:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Hits:
+    """The ``k`` nearest neighbours of ``n`` queries as three (n, k) arrays, nearest first.
+
+    ``ids``: int64 stable item ids. ``labels``: int64 label codes, the digit itself in a bundle of
+    digits, a position in the bundle's class names in a bundle built from named folders
+    (:meth:`SearchIndex.label_name` turns a code into its name), -1 for an unlabelled item.
+    ``distances``: float32, smaller is nearer (as :class:`Neighbor`).
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    distances: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def majority_label(neighbors: list[Neighbor]) -> int | str | None:
     """The most common label among ``neighbors``; ties go to the label seen nearest first."""
     labels = [n.label for n in neighbors if n.label is not None]
@@ -230,16 +248,32 @@ class SearchIndex:
 
     def search(self, images: ImageLike | list[ImageLike], k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest neighbours of each image (path, PIL image, array or batch)."""
-        snapshot = self._snapshot
-        self.check_k(k, snapshot)
-        return self._search(snapshot, snapshot.encoder.embed(to_batch(images)), k)
+        return self._neighbors(*self._embedded(images, k), k)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest neighbours of each embedding vector, shape (N, 84) or (84,)."""
+        return self._neighbors(*self._checked(vectors, k), k)
+
+    def search_arrays(self, images: ImageLike | list[ImageLike], k: int = 5) -> Hits:
+        """:meth:`search` for batch work: ids, labels and distances as (N, k) arrays."""
+        return self._hits(*self._embedded(images, k), k)[0]
+
+    def search_vectors_arrays(self, vectors: np.ndarray, k: int = 5) -> Hits:
+        """:meth:`search_vectors` for batch work: ids, labels and distances as (N, k) arrays."""
+        return self._hits(*self._checked(vectors, k), k)[0]
+
+    def _embedded(self, images: ImageLike | list[ImageLike], k: int
+                  ) -> tuple[Snapshot, np.ndarray]:
+        """The version in use and the embeddings of ``images``, once ``k`` is checked."""
         snapshot = self._snapshot
         self.check_k(k, snapshot)
-        checked = self._check_vectors(vectors, snapshot.dim, snapshot.metric)
-        return self._search(snapshot, checked, k)
+        return snapshot, snapshot.encoder.embed(to_batch(images))
+
+    def _checked(self, vectors: np.ndarray, k: int) -> tuple[Snapshot, np.ndarray]:
+        """The version in use and ``vectors`` checked against it, once ``k`` is checked."""
+        snapshot = self._snapshot
+        self.check_k(k, snapshot)
+        return snapshot, self._check_vectors(vectors, snapshot.dim, snapshot.metric)
 
     def query(self, queries: Sequence[Query | ImageLike], k: int = 5) -> list[QueryResult]:
         """Answer many queries at once, each with its result or its own error.
@@ -266,7 +300,7 @@ class SearchIndex:
         if pixels:
             vectors[list(pixels)] = snapshot.encoder.embed(np.stack(list(pixels.values())))
         answered = [p for p in range(len(items)) if p not in errors]
-        found = self._search(snapshot, vectors[answered], k) if answered else []
+        found = self._neighbors(snapshot, vectors[answered], k) if answered else []
         neighbors = dict(zip(answered, found, strict=True))
         return [
             QueryResult(item.title, neighbors.get(position, []), errors.get(position),
@@ -293,22 +327,33 @@ class SearchIndex:
                                   "vector with a non-zero value")
         return array
 
-    def _search(self, snapshot: Snapshot, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:
+    @staticmethod
+    def _hits(snapshot: Snapshot, vectors: np.ndarray, k: int
+              ) -> tuple[Hits, list[list[str | None]] | None]:
+        """The one search every method runs: checked vectors in, :class:`Hits` (and the
+        neighbours' source paths, when the bundle records any) out."""
+        # k was checked against the live items, and a snapshot returns k live items whenever
+        # there are k; a Milvus index may return fewer (-1 ids pad them).
         distances, ids, labels, sources = snapshot.hits(
             prepare_vectors(vectors, snapshot.metric), k)
+        return Hits(ids, labels, distances), sources
+
+    def _neighbors(self, snapshot: Snapshot, vectors: np.ndarray, k: int
+                   ) -> list[list[Neighbor]]:
+        """:meth:`_hits` as one list of :class:`Neighbor` per query."""
+        hits, sources = self._hits(snapshot, vectors, k)
+        # Python lists once, not numpy scalars per neighbour: this loop is the objects' whole cost.
+        names = {code: snapshot.label_name(code) for code in np.unique(hits.labels).tolist()}
         results = []
-        for position, (id_list, label_list, distance_list) in enumerate(zip(
-                ids.tolist(), labels.tolist(), distances.tolist(), strict=True)):
+        for query, (id_list, label_list, distance_list) in enumerate(zip(
+                hits.ids.tolist(), hits.labels.tolist(), hits.distances.tolist(), strict=True)):
             neighbors = []
-            for rank, (item, code, distance) in enumerate(zip(id_list, label_list, distance_list,
-                                                             strict=True), start=1):
-                if item < 0:
+            for rank, (item_id, label, distance) in enumerate(
+                    zip(id_list, label_list, distance_list, strict=True), start=1):
+                if item_id < 0:
                     break
-                neighbors.append(Neighbor(
-                    rank=rank, id=int(item), label=snapshot.label_name(int(code)),
-                    distance=float(distance),
-                    source=sources[position][rank - 1] if sources is not None else None,
-                ))
+                source = sources[query][rank - 1] if sources is not None else None
+                neighbors.append(Neighbor(rank, item_id, names[label], distance, source))
             results.append(neighbors)
         return results
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -304,9 +305,12 @@ class Snapshot:
         start, stop = int(self.offsets[position]), int(self.offsets[position + 1])
         live = self.live[start:stop]
         apply_search_params(segment.index, self.search_params)
+        # Counted once here: summing the live mask on every search would cost a single query more
+        # than the graph search itself.
+        live_count = int(live.sum())
         part: dict[str, Any] = {"segment": segment, "start": start, "live": live,
-                                "removed": int((~live).sum()), "exact": None,
-                                "lock": threading.Lock()}
+                                "live_count": live_count, "removed": len(live) - live_count,
+                                "exact": None, "lock": threading.Lock()}
         if part["removed"]:
             part["bitmap"] = np.packbits(live, bitorder="little")
             part["selector"] = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(part["bitmap"]))
@@ -330,7 +334,7 @@ class Snapshot:
         and rows, both (n, k); -1 rows and infinite distances pad when fewer items are live."""
         found: list[tuple[np.ndarray, np.ndarray]] = []
         for part in self._parts:
-            if int(part["live"].sum()):
+            if part["live_count"]:
                 found.append(self._search_sealed(part, vectors, k))
         if self._growing is not None:
             flat, rows = self._growing["index"], self._growing["rows"]
@@ -365,8 +369,10 @@ class Snapshot:
     def _as_rows(self, scores: np.ndarray, local: np.ndarray, rows: np.ndarray | int
                  ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS results of one part as distances and global rows (-1 kept, at +inf)."""
-        distances = to_distances(scores, self.metric).astype(np.float32)
+        distances = to_distances(scores, self.metric).astype(np.float32, copy=False)
         missing = local < 0
+        if not missing.any():  # the usual case, kept to two array operations
+            return distances, (rows[local] if isinstance(rows, np.ndarray) else local + rows)
         if isinstance(rows, np.ndarray):
             global_rows = rows[np.where(missing, 0, local)]
         else:
@@ -378,11 +384,11 @@ class Snapshot:
     def _search_sealed(self, part: dict[str, Any], vectors: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray]:
         index, start, live = part["segment"].index, part["start"], part["live"]
-        wanted = min(k, int(live.sum()))
+        wanted = min(k, part["live_count"])
         if not part["removed"]:
             scores, local = index.search(vectors, wanted)
             return self._as_rows(scores, local, start)
-        params = _selector_params(index, part["selector"])
+        params = _selector_params(index, part["selector"], part["live_count"] / len(live))
         if params is not None:
             scores, local = index.search(vectors, wanted, params=params)
         else:  # masking by over-fetching: ask for as many more as were removed
@@ -439,14 +445,19 @@ def _pad(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
             np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
 
 
-def _selector_params(index: Any, selector: Any) -> Any | None:
-    """Search parameters that carry ``selector`` for the index types that honour one."""
+def _selector_params(index: Any, selector: Any, live_fraction: float) -> Any | None:
+    """Search parameters that carry ``selector`` for the index types that honour one.
+
+    An IVF search visiting ``nprobe`` lists meets only ``live_fraction`` of the candidates it was
+    tuned with, so it visits that many times more lists (all of them, at worst): with most rows
+    removed, the tuned ``nprobe`` would otherwise return k live rows that are far from the
+    nearest ones."""
     if isinstance(index, faiss.IndexHNSW):
         params = faiss.SearchParametersHNSW()
         params.efSearch = index.hnsw.efSearch
     elif isinstance(index, faiss.IndexIVF):
         params = faiss.SearchParametersIVF()
-        params.nprobe = index.nprobe
+        params.nprobe = min(index.nlist, math.ceil(index.nprobe / live_fraction))
     elif isinstance(index, faiss.IndexFlatCodes):
         params = faiss.SearchParameters()
     else:

@@ -37,7 +37,8 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
     }
     for metric in ("cosine", "l2"):
         index_dir = workdir / f"{recipe}-{metric}"
-        build_index(data=dataset, model=model, index_dir=index_dir, metric=metric)
+        build_index(data=dataset, model=model, index_dir=index_dir, metric=metric,
+                    factory="Flat")
         figures = evaluate(index_dir, data=dataset)
         if metric == "cosine":
             row["nn1_accuracy"] = round(figures.nn1_accuracy, 4)

@@ -180,7 +180,7 @@ def build(dataset: Dataset, start: int, stop: int, model: Path, index_dir: Path)
     subset = labelled(dataset.train.images[start:stop], dataset.train.labels[start:stop],
                       f"{dataset.source} train[{start}:{stop}]")
     started = time.perf_counter()
-    build_index(data=subset, model=model, index_dir=index_dir)
+    build_index(data=subset, model=model, index_dir=index_dir, factory="Flat")
     return time.perf_counter() - started
 
 

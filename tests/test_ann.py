@@ -1,5 +1,5 @@
 """FAISS indexes over real embeddings: the factories, exact search against numpy, distances, the
-search-parameter knob and its tuning to a target recall."""
+search-parameter knob and its tuning to a target recall, and what ``auto`` chooses."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ from lenet_embed import LenetEmbedError
 from lenet_embed.ann import (
     _CANDIDATES,
     TUNING_K,
+    _candidates,
     apply_search_params,
+    build_tuned_index,
+    choose_index,
     exact_search,
+    format_size,
     make_index,
+    parse_size,
     prepare_vectors,
     search_parameter,
     set_threads,
@@ -213,3 +218,117 @@ def test_tune_refuses_a_bad_target(indexes, vectors, queries, target):
 def test_set_threads_refuses_zero():
     with pytest.raises(LenetEmbedError, match="threads"):
         set_threads(0)
+
+
+# ------------------------------------------------------------------------------- auto choice
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2GB", 2_000_000_000),
+    ("2 GiB", 2 * 1024**3),
+    ("500mb", 500_000_000),
+    ("1.5MB", 1_500_000),
+    (".5KiB", 512),
+    ("100", 100),
+    ("100B", 100),
+    (7, 7),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "2 PB", "-1GB", "0", "0.0001", "two GB", True])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(LenetEmbedError, match="--memory-budget"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert [format_size(n) for n in (999, 672_000, 36_480_000, 2_000_000_000)] == [
+        "999 B", "672 KB", "36.5 MB", "2 GB"]
+
+
+@pytest.mark.parametrize(("count", "budget", "factory"), [
+    # 10,000 x 84 x 4 bytes = 3.36 MB of Flat: small enough to scan for every query.
+    (10_000, "2GB", "Flat"),
+    # One more and HNSW32: 608 bytes per vector (336 of vector, 65 x 4 of links, 12 of levels
+    # and offsets), 6.08 MB.
+    (10_001, "2GB", "HNSW32"),
+    (60_000, "2GB", "HNSW32"),
+    # 1M: HNSW32 608 MB. 10M: HNSW32 6.08 GB and IVF-Flat (344 B/vector) 3.44 GB are over 2 GB,
+    # IVF-SQ8 (92 B/vector) 0.92 GB fits; lists = 2^round(log2(4 sqrt(1e7))) = 16384.
+    (1_000_000, "2GB", "HNSW32"),
+    (10_000_000, "2GB", "IVF16384,SQ8"),
+    # 2,000 x 84 x 4 = 672 KB of Flat over a 500 KB budget: IVF-Flat (2000 x 344 + 32 lists of
+    # 336 bytes = 699 KB) too, IVF-SQ8 (195 KB) fits; 4 sqrt(2000) = 179 -> 128 lists, halved
+    # until each has 39 vectors to train on: 32.
+    (2_000, "500KB", "IVF32,SQ8"),
+    # 1M within 50 MB: PQ42 (50 B/vector, 51 MB) is over, PQ28 (36 B/vector, 37.5 MB) fits.
+    (1_000_000, "50MB", "IVF4096,PQ28"),
+])
+def test_choose_index(count, budget, factory):
+    choice = choose_index(count, 84, parse_size(budget))
+    assert choice.factory == factory
+    assert choice.bytes <= parse_size(budget)
+    assert format_size(parse_size(budget)) in choice.why
+
+
+def test_choose_index_threshold_is_a_parameter():
+    assert choose_index(500, 84, 10**9, flat_max_count=499).factory == "HNSW32"
+    assert choose_index(500, 84, 10**9, flat_max_count=500).factory == "Flat"
+
+
+def test_choose_index_refuses_a_budget_nothing_fits():
+    # The smallest candidate for 60,000 vectors is IVF1024,PQ4: 60,000 x 12 + 1024 x 336 +
+    # 256 x 84 x 4 bytes = 1.15 MB.
+    with pytest.raises(LenetEmbedError, match=r"--memory-budget 500 KB is too small .* "
+                                              r"IVF1024,PQ4, needs about 1\.15 MB"):
+        choose_index(60_000, 84, parse_size("500KB"))
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF32,Flat", "IVF32,SQ8"])
+def test_estimated_sizes_are_what_faiss_writes(vectors, factory):
+    estimated = dict(_candidates(len(vectors), vectors.shape[1]))[factory]
+    written = len(faiss.serialize_index(make_index(vectors, "cosine", factory)))
+    assert abs(estimated - written) <= 0.05 * written, (estimated, written)
+
+
+@pytest.fixture(scope="module")
+def more_queries(search_index, mnist) -> np.ndarray:
+    """Embeddings of 500 other test digits, held out from the index and from the tuning."""
+    return search_index.encoder.embed(scale_pixels(mnist.test.images[1000:1500]))
+
+
+def test_auto_keeps_a_small_set_exact(vectors):
+    asked = []
+    built = build_tuned_index(vectors, "cosine", "auto", 0.995, 2 * 10**9,
+                              lambda: asked.append(1) or vectors[:10])
+    assert isinstance(built.index, faiss.IndexFlat) and built.factory == "Flat"
+    assert built.search_params == {} and built.target_recall is None
+    assert asked == []  # nothing to tune, so no queries were embedded
+    assert built.reason == ("2000 vectors x 84 d: Flat (exact search is fast up to 10000 vectors; "
+                            "672 KB within the 2 GB budget)")
+
+
+def test_auto_goes_to_a_graph_and_meets_the_target_on_held_out_queries(vectors, queries,
+                                                                       more_queries):
+    target = 0.995
+    built = build_tuned_index(vectors, "cosine", "auto", target, 2 * 10**9, lambda: queries,
+                              flat_max_count=1000)
+    assert isinstance(built.index, faiss.IndexHNSWFlat) and built.factory == "HNSW32"
+    assert set(built.search_params) == {"efSearch", "tuned_recall_at_10"}
+    assert built.target_recall == target
+    assert built.reason.startswith(
+        "2000 vectors x 84 d: HNSW32 (exact search is slow beyond 1000 vectors; 1.22 MB within "
+        f"the 2 GB budget), efSearch {built.search_params['efSearch']} for recall@10 ")
+    # Queries neither indexed nor used for tuning reach the target too.
+    _, rows = built.index.search(prepare_vectors(more_queries, "cosine"), TUNING_K)
+    exact = exact_search(vectors, more_queries, "cosine", TUNING_K)
+    assert recall_at_k(rows, exact, TUNING_K) >= target
+
+
+def test_an_explicit_factory_is_built_as_asked(vectors, queries):
+    built = build_tuned_index(vectors, "cosine", "IVF16,Flat", 0.99, 1, lambda: queries)
+    assert built.factory == "IVF16,Flat"  # the budget only steers auto
+    assert built.reason.startswith(f"IVF16,Flat as asked (--factory), nprobe "
+                                   f"{built.search_params['nprobe']} for recall@10 ")

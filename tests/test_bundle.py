@@ -103,7 +103,10 @@ def test_manifest_fields(built, bundle_dir, bundle_data):
     assert manifest.deletions is None
     assert manifest.dataset == {"kind": "idx", "source": bundle_data.source, "split": "train"}
     assert manifest.classes == [] and manifest.search_params == {}
-    assert manifest.target_recall is None
+    assert manifest.target_recall is None  # an exact index has nothing to tune
+    assert manifest.factory_reason == (
+        f"{n} vectors x 84 d: Flat (exact search is fast up to 10000 vectors; "
+        f"{n * 84 * 4 // 1000} KB within the 2 GB budget)")
     (segment,) = manifest.segments
     assert isinstance(segment, Segment)
     assert (segment.rows, segment.sealed, segment.has_sources) == (n, True, False)

@@ -91,7 +91,9 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
     result = ok(run("build-index", "--data", tiny_idx_dir, "--model", trained.model,
                     "--index-dir", index_dir, "--metric", "l2"))
     assert re.fullmatch(rf"wrote {re.escape(str(index_dir))}: {count} vectors, dim 84, "
-                        r"metric l2, factory Flat, \d+\.\d s\n", result.stdout)
+                        r"metric l2, factory Flat, \d+\.\d s\n"
+                        rf"index: {count} vectors x 84 d: Flat \(exact search is fast up to "
+                        r"10000 vectors; [\d.]+ KB within the 2 GB budget\)\n", result.stdout)
 
     manifest = read_manifest(index_dir)
     assert (manifest.version, manifest.operation, manifest.metric) == (2, "build", "l2")

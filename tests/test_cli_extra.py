@@ -146,6 +146,56 @@ def test_build_index_bad_target_recall_is_one_line(run, tiny_idx_dir, trained, t
                 "--index-dir", tmp_path / "index", "--target-recall", bad))
 
 
+def test_build_index_bad_memory_budget_is_one_line_before_embedding(run, tiny_idx_dir, trained,
+                                                                   tmp_path):
+    for bad in ("lots", "0", "-2GB"):
+        line = one_line_error(run("build-index", "--data", tiny_idx_dir, "--model",
+                                  trained.model, "--index-dir", tmp_path / "index",
+                                  "--memory-budget", bad))
+        assert "--memory-budget" in line and repr(bad) in line
+        assert "embedding" not in line
+    assert not (tmp_path / "index").exists()
+
+
+def test_auto_within_a_small_memory_budget(run, tiny_idx_dir, trained, tmp_path):
+    # 600 digits: Flat 600 x 336 = 202 KB and IVF8,Flat 209 KB are over 100 KB; IVF8,SQ8 (one
+    # byte per dimension) is 600 x 92 + 8 x 336 + 8 x 84 = 58.6 KB.
+    index_dir = tmp_path / "index"
+    result = ok(run("build-index", "--data", tiny_idx_dir, "--model", trained.model,
+                    "--index-dir", index_dir, "--memory-budget", "100KB"))
+    manifest = read_manifest(index_dir)
+    params = manifest.search_params
+    assert manifest.factory == "IVF8,SQ8" and set(params) == {"nprobe", "tuned_recall_at_10"}
+    assert manifest.target_recall == 0.995
+    reason = manifest.factory_reason
+    assert reason.startswith("600 vectors x 84 d: IVF8,SQ8 (IVF8,Flat (209 KB) is over the 100 KB "
+                             f"budget; 58.6 KB within the 100 KB budget), nprobe "
+                             f"{params['nprobe']} for recall@10 {params['tuned_recall_at_10']:.4f}")
+    # Scalar quantisation may cap the recall below the target; the reason says so when it does,
+    # and the tuning stops at visiting all 8 lists.
+    assert ("short of the 0.995 target" in reason) == (params["tuned_recall_at_10"] < 0.995)
+    assert params["nprobe"] <= 8
+    assert f"\nindex: {reason}\n" in result.stdout
+    rows = {}
+    for line in ok(run("info", "--index-dir", index_dir)).stdout.splitlines():
+        key, _, value = line.partition(":")
+        rows[key] = value.strip()
+    assert rows["factory"] == "IVF8,SQ8" and rows["why this index"] == reason
+    report = json.loads(ok(run("info", "--index-dir", index_dir, "--json")).stdout)
+    assert report["factory_reason"] == reason
+
+
+def test_info_on_a_bundle_from_before_the_reason(run, bundle_copy, bundle_data):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["factory_reason"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(bundle_copy).factory_reason is None
+    info = ok(run("info", "--index-dir", bundle_copy)).stdout
+    assert re.search(r"^why this index:\s+not recorded", info, re.MULTILINE)
+    (row,) = SearchIndex.load(bundle_copy).search(bundle_data.train.images[5], k=1)
+    assert row[0].id == 5
+
+
 def test_build_index_hnsw_summary(hnsw_build):
     index_dir, summary = hnsw_build
     assert (summary["index_dir"], summary["factory"], summary["dim"]) == (

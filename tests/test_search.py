@@ -1,5 +1,6 @@
 """Searching a bundle: every query form, k bounds, distances checked against numpy for both
-metrics, the majority vote, folder bundles with named classes, and FAISS factories."""
+metrics, the majority vote, folder bundles with named classes, FAISS factories, and the array
+results beside the objects."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lenet_embed import LenetEmbedError, Neighbor, SearchIndex, build_index, majority_label
+from lenet_embed import (
+    Hits,
+    LenetEmbedError,
+    Neighbor,
+    SearchIndex,
+    build_index,
+    majority_label,
+)
 from lenet_embed.ann import make_index
 from lenet_embed.preprocess import scale_pixels
 
@@ -246,3 +254,49 @@ def test_make_index_rejects_bad_settings(indexed_embeddings):
         make_index(vectors, "cosine", "NoSuchIndex")
     with pytest.raises(LenetEmbedError, match="IVF4096"):
         make_index(vectors, "l2", "IVF4096,Flat")  # more lists than vectors to train them
+
+
+# ------------------------------------------------------------------------------- arrays
+
+
+def _assert_hits_match(hits: Hits, results: list[list[Neighbor]], index: SearchIndex, k: int):
+    assert hits.ids.shape == hits.labels.shape == hits.distances.shape == (len(results), k)
+    assert (hits.ids.dtype, hits.labels.dtype, hits.distances.dtype) == (
+        np.int64, np.int64, np.float32)
+    assert len(hits) == len(results)
+    assert hits.ids.tolist() == _ids(results)
+    assert [[index.label_name(code) for code in row] for row in hits.labels.tolist()] == [
+        [n.label for n in row] for row in results]
+    # The objects are made from these arrays: the same float32 values, not recomputed.
+    assert hits.distances.tolist() == [[n.distance for n in row] for row in results]
+
+
+def test_arrays_are_the_objects_values(search_index, l2_index, queries, bundle_data):
+    for index in (search_index, l2_index):
+        hits = index.search_arrays(queries, k=K)
+        _assert_hits_match(hits, index.search(queries, k=K), index, K)
+        assert np.array_equal(hits.labels, bundle_data.train.labels[hits.ids])  # ids = rows here
+        vectors = index.embed(queries)
+        by_vector = index.search_vectors_arrays(vectors, k=K)
+        _assert_hits_match(by_vector, index.search_vectors(vectors, k=K), index, K)
+        assert np.array_equal(by_vector.ids, hits.ids)
+    (single,) = search_index.search_vectors_arrays(search_index.embed(queries[:1])[0], k=3).ids
+    assert single.tolist() == _ids(search_index.search(queries[0], k=3))[0]
+
+
+def test_arrays_of_a_folder_bundle_hold_class_codes(picture_bundle, mnist):
+    _, _, index = picture_bundle
+    tests = mnist.test.images[np.flatnonzero(mnist.test.labels <= 1)[:6]]
+    hits = index.search_arrays(tests, k=4)
+    _assert_hits_match(hits, index.search(tests, k=4), index, 4)
+    assert set(hits.labels.ravel().tolist()) <= {-1, 0, 1}  # codes into ["one", "zero"]
+
+
+def test_arrays_check_their_input_like_the_objects(search_index, queries):
+    vector = search_index.embed(queries[:1])
+    with pytest.raises(LenetEmbedError, match="k must be between 1 and"):
+        search_index.search_arrays(queries[0], k=0)
+    with pytest.raises(LenetEmbedError, match="k must be between 1 and"):
+        search_index.search_vectors_arrays(vector, k=len(search_index) + 1)
+    with pytest.raises(LenetEmbedError, match="84"):
+        search_index.search_vectors_arrays(vector[:, :80], k=3)

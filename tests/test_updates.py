@@ -57,16 +57,20 @@ def new_digits(mnist) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def factory_bundles(trained, bundle_data, bundle_dir, tmp_path_factory) -> dict[str, Path]:
-    """The session bundle (Flat) and the same 2,000 digits under HNSW32 and IVF16,Flat."""
+    """The session bundle (Flat, what ``auto`` builds for 2,000 digits) and the same digits
+    under HNSW32, IVF16,Flat and IVF32,SQ8 (what ``auto`` builds within a 500 KB budget)."""
     bundles = {"Flat": bundle_dir}
-    for factory in ("HNSW32", "IVF16,Flat"):
+    for factory, options in (("HNSW32", {"factory": "HNSW32"}),
+                             ("IVF16,Flat", {"factory": "IVF16,Flat"}),
+                             ("IVF32,SQ8", {"memory_budget": "500KB"})):
         index_dir = tmp_path_factory.mktemp(factory.replace(",", "-")) / "index"
-        build_index(data=bundle_data, model=trained.model, factory=factory, index_dir=index_dir)
+        built = build_index(data=bundle_data, model=trained.model, index_dir=index_dir, **options)
+        assert built.manifest.factory == factory
         bundles[factory] = index_dir
     return bundles
 
 
-@pytest.fixture(params=["Flat", "HNSW32", "IVF16,Flat"])
+@pytest.fixture(params=["Flat", "HNSW32", "IVF16,Flat", "IVF32,SQ8"])
 def any_factory(request, factory_bundles, tmp_path) -> Path:
     """A private copy of a bundle of each FAISS factory."""
     return Path(shutil.copytree(factory_bundles[request.param], tmp_path / "index"))
@@ -262,7 +266,7 @@ def test_removed_items_never_come_back(any_factory, bundle_data):
     assert index.remove(removed[:3]) == 0
 
 
-@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat"])
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat", "IVF32,SQ8"])
 def test_k_live_results_when_most_items_are_removed(factory, factory_bundles, bundle_data,
                                                      mnist, tmp_path):
     target = Path(shutil.copytree(factory_bundles[factory], tmp_path / "index"))
