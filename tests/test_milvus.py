@@ -30,7 +30,7 @@ def lite_bundle(trained, bundle_data, tmp_path_factory) -> Path:
     """The session's 2,000 digits, built into a Milvus Lite file beside the bundle."""
     root = tmp_path_factory.mktemp("milvus-lite")
     build_index(data=bundle_data, model=trained.model, index_dir=root / "index",
-                milvus_uri=str(root / "digits.db"))
+                milvus_uri=str(root / "digits.db"), factory="Flat")
     return root / "index"
 
 
@@ -155,9 +155,9 @@ def test_server_over_grpc(milvus_server, trained, bundle_data, search_index, tmp
                           lenet_embed_cmd):
     bundle = tmp_path / "index"
     build_index(data=bundle_data, model=trained.model, index_dir=bundle,
-                milvus_uri=milvus_server, factory="HNSW32")
+                milvus_uri=milvus_server)  # the default factory, auto: Milvus's AUTOINDEX
     manifest = read_manifest(bundle)
-    assert manifest.store.uri == milvus_server and manifest.store.index == "HNSW"
+    assert manifest.store.uri == milvus_server and manifest.store.index == "AUTOINDEX"
     index = SearchIndex.load(bundle)
     digits = _test_digits(bundle_data)
     same = np.mean([a[0].label == b[0].label for a, b in zip(
@@ -206,7 +206,7 @@ def test_without_pymilvus_the_error_names_the_extra(lite_bundle):
 
 @pytest.mark.parametrize(("factory", "expected"), [
     ("Flat", "FLAT"), ("HNSW32", "HNSW"), ("IVF256,Flat", "IVF_FLAT"), ("IVF256,PQ12", "IVF_PQ"),
-    ("OPQ12,IVF256,PQ12", "AUTOINDEX"), ("IVF64,SQ8", "IVF_SQ8"),
+    ("OPQ12,IVF256,PQ12", "AUTOINDEX"), ("IVF64,SQ8", "IVF_SQ8"), ("auto", "AUTOINDEX"),
 ])
 def test_index_type_follows_the_factory(factory, expected):
     assert index_type(factory) == expected
