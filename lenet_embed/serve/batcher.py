@@ -8,6 +8,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..ann import set_threads
 from ..search import Query, QueryResult, SearchIndex
+from .overload import OverloadLog, busy
+
+# Queries waiting for the next batch: a few batches' worth (a batch of 64 light queries takes
+# about 30 ms on two cores), so a request admitted is answered well within a second.
+MAX_WAITING = 256
 
 
 class SearchBatcher:
@@ -19,19 +24,28 @@ class SearchBatcher:
     arrive while a batch runs wait for it and form the next batch. There is no timer: a lone
     request is answered at once.
 
-    Image files arrive decoded (:mod:`.pools`), so a batch only embeds and searches: no query
-    waits for another's costly image.
+    Costly image files arrive decoded (:mod:`.pools`); light ones (10 ms at worst) are decoded
+    in the batch: no query waits for another's costly image. At most :data:`MAX_WAITING` queries
+    wait for the next batch; beyond that a request is refused at once with 503 and
+    ``Retry-After`` (logged once per interval), rather than queued behind seconds of work.
     """
 
-    def __init__(self, index: SearchIndex, threads: int) -> None:
+    def __init__(self, index: SearchIndex, threads: int, max_waiting: int = MAX_WAITING) -> None:
         self.index = index
         self.threads = threads
+        self.max_waiting = max_waiting
+        self._overload = OverloadLog()
         self._waiting: list[tuple[Query, int, asyncio.Future[QueryResult]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
     async def search(self, query: Query, k: int) -> QueryResult:
         """The answer to one query with up to ``k`` neighbours; its own LenetEmbedError is
         raised here."""
+        if len(self._waiting) >= self.max_waiting:
+            self._overload.refused(
+                "search queue", f"search queue full: {self.max_waiting} queries waiting for the "
+                "next batch; answering 503 with Retry-After")
+            raise busy("the service is busy searching for others; retry in a moment")
         future: asyncio.Future[QueryResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((query, k, future))
         if self._drainer is None:

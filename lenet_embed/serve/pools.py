@@ -1,11 +1,14 @@
-"""The decode pools: image bytes become 28x28 pixels here, off the event loop and before a query
-joins a search batch (:mod:`.batcher`), so a costly image never holds up other searches.
+"""The decode pool: image bytes that are costly to decode become 28x28 pixels here, in worker
+processes, before a query joins a search batch (:mod:`.batcher`), so a costly image never holds
+up other searches.
 
 An image takes one of two ways, chosen from its size and header:
 
 - **light**: a PNG, JPEG, GIF, BMP, WebP or TIFF file of at most 64 KB and 320x320 pixels (on
   two cores a 28x28 digit costs about 0.4 ms, the page's 280x280 canvas about 4 ms, the worst
-  light image under 10 ms): decoded by a pool of threads;
+  light image under 10 ms): decoded in its search batch, where the other queries wait for it at
+  most that long. (A pool of threads for them cost more than the decoding: 0.7 ms of CPU a
+  request in thread hand-offs, a fifth of the service's throughput.)
 - **heavy**: anything else (a 4096x4096 PNG costs 0.2-0.7 s, a 4096x4096 JPEG 2000 up to 6 s of
   CPU and 600 MB): decoded by worker processes at the lowest CPU priority, so they get the CPU
   that searches and the rest of the machine leave idle. A decode that overruns the time budget
@@ -13,8 +16,8 @@ An image takes one of two ways, chosen from its size and header:
   only its worker down. At most :data:`HEAVY_WORKERS` decode at once, each within
   :data:`DECODE_MEMORY` (beyond it, 413), which bounds their memory.
 
-Both pools are bounded. A request that finds its pool full, or waits in it longer than the
-budget, is refused at once with 503 and ``Retry-After``, logged at most once per interval
+The heavy pool is bounded. A request that finds it full, or waits in it longer than the budget,
+is refused at once with 503 and ``Retry-After``, logged at most once per interval
 (:class:`.overload.OverloadLog`). A heavy decode still running at the end of the budget is 413
 when it had the CPU for at least half of it (the image itself is too costly), else 503.
 """
@@ -51,7 +54,6 @@ DECODE_TIMEOUT = 2.0
 LIGHT_BYTES = 64 * 1024
 LIGHT_PIXELS = 320 * 320
 LIGHT_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"})
-LIGHT_THREADS, LIGHT_QUEUE = 2, 64
 HEAVY_WORKERS, HEAVY_QUEUE = 2, 4
 # Heavy decodes get the CPU nothing else wants: a core that searches (or other work on the
 # machine) keep busy goes to them about 1.5 % of the time; an idle one, all of the time.
@@ -106,14 +108,12 @@ class _Slots:
 
 
 class DecodePools:
-    """The light and heavy decode pools of one app; ``budget`` is the time budget in seconds of
-    a decode (and of waiting for one)."""
+    """The decode pool of one app (the heavy lane; light images pass through); ``budget`` is the
+    time budget in seconds of a decode (and of waiting for one)."""
 
     def __init__(self, budget: float = DECODE_TIMEOUT) -> None:
         self.budget = budget
         self._overload = OverloadLog()
-        self._light = ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="lenet-embed-decode")
-        self._light_slots = _Slots(LIGHT_THREADS + LIGHT_QUEUE)
         # One thread per worker process: a thread takes a worker, sends it the image, waits.
         self._heavy = ThreadPoolExecutor(HEAVY_WORKERS,
                                          thread_name_prefix="lenet-embed-decode-heavy")
@@ -152,21 +152,16 @@ class DecodePools:
             self._refuse("heavy", self._heavy_slots)
 
     async def prepare(self, query: Query) -> Query:
-        """``query`` with its image decoded when it is the bytes of an image file (as a
-        :class:`Decoded`); other queries as they are. Raises :class:`ApiError` (413, 503) or
-        the image's :class:`LenetEmbedError`."""
+        """``query`` with its image decoded when it is a heavy image file (as a
+        :class:`Decoded`); other queries, light images included, as they are (their search batch
+        decodes them). Raises :class:`ApiError` (413, 503) or the image's
+        :class:`LenetEmbedError`."""
         data = query.image
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes) or (len(data) <= LIGHT_BYTES and _is_light(data)):
             return query
-        name = query.title
         try:
-            pixels = None
-            if len(data) <= LIGHT_BYTES:
-                pixels = await self._run("light", self._light, self._light_slots,
-                                         self._decode_light, name, data)
-            if pixels is None:
-                pixels = await self._run("heavy", self._heavy, self._heavy_slots,
-                                         self._decode_heavy, name, data)
+            pixels = await self._run("heavy", self._heavy, self._heavy_slots,
+                                     self._decode_heavy, query.title, data)
         except ImageTooLarge as exc:
             raise ApiError(413, str(exc)) from None
         return Decoded(image=pixels, name=query.name)
@@ -201,13 +196,6 @@ class DecodePools:
                 f"{self.budget:g} s); answering 503 with Retry-After")
             raise busy(f"the service is busy: this image waited over {self.budget:g} s to be "
                        "decoded; retry in a moment")
-
-    def _decode_light(self, name: str, data: bytes, queued_at: float) -> np.ndarray | None:
-        """In a light thread: the pixels, or None when the image is heavy after all."""
-        self._check_wait("light", queued_at)
-        if not _is_light(data):
-            return None
-        return Query(image=data, name=name).pixels()
 
     def _decode_heavy(self, name: str, data: bytes, queued_at: float) -> np.ndarray:
         """In a heavy thread: the pixels, decoded by a worker process within the budget."""
