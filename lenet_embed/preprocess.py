@@ -32,6 +32,8 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 # digit ends up 20 px tall anyway.
 MAX_PIXELS = 4096 * 4096
 WORK_SIDE = 1024
+# The budget of an image whose format Pillow decodes in Python (an RLE-compressed BMP).
+PY_DECODER_PIXELS = 1024 * 1024
 _LIMIT = f"{MAX_PIXELS / 1e6:.1f} megapixels (e.g. 4096x4096)"
 
 
@@ -67,6 +69,7 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
             with (io.BytesIO(source) if isinstance(source, bytes) else _File(source)) as fh, \
                     Image.open(fh) as opened:
                 check_pixels(*opened.size, name)
+                _check_python_decoder(opened, name)
                 opened.seek(0)
                 pil = _shrink(_decode_reduced(opened, fh))
                 pil = ImageOps.exif_transpose(pil)
@@ -89,6 +92,19 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
             "give a PNG, JPEG, BMP or GIF file"
         ) from None
     return pil
+
+
+def _check_python_decoder(opened: Image.Image, name: str) -> None:
+    """Refuse an image over :data:`PY_DECODER_PIXELS` whose pixels Pillow decodes in Python (an
+    RLE-compressed BMP): at 4096x4096 that takes seconds of CPU where C decoders take
+    milliseconds."""
+    tiles = getattr(opened, "tile", None) or []
+    if (opened.width * opened.height > PY_DECODER_PIXELS
+            and any(tile[0] in Image.DECODERS for tile in tiles)):
+        raise ImageTooLarge(
+            f"{name}: image is {opened.width}x{opened.height} px in a {opened.format} encoding "
+            f"decoded slowly; the limit for it is {PY_DECODER_PIXELS // 1024 ** 2} megapixel; "
+            "save it as PNG or scale it down")
 
 
 def _decode_reduced(opened: Image.Image, fh: IO[bytes]) -> Image.Image:

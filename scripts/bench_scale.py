@@ -1,6 +1,6 @@
 """Scale benchmark: what a bundle costs as it grows, for several index choices, on one machine.
 
-    python scripts/bench_scale.py --model models/lenet.keras [--sizes 60000,1000000]
+    python scripts/bench_scale.py [--model models/lenet.keras] [--sizes 60000,1000000]
         [--data PATH] [--work /tmp/lenet-embed-scale] [--stores flat,auto,ivfpq,milvus]
         [--png scale.png]
 
@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lenet_embed import LenetEmbedError
+from lenet_embed import LenetEmbedError, load_mnist
 from lenet_embed.cli import run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
 def main() -> None:
     """Parse the options and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=Path("models/lenet.keras"))
     parser.add_argument("--data", type=Path, default=Path(
         os.environ.get("LENET_EMBED_MNIST", REPO.parent / "shared" / "data" / "mnist")))
     parser.add_argument("--sizes", default="60000,1000000")
@@ -200,6 +200,7 @@ def main() -> None:
     if "flat" not in stores or not set(stores) <= set(STORES):
         raise LenetEmbedError(f"--stores: a list from {', '.join(STORES)}, with flat (the "
                               "baseline of recall)")
+    load_mnist(args.data)  # one line naming the folder when MNIST is not there
     if not args.model.exists():
         raise LenetEmbedError(f"{args.model}: no such model; train one with `lenet-embed train`")
     args.work.mkdir(parents=True, exist_ok=True)

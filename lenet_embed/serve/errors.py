@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import LenetEmbedError
+from ..preprocess import ImageTooLarge
 from .wire import validation_message
 
 log = logging.getLogger(__package__)
@@ -43,7 +44,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LenetEmbedError)
     async def user_error(request: Request, exc: LenetEmbedError) -> JSONResponse:
-        return error_response(422, str(exc))
+        # An image over the decode budget is refused from its header, in whichever way it took.
+        return error_response(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
