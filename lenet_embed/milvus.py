@@ -212,12 +212,12 @@ class MilvusStore:
             if on_progress is not None:
                 on_progress(min(stop, len(ids)), len(ids))
 
-    def delete(self, ids: np.ndarray) -> int:
-        """Delete rows by id; return how many existed."""
+    def delete(self, ids: np.ndarray) -> np.ndarray:
+        """Delete rows by id; return the ids that existed."""
         present = self.present(ids)
         if len(present):
             self._call("removing items", "delete", self.collection, ids=present.tolist())
-        return len(present)
+        return present
 
     def delete_from(self, first_id: int) -> None:
         """Delete every row whose id is ``first_id`` or above (a killed writer's rows)."""
@@ -398,11 +398,7 @@ def add_rows(directory: Path, current: Manifest, ids: np.ndarray, vectors: np.nd
 
 def remove_rows(directory: Path, current: Manifest, ids: np.ndarray) -> np.ndarray:
     """Delete the committed items among ``ids``; return the ids that were there."""
-    store = open_store(directory, current)
-    present = store.present(ids[ids < current.next_id])
-    if len(present):
-        store.delete(present)
-    return present
+    return open_store(directory, current).delete(ids[ids < current.next_id])
 
 
 def compact(directory: Path, current: Manifest) -> None:
