@@ -185,6 +185,39 @@ def test_every_json_query_form_agrees_with_the_upload(client, search_index, digi
         assert answer["query"] == next(iter(body))
 
 
+def test_plain_searches_and_the_route_give_the_same_answers(client, digits, monkeypatch):
+    """A plain search is answered by SearchFastPath, anything else by the FastAPI route: both
+    must give the same answers and the same refusals."""
+    from lenet_embed.serve import app as app_module
+
+    routed = []
+    read_query = app_module.read_query
+
+    async def counting(request, body_model):
+        routed.append(str(request.url))
+        return await read_query(request, body_model)
+
+    monkeypatch.setattr(app_module, "read_query", counting)
+    data = png(digits[0][3])
+    plain = upload(client, data).json()
+    assert routed == []
+    # An extra form field or a second query parameter is not plain: the route answers.
+    extra = client.post(f"/v1/search?k={K}", files={"file": ("digit.png", data, "image/png")},
+                        data={"note": "x"}).json()
+    params = client.post(f"/v1/search?k={K}&x=1",
+                         files={"file": ("digit.png", data, "image/png")}).json()
+    assert len(routed) == 2
+    assert plain == extra == params
+    # Refusals are worded alike on both paths (an empty file; a blank image).
+    for name, content in [("empty.png", b""), ("blank.png", png(np.zeros((28, 28), np.uint8)))]:
+        fast = client.post(f"/v1/search?k={K}", files={"file": (name, content, "image/png")})
+        slow = client.post(f"/v1/search?k={K}", files={"file": (name, content, "image/png")},
+                           data={"note": "x"})
+        assert fast.status_code == slow.status_code == 422
+        assert fast.json() == slow.json()
+    assert len(routed) == 4
+
+
 def test_k_bounds_are_inclusive(client, digits):
     data = png(digits[0][1])
     assert len(upload(client, data, k=1).json()["neighbors"]) == 1

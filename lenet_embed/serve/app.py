@@ -19,12 +19,14 @@ from pydantic import BaseModel
 
 from ..embed import LiteRTEncoder
 from ..errors import LenetEmbedError
-from ..search import SearchIndex
+from ..search import Query as SearchQuery
+from ..search import QueryResult, SearchIndex
 from ..writer import WriterBusy
 from .auth import require_writer
 from .batcher import SearchBatcher
 from .decode import read_item, read_query
 from .errors import ApiError, install_error_handlers
+from .fastpath import SearchFastPath
 from .middleware import MAX_BODY_BYTES, RequestGuard
 from .pools import DECODE_TIMEOUT, DecodePools
 from .reload import RELOAD_INTERVAL, Reloader
@@ -114,6 +116,13 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         docs_url=None,
         redoc_url=None,
     )
+    async def answer(query: SearchQuery, k: int) -> QueryResult:
+        index.check_k(k)
+        return await batcher.search(await pools.prepare(query), k)
+
+    # Added first, so it runs inside the guard: a plain search skips FastAPI's routing.
+    app.add_middleware(SearchFastPath, search=answer, body_model=body_model, max_k=MAX_K,
+                       default_k=DEFAULT_K)
     app.add_middleware(RequestGuard, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
     install_error_handlers(app)
     static = files("lenet_embed") / "static"
@@ -166,10 +175,10 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     ) -> JSONResponse:
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
+        # Plain requests are answered by SearchFastPath; this route takes the rest.
         index.check_k(k)
         pools.check_room(request.headers.get("content-length"))
-        query = await pools.prepare(await read_query(request, body_model))
-        result = await batcher.search(query, k)
+        result = await answer(await read_query(request, body_model), k)
         # A ready response skips FastAPI's re-validation; the schema above documents it.
         return JSONResponse(result.to_dict())
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-
-from fastapi.concurrency import run_in_threadpool
+from concurrent.futures import ThreadPoolExecutor
 
 from ..ann import set_threads
 from ..search import Query, QueryResult, SearchIndex
@@ -37,6 +36,9 @@ class SearchBatcher:
         self._overload = OverloadLog()
         self._waiting: list[tuple[Query, int, asyncio.Future[QueryResult]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        # Batches run one at a time, so one thread of their own (a hand-off to it costs less
+        # than one through the shared thread pool).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="search")
 
     async def search(self, query: Query, k: int) -> QueryResult:
         """The answer to one query with up to ``k`` neighbours; its own LenetEmbedError is
@@ -61,8 +63,9 @@ class SearchBatcher:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 try:
-                    outcomes: list[QueryResult] | list[Exception] = await run_in_threadpool(
-                        self._answer, [(query, k) for query, k, _ in batch])
+                    outcomes: list[QueryResult] | list[Exception] = (
+                        await asyncio.get_running_loop().run_in_executor(
+                            self._thread, self._answer, [(query, k) for query, k, _ in batch]))
                 except Exception as exc:  # not any one query's fault: every request gets it
                     outcomes = [exc] * len(batch)
                 for (_, _, future), outcome in zip(batch, outcomes, strict=True):

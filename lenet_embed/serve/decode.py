@@ -41,7 +41,8 @@ def _from_base64(text: str) -> bytes:
         raise ApiError(422, "image_base64 is not valid base64") from None
 
 
-def _image_query(name: str, data: bytes) -> Query:
+def image_query(name: str, data: bytes) -> Query:
+    """The query of an uploaded image file's bytes (422 when empty)."""
     if not data:
         raise ApiError(422, f"{name}: the file is empty; {_BODY_HELP}")
     return Query(image=data, name=name)
@@ -63,9 +64,17 @@ def _parse_json(body: bytes, model: type[BaseModel]) -> Any:
 def _json_image(payload: Any) -> Query:
     """The image of a validated JSON body: ``image_base64`` or ``pixels``."""
     if payload.image_base64 is not None:
-        return _image_query("image_base64", _from_base64(payload.image_base64))
+        return image_query("image_base64", _from_base64(payload.image_base64))
     pixels = np.asarray(payload.pixels, dtype=np.float64).reshape(SIDE, SIDE)
     return Query(image=pixels, name="pixels")
+
+
+def json_query(body: bytes, body_model: type[BaseModel]) -> Query:
+    """The query of a JSON search body (``body_model``): an embedding vector or an image."""
+    payload = _parse_json(body, body_model)
+    if payload.vector is not None:
+        return Query(vector=np.asarray(payload.vector, dtype=np.float64), name="vector")
+    return _json_image(payload)
 
 
 async def _body(request: Request, help_text: str) -> bytes:
@@ -84,7 +93,7 @@ async def _upload(request: Request, help_text: str) -> tuple[Query, Any]:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(422, "multipart upload needs an image file in the field 'file'")
-    return _image_query(upload.filename or "file", await upload.read()), form
+    return image_query(upload.filename or "file", await upload.read()), form
 
 
 def _is_json(media_type: str) -> bool:
@@ -102,10 +111,7 @@ async def read_query(request: Request, body_model: type[BaseModel]) -> Query:
         return query
     body = await _body(request, _BODY_HELP)
     if _is_json(media_type):
-        payload = _parse_json(body, body_model)
-        if payload.vector is not None:
-            return Query(vector=np.asarray(payload.vector, dtype=np.float64), name="vector")
-        return _json_image(payload)
+        return json_query(body, body_model)
     raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; {_BODY_HELP}")
 
 

@@ -34,18 +34,23 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def refusal(exc: ApiError | LenetEmbedError) -> JSONResponse:
+    """The response to a refused request: an :class:`ApiError` with its status (and
+    ``Retry-After``), or a :class:`LenetEmbedError` about the request's image or values (413 for
+    an image over the decode budget, which is refused from its header, else 422)."""
+    if isinstance(exc, ApiError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return error_response(exc.status, exc.message, headers)
+    return error_response(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error becomes ``{"error": "<one line>"}``; no traceback ever reaches a client."""
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return error_response(exc.status, exc.message, headers)
-
     @app.exception_handler(LenetEmbedError)
-    async def user_error(request: Request, exc: LenetEmbedError) -> JSONResponse:
-        # An image over the decode budget is refused from its header, in whichever way it took.
-        return error_response(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
+    async def refused(request: Request, exc: ApiError | LenetEmbedError) -> JSONResponse:
+        return refusal(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

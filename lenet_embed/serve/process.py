@@ -41,6 +41,7 @@ MAX_CONNECTIONS = 1000
 # it at net.core.somaxconn).
 BACKLOG = 2048
 KEEP_ALIVE = 5
+WORKER_READY_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,11 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     # What uvicorn.run does for workers, plus TCP_NODELAY: uvicorn makes this socket without
     # IPPROTO_TCP, so asyncio leaves Nagle's algorithm on for the connections accepted from it
     # (they inherit the option) and each response's body waits ~40 ms for a delayed ACK.
-    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, **options)
+    # A new worker loads the bundle before it answers uvicorn's health check: on a busy machine
+    # that takes longer than uvicorn's 5 s, after which a SIGHUP restart is given up (the old
+    # worker serves meanwhile, so waiting longer costs nothing).
+    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers,
+                                   timeout_worker_healthcheck=WORKER_READY_SECONDS, **options)
     sock = server_config.bind_socket()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with contextlib.suppress(KeyboardInterrupt):
