@@ -159,16 +159,16 @@ def build_index(
         sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
         return vectors[sample]
 
+    # In place, a chunk at a time, before indexing: the index, the tuning and the bundle then
+    # all use these vectors as they are, with no normalised copy of them all.
+    for start in range(0, count, CHUNK):
+        vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
     built = None
     if milvus_uri is None:
         report("indexing", 0, count)
         built = build_tuned_index(vectors, metric, factory, target_recall, budget,
-                                  held_out_queries)
-        report("indexing", count, count)
-    # In place, a chunk at a time: prepare_vectors on all of them would take two more copies
-    # (one of them float64). It works row by row, so the result is the same.
-    for start in range(0, count, CHUNK):
-        vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
+                                  held_out_queries,
+                                  on_progress=lambda done, total: report("indexing", done, total))
     ids = np.arange(count, dtype=np.int64)
     report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:

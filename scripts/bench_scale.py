@@ -114,7 +114,7 @@ def _timed(command: list[str]) -> tuple[float, float]:
         raise LenetEmbedError(f"{' '.join(command[:3])}... failed: "
                               f"{done.stderr.strip().splitlines()[-1:]}")
     wall, rss_kb = re.findall(r"@@ ([\d.]+) (\d+)", done.stderr)[-1]
-    return float(wall), int(rss_kb) / 1e6
+    return float(wall), int(rss_kb) * 1024 / 1e9  # GNU time reports KiB
 
 
 def measure(n: int, store: str, args: argparse.Namespace) -> dict[str, object]:
