@@ -33,6 +33,8 @@ from ._quiet import is_verbose
 from .bundle import Manifest, Store
 from .errors import LenetEmbedError
 
+log = logging.getLogger(__name__)
+
 EXTRA = 'pip install "lenet-embed[milvus]"'
 TOKEN_ENV = "LENET_EMBED_MILVUS_TOKEN"
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
@@ -255,14 +257,17 @@ class MilvusStore:
         rows = self.get([item_id], ["image"])
         return _decode_image(rows[0]["image"]) if rows else None
 
-    def search(self, vectors: np.ndarray, k: int, params: dict[str, int] | None = None
+    def search(self, vectors: np.ndarray, k: int, params: dict[str, int] | None = None,
+               below: int | None = None,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]]]:
         """The ``k`` nearest rows of each (prepared) vector: distances (1 - cosine, or L2),
         ids, label codes (n, k; padded with +inf, -1, -1) and source paths. ``params`` are the
-        index's search parameters (``ef``, ``nprobe``)."""
+        index's search parameters (``ef``, ``nprobe``); ``below``: only ids under it (a
+        version's committed items, not rows a writer is adding)."""
         answers = self._call("searching", "search", self.collection, data=vectors, limit=k,
                              output_fields=list(_FIELDS[1:]), anns_field="vector",
-                             search_params={"params": dict(params or {})})
+                             search_params={"params": dict(params or {})},
+                             filter="" if below is None else f"id < {int(below)}")
         n = len(vectors)
         distances = np.full((n, k), np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
@@ -350,7 +355,7 @@ class MilvusSnapshot:
         """Distances, ids and label codes (n, k) of the nearest items, and their sources."""
         ef = max(MIN_EF, k, int(self.search_params.get("efSearch", 0)))
         return self.store.search(vectors, k, {"ef": ef, "nprobe": int(
-            self.search_params.get("nprobe", 16))})
+            self.search_params.get("nprobe", 16))}, below=self.manifest.next_id)
 
     def image_of(self, item_id: int) -> np.ndarray | None:
         """The stored digit of an item, or None."""
@@ -362,9 +367,16 @@ class MilvusSnapshot:
         return self.label_name(int(rows[0]["label"])) if rows else None
 
     def check_count(self) -> None:
-        """Check that the collection holds the items the manifest counts."""
+        """Check that the collection holds the items the manifest counts. Fewer is what a
+        removal killed before its commit leaves (a warning: the next write puts the count
+        right); more cannot come from a writer and means the collection was changed by hand."""
         found = self.store.count(f"id < {self.manifest.next_id}")
-        if found != self.manifest.count:
+        if found < self.manifest.count:
+            log.warning("%s: Milvus collection %s holds %d items, the manifest counts %d: a "
+                        "removal was stopped before its commit; the next add or remove "
+                        "corrects the count", self.directory, self.store.collection, found,
+                        self.manifest.count)
+        elif found > self.manifest.count:
             raise LenetEmbedError(
                 f"{self.directory}: Milvus collection {self.store.collection} holds {found} "
                 f"items, the manifest {self.manifest.count}; rebuild it with "
@@ -388,17 +400,27 @@ def new_collection(directory: Path, uri: str, version: int, metric: str, dim: in
 
 def add_rows(directory: Path, current: Manifest, ids: np.ndarray, vectors: np.ndarray,
              labels: np.ndarray, images: np.ndarray,
-             sources: Sequence[str | None] | None) -> None:
-    """Insert rows with new ids (from ``current.next_id``). Rows at or above that id are a
-    writer's that never committed (killed, or its commit failed): they go first."""
+             sources: Sequence[str | None] | None) -> int:
+    """Insert rows with new ids (from ``current.next_id``); return the number of items the
+    next version holds. Rows at or above that id are a writer's that never committed (killed,
+    or its commit failed): they go first."""
     store = open_store(directory, current)
     store.delete_from(current.next_id)
     store.insert(ids, vectors, labels, images, sources)
+    return store.count(f"id < {int(ids[-1]) + 1}")
 
 
-def remove_rows(directory: Path, current: Manifest, ids: np.ndarray) -> np.ndarray:
-    """Delete the committed items among ``ids``; return the ids that were there."""
-    return open_store(directory, current).delete(ids[ids < current.next_id])
+def remove_rows(directory: Path, current: Manifest, ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Delete the committed items among ``ids``; return the ids that were there and the
+    number of items the next version holds.
+
+    Milvus and the manifest cannot change in one step: a writer killed between the two leaves
+    its removal applied but the manifest's count stale (searches are right; ``info`` warns).
+    Counting what the collection holds here puts the next commit right.
+    """
+    store = open_store(directory, current)
+    gone = store.delete(ids[ids < current.next_id])
+    return gone, store.count(f"id < {current.next_id}")
 
 
 def compact(directory: Path, current: Manifest) -> None:

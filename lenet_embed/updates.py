@@ -121,8 +121,10 @@ def add_vectors(
         codes, classes = _label_codes(labels, current)
         ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
         segments, new_files = current.segments, current.files
+        live = current.count + count
         if current.store is not None:
-            milvus.add_rows(writer.directory, current, ids, vectors, codes, images, sources)
+            live = milvus.add_rows(writer.directory, current, ids, vectors, codes, images,
+                                   sources)
         else:
             segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=codes,
                                                 images=images, sources=sources)
@@ -130,8 +132,7 @@ def add_vectors(
                                               {**new_files, **files})
         manifest = current.next(
             "add", classes=classes, segments=segments, files=new_files,
-            count=current.count + count, rows=current.rows + count,
-            next_id=current.next_id + count,
+            count=live, rows=current.rows + count, next_id=current.next_id + count,
         )
         return ids, writer.commit(manifest)
 
@@ -226,12 +227,12 @@ def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
         if current.store is not None:
-            gone = milvus.remove_rows(writer.directory, current, wanted)
+            gone, live = milvus.remove_rows(writer.directory, current, wanted)
             missing = [int(i) for i in np.setdiff1d(wanted, gone)]
-            if len(gone) == 0:
+            if len(gone) == 0 and live == current.count:
                 return Removal(0, missing), current
-            manifest = current.next("remove", count=current.count - len(gone),
-                                    rows=current.rows - len(gone))
+            manifest = current.next("remove", count=live,
+                                    rows=current.rows - (current.count - live))
             return Removal(len(gone), missing), writer.commit(manifest)
         stored = np.zeros(len(wanted), dtype=bool)
         for segment in current.segments:
