@@ -148,6 +148,12 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat",
     return index
 
 
+def needs_training(factory: str, metric: str, dim: int) -> bool:
+    """Whether ``factory`` learns from the vectors before it takes them (IVF's lists, PQ's
+    codebooks), and so needs enough of them."""
+    return not faiss.index_factory(dim, factory, faiss_metric(metric)).is_trained
+
+
 def parse_size(text: str | int) -> int:
     """Bytes from a size such as ``2GB``, ``500MB``, ``1.5GiB`` or a plain number of bytes.
 

@@ -33,11 +33,14 @@ and compared by ``lenet-embed info --verify`` (:func:`verify_file`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
 import os
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -56,6 +59,8 @@ SEGMENTS_DIR = "segments"
 ENCODERS_DIR = "encoders"
 DELETIONS_DIR = "deletions"
 LOCK_FILE = ".lock"
+# A commit's manifest is written under this name in the bundle, then renamed to manifest.json.
+STAGED_PREFIX = ".manifest.json.new-"
 SCRATCH_DIR = ".tmp"
 # Files of one segment.
 VECTORS_FILE = "vectors.npy"
@@ -85,6 +90,18 @@ _NAME = re.compile(
     rf"|({SEGMENTS_DIR}|{DELETIONS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*\.npy"
 )
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Manifests recently parsed or committed, by their text: a writer that commits many times in a
+# row reads back what it wrote, and a reader refreshing reads the same text again and again.
+_PARSED: OrderedDict[str, Manifest] = OrderedDict()
+_PARSED_KEPT = 8
+_PARSED_LOCK = threading.Lock()  # for both caches: the service refreshes from several threads
+# Unsealed segments this process wrote lately, by path, with the identity of the file written
+# (inode, size, mtime): reading one back (to merge it, to refresh after its commit) takes the
+# records from memory, exactly the bytes hashed as they were written, unless the file was since
+# replaced or rewritten. Kept up to this many bytes of records.
+_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
+_WRITTEN_BYTES = 8 << 20
+_written_total = 0
 
 
 @functools.cache
@@ -235,8 +252,18 @@ class Manifest:
                        lenet_embed_version=package_version(), **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as JSON-ready data."""
-        return asdict(self)
+        """The manifest as JSON-ready data (new containers throughout, as ``asdict`` makes, but
+        built directly: this runs at every commit)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(
+            search_params=dict(self.search_params), dataset=copy.deepcopy(self.dataset),
+            classes=list(self.classes),
+            segments=[{"name": s.name, "rows": s.rows, "sealed": s.sealed,
+                       "has_sources": s.has_sources} for s in self.segments],
+            files={name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()},
+            store=None if self.store is None else asdict(self.store),
+        )
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Manifest:
@@ -266,13 +293,14 @@ class Manifest:
                 for name, entry in _typed_dict(data["files"]).items()
             }
             manifest = cls(**values)
-            manifest._check()
+            manifest.check()
         except (TypeError, ValueError) as exc:
-            raise LenetEmbedError(f"{where}: malformed manifest ({exc}); {REBUILD}") from None
+            raise malformed(where, exc) from None
         return manifest
 
-    def _check(self) -> None:
-        """Types, ranges and the file list, so that no reader needs to check them again."""
+    def check(self) -> None:
+        """Types, ranges and the file list, so that no reader needs to check them again; a
+        ValueError or TypeError says what is wrong."""
         ints = ("version", "dim", "count", "rows", "next_id", "format_version")
         strs = ("operation", "created_at", "committed_at", "lenet_embed_version", "metric",
                 "factory", "encoder")
@@ -329,10 +357,18 @@ class Manifest:
             )
 
 
-def _seal(body: dict[str, Any]) -> str:
-    """The sha256 of a manifest's body: its canonical JSON (sorted keys, no spaces), so that the
-    layout of the text does not matter but every value does."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+def malformed(where: str, problem: Exception) -> LenetEmbedError:
+    """The one-line error for a manifest that is not what readers accept."""
+    return LenetEmbedError(f"{where}: malformed manifest ({problem}); {REBUILD}")
+
+
+def _canonical(body: dict[str, Any]) -> str:
+    """A manifest body's canonical JSON (sorted keys, no spaces, ASCII): what its seal hashes,
+    so that the layout of the text does not matter but every value does."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _seal(canonical: str) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
@@ -342,14 +378,16 @@ def _check_seal(data: dict[str, Any], where: str) -> None:
     if SEAL not in data:
         return
     body = {key: value for key, value in data.items() if key != SEAL}
-    if data[SEAL] != _seal(body):
+    if data[SEAL] != _seal(_canonical(body)):
         raise LenetEmbedError(f"{where}: does not match its own checksum ({SEAL}): the manifest "
                               f"was edited or damaged; {REBUILD}")
 
 
 def sealed_json(body: dict[str, Any]) -> str:
-    """A manifest's body as the JSON text written to disk, with its ``manifest_sha256``."""
-    return json.dumps({**body, SEAL: _seal(body)}, indent=2) + "\n"
+    """A manifest's body as the JSON text written to disk, with its ``manifest_sha256``: the
+    canonical text itself with the seal appended, so a commit serialises its manifest once."""
+    canonical = _canonical(body)
+    return f'{canonical[:-1]},"{SEAL}":"{_seal(canonical)}"}}\n'
 
 
 def _some(names: list[str], shown: int = 3) -> str:
@@ -403,12 +441,57 @@ def read_manifest(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Mani
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
-    """A manifest from its JSON text; ``where`` names it in errors."""
+    """A manifest from its JSON text; ``where`` names it in errors. A text parsed or committed
+    in this process before is not parsed again (manifests are immutable once written)."""
+    with _PARSED_LOCK:
+        cached = _PARSED.get(text)
+        if cached is not None:
+            _PARSED.move_to_end(text)
+            return cached
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LenetEmbedError(f"{where}: unreadable manifest ({exc}); {REBUILD}") from None
-    return Manifest.from_dict(data, where)
+    return remember_manifest(text, Manifest.from_dict(data, where))
+
+
+def remember_manifest(text: str, manifest: Manifest) -> Manifest:
+    """Note that ``text`` is the JSON of ``manifest`` (checked), so reading it costs no parse."""
+    with _PARSED_LOCK:
+        _PARSED[text] = manifest
+        _PARSED.move_to_end(text)
+        while len(_PARSED) > _PARSED_KEPT:
+            _PARSED.popitem(last=False)
+    return manifest
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    found = os.stat(path)
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+def remember_records(path: Path, records: np.ndarray) -> None:
+    """Note that the unsealed segment file ``path``, just written and flushed, holds
+    ``records``."""
+    if records.nbytes > _WRITTEN_BYTES:
+        return
+    global _written_total
+    records.setflags(write=False)
+    with _PARSED_LOCK:
+        _WRITTEN[str(path)] = (_identity(str(path)), records)
+        _written_total += records.nbytes
+        while _written_total > _WRITTEN_BYTES:
+            _written_total -= _WRITTEN.popitem(last=False)[1][1].nbytes
+
+
+def written_records(path: Path) -> np.ndarray | None:
+    """The records of an unsealed segment file this process wrote lately and that is unchanged
+    since, else None (FileNotFoundError when the file is gone)."""
+    with _PARSED_LOCK:
+        kept = _WRITTEN.get(str(path))
+    if kept is None or _identity(str(path)) != kept[0]:
+        return None
+    return kept[1]
 
 
 def manifest_json(manifest: Manifest) -> str:
@@ -474,7 +557,7 @@ def contents(directory: Path) -> Contents:
     """Sort the entries of a bundle folder (or of a folder about to become one)."""
     found = Contents()
     for entry in sorted(directory.iterdir()):
-        if entry.name in LAYOUT:
+        if entry.name in LAYOUT or entry.name.startswith(STAGED_PREFIX):
             found.ours.append(entry)
         elif entry.name in FORMAT_1_FILES:
             found.format_1.append(entry)

@@ -12,6 +12,7 @@ one and refresh.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections import Counter
@@ -28,7 +29,7 @@ from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, open_image, to_batch, to_mnist
 from .snapshot import Snapshot, bundle_encoder, open_snapshot
-from .updates import Label, add_images
+from .updates import Label, add_batch, label_codes, per_image
 from .updates import compact as compact_bundle
 from .updates import remove as remove_items
 from .writer import DEFAULT_LOCK_TIMEOUT
@@ -143,6 +144,17 @@ class QueryResult:
         }
 
 
+@dataclass
+class _PendingAdd:
+    """One :meth:`SearchIndex.add` call waiting for its commit, and then what came of it."""
+
+    batch: np.ndarray
+    labels: list[Label]
+    sources: list[str | None] | None
+    ids: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class SearchIndex:
     """A bundle and its encoder: embed images, find their nearest neighbours, add and remove.
 
@@ -160,6 +172,9 @@ class SearchIndex:
         self.overrides = dict(search_params or {})
         self.lock_timeout = lock_timeout
         self._refreshing = threading.Lock()
+        self._committing = threading.Lock()  # held by the thread committing the waiting adds
+        self._waiting_lock = threading.Lock()
+        self._waiting: list[_PendingAdd] = []
         self._snapshot = open_snapshot(self.path, self._load_encoder, None, self.overrides)
 
     @classmethod
@@ -224,11 +239,18 @@ class SearchIndex:
 
         Unchanged segments and the encoder are reused, so this costs little more than reading
         what the new commits added."""
+        return self._switch(None)
+
+    def _switch(self, committed: Manifest | None) -> bool:
+        """:meth:`refresh`, to ``committed`` (a version this process has just committed) when it
+        is newer than the version in use."""
         # One refresh at a time, so a slow one cannot put back a version older than the one a
         # faster one (say, right after this process's own commit) installed meanwhile.
         with self._refreshing:
             old = self._snapshot
-            new = open_snapshot(self.path, self._load_encoder, old, self.overrides)
+            if committed is not None and committed.version <= old.manifest.version:
+                committed = None  # a newer version is in use already: look at the current one
+            new = open_snapshot(self.path, self._load_encoder, old, self.overrides, committed)
             self._snapshot = new
         return new is not old
 
@@ -379,11 +401,56 @@ class SearchIndex:
         ``labels`` is one label for every image or one per image (a digit, or a class name in a
         bundle built from folders; None = unlabelled). ``sources`` records where each came from.
         The images are embedded with the bundle's own encoder; ids are never reused.
+
+        Calls from several threads (the service's ``POST /v1/items``) that arrive while a commit
+        is being made join the next one: one commit, and one set of fsyncs, for all of them; each
+        returns once that commit is on disk.
         """
-        ids, _ = add_images(self.path, images, labels, sources, encoder=self._encoder_for,
-                            timeout=self.lock_timeout)
-        self.refresh()
-        return ids
+        batch = to_batch(images)
+        pending = _PendingAdd(batch, per_image(labels, len(batch)),
+                              list(sources) if sources is not None else None)
+        if len(pending.labels) != len(batch) or (pending.sources is not None
+                                                 and len(pending.sources) != len(batch)):
+            raise LenetEmbedError("give one label (and source) per image")
+        if len(batch) == 0:
+            raise LenetEmbedError("nothing to add: give at least one image")
+        label_codes(pending.labels, self.manifest)  # a bad label fails its own call only
+        with self._waiting_lock:
+            self._waiting.append(pending)
+        led = False
+        with self._committing:
+            if pending.ids is None and pending.error is None:  # no one committed it meanwhile
+                with self._waiting_lock:
+                    group, self._waiting = self._waiting, []
+                self._commit_adds(group)
+                led = True
+        if pending.error is not None:
+            if led:
+                raise pending.error
+            raise copy.copy(pending.error) from None  # an exception of its own to each thread
+        assert pending.ids is not None
+        return pending.ids
+
+    def _commit_adds(self, group: list[_PendingAdd]) -> None:
+        """Commit the adds of ``group`` in one commit and switch to the version it made."""
+        sources = None
+        if any(pending.sources is not None for pending in group):
+            sources = [source for pending in group
+                       for source in (pending.sources or [None] * len(pending.batch))]
+        try:
+            ids, committed = add_batch(
+                self.path, np.concatenate([pending.batch for pending in group]),
+                [label for pending in group for label in pending.labels], sources,
+                encoder=self._encoder_for, timeout=self.lock_timeout,
+                manifest=self._snapshot.manifest)
+        except BaseException as exc:
+            for pending in group:
+                pending.error = exc
+            return
+        start = 0
+        for pending in group:
+            pending.ids, start = ids[start:start + len(pending.batch)], start + len(pending.batch)
+        self._switch(committed)
 
     def _encoder_for(self, manifest: Manifest) -> Encoder:
         """The encoder in use when ``manifest`` names it, else the one it names, loaded."""
@@ -395,11 +462,11 @@ class SearchIndex:
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove items by id in one durable commit; return how many were live and went."""
-        removal, _ = remove_items(self.path, ids, self.lock_timeout)
-        self.refresh()
+        removal, committed = remove_items(self.path, ids, self.lock_timeout)
+        self._switch(committed)
         return removal.removed
 
     def compact(self) -> None:
         """Rebuild the bundle's live items into one sealed segment, dropping removed ones."""
-        compact_bundle(self.path, self.lock_timeout)
-        self.refresh()
+        _, committed = compact_bundle(self.path, self.lock_timeout)
+        self._switch(committed)

@@ -49,6 +49,7 @@ from .bundle import (
     row_dtype,
     verify_file,
     verify_files,
+    written_records,
 )
 from .errors import LenetEmbedError
 
@@ -93,8 +94,11 @@ def _read_sealed_index(path: Path) -> Any:
 
 
 def _read_records(path: Path, dim: int, segment: Segment) -> tuple[Any, ...]:
-    """The arrays of an unsealed segment: views into its memory-mapped records."""
-    records = np.load(path, allow_pickle=False, mmap_mode="r")
+    """The arrays of an unsealed segment: views into its memory-mapped records (or into the
+    records this process wrote there, when it did lately)."""
+    records = written_records(path)
+    if records is None:
+        records = np.load(path, allow_pickle=False, mmap_mode="r")
     expected = row_dtype(dim, records.dtype["source"].itemsize // 4
                          if records.dtype.names and "source" in records.dtype.names else 0)
     if records.dtype != expected or records.ndim != 1 or (
@@ -118,6 +122,11 @@ def _opening(directory: Path, manifest: Manifest, segment: Segment,
     """Check a segment's files against the manifest, then open them in the ``with`` block: one
     that vanished means a newer version replaced this one; one that cannot be read, one line."""
     check = verify_file if verify else check_size
+    # A segment whose records this process wrote lately is read from memory: the bytes that were
+    # hashed as they were written (a missing file is reported by the check below).
+    with contextlib.suppress(FileNotFoundError):
+        if verify and not segment.sealed and written_records(directory / segment.entry) is not None:
+            check = check_size
     for name in segment.files():
         check(directory, name, manifest.files[name])
     where = directory / segment.entry
@@ -470,8 +479,10 @@ def _selector_params(index: Any, selector: Any, live_fraction: float) -> Any | N
 
 def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader,
                   previous: Snapshot | None = None,
-                  search_params: dict[str, int] | None = None) -> Snapshot:
-    """Load the current version of the bundle in ``directory``.
+                  search_params: dict[str, int] | None = None,
+                  committed: Manifest | None = None) -> Snapshot:
+    """Load the current version of the bundle in ``directory`` (or ``committed``, a version
+    this process has just committed, without reading the manifest again).
 
     Segments and the encoder that ``previous`` already holds are reused, not read again. When a
     commit by another process removes a file while it is being opened, the manifest is read again:
@@ -479,7 +490,7 @@ def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader
     """
     directory = Path(directory)
     for _ in range(_ATTEMPTS):
-        manifest = read_manifest(directory)
+        manifest, committed = committed or read_manifest(directory), None
         if previous is not None and previous.identity == (manifest.version,
                                                           manifest.committed_at):
             return previous

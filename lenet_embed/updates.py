@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import milvus
-from .ann import make_index, prepare_vectors
+from .ann import make_index, needs_training, prepare_vectors
 from .bundle import (
     DELETIONS_DIR,
     ENCODERS_DIR,
@@ -57,7 +57,7 @@ class Removal:
     missing: list[int]
 
 
-def _label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, list[str]]:
+def label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, list[str]]:
     """User labels as stored codes: digits as themselves, folder names as positions in
     ``classes`` (new names are appended), None as -1."""
     classes = list(manifest.classes)
@@ -99,11 +99,12 @@ def add_vectors(
     sources: list[str | None] | None = None,
     encoder_sha256: str | None = None,
     timeout: float = DEFAULT_LOCK_TIMEOUT,
+    metric: str | None = None,
 ) -> tuple[np.ndarray, Manifest]:
     """Add items (prepared vectors, uint8 28x28 images) in one commit; return their new ids and
-    the manifest committed. ``encoder_sha256`` names the encoder the vectors came from: if the
-    bundle's encoder is another one by now, :class:`EncoderChanged` is raised and nothing is
-    written."""
+    the manifest committed. ``encoder_sha256`` and ``metric`` say what the vectors were made
+    with: if the bundle's encoder or metric is another one by now, :class:`EncoderChanged` is
+    raised and nothing is written."""
     count = len(vectors)
     labels = list(labels) if labels is not None else [None] * count
     if len(labels) != count or len(images) != count or (sources is not None
@@ -113,12 +114,13 @@ def add_vectors(
         raise LenetEmbedError("nothing to add: give at least one image")
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
-        if encoder_sha256 is not None and encoder_sha256 != current.encoder_sha256:
+        if (encoder_sha256 is not None and encoder_sha256 != current.encoder_sha256) or (
+                metric is not None and metric != current.metric):
             raise EncoderChanged(f"{directory}: the bundle was rebuilt with another encoder "
                                  "while adding; refresh and add again")
         if vectors.shape[1:] != (current.dim,):
             raise LenetEmbedError(f"vectors must have shape (N, {current.dim})")
-        codes, classes = _label_codes(labels, current)
+        codes, classes = label_codes(labels, current)
         ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
         segments, new_files = current.segments, current.files
         live = current.count + count
@@ -126,10 +128,8 @@ def add_vectors(
             live = milvus.add_rows(writer.directory, current, ids, vectors, codes, images,
                                    sources)
         else:
-            segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=codes,
-                                                images=images, sources=sources)
-            segments, new_files = _merge_tail(writer, current, [*segments, segment],
-                                              {**new_files, **files})
+            segments, new_files = _append_segment(writer, current, vectors, ids, codes, images,
+                                                  sources)
         manifest = current.next(
             "add", classes=classes, segments=segments, files=new_files,
             count=live, rows=current.rows + count, next_id=current.next_id + count,
@@ -149,24 +149,49 @@ def add_images(
     """Preprocess ``images``, embed them with the bundle's encoder (``encoder(manifest)`` gives
     it) and add them in one commit; return the new ids and the manifest committed.
 
-    ``labels`` is one label for every image or one per image. If a rebuild changes the encoder
-    between embedding and committing, the images are embedded again with the new one.
+    ``labels`` is one label for every image or one per image.
     """
     batch = to_batch(images)
+    return add_batch(directory, batch, per_image(labels, len(batch)),
+                     list(sources) if sources is not None else None,
+                     encoder=encoder, timeout=timeout)
+
+
+def per_image(labels: Label | Sequence[Label], count: int) -> list[Label]:
+    """One label for every image, or one per image, as a list of one per image."""
     if labels is None or isinstance(labels, (str, int, np.integer)):
-        label_list: list[Label] = [labels] * len(batch)
-    else:
-        label_list = list(labels)
-    source_list = list(sources) if sources is not None else None
-    for attempt in range(2):
-        manifest = read_manifest(directory)
+        return [labels] * count
+    return list(labels)
+
+
+def add_batch(
+    directory: str | os.PathLike[str],
+    batch: np.ndarray,
+    labels: list[Label],
+    sources: list[str | None] | None,
+    *,
+    encoder: Callable[[Manifest], Encoder],
+    timeout: float = DEFAULT_LOCK_TIMEOUT,
+    manifest: Manifest | None = None,
+) -> tuple[np.ndarray, Manifest]:
+    """:func:`add_images` of a batch already preprocessed ((N, 28, 28) float32).
+
+    ``manifest`` is the version the caller has loaded (else the current one is read): if a
+    rebuild has changed the encoder by the time of the commit, the images are embedded again
+    with the current one.
+    """
+    pixels = to_uint8(batch)
+    for attempt in range(3):
+        if manifest is None:
+            manifest = read_manifest(directory)
         vectors = prepare_vectors(encoder(manifest).embed(batch), manifest.metric)
         try:
-            return add_vectors(directory, vectors, to_uint8(batch), label_list, source_list,
-                               manifest.encoder_sha256, timeout)
+            return add_vectors(directory, vectors, pixels, labels, sources,
+                               manifest.encoder_sha256, timeout, manifest.metric)
         except EncoderChanged:
-            if attempt:
+            if attempt == 2:
                 raise
+            manifest = None
     raise AssertionError("unreachable")
 
 
@@ -175,30 +200,48 @@ def _tier(rows: int) -> int:
     return (max(rows, 1).bit_length() - 1) // 2
 
 
-def _merge_tail(writer: BundleWriter, current: Manifest, segments: list[Segment],
-                files: dict[str, FileEntry]) -> tuple[list[Segment], dict[str, FileEntry]]:
-    """Merge the newest unsealed segments while the last MERGE_FACTOR of them share a tier."""
-    directory = writer.directory
-    while True:
-        tail = segments[-MERGE_FACTOR:]
-        if (len(tail) < MERGE_FACTOR or any(s.sealed for s in tail)
-                or len({_tier(s.rows) for s in tail}) != 1):
-            return segments, files
-        view = _files_view(current, files)
-        loaded = [load_segment(directory, view, s, verify=True) for s in tail]
-        merged, merged_files = _write_rows(writer, loaded, [np.arange(s.rows) for s in tail])
-        for segment in tail:
+def _merged_with(segments: list[Segment], rows: int) -> int:
+    """How many of the newest ``segments`` a new unsealed segment of ``rows`` rows is merged
+    with at once: while the last MERGE_FACTOR segments (the new one last) are unsealed and share
+    a tier, they become one, and so on up the tiers."""
+    sizes: list[int | None] = [None if s.sealed else s.rows for s in segments] + [rows]
+    merged = 0
+    while len(sizes) >= MERGE_FACTOR:
+        tail = sizes[-MERGE_FACTOR:]
+        if None in tail or len({_tier(size) for size in tail if size is not None}) != 1:
+            break
+        sizes[-MERGE_FACTOR:] = [sum(size for size in tail if size is not None)]
+        merged += MERGE_FACTOR - 1
+    return merged
+
+
+def _append_segment(writer: BundleWriter, current: Manifest, vectors: np.ndarray,
+                    ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
+                    sources: list[str | None] | None
+                    ) -> tuple[list[Segment], dict[str, FileEntry]]:
+    """Write the new rows as one unsealed segment, together with the newest segments they are
+    merged with (so that a merge writes, and flushes, one file instead of two); return the new
+    segment list and file list."""
+    merged = _merged_with(current.segments, len(ids))
+    split = len(current.segments) - merged
+    kept, old = current.segments[:split], current.segments[split:]
+    files = dict(current.files)
+    if old:
+        loaded = [load_segment(writer.directory, current, s, verify=True) for s in old]
+        if sources is not None or any(s.sources is not None for s in loaded):
+            sources = [source for s in loaded
+                       for source in (s.sources or [None] * s.info.rows)] + (
+                sources or [None] * len(ids))
+        vectors = np.concatenate([*(s.vectors for s in loaded), vectors])
+        ids = np.concatenate([*(s.ids for s in loaded), ids])
+        labels = np.concatenate([*(s.labels for s in loaded), labels])
+        images = np.concatenate([*(s.images for s in loaded), images])
+        for segment in old:
             for name in segment.files():
-                files.pop(name, None)
-            if segment not in current.segments:  # written by this commit: no version names it
-                (directory / segment.entry).unlink(missing_ok=True)
-        files = {**files, **merged_files}
-        segments = [*segments[:-MERGE_FACTOR], merged]
-
-
-def _files_view(manifest: Manifest, files: dict[str, FileEntry]) -> Manifest:
-    """``manifest`` with another file list, to check and read segments not yet committed."""
-    return replace(manifest, files=files)
+                del files[name]
+    segment, written = writer.new_segment(vectors=vectors, ids=ids, labels=labels,
+                                          images=images, sources=sources)
+    return [*kept, segment], {**files, **written}
 
 
 def _write_rows(writer: BundleWriter, loaded: list[LoadedSegment], rows: list[np.ndarray],
@@ -289,11 +332,27 @@ def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIM
         segments: list[Segment] = []
         files = {k: v for k, v in current.files.items()
                  if k in (current.encoder_path, current.litert_path)}
+        changes: dict[str, Any] = {}
         if len(vectors):
-            index = make_index(vectors, current.metric, current.factory)
+            index, changes = _sealed_index(vectors, current)
             segment, segment_files = _write_rows(writer, loaded, rows, index=index,
                                                  vectors=vectors)
             segments, files = [segment], {**files, **segment_files}
         manifest = current.next("compact", segments=segments, files=files, deletions=None,
-                                rows=current.count)
+                                rows=current.count, **changes)
         return current, writer.commit(manifest)
+
+
+def _sealed_index(vectors: np.ndarray, manifest: Manifest) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index ``compact`` seals the live rows in, with the bundle's factory; and the
+    manifest's new search fields when there are too few rows left to train it (an IVF bundle
+    with fewer live items than lists): then an exact Flat index, and the reason says why."""
+    try:
+        return make_index(vectors, manifest.metric, manifest.factory), {}
+    except LenetEmbedError:
+        if not needs_training(manifest.factory, manifest.metric, manifest.dim):
+            raise
+    reason = (f"compact: {len(vectors)} live items are too few to train {manifest.factory}; "
+              "Flat (exact search) instead")
+    return make_index(vectors, manifest.metric, "Flat"), {
+        "factory": "Flat", "search_params": {}, "target_recall": None, "factory_reason": reason}

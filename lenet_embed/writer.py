@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -49,17 +50,19 @@ from .bundle import (
     SCRATCH_DIR,
     SEGMENTS_DIR,
     SOURCES_FILE,
+    STAGED_PREFIX,
     VECTORS_FILE,
     VERSIONS_DIR,
     FileEntry,
     Manifest,
     Segment,
     contents,
+    malformed,
     manifest_json,
-    parse_manifest,
     read_manifest,
+    remember_manifest,
+    remember_records,
     row_dtype,
-    sha256_file,
 )
 from .data import read_rows
 from .errors import LenetEmbedError
@@ -67,8 +70,6 @@ from .errors import LenetEmbedError
 # How long the files of a superseded version are kept for readers that are opening them.
 GRACE_SECONDS = 3.0
 DEFAULT_LOCK_TIMEOUT = 30.0
-# A commit's manifest is written under this name in the bundle, then renamed to manifest.json.
-_STAGED_PREFIX = ".manifest.json.new-"
 # Superseded versions are looked for every this many commits (and at every build and compact).
 _SWEEP_EVERY = 16
 _VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
@@ -90,6 +91,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_all(fds: list[int]) -> None:
+    """``fsync`` every descriptor, all at once from threads of their own: the file system makes
+    them durable together (ext4 in one journal commit: an add's three flushes cost about what
+    one does) instead of one after another."""
+    errors: list[OSError] = []
+
+    def flush(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flush, args=(fd,)) for fd in fds[1:]]
+    for thread in threads:
+        thread.start()
+    if fds:
+        flush(fds[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 class _HashingFile:
     """A write-only file object that hashes what passes through it (so nothing is read back)."""
 
@@ -105,14 +129,18 @@ class _HashingFile:
         return self.fh.write(view)
 
 
-def _durable_file(path: Path, write: Any) -> FileEntry:
-    """Create ``path`` (it must not exist), fill it with ``write(file)``, flush it to disk."""
-    with open(path, "xb") as fh:
-        hashing = _HashingFile(fh)
-        write(hashing)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return FileEntry(bytes=hashing.size, sha256=hashing.digest.hexdigest())
+def _write_file(path: Path, write: Any) -> tuple[FileEntry, int]:
+    """Create ``path`` (it must not exist) and fill it with ``write(file)``; return its entry and
+    a descriptor of it, open for the commit to flush it to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with open(fd, "wb", closefd=False) as fh:
+            hashing = _HashingFile(fh)
+            write(hashing)
+    except BaseException:
+        os.close(fd)
+        raise
+    return FileEntry(bytes=hashing.size, sha256=hashing.digest.hexdigest()), fd
 
 
 def _save_npy(fh: Any, array: np.ndarray, dtype: np.dtype,
@@ -130,11 +158,6 @@ def _save_npy(fh: Any, array: np.ndarray, dtype: np.dtype,
         if on_rows is not None:
             on_rows(min(start + step, len(array)))
 
-
-def _entry(path: Path) -> FileEntry:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-    return FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
 def _disk_error(exc: BaseException) -> OSError | None:
@@ -162,9 +185,15 @@ class WriterLock:
         self.timeout = timeout
         self.fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock, or raise a one-line error naming the process that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self, before_creating: Callable[[], None] | None = None) -> None:
+        """Take the lock, or raise a one-line error naming the process that holds it. When there
+        is no lock file yet, ``before_creating()`` runs first (it may refuse the folder)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except (FileNotFoundError, NotADirectoryError):
+            if before_creating is not None:
+                before_creating()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -207,7 +236,8 @@ class BundleWriter:
 
     On entering it takes the lock, removes what killed writers left, and reads the current
     manifest (``writer.current``; None when the folder holds no bundle yet). ``new_*`` methods
-    write files for the next version; :meth:`commit` makes a manifest naming them current.
+    write files for the next version; :meth:`commit` flushes them all at once and makes a
+    manifest naming them current.
     """
 
     def __init__(self, directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -216,12 +246,20 @@ class BundleWriter:
         self.replacing = replacing
         self.lock = WriterLock(self.directory, timeout)
         self.current: Manifest | None = None
+        # Files and folders written for the next version, open until the commit flushes them.
+        self._unflushed: dict[Path, int] = {}
 
     # ------------------------------------------------------------------------ session
 
     def __enter__(self) -> BundleWriter:
-        self._prepare_folder()
-        self.lock.acquire()
+        self._scratch_used = False
+        if self.replacing:
+            self._prepare_folder()
+            self.lock.acquire()
+        else:
+            # A bundle has its lock file from its first build on: only a folder without one is
+            # checked (and refused before anything is created in it, a bundle of format 1 too).
+            self.lock.acquire(before_creating=self._prepare_folder)
         try:
             self.current = self._read_current()
             self._entered_at = self.current.version if self.current else 0
@@ -238,11 +276,12 @@ class BundleWriter:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  traceback: object) -> None:
         clean = True
+        self._close_unflushed()
         try:
             if exc is not None:
                 self.remove_leftovers()  # what this failed writer wrote for its next version
-            elif (self.directory / SCRATCH_DIR).exists():
-                shutil.rmtree(self.directory / SCRATCH_DIR)
+            elif self._scratch_used:
+                shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
         except OSError:
             clean = False  # the next writer will look again
         self.lock.release(clean)
@@ -257,9 +296,9 @@ class BundleWriter:
     def _prepare_folder(self) -> None:
         """Make sure the folder exists and may become a bundle; refuse to touch anyone's files."""
         check_folder(self.directory)
-        if not self.directory.exists():
-            if not self.replacing:
-                read_manifest(self.directory)  # the usual "no index bundle there" error
+        if not self.replacing:
+            read_manifest(self.directory)  # "no index bundle there", "format 1 ...", and so on
+        elif not self.directory.exists():
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -285,6 +324,30 @@ class BundleWriter:
         return self.current
 
     # ------------------------------------------------------------------------ new files
+
+    def _new_file(self, path: Path, write: Any) -> FileEntry:
+        """Write a file of the next version; the commit flushes it."""
+        entry, fd = _write_file(path, write)
+        self._unflushed[path] = fd
+        return entry
+
+    def _written(self, path: Path) -> FileEntry:
+        """The entry of a file of the next version that a library wrote; the commit flushes it."""
+        fd = os.open(path, os.O_RDONLY)
+        self._unflushed[path] = fd
+        with open(fd, "rb", closefd=False) as fh:
+            return FileEntry(bytes=os.fstat(fd).st_size,
+                             sha256=hashlib.file_digest(fh, "sha256").hexdigest())
+
+    def _flush_later(self, folder: Path) -> None:
+        """Have the commit flush ``folder``, where this writer created files or folders."""
+        if folder not in self._unflushed:
+            self._unflushed[folder] = os.open(folder, os.O_RDONLY)
+
+    def _close_unflushed(self) -> None:
+        for fd in self._unflushed.values():
+            os.close(fd)
+        self._unflushed.clear()
 
     @property
     def next_version(self) -> int:
@@ -330,21 +393,21 @@ class BundleWriter:
         files: dict[str, FileEntry] = {}
         for name, (array, dtype) in arrays.items():
             track = on_rows if name == IMAGES_FILE else None
-            files[segment.file(name)] = _durable_file(
+            files[segment.file(name)] = self._new_file(
                 folder / name, lambda fh, a=array, d=dtype, t=track: _save_npy(fh, a, d, t))
         if has_sources:
             text = _json_bytes(list(sources or []))
-            files[segment.file(SOURCES_FILE)] = _durable_file(
+            files[segment.file(SOURCES_FILE)] = self._new_file(
                 folder / SOURCES_FILE, lambda fh: fh.write(text))
         # Written by Python, a megabyte at a time through FAISS's callback writer: a full disk is
         # an OSError like every other write's (faiss.write_index to a path raises a RuntimeError,
         # or misses a failed final flush), and no serialised copy of the index (600 MB for a
         # million vectors in HNSW32) is held in memory beside it.
-        files[segment.file(INDEX_FILE)] = _durable_file(
+        files[segment.file(INDEX_FILE)] = self._new_file(
             folder / INDEX_FILE,
             lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)))
-        _fsync_dir(folder)
-        _fsync_dir(folder.parent)
+        self._flush_later(folder)
+        self._flush_later(folder.parent)
         return segment, files
 
     def _unsealed_segment(self, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
@@ -357,12 +420,14 @@ class BundleWriter:
         if sources is not None:
             records["source"] = [s or "" for s in sources]
         base = self.directory / SEGMENTS_DIR
-        base.mkdir(exist_ok=True)
         segment = Segment(name=self._new_name("s"), rows=len(ids), sealed=False,
                           has_sources=sources is not None)
-        entry = _durable_file(self.directory / segment.entry,
-                              lambda fh: np.save(fh, records, allow_pickle=False))
-        _fsync_dir(base)
+        if not base.is_dir():
+            base.mkdir()
+        path = self.directory / segment.entry
+        entry = self._new_file(path, lambda fh: np.save(fh, records, allow_pickle=False))
+        remember_records(path, records)
+        self._flush_later(base)
         return segment, {segment.entry: entry}
 
     def new_encoder(self, model: Any) -> tuple[str, dict[str, FileEntry]]:
@@ -382,10 +447,10 @@ class BundleWriter:
                     raise
                 raise disk_full from exc
         relative = f"{ENCODERS_DIR}/{folder.name}"
-        files = {f"{relative}/{name}": _entry(folder / name)
+        files = {f"{relative}/{name}": self._written(folder / name)
                  for name in (ENCODER_FILE, LITERT_FILE)}
-        _fsync_dir(folder)
-        _fsync_dir(folder.parent)
+        self._flush_later(folder)
+        self._flush_later(folder.parent)
         return relative, files
 
     def new_deletions(self, ids: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
@@ -394,8 +459,8 @@ class BundleWriter:
         folder.mkdir(exist_ok=True)
         name = f"{self._new_name('d')}.npy"
         array = np.unique(np.asarray(ids, dtype=np.int64))
-        entry = _durable_file(folder / name, lambda fh: np.save(fh, array, allow_pickle=False))
-        _fsync_dir(folder)
+        entry = self._new_file(folder / name, lambda fh: np.save(fh, array, allow_pickle=False))
+        self._flush_later(folder)
         return f"{DELETIONS_DIR}/{name}", {f"{DELETIONS_DIR}/{name}": entry}
 
     @contextlib.contextmanager
@@ -406,6 +471,7 @@ class BundleWriter:
         system's temp folder."""
         scratch = self.directory / SCRATCH_DIR
         scratch.mkdir(exist_ok=True)
+        self._scratch_used = True
         saved = tempfile.tempdir
         tempfile.tempdir = str(scratch)
         try:
@@ -416,22 +482,35 @@ class BundleWriter:
     # ------------------------------------------------------------------------ commit
 
     def commit(self, manifest: Manifest) -> Manifest:
-        """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``."""
+        """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``.
+
+        The manifest is checked as readers would check it and serialised once; its text goes to
+        disk once (``versions/N.json`` is a second name for the same file)."""
         if manifest.version != self.next_version:
             raise ValueError("a commit must carry the next version number")
         manifest = _with_commit_time(manifest)
+        try:
+            manifest.check()  # never commit what readers would refuse
+        except (TypeError, ValueError) as exc:
+            raise malformed("the new manifest", exc) from None
         text = manifest_json(manifest)
-        parse_manifest(text, "the new manifest")  # never commit what readers would refuse
-        versions = self.directory / VERSIONS_DIR
-        versions.mkdir(exist_ok=True)
-        # The version's record serves cleaning up only, so it is not flushed: lost in a power
-        # failure, the sweep treats that version's files as unused, which they are by then.
-        (versions / f"{manifest.version:08d}.json").write_text(text, encoding="utf-8")
-        staged = self.directory / f"{_STAGED_PREFIX}{secrets.token_hex(4)}"
-        _durable_file(staged, lambda fh: fh.write(text.encode()))
+        staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
+        self._new_file(staged, lambda fh: fh.write(text.encode()))
+        # Every new file and folder, and the staged manifest, flushed at once before the rename.
+        _fsync_all(list(self._unflushed.values()))
+        self._close_unflushed()
+        # The version's record serves cleaning up only, so its name is not flushed: lost in a
+        # power failure, the sweep treats that version's files as unused, which they are by then.
+        record = self.directory / VERSIONS_DIR / f"{manifest.version:08d}.json"
+        try:
+            os.link(staged, record)
+        except (FileNotFoundError, FileExistsError):
+            record.parent.mkdir(exist_ok=True)
+            record.unlink(missing_ok=True)
+            os.link(staged, record)
         os.replace(staged, self.directory / MANIFEST)
         _fsync_dir(self.directory)
-        self.current = manifest
+        self.current = remember_manifest(text, manifest)
         if manifest.version % _SWEEP_EVERY == 0 or manifest.operation in ("build", "compact"):
             self.collect_garbage()
         return manifest
@@ -442,7 +521,7 @@ class BundleWriter:
         """Remove what writers that died before committing left: scratch files, and files named
         after versions above the current one (or, with no bundle yet, all of the layout)."""
         shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
-        for staged in self.directory.glob(f"{_STAGED_PREFIX}*"):
+        for staged in self.directory.glob(f"{STAGED_PREFIX}*"):
             _remove(staged)
         current = self.current.version if self.current else 0
         for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
@@ -478,7 +557,7 @@ class BundleWriter:
                           if (n := _version_number(p)) is not None and n <= current.version)
         if not force and len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
             return
-        keep = [current]
+        referenced = set(current.files)
         expired: list[Path] = []
         for (number, path), (_, successor) in zip(numbered, numbered[1:], strict=False):
             if number == current.version:
@@ -486,13 +565,11 @@ class BundleWriter:
             if _age(successor) >= grace:
                 expired.append(path)
                 continue
-            try:
-                keep.append(parse_manifest(path.read_text(encoding="utf-8"), str(path)))
-            except (OSError, LenetEmbedError):
+            names = _named_files(path)
+            if names is None:
                 expired.append(path)
-        referenced: set[str] = set()
-        for manifest in keep:
-            referenced.update(manifest.files)
+            else:
+                referenced.update(names)
         # What sits directly in segments/ or encoders/: a folder, or an unsealed segment's file.
         entries = {"/".join(name.split("/")[:2]) for name in referenced}
         for parent in (SEGMENTS_DIR, ENCODERS_DIR):
@@ -554,6 +631,16 @@ def _with_commit_time(manifest: Manifest) -> Manifest:
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj) + "\n").encode("utf-8")
+
+
+def _named_files(path: Path) -> list[str] | None:
+    """The files a kept version's record names (None when it cannot be read): only its names
+    matter to the sweep, which they keep from removal, so the record is not checked further."""
+    try:
+        files = json.loads(path.read_bytes()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [name for name in files if isinstance(name, str)] if isinstance(files, dict) else None
 
 
 def _version_number(path: Path) -> int | None:

@@ -53,14 +53,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from bench_service import ensure_bundle, free_port, multipart, png_bytes, start_server, stop_server
+from bench_service import ensure_bundle, multipart, png_bytes, serve_command
 from PIL import Image, ImageDraw
 
 from lenet_embed import load_mnist
 from lenet_embed.cli import run_script
 from lenet_embed.errors import LenetEmbedError
+from lenet_embed.serve.running import HOST, running_service
 
-HOST = "127.0.0.1"
 QUERIES = 200
 DEFAULT_MODEL = Path("models/lenet.keras")
 TARGET_P99_MS, TARGET_SHARE = 50.0, 0.80
@@ -475,21 +475,18 @@ def main() -> int:
         bundle = ensure_bundle(args.index_dir, args.model or DEFAULT_MODEL, dataset, Path(tmp))
         log_path = Path(tmp) / "serve.log"
         phases = {name: Phase() for name in ("quiet", "heavy", "idle")}
-        with open(log_path, "w") as log_file:
-            port = free_port()
-            server = start_server(bundle, port, 1, log_file)
-            try:
-                load_before = os.getloadavg()[0]
-                run_clients(port, [(args.clients, bodies, Tally(), 10.0, False)], WARMUP_SECONDS)
-                # Quiet and heavy rounds in turns, ABBA (quiet, heavy, heavy, quiet, ...), so
-                # that other work on the machine, even when it grows or shrinks, weighs on both
-                # alike; the flood last.
-                order = [["quiet", "heavy"], ["heavy", "quiet"]]
-                for name in [n for r in range(args.rounds) for n in order[r % 2]] + ["idle"]:
-                    run_phase(name, phases[name], port, server.pid, args, bodies, heavy_bodies)
-                load_after = os.getloadavg()[0]
-            finally:
-                stop_server(server)
+        with running_service(lambda port: serve_command(bundle, port, 1), log_path) as service:
+            port = service.port
+            load_before = os.getloadavg()[0]
+            run_clients(port, [(args.clients, bodies, Tally(), 10.0, False)], WARMUP_SECONDS)
+            # Quiet and heavy rounds in turns, ABBA (quiet, heavy, heavy, quiet, ...), so that
+            # other work on the machine, even when it grows or shrinks, weighs on both alike;
+            # the flood last.
+            order = [["quiet", "heavy"], ["heavy", "quiet"]]
+            for name in [n for r in range(args.rounds) for n in order[r % 2]] + ["idle"]:
+                run_phase(name, phases[name], port, service.process.pid, args, bodies,
+                          heavy_bodies)
+            load_after = os.getloadavg()[0]
         log = log_path.read_text()
     return report(args, phases, decode, heavy_what, load_before, load_after, log)
 

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,19 +35,18 @@ from PIL import Image
 from lenet_embed import SearchIndex, build_index, load_mnist, train
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset
+from lenet_embed.serve.running import HOST, running_service
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
-HOST = "127.0.0.1"
 QUERIES = 200
 WARMUP = 200
 TARGET_RPS, TARGET_P99_MS = 1000.0, 20.0
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def serve_command(index_dir: Path, port: int, workers: int) -> list[str]:
+    """``lenet-embed serve`` of ``index_dir`` on ``port`` with ``workers`` worker processes."""
+    return [CLI, "serve", "--index-dir", str(index_dir), "--host", HOST, "--port", str(port),
+            "--workers", str(workers)]
 
 
 def ensure_bundle(index_dir: Path, model: Path, dataset: Dataset, scratch: Path) -> Path:
@@ -105,29 +100,6 @@ def in_process(index: SearchIndex, pngs: list[bytes], n: int, k: int) -> dict[st
     return summary(latencies, time.perf_counter() - started)
 
 
-def start_server(index_dir: Path, port: int, workers: int, log_file: io.TextIOBase
-                 ) -> subprocess.Popen[bytes]:
-    """``lenet-embed serve`` in a subprocess; returns once ``/healthz`` answers (60 s at most)."""
-    server = subprocess.Popen(
-        [CLI, "serve", "--index-dir", str(index_dir), "--host", HOST, "--port", str(port),
-         "--workers", str(workers)],
-        stdout=log_file, stderr=log_file,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the service exited with status {server.returncode}; see its log")
-        try:
-            connection = http.client.HTTPConnection(HOST, port, timeout=2)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                return server
-        except OSError:
-            time.sleep(0.2)
-    stop_server(server)
-    raise SystemExit("the service did not answer /healthz within 60 s")
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its direct children (Linux ``/proc``): the
     service and, with ``--workers``, its worker processes."""
@@ -140,17 +112,6 @@ def cpu_seconds(pid: int) -> float:
         if stat.parent.name == str(pid) or fields[1] == str(pid):
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C the service, then kill it if it has not stopped within 10 s."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def request_bytes(port: int, path: str, body: bytes, content_type: str) -> bytes:
@@ -236,16 +197,12 @@ def main() -> None:
         baseline = in_process(index, pngs, args.requests, args.k)
         count, factory = len(index), index.manifest.factory
         del index
-        with open(Path(tmp) / "serve.log", "w") as log_file:
-            port = free_port()
-            server = start_server(bundle, port, args.workers, log_file)
-            try:
-                load_before = os.getloadavg()[0]
-                served, accuracy = over_http(server.pid, port, bodies, labels, args.requests,
-                                             args.clients, args.k)
-                load_after = os.getloadavg()[0]
-            finally:
-                stop_server(server)
+        with running_service(lambda port: serve_command(bundle, port, args.workers),
+                             Path(tmp) / "serve.log") as service:
+            load_before = os.getloadavg()[0]
+            served, accuracy = over_http(service.process.pid, service.port, bodies, labels,
+                                         args.requests, args.clients, args.k)
+            load_after = os.getloadavg()[0]
 
     met = served["rps"] >= TARGET_RPS and served["p99"] <= TARGET_P99_MS
     print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} -> {load_after:.1f} "

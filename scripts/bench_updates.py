@@ -13,9 +13,9 @@ Every figure is printed beside a baseline measured in this same run, on this mac
    the FAISS index and saves the encoder with its LiteRT export; ``add`` preprocesses, embeds with
    LiteRT and commits one unsealed segment;
 3. search p99 (and p50) of one reader that searches single digits in a loop and calls
-   ``refresh()`` every 0.2 s, while two writer *processes* add one digit every 10 ms between
-   them (one writer alone does not keep up: an add holds the lock for 5-10 ms), vs the same
-   loop with no writer (goal <= 1.5x); the adds/s achieved are reported;
+   ``refresh()`` every 0.2 s, while one writer *process* adds one digit every 10 ms (as a user's
+   program would: single durable ``SearchIndex.add`` calls in a loop), vs the same loop with no
+   writer (goal <= 1.5x); the adds/s achieved are reported;
 4. time from ``lenet-embed add digit.png`` returning to a running ``lenet-embed serve`` answering
    ``POST /v1/search`` with the new item (polled every 10 ms; goal <= 1 s), median and max of 5;
    "not seen within 10 s" when the service does not pick up new versions;
@@ -34,20 +34,17 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,14 +58,13 @@ from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist, t
 from lenet_embed.ann import set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
+from lenet_embed.serve.running import HOST, health, running_service
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
-HOST = "127.0.0.1"
 DEFAULT_MODEL = Path("models/lenet.keras")
 K = 5
 REFRESH_EVERY = 0.2  # seconds between a reader's refresh() calls, as a service would
-ADD_EVERY = 0.01  # seconds between the streaming writers' adds, all together (100 adds/s)
-WRITERS = 2  # processes that stream the adds (an add holds the writer lock for 5-10 ms)
+ADD_EVERY = 0.01  # seconds between the streaming writer's adds (100 adds/s)
 POLL_EVERY = 0.01  # seconds between polls of the service for a new item
 SEEN_WITHIN = 10.0  # seconds to wait for the service to answer with a new item
 GOAL_BATCH, GOAL_STREAM, GOAL_VISIBLE, GOAL_LOAD = 0.8, 1.5, 1.0, 1.2
@@ -206,26 +202,27 @@ def median_load_seconds(paths: list[Path], loads: int) -> list[float]:
 
 def add_probe(index: SearchIndex) -> Probe:
     """Timers on the parts of ``SearchIndex.add``: preprocessing, embedding, the commit (and the
-    fsyncs inside it) and the refresh after it."""
+    fsyncs inside it) and the switch to the version it committed (a refresh that reads nothing
+    back)."""
     import lenet_embed.updates
 
     return Probe((lenet_embed.search, "to_batch"), (lenet_embed.updates, "to_batch"),
                  (index.encoder, "embed"),
                  (lenet_embed.search, "add_vectors"), (lenet_embed.updates, "add_vectors"),
-                 (os, "fsync"), (index, "refresh"))
+                 (os, "fsync"), (index, "_switch"))
 
 
 def breakdown(probe: Probe, total_seconds: float, per: int, unit: str = "ms") -> str:
     """Where the time of ``per`` adds went, per add."""
     scale = 1000 / per if unit == "ms" else 1 / per
-    known = sum(probe.seconds[name] for name in ("to_batch", "embed", "add_vectors", "refresh")
+    known = sum(probe.seconds[name] for name in ("to_batch", "embed", "add_vectors", "_switch")
                 if name in probe.found)
     fsyncs = probe.calls["fsync"] / per
     return (f"{probe.part('to_batch', 'preprocess', per, unit)}, "
             f"{probe.part('embed', 'embed', per, unit)}, "
             f"{probe.part('add_vectors', 'commit', per, unit)} (of which "
-            f"{fsyncs:.0f} fsyncs {probe.seconds['fsync'] * scale:.2f} "
-            f"{unit}), {probe.part('refresh', 'refresh', per, unit)}, other "
+            f"{fsyncs:.1f} fsyncs {probe.seconds['fsync'] * scale:.2f} "
+            f"{unit}), {probe.part('_switch', 'refresh', per, unit)}, other "
             f"{(total_seconds - known) * scale:.2f} {unit}")
 
 
@@ -305,7 +302,7 @@ def batch_add(dataset: Dataset, base: Path, model: Path, scratch: Path, plan: Pl
 
 def stream_writer(path: str, digits: np.ndarray, labels: list[int], ready: Any, go: Any,
                   stop: Any, results: Any) -> None:
-    """In its own process: add one digit every ``ADD_EVERY * WRITERS`` s while ``go`` is set,
+    """In its own process: add one digit every ``ADD_EVERY`` s while ``go`` is set,
     until ``stop`` is set; then put ``(adds, latencies)`` or an error string on ``results``."""
     try:
         index = SearchIndex.load(path, threads=1)
@@ -324,7 +321,7 @@ def stream_writer(path: str, digits: np.ndarray, labels: list[int], ready: Any, 
             index.add(digits[i % (len(digits) - 1)], labels=labels[i % (len(digits) - 1)])
             latencies.append(time.perf_counter() - begun)
             i += 1
-            due += ADD_EVERY * WRITERS
+            due += ADD_EVERY
         results.put((i, latencies))
     except Exception as exc:  # reported by the parent as one line
         ready.set()
@@ -367,20 +364,17 @@ def streaming(index: SearchIndex, queries: np.ndarray, digits: np.ndarray, label
     rounds = max(1, round(plan.stream_seconds / 2))
     window = plan.stream_seconds / rounds
     context = multiprocessing.get_context("spawn")
-    go, stop, results = context.Event(), context.Event(), context.Queue()
-    readies = [context.Event() for _ in range(WRITERS)]
-    writers = [context.Process(target=stream_writer, args=(
+    go, stop, ready, results = (context.Event(), context.Event(), context.Event(),
+                                context.Queue())
+    writer = context.Process(target=stream_writer, args=(
         str(index.path), digits, [int(x) for x in labels], ready, go, stop, results))
-        for ready in readies]
-    for writer in writers:
-        writer.start()
+    writer.start()
     quiet, loaded = LoopFigures([], []), LoopFigures([], [])
     try:
-        if not all(ready.wait(120) for ready in readies):
-            raise LenetEmbedError("the streaming writer processes did not start within 120 s")
+        if not ready.wait(120):
+            raise LenetEmbedError("the streaming writer process did not start within 120 s")
         say(f"[3] {rounds} x ({window:g} s of single searches with no writer, then {window:g} s "
-            f"while {WRITERS} writer processes add one digit every {ADD_EVERY * 1000:.0f} ms "
-            "between them)")
+            f"while a writer process adds one digit every {ADD_EVERY * 1000:.0f} ms)")
         search_loop(index, queries, 1.0, LoopFigures([], []))  # warm-up
         for _ in range(rounds):
             search_loop(index, queries, window, quiet)
@@ -388,31 +382,27 @@ def streaming(index: SearchIndex, queries: np.ndarray, digits: np.ndarray, label
             search_loop(index, queries, window, loaded)
             go.clear()
         stop.set()
-        outcomes = [results.get(timeout=120) for _ in writers]
+        outcome = results.get(timeout=120)
     finally:
         stop.set()
-        for writer in writers:
-            writer.join(timeout=60)
-            if writer.is_alive():
-                writer.terminate()
-                writer.join()
-    for outcome in outcomes:
-        if isinstance(outcome, str):
-            raise LenetEmbedError(f"a streaming writer failed: {outcome}")
-    adds = sum(count for count, _ in outcomes)
-    add_latencies = [latency for _, latencies in outcomes for latency in latencies]
+        writer.join(timeout=60)
+        if writer.is_alive():
+            writer.terminate()
+            writer.join()
+    if isinstance(outcome, str):
+        raise LenetEmbedError(f"the streaming writer failed: {outcome}")
+    adds, add_latencies = outcome
     ratio = ms(loaded.latencies, 99) / ms(quiet.latencies, 99)
     return [
-        Row(3, f"3. search p99 while {1 / ADD_EVERY:.0f} adds/s stream in ({WRITERS} writer "
-            "processes), "
-            f"refresh every {REFRESH_EVERY:g} s",
+        Row(3, f"3. search p99 while {1 / ADD_EVERY:.0f} adds/s stream in (one writer "
+            f"process), refresh every {REFRESH_EVERY:g} s",
             f"p99 {ms(loaded.latencies, 99):.2f} ms, p50 {ms(loaded.latencies, 50):.2f} ms "
             f"({len(loaded.latencies):,} searches in {loaded.seconds:.0f} s)",
             f"no writer: p99 {ms(quiet.latencies, 99):.2f} ms, p50 "
             f"{ms(quiet.latencies, 50):.2f} ms ({len(quiet.latencies):,} searches)",
             f"{ratio:.2f}x (<= {GOAL_STREAM}x)", ratio <= GOAL_STREAM),
         Row(3, "   the writer and the reader's refreshes",
-            f"{adds / loaded.seconds:.0f} adds/s achieved (asked {1 / ADD_EVERY:.0f}), writers'"
+            f"{adds / loaded.seconds:.0f} adds/s achieved (asked {1 / ADD_EVERY:.0f}), writer's"
             f" add p50 {ms(add_latencies, 50):.1f} ms, p99 {ms(add_latencies, 99):.1f} ms; "
             f"{loaded.changed} refreshes found a new version, refresh p50 "
             f"{ms(loaded.refreshes, 50):.2f} ms, max {ms(loaded.refreshes, 100):.1f} ms "
@@ -424,13 +414,6 @@ def streaming(index: SearchIndex, queries: np.ndarray, digits: np.ndarray, label
 # --------------------------------------------------------------------------- figure 4
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     """A multipart/form-data body with one file field ``file``, and its content type."""
     boundary = "lenet-embed-bench-boundary"
@@ -438,49 +421,6 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
             "Content-Type: image/png\r\n\r\n").encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head + data + tail, f"multipart/form-data; boundary={boundary}"
-
-
-def get_json(port: int, path: str) -> Any:
-    """``GET path`` on the service as JSON, or None when it does not answer 200."""
-    try:
-        connection = http.client.HTTPConnection(HOST, port, timeout=2)
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        connection.close()
-        return json.loads(body) if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-
-
-def start_server(index_dir: Path, port: int, log_file: io.TextIOBase
-                 ) -> tuple[subprocess.Popen[bytes] | None, str]:
-    """``lenet-embed serve`` in a subprocess, once ``/healthz`` answers (60 s at most); else
-    None and why."""
-    server = subprocess.Popen(
-        [CLI, "serve", "--index-dir", str(index_dir), "--host", HOST, "--port", str(port)],
-        stdout=log_file, stderr=log_file,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            return None, f"the service exited with status {server.returncode}"
-        if get_json(port, "/healthz") is not None:
-            return server, ""
-        time.sleep(0.2)
-    stop_server(server)
-    return None, "the service did not answer /healthz within 60 s"
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C the service, then kill it if it has not stopped within 10 s."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def wait_until_served(port: int, body: tuple[bytes, str], item_id: int) -> float | None:
@@ -517,48 +457,46 @@ def visibility(bundle: Path, digits: np.ndarray, labels: np.ndarray, scratch: Pa
     new item."""
     title = "4. `lenet-embed add` returned -> service answers with the new item"
     goal = f"max <= {GOAL_VISIBLE:g} s"
-    port = free_port()
     log_path = scratch / "serve.log"
     notes: list[str] = []
-    say(f"[4] starting `lenet-embed serve` on {HOST}:{port}, then {plan.visibility_repeats} "
-        "`lenet-embed add` runs")
-    with open(log_path, "w") as log_file:
-        server, problem = start_server(bundle, port, log_file)
-        if server is None:
-            tail = [line for line in log_path.read_text().splitlines() if line.strip()][-1:]
-            reason = f"{problem}: {tail[0][:160] if tail else 'no log'}"
-            return [Row(4, title, "service did not start", "-", goal, False)], [f"4: {reason}"]
+    say(f"[4] starting `lenet-embed serve`, then {plan.visibility_repeats} `lenet-embed add` runs")
+    with ExitStack() as stack:
         try:
-            health = get_json(port, "/healthz") or {}
-            seen: list[float | None] = []
-            cli_seconds = []
-            for r in range(plan.visibility_repeats):
-                png = scratch / f"digit-{r}.png"
-                Image.fromarray(digits[r]).save(png)
-                started = time.perf_counter()
-                done = subprocess.run(
-                    [CLI, "add", str(png), "--label", str(int(labels[r])), "--json",
-                     "--index-dir", str(bundle)], capture_output=True, text=True)
-                cli_seconds.append(time.perf_counter() - started)
-                if done.returncode != 0:
-                    raise LenetEmbedError(f"`lenet-embed add` failed: "
-                                          f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-                item_id = json.loads(done.stdout)["ids"][0]
-                body = multipart(png.name, png.read_bytes())
-                after = wait_until_served(port, body, item_id)
-                seen.append(after)
-                say(f"    add {r + 1}: id {item_id}, "
-                    + (f"served after {after * 1000:.0f} ms" if after is not None
-                       else f"not seen within {SEEN_WITHIN:g} s"))
-                if after is None and not any(s is not None for s in seen):
-                    notes.append(f"4: stopped after {r + 1} add(s): the service never showed "
-                                 "a new item")
-                    break
-            health_after = get_json(port, "/healthz") or {}
-        finally:
-            stop_server(server)
+            service = stack.enter_context(running_service(
+                lambda port: [CLI, "serve", "--index-dir", str(bundle), "--host", HOST, "--port",
+                              str(port)], log_path))
+        except LenetEmbedError as exc:
+            tail = [line for line in log_path.read_text().splitlines() if line.strip()][-1:]
+            reason = f"{exc}: {tail[0][:160] if tail else 'no log'}"
+            return [Row(4, title, "service did not start", "-", goal, False)], [f"4: {reason}"]
+        health_before = health(service.port) or {}
+        seen: list[float | None] = []
+        cli_seconds = []
+        for r in range(plan.visibility_repeats):
+            png = scratch / f"digit-{r}.png"
+            Image.fromarray(digits[r]).save(png)
+            started = time.perf_counter()
+            done = subprocess.run(
+                [CLI, "add", str(png), "--label", str(int(labels[r])), "--json",
+                 "--index-dir", str(bundle)], capture_output=True, text=True)
+            cli_seconds.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise LenetEmbedError(f"`lenet-embed add` failed: "
+                                      f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            item_id = json.loads(done.stdout)["ids"][0]
+            body = multipart(png.name, png.read_bytes())
+            after = wait_until_served(service.port, body, item_id)
+            seen.append(after)
+            say(f"    add {r + 1}: id {item_id}, "
+                + (f"served after {after * 1000:.0f} ms" if after is not None
+                   else f"not seen within {SEEN_WITHIN:g} s"))
+            if after is None and not any(s is not None for s in seen):
+                notes.append(f"4: stopped after {r + 1} add(s): the service never showed "
+                             "a new item")
+                break
+        health_after = health(service.port) or {}
     notes.append(f"4: `lenet-embed add` (a new process) took {statistics.median(cli_seconds):.2f}"
-                 f" s median; /healthz before {json.dumps(health)}, after "
+                 f" s median; /healthz before {json.dumps(health_before)}, after "
                  f"{json.dumps(health_after)}")
     times = [s for s in seen if s is not None]
     missed = len(seen) - len(times)

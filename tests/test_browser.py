@@ -11,16 +11,14 @@ import contextlib
 import io
 import json
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from lenet_embed.serve.running import running_service
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Root, no network, no GPU: nothing may reach out or need a sandbox.
@@ -51,47 +49,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
 def serving(command: list[str], log_path: Path):
-    """`lenet-embed serve` (``command``, less its port) on a free loopback port; yields the base
-    URL once it answers."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen([*command, "--port", str(port)],
-                                  stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert server.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the service did not start within 60 s"
-                time.sleep(0.2)
-            yield url
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    """`lenet-embed serve` (``command``, less its port) on a free loopback port."""
+    return running_service(lambda port: [*command, "--port", str(port)], log_path)
 
 
 @pytest.fixture(scope="module")
 def service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
     """The read-only service over the session bundle; yields (base URL, log file path)."""
     log_path = tmp_path_factory.mktemp("service") / "serve.log"
-    with serving([*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir)], log_path) as url:
+    with serving([*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir)], log_path) as (url, _):
         yield url, log_path
 
 
@@ -106,7 +73,7 @@ def writable_service(lenet_embed_cmd, bundle_dir, tmp_path_factory):
     log_path = folder / "serve.log"
     command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle),
                "--write-token-file", str(token_file)]
-    with serving(command, log_path) as url:
+    with serving(command, log_path) as (url, _):
         yield url, log_path, bundle
 
 

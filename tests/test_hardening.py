@@ -774,7 +774,7 @@ def test_disk_full_during_compact(run, bundle_copy, mnist, tmpfs, free_kb, fails
     from lenet_embed.updates import remove
 
     failed: list[str] = []
-    real = lenet_embed.writer._durable_file
+    real = lenet_embed.writer._write_file
 
     def spy(path, write):
         try:
@@ -783,7 +783,7 @@ def test_disk_full_during_compact(run, bundle_copy, mnist, tmpfs, free_kb, fails
             failed.append(Path(path).name)
             raise
 
-    monkeypatch.setattr(lenet_embed.writer, "_durable_file", spy)
+    monkeypatch.setattr(lenet_embed.writer, "_write_file", spy)
     remove(bundle_copy, [1, 2, 3])  # something to compact
     bundle = tmpfs(free_kb * 1024, bundle_copy)
     before, answers = _files(bundle), _answers(bundle, mnist)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import logging
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from lenet_embed.serve import (
     create_app,
 )
 from lenet_embed.serve.app import WRITE_WAIT_SECONDS
+from lenet_embed.serve.running import free_port, running_service
 
 K = 5
 TOKEN = "test-token-0123456789abcdef"  # over the 16-character minimum
@@ -809,69 +808,21 @@ def test_worker_factory_reads_its_configuration(monkeypatch, bundle_dir, tmp_pat
                      403, "write token")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(server: subprocess.Popen, url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "the service exited early"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise AssertionError(f"no answer from {url}/healthz within {seconds} s")
-
-
 def test_serve_with_two_workers(lenet_embed_cmd, bundle_dir, digits, tmp_path):
     """The real command with --workers 2: uvicorn's worker processes build the app from the
     environment, answer searches, and each logs one line per request."""
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--port", str(port),
-             "--workers", "2"], stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(server, url)
-            for i in range(6):
-                response = httpx.post(f"{url}/v1/search?k=3", timeout=30,
-                                      files={"file": (f"{i}.png", png(digits[0][i]))})
-                assert response.status_code == 200
-                assert len(response.json()["neighbors"]) == 3
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=30)
+    command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--workers", "2"]
+    with running_service(lambda port: [*command, "--port", str(port)], log_path) as (url, _):
+        for i in range(6):
+            response = httpx.post(f"{url}/v1/search?k=3", timeout=30,
+                                  files={"file": (f"{i}.png", png(digits[0][i]))})
+            assert response.status_code == 200
+            assert len(response.json()["neighbors"]) == 3
     log = log_path.read_text()
     assert log.count("POST /v1/search?k=3 200 ") == 6, log
     assert "Traceback" not in log
 
-
-
-@contextlib.contextmanager
-def running(command, log_path):
-    """A service subprocess: ``command(port)`` is its argv. Yields (base URL, process) once it
-    answers /healthz; stops it with SIGINT (as Ctrl-C does)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(command(port), stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(server, url)
-            yield url, server
-        finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def version_at(url: str) -> int:
@@ -934,7 +885,8 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 def test_sighup_makes_the_service_reload_at_once(bundle_copy, digits, tmp_path):
     """With polling every 10 minutes, only SIGHUP can explain a reload within half a second."""
     command = [sys.executable, "-c", SLOW_POLLING, str(bundle_copy)]
-    with running(lambda port: [*command, str(port)], tmp_path / "serve.log") as (url, server):
+    log_path = tmp_path / "serve.log"
+    with running_service(lambda port: [*command, str(port)], log_path) as (url, server):
         before = version_at(url)
         new_id = int(SearchIndex(bundle_copy).add([digits[0][14]], labels=[3])[0])
         time.sleep(0.5)
@@ -959,7 +911,7 @@ def test_serve_follows_commits_and_survives_sighup(lenet_embed_cmd, bundle_copy,
     log_path = tmp_path / "serve.log"
     command = [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_copy),
                "--write-token-file", str(token_file)]
-    with running(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
+    with running_service(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
         assert httpx.get(f"{url}/v1/info").json()["writes"] is True
         created = httpx.post(f"{url}/v1/items", headers=AUTH, data={"label": "2"}, timeout=30,
                              files={"file": ("two.png", png(digits[0][16]))})
@@ -998,7 +950,7 @@ def test_two_workers_follow_commits(lenet_embed_cmd, bundle_copy, digits, tmp_pa
     def log() -> str:
         return log_path.read_text()
 
-    with running(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
+    with running_service(lambda port: [*command, "--port", str(port)], log_path) as (url, server):
         wait_for(lambda: log().count("Application startup complete") == 2, seconds=60,
                  what="two workers")
         added = cli_add(lenet_embed_cmd, bundle_copy, image, "9")

@@ -28,12 +28,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
-from test_serve import assert_error, free_port, png, running
+from test_serve import assert_error, png
 
 from lenet_embed.serve import connections, create_app, pools
 from lenet_embed.serve.connections import GuardedHttpToolsProtocol
 from lenet_embed.serve.errors import install_error_handlers
 from lenet_embed.serve.middleware import RequestGuard
+from lenet_embed.serve.running import free_port, running_service
 
 SERVE_LOGGER = "lenet_embed.serve"
 
@@ -255,7 +256,7 @@ def test_idle_connections_beyond_the_limit_do_not_stop_searches(lenet_embed_cmd,
         return [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--port", str(port),
                 "--max-connections", "50"]
 
-    with running(command, log_path) as (url, server):
+    with running_service(command, log_path) as (url, server):
         port = int(url.rsplit(":", 1)[1])
         idle = []
         try:

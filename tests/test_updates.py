@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +146,40 @@ def test_cli_add_a_folder(run, bundle_copy, new_digits, tmp_path):
     line = one_line_error(run("add", pngs[0], "--images", root, "--index-dir", bundle_copy))
     assert "one of them" in line
     assert read_manifest(bundle_copy).version == 2
+
+
+def test_adds_from_threads_during_a_commit_share_the_next_one(bundle_copy, new_digits):
+    """Group commit: eight threads call add while a commit is in flight (here: while the commit
+    lock is held); the next commit takes all eight, and each call returns its own id."""
+    images, labels = new_digits
+    index = SearchIndex.load(bundle_copy)
+    before = index.manifest
+    found: dict[int, list[int]] = {}
+
+    def add(i: int) -> None:
+        found[i] = index.add(images[i], labels=int(labels[i])).tolist()
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    with index._committing:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while len(index._waiting) < 8:
+            assert time.monotonic() < deadline, "the adds did not all arrive"
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=120)
+    manifest = read_manifest(bundle_copy)
+    assert (manifest.version, manifest.count) == (before.version + 1, before.count + 8)
+    assert sorted(i for ids in found.values() for i in ids) == list(
+        range(before.next_id, before.next_id + 8))
+    fresh = SearchIndex.load(bundle_copy)
+    for i, ids in found.items():
+        top = fresh.search(images[i], k=1)[0][0]
+        assert (top.id, top.label) == (ids[0], int(labels[i]))
+    with pytest.raises(LenetEmbedError, match="label 'x'"):
+        index.add(images[0], labels="x")  # refused alone, before it could join a commit
+    assert not index._waiting and read_manifest(bundle_copy).version == manifest.version
 
 
 def test_ids_are_never_reused(bundle_copy, bundle_data, new_digits):
@@ -289,6 +325,28 @@ def test_k_live_results_when_most_items_are_removed(factory, factory_bundles, bu
             assert len(set(ids) & set(exact.tolist())) >= 0.9 * k
     with pytest.raises(LenetEmbedError, match=f"k must be between 1 and {live}"):
         index.search_vectors(vectors, k=live + 1)
+
+
+def test_compact_of_ivf_with_fewer_live_items_than_lists_seals_them_flat(
+        factory_bundles, bundle_data, tmp_path):
+    """IVF16 needs 16 vectors to train its lists: with 10 live items compact builds an exact Flat
+    index instead, and the manifest says so (no nprobe left that Flat would refuse)."""
+    target = Path(shutil.copytree(factory_bundles["IVF16,Flat"], tmp_path / "index"))
+    index = SearchIndex.load(target)
+    n = len(bundle_data.train)
+    kept = np.arange(0, n, n // 10)[:10]
+    assert index.remove(np.setdiff1d(np.arange(n), kept)) == n - 10
+    index.compact()
+    manifest = read_manifest(target)
+    assert (manifest.factory, manifest.search_params, manifest.target_recall) == ("Flat", {}, None)
+    assert manifest.factory_reason == ("compact: 10 live items are too few to train IVF16,Flat; "
+                                       "Flat (exact search) instead")
+    assert (manifest.count, manifest.rows, len(manifest.segments)) == (10, 10, 1)
+    fresh = SearchIndex.load(target)
+    for searcher in (index, fresh):
+        found = searcher.search(bundle_data.train.images[kept], k=10)
+        assert [row[0].id for row in found] == kept.tolist()  # each finds itself first
+        assert all(sorted(n.id for n in row) == kept.tolist() for row in found)
 
 
 def test_exact_search_after_adds_and_removes_is_exact(bundle_copy, new_digits, mnist):
