@@ -163,13 +163,16 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     async def search(
         request: Request,
         k: Annotated[int, Query(ge=1, le=MAX_K, description="Neighbours to return.")] = DEFAULT_K,
+        min_confidence: Annotated[float | None, Query(
+            ge=0, le=1, description="Answer only when the calibrated confidence is at least "
+            "this (default: the bundle's threshold).")] = None,
     ) -> JSONResponse:
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
         index.check_k(k)
         pools.check_room(request.headers.get("content-length"))
         query = await pools.prepare(await read_query(request, body_model))
-        result = await batcher.search(query, k)
+        result = (await batcher.search(query, k)).judged(min_confidence)
         # A ready response skips FastAPI's re-validation; the schema above documents it.
         return JSONResponse(result.to_dict())
 
