@@ -262,7 +262,14 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
                  index: SearchIndex) -> list[Path]:
     """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
-    from .pictures import confusion_image, embedding_map, montage, montage_rows, pca_2d
+    from .pictures import (
+        confusion_image,
+        embedding_map,
+        montage,
+        montage_rows,
+        pca_2d,
+        reliability_diagram,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,4 +307,8 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
         written.remove(written[2])
     points = pca_2d(prepare_vectors(vectors, index.metric))
     embedding_map(points, test_labels, names, title="test embeddings, PCA").save(written[-1])
+    if details["reliability"] is not None and evaluation.trust is not None:
+        written.append(out / "reliability.png")
+        reliability_diagram(*details["reliability"], title=f"confidence on the test digits, "
+                            f"ECE {evaluation.trust.ece:.4f}").save(written[-1])
     return written
