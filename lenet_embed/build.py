@@ -29,7 +29,7 @@ from .ann import (
     to_distances,
 )
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, Segment, package_version
-from .calibration import classifier_head, fit_items, sample_rows
+from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
@@ -176,8 +176,11 @@ def build_index(
         apply_search_params(built.index, {name: int(value) for name, value
                                           in built.search_params.items()
                                           if name in SEARCH_PARAMETERS})
-        calibration = _calibration(built.index, vectors, labels, metric, encoder,
-                                   classifier_head(classifier))
+        try:
+            calibration = _calibration(built.index, vectors, labels, metric, encoder,
+                                       classifier_head(classifier))
+        except CannotCalibrate as exc:
+            log.warning("no calibration (queries get no confidence): %s", exc)
         report("calibrating", 1, 1)
     # In place, a chunk at a time: prepare_vectors on all of them would take two more copies
     # (one of them float64). It works row by row, so the result is the same.

@@ -67,6 +67,11 @@ CONFIDENCE_FEATURES_PLAIN = ("agree", "log_d1")
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
+class CannotCalibrate(LenetEmbedError):
+    """The bundle's items cannot support a calibration (too few labelled, or no wrong answer to
+    learn from): a build goes on without one."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What calibration says of one query: its confidence and out-of-distribution score (None
@@ -275,7 +280,7 @@ def sample_rows(labels: np.ndarray, rows: np.ndarray, sample: int = SAMPLE) -> n
     same ones every time."""
     rows = rows[labels >= 0]
     if len(rows) <= K:
-        raise LenetEmbedError(f"calibration needs more than {K} labelled items, there are "
+        raise CannotCalibrate(f"calibration needs more than {K} labelled items, there are "
                               f"{len(rows)}")
     return np.sort(np.random.default_rng(0).permutation(rows)[:sample])
 
@@ -289,7 +294,7 @@ def fit_items(search: Search, vectors: np.ndarray, ids: np.ndarray, labels: np.n
     data = held_out(search, vectors, ids, labels, others, head)
     if data.digit_correct.all() or not data.digit_correct.any():
         state = "right" if data.digit_correct.all() else "wrong"
-        raise LenetEmbedError(f"every held-out item was {state}: calibration needs right and "
+        raise CannotCalibrate(f"every held-out item was {state}: calibration needs right and "
                               "wrong answers to learn from; index more items")
     return fit(data, head)
 

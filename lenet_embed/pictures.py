@@ -708,10 +708,10 @@ def _vertical_text(
 
 def reliability_diagram(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray,
                         title: str = "") -> Image.Image:
-    """A reliability diagram (Guo et al. 2017, fig. 1): per equal-width confidence bin, a bar
-    as tall as the accuracy of the answers in it, its gap to the bin's mean confidence shaded
-    red, and the diagonal a perfectly calibrated model would follow. Empty bins stay blank; each
-    bar's count is written under it."""
+    """A reliability diagram (Guo et al. 2017, fig. 1): per equal-width confidence bin, a blue
+    bar as tall as the accuracy of the answers in it, a red outline from there to the bin's mean
+    confidence (the gap), and the diagonal a perfectly calibrated model would follow. Empty bins
+    stay blank; each bar's count is written under it."""
     bins = len(counts)
     size, left, bottom = 420, 56, 48
     top = MARGIN + (26 if title else 6)
@@ -733,7 +733,7 @@ def reliability_diagram(counts: np.ndarray, accuracy: np.ndarray, mean_confidenc
         draw.rectangle([x0, y_of(accuracy[i]), x1, y_of(0.0)], fill=QUERY_BLUE)
         low, high = sorted((accuracy[i], mean_confidence[i]))
         if high - low > 1e-3:
-            draw.rectangle([x0, y_of(high), x1, y_of(low)], fill=_mix(WRONG_RED, WHITE, 0.45))
+            draw.rectangle([x0, y_of(high), x1, y_of(low)], outline=WRONG_RED, width=2)
         _text(draw, x0, y_of(0.0) + 3, _fit(str(int(counts[i])), small, int(step)), small, MUTED)
     draw.line([left, y_of(0.0), left + size, y_of(1.0)], fill=MUTED, width=1)
     draw.rectangle([left, top, left + size, top + size], outline=RULE)
