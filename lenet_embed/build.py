@@ -34,6 +34,7 @@ from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
+from .nondigits import MissingFonts
 from .preprocess import scale_pixels, to_uint8
 from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 from .writer import BundleWriter, check_folder, now_iso
@@ -179,7 +180,7 @@ def build_index(
         try:
             calibration = _calibration(built.index, vectors, labels, metric, encoder,
                                        classifier_head(classifier))
-        except CannotCalibrate as exc:
+        except (CannotCalibrate, MissingFonts) as exc:
             log.warning("no calibration (queries get no confidence): %s", exc)
         report("calibrating", 1, 1)
     # In place, a chunk at a time: prepare_vectors on all of them would take two more copies

@@ -60,6 +60,10 @@ _STREAMS = {"fit": 11, "eval": 29}
 _LACKING_SYMBOLS = {"ExtraLight", "DejaVuMathTeXGyre"}
 
 
+class MissingFonts(LenetEmbedError):
+    """The fonts letters and symbols are drawn in are not installed."""
+
+
 @dataclass(frozen=True)
 class NonDigits:
     """Generated pictures with the kind and style of each, and each as the encoder sees it
@@ -81,8 +85,8 @@ def fonts(split: str) -> list[Path]:
     found = sorted(p for p in folder.glob("*.ttf")
                    if not _LACKING_SYMBOLS.intersection(p.stem.split("-")))
     if not found:
-        raise LenetEmbedError(f"{folder}: no fonts there; install fonts-dejavu-core and "
-                              "fonts-liberation to generate letters and symbols")
+        raise MissingFonts(f"{folder}: no fonts there; install fonts-dejavu-core and "
+                           "fonts-liberation to generate letters and symbols")
     return found
 
 
