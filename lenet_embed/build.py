@@ -18,18 +18,23 @@ from .ann import (
     AUTO,
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TARGET_RECALL,
+    SEARCH_PARAMETERS,
+    apply_search_params,
     build_tuned_index,
     check_factory,
     check_target_recall,
     parse_size,
     prepare_vectors,
     set_threads,
+    to_distances,
 )
-from .bundle import DEFAULT_INDEX_DIR, Manifest, Segment, package_version
+from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, Segment, package_version
+from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import KerasEncoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
+from .nondigits import MissingFonts
 from .preprocess import scale_pixels, to_uint8
 from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 from .writer import BundleWriter, check_folder, now_iso
@@ -41,7 +46,7 @@ TUNING_QUERIES = 5000
 # of a million digits would be 3 GB. Memory-mapped images are read from disk a chunk at a time.
 CHUNK = 16_384
 # ``on_progress(stage, done, total)``: "reading" (image files, for ``images``), "embedding",
-# "indexing" and "writing", in that order.
+# "indexing", "calibrating" and "writing", in that order.
 StageProgress = Callable[[str, int, int], None]
 
 
@@ -71,8 +76,9 @@ class BuildResult:
         }
 
 
-def _load_encoder(model: str | os.PathLike[str] | None, data: Any) -> Any:
-    """The Keras encoder of ``model``, training one with the default recipe if it is missing."""
+def _load_model(model: str | os.PathLike[str] | None, data: Any) -> Any:
+    """The Keras classifier (or encoder) at ``model``, training one with the default recipe if
+    it is missing."""
     path = Path(model) if model is not None else DEFAULT_MODEL_PATH
     if not path.exists():
         if model is not None:
@@ -81,7 +87,7 @@ def _load_encoder(model: str | os.PathLike[str] | None, data: Any) -> Any:
             )
         log.info("no model at %s: training one with the %r recipe first", path, DEFAULT_RECIPE)
         train(data=data, out=path)
-    return encoder_of(load_classifier(str(path)))
+    return load_classifier(str(path))
 
 
 def build_index(
@@ -141,14 +147,15 @@ def build_index(
         stored = to_uint8(pixels)
         classes, sources, skipped = folder.classes, folder.sources, folder.skipped
         description = {"kind": "images", "root": str(images), "skipped": len(skipped)}
-        encoder_model = _load_encoder(model, data)
+        classifier = _load_model(model, data)
     else:
         dataset = load_mnist(data)
-        encoder_model = _load_encoder(model, dataset)
+        classifier = _load_model(model, dataset)
         stored, labels = dataset.train.images, dataset.train.labels
         pixels = stored  # scaled a chunk at a time by _embed
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
         held_out = dataset.test.images[:TUNING_QUERIES]
+    encoder_model = encoder_of(classifier)
     encoder = KerasEncoder(encoder_model)
     vectors = _embed(encoder, pixels, report)
     count = len(vectors)
@@ -164,11 +171,22 @@ def build_index(
     for start in range(0, count, CHUNK):
         vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
     built = None
+    calibration = None
     if milvus_uri is None:
         report("indexing", 0, count)
         built = build_tuned_index(vectors, metric, factory, target_recall, budget,
                                   held_out_queries,
                                   on_progress=lambda done, total: report("indexing", done, total))
+        report("calibrating", 0, 1)
+        apply_search_params(built.index, {name: int(value) for name, value
+                                          in built.search_params.items()
+                                          if name in SEARCH_PARAMETERS})
+        try:
+            calibration = _calibration(built.index, vectors, labels, metric, encoder,
+                                       classifier_head(classifier))
+        except (CannotCalibrate, MissingFonts) as exc:
+            log.warning("no calibration (queries get no confidence): %s", exc)
+        report("calibrating", 1, 1)
     ids = np.arange(count, dtype=np.int64)
     report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:
@@ -205,10 +223,26 @@ def build_index(
             files={**encoder_files, **segment_files},
             target_recall=built.target_recall if built else None,
             factory_reason=built.reason if built else None, store=store,
+            calibration=calibration,
         ))
     milvus.drop_replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped)
+
+
+def _calibration(index: Any, vectors: np.ndarray, labels: np.ndarray, metric: str,
+                 encoder: KerasEncoder, head: tuple[np.ndarray, np.ndarray] | None
+                 ) -> Calibration:
+    """Fit the new bundle's calibration (:mod:`.calibration`) with its FAISS ``index`` over the
+    raw ``vectors`` (ids = row numbers), before they are prepared in place."""
+    labels = np.asarray(labels)
+    rows = sample_rows(labels, np.arange(len(labels)))
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, found = index.search(prepare_vectors(queries, metric), k)
+        return to_distances(scores, metric), found, np.where(found >= 0, labels[found], -1)
+
+    return fit_items(search, vectors[rows], rows.astype(np.int64), labels[rows], encoder, head)
 
 
 def _ignore(stage: str, done: int, total: int) -> None:

@@ -169,6 +169,95 @@ class Store:
     index: str
 
 
+@dataclass(frozen=True)
+class LogisticModel:
+    """A logistic model over named features: log-odds = sum(weights * (x - mean) / scale) +
+    bias (:mod:`.calibration` defines the features)."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What turns a query's ``k`` nearest neighbours into a confidence and a verdict
+    (:mod:`.calibration` fits and applies it; index/README.md documents the fields).
+
+    ``ood`` gives the out-of-distribution score (log-odds of "not like the items"), answered
+    when at most ``ood_thresholds[default_keep]``; ``ood_thresholds`` maps each operating point
+    (the fraction of held-out items kept, as text: "0.995") to its threshold. ``confidence``
+    gives P(predicted label is right) after a sigmoid; answered when at least ``min_confidence``.
+    ``head_weights`` (84 x classes) and ``head_bias`` are the classifier head whose logits some
+    features use (None when the bundle's model had none). ``fitted_on`` counts what was fitted
+    on.
+    """
+
+    k: int
+    ood: LogisticModel
+    confidence: LogisticModel
+    ood_thresholds: dict[str, float]
+    default_keep: str
+    min_confidence: float
+    head_weights: list[list[float]] | None
+    head_bias: list[float] | None
+    fitted_on: dict[str, int]
+
+    @property
+    def ood_threshold(self) -> float:
+        """The OOD score threshold in force."""
+        return self.ood_thresholds[self.default_keep]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        """Parse and check a manifest's ``calibration``; TypeError/ValueError when malformed."""
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            raise TypeError("malformed calibration")
+        values = dict(data)
+        values["ood"] = _logistic(data["ood"])
+        values["confidence"] = _logistic(data["confidence"])
+        calibration = cls(**values)
+        if not (isinstance(calibration.k, int) and calibration.k >= 1):
+            raise ValueError("calibration k must be a whole number >= 1")
+        thresholds = calibration.ood_thresholds
+        if not (isinstance(thresholds, dict) and calibration.default_keep in thresholds
+                and all(_finite(v) for v in thresholds.values())):
+            raise ValueError("calibration thresholds must map operating points to numbers, "
+                             "the default among them")
+        if not (_finite(calibration.min_confidence) and 0 <= calibration.min_confidence <= 1):
+            raise ValueError("calibration min_confidence must be between 0 and 1")
+        if (calibration.head_weights is None) != (calibration.head_bias is None):
+            raise ValueError("calibration head needs both weights and bias")
+        if calibration.head_weights is not None:
+            weights = np.asarray(calibration.head_weights, dtype=np.float64)
+            if weights.ndim != 2 or weights.shape[1] != len(calibration.head_bias or []):
+                raise ValueError("calibration head weights and bias disagree in shape")
+        if not isinstance(calibration.fitted_on, dict):
+            raise ValueError("calibration fitted_on must be an object")
+        return calibration
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
+
+
+def _logistic(data: Any) -> LogisticModel:
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(LogisticModel)}:
+        raise TypeError("malformed calibration model")
+    model = LogisticModel(**data)
+    lists = (model.mean, model.scale, model.weights)
+    if not (isinstance(model.features, list) and all(isinstance(f, str) for f in model.features)
+            and all(isinstance(v, list) and len(v) == len(model.features)
+                    and all(_finite(x) for x in v) for v in lists)
+            and _finite(model.bias) and all(x > 0 for x in model.scale)):
+        raise ValueError("a calibration model needs one finite mean, scale (> 0) and weight "
+                         "per feature")
+    return model
+
+
 def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     """The record of one row in an unsealed segment's single ``.npy`` file (``source_chars`` > 0
     adds the source path, "" for none)."""
@@ -210,6 +299,7 @@ class Manifest:
     target_recall: float | None = None
     store: Store | None = None
     factory_reason: str | None = None
+    calibration: Calibration | None = None
 
     @property
     def deleted(self) -> int:
@@ -278,7 +368,7 @@ class Manifest:
             )
         _check_seal(data, where)
         names = {f.name for f in fields(cls)}
-        optional = {"format_version", "target_recall", "store", "factory_reason"}
+        optional = {"format_version", "target_recall", "store", "factory_reason", "calibration"}
         missing = sorted(names - optional - set(data))
         if missing:
             raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
@@ -288,6 +378,8 @@ class Manifest:
             if data.get("store") is not None:
                 values["store"] = Store(**_typed(data["store"], {
                     "kind": str, "uri": str, "collection": str, "index": str}))
+            if data.get("calibration") is not None:
+                values["calibration"] = Calibration.from_dict(data["calibration"])
             values["files"] = {
                 name: FileEntry(**_typed(entry, {"bytes": int, "sha256": str}))
                 for name, entry in _typed_dict(data["files"]).items()

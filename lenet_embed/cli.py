@@ -233,6 +233,16 @@ def _neighbor_table(neighbors: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
+def _answer_line(result: Any) -> str:
+    """The verdict of one query in words: the label and its confidence, or why there is none."""
+    if result.confidence is None:
+        return f"predicted label: {result.predicted_label} ({result.reason})"
+    if not result.match:
+        return (f"predicted label: none ({result.reason}; nearest label {result.candidate}, "
+                f"confidence {result.confidence:.3f})")
+    return f"predicted label: {result.predicted_label} (confidence {result.confidence:.3f})"
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True,
@@ -242,12 +252,15 @@ def _neighbor_table(neighbors: Sequence[Any]) -> str:
 @click.option("--montage", type=click.Path(dir_okay=False), help="Also draw a PNG: one row per "
               "query (as the model saw it), then its neighbours with label and distance; "
               "neighbours whose label differs from the predicted digit are framed red.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), help="Answer only when the "
+              "calibrated confidence is at least this [default: the bundle's threshold].")
 def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None,
           nprobe: int | None, threads: int | None, backend: str, as_json: bool,
-          montage: str | None) -> None:
-    """Find the k indexed digits nearest to each IMAGE file."""
+          montage: str | None, min_confidence: float | None) -> None:
+    """Find the k indexed digits nearest to each IMAGE file, and say whether (and how
+    confidently) it is one of them."""
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
-    results = index.query(list(images), k)
+    results = index.query(list(images), k, min_confidence)
     for result in results:
         if not result.ok:
             click.echo(f"Error: {result.error}", err=True)
@@ -255,7 +268,7 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
             _print_json(result.to_dict())
         else:
             click.echo(f"{result.query}\n{_neighbor_table(result.neighbors)}\n"
-                       f"predicted label: {result.predicted_label}\n")
+                       f"{_answer_line(result)}\n")
     answered = [result for result in results if result.ok]
     if montage and answered:
         from .pictures import montage as draw_montage
@@ -399,6 +412,37 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 
 
 @main.command()
+@_INDEX_DIR
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), help="The classifier "
+              "(.keras) the bundle's encoder was cut from, whose head some scores use "
+              "[default: the head the bundle keeps, if any].")
+@_WAIT
+@_JSON
+def calibrate(index_dir: str, model: str | None, wait: float, as_json: bool) -> None:
+    """Fit the bundle's confidence and "not a digit" thresholds again, as a new version.
+
+    Run it after adding many items, or on a bundle built before calibration existed.
+    """
+    from .calibration import calibrate as run_calibrate
+    from .calibration import load_head
+
+    manifest = run_calibrate(index_dir, load_head(model) if model else None, timeout=wait)
+    calibration = manifest.calibration
+    assert calibration is not None  # just fitted
+    summary = {"index_dir": index_dir, "version": manifest.version,
+               "ood_threshold": calibration.ood_threshold,
+               "min_confidence": calibration.min_confidence,
+               "head": calibration.head_weights is not None, **calibration.fitted_on}
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"calibrated {index_dir}: version {manifest.version}, fitted on "
+               f"{summary['items']} items ({summary['items_wrong']} wrong) and "
+               f"{summary['nondigits']} generated non-digits"
+               f"{'' if summary['head'] else ', without a classifier head'}")
+
+
+@main.command()
 @click.argument("out_dir", type=click.Path())
 @click.option("-n", "n", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="How many test digits to write.")
@@ -510,6 +554,18 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
         ("single query, with embedding", f"p50 {figures['latency_with_embedding_ms_p50']:.3f} ms, "
                                          f"p99 {figures['latency_with_embedding_ms_p99']:.3f} ms"),
     ]
+    trust = figures["trust"]
+    if trust is not None:
+        rows += [
+            ("calibration error (ECE)", f"{trust['ece']:.4f}"),
+            ("not-a-digit AUROC / FPR@95", f"{trust['auroc']:.4f} / {trust['fpr_at_95_tpr']:.4f}"),
+            ("test digits answered", f"{trust['digits_answered']:.4f} (of them right: "
+                                     f"{trust['answered_accuracy']:.4f})"),
+            ("non-digits rejected", f"{trust['nondigits_rejected']:.4f} of "
+                                    f"{trust['nondigits']} (" + ", ".join(
+                                        f"{kind} {value:.3f}" for kind, value
+                                        in trust["rejected_by_kind"].items()) + ")"),
+        ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")

@@ -22,13 +22,48 @@ from .ann import exact_search, prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR
 from .data import Dataset, load_mnist
 from .errors import LenetEmbedError
-from .metrics import knn_accuracy, precision_at_k, r_precision_and_map_at_r, recall_at_k
+from .metrics import (
+    auroc,
+    expected_calibration_error,
+    fpr_at_tpr,
+    knn_accuracy,
+    precision_at_k,
+    r_precision_and_map_at_r,
+    recall_at_k,
+    reliability_bins,
+)
+from .nondigits import generate
 from .preprocess import scale_pixels
-from .search import SearchIndex
+from .search import Query, QueryResult, SearchIndex
 
 LATENCY_QUERIES = 500
+# Generated non-digits (the eval split) the trust figures are measured on, and the bins of ECE
+# and the reliability diagram (Guo et al. 2017 use 15).
+NONDIGITS_EVALUATED = 3000
+RELIABILITY_BINS = 15
 RECALL_K = 10
 WORST_SHOWN = 40
+
+
+@dataclass
+class TrustFigures:
+    """How far answers can be trusted (:mod:`.calibration`), on the test digits and the
+    ``eval`` split of :mod:`.nondigits`: expected calibration error of ``confidence`` (15 bins),
+    AUROC and FPR at 95 % TPR of the out-of-distribution score (non-digits = positives of the
+    AUROC; FPR = non-digits let through at the threshold keeping 95 % of digits), and, at the
+    bundle's own thresholds, the fraction of digits answered (and how many of those are right)
+    and of non-digits rejected, overall and per kind."""
+
+    ece: float
+    auroc: float
+    fpr_at_95_tpr: float
+    digits_answered: float
+    answered_accuracy: float
+    nondigits: int
+    nondigits_rejected: float
+    rejected_by_kind: dict[str, float]
+    ood_threshold: float
+    min_confidence: float
 
 
 @dataclass
@@ -56,6 +91,7 @@ class Evaluation:
     search_params: dict[str, int] = field(default_factory=dict)
     recall_at_10: float | None = None
     index_nn1_accuracy: float | None = None
+    trust: TrustFigures | None = None
     # Kept for pictures; not part of the JSON figures.
     details: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -169,20 +205,71 @@ def evaluate(
             float((labels[index_rows[:, 0]] == test_labels).mean()) if approximate else None
         ),
     )
+    reliability = None
+    if snapshot.manifest.calibration is not None:
+        evaluation.trust, reliability = measure_trust(index, queries, test_labels)
     evaluation.details = {
         "test_labels": test_labels,
         "test_pixels": test_pixels,
         "queries": queries,
         "rows": rows[:, :k],
         "embed_seconds": embed_seconds,
+        "reliability": reliability,
     }
     return evaluation
+
+
+def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
+                  nondigits: int = NONDIGITS_EVALUATED
+                  ) -> tuple[TrustFigures, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:class:`TrustFigures` of a calibrated bundle for digit embeddings ``queries`` (raw, as the
+    encoder gives them) with true ``labels``, and the reliability diagram's bins."""
+    calibration = index.manifest.calibration
+    if calibration is None:
+        raise LenetEmbedError(f"{index.path}: the bundle has no calibration; run "
+                              "`lenet-embed calibrate` first")
+    others = generate("eval", nondigits, seed=0)
+    other_vectors = index.encoder.embed(others.pixels)
+
+    def answers(vectors: np.ndarray) -> list[QueryResult]:
+        return index.query([Query(vector=v) for v in vectors], calibration.k)
+
+    digits, rejects = answers(queries), answers(other_vectors)
+    confidence = np.array([r.confidence for r in digits])
+    correct = np.array([r.candidate == label for r, label in zip(digits, labels.tolist(),
+                                                                  strict=True)])
+    digit_scores = np.array([r.verdict.ood_score for r in digits])
+    other_scores = np.array([r.verdict.ood_score for r in rejects])
+    answered = np.array([r.match for r in digits])
+    rejected = np.array([not r.match for r in rejects])
+    kinds = np.array(others.kinds)
+    figures = TrustFigures(
+        ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),
+        auroc=auroc(digit_scores, other_scores),
+        fpr_at_95_tpr=fpr_at_tpr(digit_scores, other_scores, 0.95),
+        digits_answered=float(answered.mean()),
+        answered_accuracy=float(correct[answered].mean()) if answered.any() else 0.0,
+        nondigits=len(rejects),
+        nondigits_rejected=float(rejected.mean()),
+        rejected_by_kind={kind: float(rejected[kinds == kind].mean())
+                          for kind in sorted(set(others.kinds))},
+        ood_threshold=calibration.ood_threshold,
+        min_confidence=calibration.min_confidence,
+    )
+    return figures, reliability_bins(confidence, correct, RELIABILITY_BINS)
 
 
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
                  index: SearchIndex) -> list[Path]:
     """Write ``figures.json`` and PNG pictures of ``evaluation`` into ``out_dir``."""
-    from .pictures import confusion_image, embedding_map, montage, montage_rows, pca_2d
+    from .pictures import (
+        confusion_image,
+        embedding_map,
+        montage,
+        montage_rows,
+        pca_2d,
+        reliability_diagram,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,4 +307,8 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
         written.remove(written[2])
     points = pca_2d(prepare_vectors(vectors, index.metric))
     embedding_map(points, test_labels, names, title="test embeddings, PCA").save(written[-1])
+    if details["reliability"] is not None and evaluation.trust is not None:
+        written.append(out / "reliability.png")
+        reliability_diagram(*details["reliability"], title=f"confidence on the test digits, "
+                            f"ECE {evaluation.trust.ece:.4f}").save(written[-1])
     return written

@@ -57,3 +57,53 @@ def recall_at_k(approximate: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Fraction of the exact top-``k`` rows that the approximate search also put in its top k."""
     found = [len(np.intersect1d(a[:k], e[:k])) for a, e in zip(approximate, exact, strict=True)]
     return float(np.sum(found) / (k * len(exact)))
+
+
+# ------------------------------------------------------------------ trust: OOD and calibration
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Area under the ROC curve of an out-of-distribution score (higher = more out): the
+    probability that a random out-of-distribution input scores above a random in-distribution one,
+    ties counting half (the Mann-Whitney U statistic over n_in * n_out; Hendrycks & Gimpel 2017
+    report it for exactly this task)."""
+    scores = np.concatenate([in_scores, out_scores]).astype(np.float64)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Average ranks (1-based), so tied scores share their rank.
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]
+    n_in, n_out = len(in_scores), len(out_scores)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
+    return float(u / (n_in * n_out))
+
+
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """The fraction of out-of-distribution inputs let through when the threshold keeps ``tpr`` of
+    the in-distribution ones ("FPR at 95 % TPR", Liang et al. 2018, with in-distribution inputs as
+    the positives): the threshold is the ``tpr`` quantile of the in-distribution scores."""
+    threshold = np.quantile(in_scores, tpr)
+    return float((out_scores <= threshold).mean())
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, eq. 3): over ``bins`` equal-width confidence bins, the mean absolute
+    gap between accuracy and mean confidence, weighted by the fraction of answers in each."""
+    counts, accuracy, mean_confidence = reliability_bins(confidence, correct, bins)
+    total = counts.sum()
+    return float(np.sum(counts / total * np.abs(accuracy - mean_confidence))) if total else 0.0
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of (0, 1]: the count, the accuracy and the mean confidence (0 in an
+    empty bin): the data of a reliability diagram."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    # Bin b holds (b/bins, (b+1)/bins]; a confidence of 0 goes to the first bin.
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    counts = np.bincount(which, minlength=bins).astype(np.float64)
+    safe = np.maximum(counts, 1.0)
+    accuracy = np.bincount(which, weights=correct, minlength=bins) / safe
+    mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / safe
+    return counts, accuracy, mean_confidence

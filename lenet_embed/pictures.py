@@ -704,3 +704,44 @@ def _vertical_text(
     mask = strip.rotate(90, expand=True)
     top = bottom - mask.height if bottom is not None else (centre_y or 0) - mask.height // 2
     page.paste(Image.new("RGB", mask.size, fill), (x, top), mask)
+
+
+def reliability_diagram(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray,
+                        title: str = "") -> Image.Image:
+    """A reliability diagram (Guo et al. 2017, fig. 1): per equal-width confidence bin, a blue
+    bar as tall as the accuracy of the answers in it, a red outline from there to the bin's mean
+    confidence (the gap), and the diagonal a perfectly calibrated model would follow. Empty bins
+    stay blank; each bar's count is written under it."""
+    bins = len(counts)
+    size, left, bottom = 420, 56, 48
+    top = MARGIN + (26 if title else 6)
+    width, height = left + size + MARGIN * 2, top + size + bottom
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+    head_font, small = _font(15, bold=True), _font(10)
+    if title:
+        _text(draw, MARGIN, MARGIN, title, head_font, INK)
+
+    def y_of(value: float) -> float:
+        return top + size * (1.0 - value)
+
+    step = size / bins
+    for i in range(bins):
+        if counts[i] == 0:
+            continue
+        x0, x1 = left + i * step + 1, left + (i + 1) * step - 1
+        draw.rectangle([x0, y_of(accuracy[i]), x1, y_of(0.0)], fill=QUERY_BLUE)
+        low, high = sorted((accuracy[i], mean_confidence[i]))
+        if high - low > 1e-3:
+            draw.rectangle([x0, y_of(high), x1, y_of(low)], outline=WRONG_RED, width=2)
+        _text(draw, x0, y_of(0.0) + 3, _fit(str(int(counts[i])), small, int(step)), small, MUTED)
+    draw.line([left, y_of(0.0), left + size, y_of(1.0)], fill=MUTED, width=1)
+    draw.rectangle([left, top, left + size, top + size], outline=RULE)
+    for tick in range(6):
+        value = tick / 5
+        _text(draw, left - 30, y_of(value) - 6, f"{value:.1f}", small, MUTED)
+        _text(draw, left + value * size - 8, y_of(0.0) + 16, f"{value:.1f}", small, MUTED)
+    label_font = _font(12)
+    _text(draw, left + size / 2 - 40, height - 18, "confidence", label_font, INK)
+    _vertical_text(image, 4, int(top + size / 2), "accuracy", label_font, INK)
+    return image

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .ann import prepare_vectors, set_threads
-from .bundle import DEFAULT_INDEX_DIR, Manifest
+from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest
+from .calibration import Verdict, check_min_confidence, judge, verdict
 from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, open_image, to_batch, to_mnist
@@ -111,15 +112,22 @@ class Query:
 
 @dataclass(frozen=True)
 class QueryResult:
-    """The answer to one query: its neighbours, or the error that stopped it.
+    """The answer to one query: its neighbours and what calibration says of them, or the error
+    that stopped it.
 
-    ``pixels`` is the query as the model saw it (None for a vector query or an error).
+    ``candidate`` is the majority label of the neighbours calibration looks at (the first
+    ``calibration.k``, or all of them in a bundle without calibration); ``verdict`` says whether
+    it is given as the answer (:mod:`.calibration`). ``pixels`` is the query as the model saw it
+    (None for a vector query or an error).
     """
 
     query: str
     neighbors: list[Neighbor]
     error: LenetEmbedError | None = None
     pixels: np.ndarray | None = None
+    candidate: int | str | None = None
+    verdict: Verdict = Verdict(None, None, True, None)
+    calibration: Calibration | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,19 +135,47 @@ class QueryResult:
         return self.error is None
 
     @property
+    def match(self) -> bool:
+        """Whether the predicted label is given: the query looks like the indexed items and the
+        confidence reaches the threshold."""
+        return self.verdict.match
+
+    @property
+    def confidence(self) -> float | None:
+        """P(the candidate label is right), calibrated; None without calibration."""
+        return self.verdict.confidence
+
+    @property
+    def reason(self) -> str | None:
+        """Why there is no match ("not a digit", "unsure"), or a hint when uncalibrated."""
+        return self.verdict.reason
+
+    @property
     def predicted_label(self) -> int | str | None:
-        """The majority label of the neighbours."""
-        return majority_label(self.neighbors)
+        """The label given as the answer: the candidate when there is a match, else None."""
+        return self.candidate if self.match else None
 
     def top(self, k: int) -> QueryResult:
         """The same answer cut to the ``k`` nearest neighbours."""
         return replace(self, neighbors=self.neighbors[:k])
 
+    def judged(self, min_confidence: float | None) -> QueryResult:
+        """The same answer with ``min_confidence`` instead of the stored threshold."""
+        if (min_confidence is None or self.calibration is None
+                or self.verdict.confidence is None or self.verdict.ood_score is None):
+            return self
+        return replace(self, verdict=verdict(self.calibration, self.verdict.confidence,
+                                             self.verdict.ood_score, min_confidence))
+
     def to_dict(self) -> dict[str, Any]:
         """The answer as ``query --json`` and the service print it."""
+        confidence = self.confidence
         return {
             "query": self.query,
             "predicted_label": self.predicted_label,
+            "match": self.match,
+            "confidence": None if confidence is None else round(confidence, 6),
+            "reason": self.reason,
             "neighbors": [neighbor.to_dict() for neighbor in self.neighbors],
         }
 
@@ -299,13 +335,16 @@ class SearchIndex:
         self.check_k(k, snapshot)
         return snapshot, self._check_vectors(vectors, snapshot.dim, snapshot.metric)
 
-    def query(self, queries: Sequence[Query | ImageLike], k: int = 5) -> list[QueryResult]:
+    def query(self, queries: Sequence[Query | ImageLike], k: int = 5,
+              min_confidence: float | None = None) -> list[QueryResult]:
         """Answer many queries at once, each with its result or its own error.
 
         One bad image does not stop the others: its result carries the error. Images are
         embedded in one call and every query is searched in one call. This is what ``query``
-        and the service use.
+        and the service use. Each answer carries its calibrated confidence and whether it is a
+        match (:mod:`.calibration`); ``min_confidence`` overrides the bundle's threshold.
         """
+        check_min_confidence(min_confidence)
         snapshot = self._snapshot
         self.check_k(k, snapshot)
         items = [q if isinstance(q, Query) else Query(image=q) for q in queries]
@@ -324,13 +363,24 @@ class SearchIndex:
         if pixels:
             vectors[list(pixels)] = snapshot.encoder.embed(np.stack(list(pixels.values())))
         answered = [p for p in range(len(items)) if p not in errors]
-        found = self._neighbors(snapshot, vectors[answered], k) if answered else []
-        neighbors = dict(zip(answered, found, strict=True))
-        return [
-            QueryResult(item.title, neighbors.get(position, []), errors.get(position),
-                        pixels.get(position))
-            for position, item in enumerate(items)
-        ]
+        results = [QueryResult(item.title, [], errors.get(position), pixels.get(position))
+                   for position, item in enumerate(items)]
+        if not answered:
+            return results
+        calibration = snapshot.manifest.calibration
+        # Calibration judges its own k neighbours, whatever k the caller wants shown.
+        searched = max(k, calibration.k) if calibration else k
+        searched = min(searched, len(snapshot))
+        hits, sources = self._hits(snapshot, vectors[answered], searched)
+        predicted, verdicts = judge(calibration, hits.distances, hits.labels, vectors[answered],
+                                    min_confidence)
+        found = self._as_neighbors(snapshot, hits, sources)
+        for row, position in enumerate(answered):
+            results[position] = replace(
+                results[position], neighbors=found[row][:k],
+                candidate=snapshot.label_name(int(predicted[row])), verdict=verdicts[row],
+                calibration=calibration)
+        return results
 
     @staticmethod
     def _check_vectors(vectors: Any, dim: int, metric: str) -> np.ndarray:
@@ -365,7 +415,12 @@ class SearchIndex:
     def _neighbors(self, snapshot: Snapshot, vectors: np.ndarray, k: int
                    ) -> list[list[Neighbor]]:
         """:meth:`_hits` as one list of :class:`Neighbor` per query."""
-        hits, sources = self._hits(snapshot, vectors, k)
+        return self._as_neighbors(snapshot, *self._hits(snapshot, vectors, k))
+
+    @staticmethod
+    def _as_neighbors(snapshot: Snapshot, hits: Hits, sources: list[list[str | None]] | None
+                      ) -> list[list[Neighbor]]:
+        """:class:`Hits` as one list of :class:`Neighbor` per query."""
         # Python lists once, not numpy scalars per neighbour: this loop is the objects' whole cost.
         names = {code: snapshot.label_name(code) for code in np.unique(hits.labels).tolist()}
         results = []

@@ -3,7 +3,9 @@
 Trains every recipe (the tutorial's ``seed`` is the baseline) with a fixed seed on MNIST, builds a
 cosine and an L2 bundle from each model over the 60,000 training digits, evaluates each on the
 10,000 test digits, and prints one table: test accuracy, 1-NN accuracy, MAP@R (cosine and L2),
-training seconds, and training time as a ratio of the baseline's.
+training seconds, training time as a ratio of the baseline's, and how far the cosine bundle's
+answers can be trusted (ECE, AUROC and FPR@95 on the generated non-digits, digits answered and
+non-digits rejected at its thresholds).
 
     python scripts/bench_quality.py [--data PATH] [--seed 1] [--json]
 
@@ -42,6 +44,13 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
         figures = evaluate(index_dir, data=dataset)
         if metric == "cosine":
             row["nn1_accuracy"] = round(figures.nn1_accuracy, 4)
+            trust = figures.trust
+            if trust is not None:  # README "Answers you can trust"
+                row["ece"] = round(trust.ece, 4)
+                row["ood_auroc"] = round(trust.auroc, 4)
+                row["ood_fpr95"] = round(trust.fpr_at_95_tpr, 4)
+                row["digits_answered"] = round(trust.digits_answered, 4)
+                row["nondigits_rejected"] = round(trust.nondigits_rejected, 4)
         row[f"map_at_r_{metric}"] = round(figures.map_at_r, 4)
     return row
 
@@ -65,11 +74,12 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     columns = ["recipe", "test_accuracy", "nn1_accuracy", "map_at_r_cosine", "map_at_r_l2",
-               "epochs", "train_seconds", "train_time_ratio"]
+               "epochs", "train_seconds", "train_time_ratio", "ece", "ood_auroc", "ood_fpr95",
+               "digits_answered", "nondigits_rejected"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+        print("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")
 
 
 if __name__ == "__main__":

@@ -146,11 +146,17 @@ def test_query_json(run, bundle_dir, search_index, pngs):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(pngs)
     expected = search_index.search(pngs, k=k)
-    for line, path, neighbors in zip(lines, pngs, expected, strict=True):
+    answers = search_index.query(pngs, k=k)
+    for line, path, neighbors, answer in zip(lines, pngs, expected, answers, strict=True):
         record = json.loads(line)
-        assert list(record) == ["query", "predicted_label", "neighbors"]
+        assert list(record) == ["query", "predicted_label", "match", "confidence", "reason",
+                                "neighbors"]
         assert record["query"] == str(path)
-        assert record["predicted_label"] == majority_label(neighbors)
+        # The label is the majority of the 5 neighbours calibration judges, given on a match.
+        five = search_index.search(path, k=5)[0]
+        assert record["predicted_label"] == (majority_label(five) if answer.match else None)
+        assert (record["match"], record["reason"]) == (answer.match, answer.reason)
+        assert record["confidence"] == pytest.approx(answer.confidence, abs=1e-6)
         assert len(record["neighbors"]) == k
         for got, want in zip(record["neighbors"], neighbors, strict=True):
             assert set(got) == NEIGHBOR_KEYS
@@ -164,14 +170,20 @@ def test_query_human(run, bundle_dir, search_index, pngs):
     result = ok(run("query", *pngs[:2], "--index-dir", bundle_dir, "-k", k))
     blocks = result.stdout.strip().split("\n\n")
     assert len(blocks) == 2
-    for block, path, neighbors in zip(blocks, pngs[:2], search_index.search(pngs[:2], k=k),
-                                      strict=True):
+    answers = search_index.query(pngs[:2], k=k)
+    for block, path, neighbors, answer in zip(blocks, pngs[:2],
+                                              search_index.search(pngs[:2], k=k), answers,
+                                              strict=True):
         lines = block.splitlines()
         assert lines[0] == str(path)
         assert lines[1].split() == ["rank", "id", "label", "distance"]
         for line, n in zip(lines[2 : 2 + k], neighbors, strict=True):
             assert line.split() == [str(n.rank), str(n.id), str(n.label), f"{n.distance:.4f}"]
-        assert lines[-1] == f"predicted label: {majority_label(neighbors)}"
+        label = majority_label(search_index.search(path, k=5)[0])
+        assert lines[-1] == (
+            f"predicted label: {label} (confidence {answer.confidence:.3f})" if answer.match
+            else f"predicted label: none ({answer.reason}; nearest label {label}, "
+                 f"confidence {answer.confidence:.3f})")
         assert len(lines) == k + 3
 
 

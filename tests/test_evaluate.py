@@ -207,7 +207,8 @@ def test_write_report(evaluation, keras_index, tmp_path):
     predicted = keras_index.snapshot.labels[details["rows"][:, 0]]
     n_wrong = int(np.sum(predicted != details["test_labels"]))
     assert n_wrong == round((1 - evaluation.nn1_accuracy) * evaluation.queries) > 0
-    names = ["figures.json", "confusion.png", "worst.png", "embedding_map.png"]
+    names = ["figures.json", "confusion.png", "worst.png", "embedding_map.png",
+             "reliability.png"]
     assert written == [out / name for name in names]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert json.loads((out / "figures.json").read_text()) == json.loads(
@@ -217,6 +218,9 @@ def test_write_report(evaluation, keras_index, tmp_path):
         assert image.format == "PNG" and image.mode == "RGB", name
         assert min(image.size) >= 200 and max(image.size) <= 4000, (name, image.size)
     assert _open(out / "worst.png").size == montage_size(min(n_wrong, WORST_SHOWN), evaluation.k)
+    trust = evaluation.to_dict()["trust"]
+    assert 0 <= trust["ece"] <= 1 and 0.5 < trust["auroc"] <= 1
+    assert set(trust["rejected_by_kind"]) == {"letters", "symbols", "textures", "noise", "objects"}
 
 
 def test_write_report_without_wrong_neighbours_skips_worst(search_index, bundle_data, tmp_path):
@@ -225,7 +229,8 @@ def test_write_report_without_wrong_neighbours_skips_worst(search_index, bundle_
     evaluation = evaluate(search_index, data=data, k=5)
     assert evaluation.nn1_accuracy == 1.0
     written = write_report(evaluation, tmp_path / "report", search_index)
-    assert [p.name for p in written] == ["figures.json", "confusion.png", "embedding_map.png"]
+    assert [p.name for p in written] == ["figures.json", "confusion.png", "embedding_map.png",
+                                         "reliability.png"]
     assert not (tmp_path / "report" / "worst.png").exists()
 
 

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from lenet_embed.metrics import (
+    auroc,
+    expected_calibration_error,
+    fpr_at_tpr,
     knn_accuracy,
     precision_at_k,
     r_precision_and_map_at_r,
     recall_at_k,
+    reliability_bins,
 )
 
 
@@ -166,3 +170,33 @@ def test_recall_at_k_ignores_order_and_counts_padding_as_missing():
     assert recall_at_k(_a([[3, 1, 9]]), _a([[1, 3, 9]]), 3) == pytest.approx(1.0)
     # approximate found only row 1 and padded with -1 -> 1/3
     assert recall_at_k(_a([[1, -1, -1]]), _a([[1, 2, 3]]), 3) == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------ trust
+
+
+def test_auroc_counts_ordered_pairs_and_ties_as_half():
+    inside = np.array([0.1, 0.2, 0.3])
+    outside = np.array([0.25, 0.3, 0.9])
+    # pairs (out > in): 0.25 beats 0.1, 0.2 (2); 0.3 beats 0.1, 0.2 and ties 0.3 (2.5);
+    # 0.9 beats all 3 -> (2 + 2.5 + 3) / 9 = 0.8333
+    assert auroc(inside, outside) == pytest.approx(7.5 / 9)
+    assert auroc(inside, inside + 1) == 1.0 and auroc(inside + 1, inside) == 0.0
+
+
+def test_fpr_at_tpr_counts_outliers_under_the_in_distribution_quantile():
+    inside = np.arange(1.0, 21.0)  # 1..20: the 0.95 quantile is 19.05
+    outside = np.array([5.0, 19.0, 19.5, 30.0])
+    # 5 and 19 are <= 19.05 -> 2 of 4 let through
+    assert fpr_at_tpr(inside, outside, 0.95) == pytest.approx(0.5)
+
+
+def test_expected_calibration_error_and_its_bins():
+    confidence = np.array([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
+    correct = np.array([1, 1, 1, 0, 1, 0])
+    # 15 bins of width 1/15: 0.95 -> bin 14 (accuracy 3/4), 0.55 -> bin 8 (accuracy 1/2)
+    # ECE = 4/6 * |0.75 - 0.95| + 2/6 * |0.5 - 0.55| = 0.1333 + 0.0167 = 0.15
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.15)
+    counts, accuracy, mean_confidence = reliability_bins(confidence, correct)
+    assert counts[14] == 4 and counts[8] == 2 and counts.sum() == 6
+    assert accuracy[14] == pytest.approx(0.75) and mean_confidence[8] == pytest.approx(0.55)

@@ -142,7 +142,20 @@ def test_upload_finds_the_same_neighbours_as_searching_in_process(client, search
 def test_a_real_seven_is_predicted_seven(client, digits):
     images, labels = digits
     assert labels[0] == 7  # MNIST test digit 0
-    assert upload(client, png(images[0])).json()["predicted_label"] == 7
+    answer = upload(client, png(images[0])).json()
+    assert answer["predicted_label"] == 7 and answer["match"] is True
+    assert 0.5 <= answer["confidence"] <= 1 and answer["reason"] is None
+
+
+def test_min_confidence_overrides_the_threshold(client, digits):
+    data = png(digits[0][0])
+    answer = client.post("/v1/search?min_confidence=1", files={"file": ("a.png", data)}).json()
+    assert answer["match"] is False and answer["predicted_label"] is None
+    assert answer["reason"] == "unsure" and len(answer["neighbors"]) == K
+    lenient = client.post("/v1/search?min_confidence=0", files={"file": ("a.png", data)})
+    assert lenient.json()["predicted_label"] == 7
+    refused = client.post("/v1/search?min_confidence=2", files={"file": ("a.png", data)})
+    assert refused.status_code == 422 and "min_confidence" in refused.json()["error"]
 
 
 def test_answer_is_one_line_of_query_json(client, digits, bundle_dir, tmp_path):
@@ -157,6 +170,8 @@ def test_answer_is_one_line_of_query_json(client, digits, bundle_dir, tmp_path):
     assert answer.keys() == line.keys()
     assert answer["query"] == line["query"] == str(path)
     assert answer["predicted_label"] == line["predicted_label"]
+    assert (answer["match"], answer["confidence"], answer["reason"]) == (
+        line["match"], line["confidence"], line["reason"])
     for got, want in zip(answer["neighbors"], line["neighbors"], strict=True):
         assert got.keys() == want.keys() == {"rank", "id", "label", "distance", "source"}
         assert (got["rank"], got["id"], got["label"], got["source"]) == (

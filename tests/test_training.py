@@ -171,3 +171,23 @@ def test_random_affine_is_seeded_and_bounded(mnist):
     moved = np.abs(centre(first) - centre(digits))
     assert moved.max() <= 2.8 + 0.5
     assert moved.mean() > 0.3
+
+
+def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
+    from dataclasses import replace
+
+    from lenet_embed.training import _pipeline
+
+    recipe = replace(RECIPES["seed"], outliers=24, outlier_weight=0.5, batch_size=64)
+    images, labels = mnist.train.images[:40], mnist.train.labels[:40]
+    x, y, w = next(iter(_pipeline(images, labels, recipe, True, seed=1)))
+    assert x.shape == (64, 28, 28, 1) and y.shape == (64, 10)
+    y, w = y.numpy(), w.numpy()
+    outliers = w == 0.5
+    # 24 non-digits with the uniform target; the 40 digits one-hot at full weight.
+    assert outliers.sum() == 24 and np.allclose(y[outliers], 0.1)
+    assert np.all(w[~outliers] == 1.0) and np.all(y[~outliers].max(axis=1) == 1.0)
+    assert set(y[~outliers].argmax(axis=1)) <= set(labels.tolist())
+    # Evaluation never sees them.
+    _, _, w_test = next(iter(_pipeline(images, labels, recipe, False, seed=1)))
+    assert len(w_test) == 40 and np.all(w_test.numpy() == 1.0)

@@ -172,13 +172,16 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     async def search(
         request: Request,
         k: Annotated[int, Query(ge=1, le=MAX_K, description="Neighbours to return.")] = DEFAULT_K,
+        min_confidence: Annotated[float | None, Query(
+            ge=0, le=1, description="Answer only when the calibrated confidence is at least "
+            "this (default: the bundle's threshold).")] = None,
     ) -> JSONResponse:
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
         # Plain requests are answered by SearchFastPath; this route takes the rest.
         index.check_k(k)
         pools.check_room(request.headers.get("content-length"))
-        result = await answer(await read_query(request, body_model), k)
+        result = (await answer(await read_query(request, body_model), k)).judged(min_confidence)
         # A ready response skips FastAPI's re-validation; the schema above documents it.
         return JSONResponse(result.to_dict())
 

@@ -61,7 +61,15 @@ class SearchResult(BaseModel):
     """``POST /v1/search``: the same object as one line of ``query --json``."""
 
     query: str = Field(description="The upload's file name, or image_base64, pixels or vector.")
-    predicted_label: int | str | None = Field(description="Majority label of the neighbours.")
+    predicted_label: int | str | None = Field(
+        description="Majority label of the neighbours when it is a match, else null.")
+    match: bool = Field(description="Whether the query looks like the indexed items and the "
+                        "confidence reaches the threshold (true in a bundle without "
+                        "calibration).")
+    confidence: float | None = Field(description="Calibrated probability that the majority "
+                                     "label is right; null in a bundle without calibration.")
+    reason: str | None = Field(description='Why there is no match: "not a digit" or "unsure"; '
+                               "a hint in a bundle without calibration; else null.")
     neighbors: list[NeighborOut]
 
 

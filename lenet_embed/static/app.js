@@ -9,6 +9,7 @@ const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
 const statusLine = document.getElementById("status");
 const predicted = document.getElementById("predicted");
+const confidence = document.getElementById("confidence");
 const neighborList = document.getElementById("neighbors");
 const kInput = document.getElementById("k");
 const fileInput = document.getElementById("file");
@@ -134,6 +135,8 @@ async function search(query) {
   } catch (error) {
     if (seq !== requestSeq) return;
     predicted.textContent = "–";
+    predicted.classList.remove("refused");
+    confidence.textContent = "";
     neighborList.replaceChildren();
     statusLine.textContent = error.message;
     statusLine.classList.add("error");
@@ -142,7 +145,12 @@ async function search(query) {
 
 function show(answer, ms) {
   const label = answer.predicted_label;
-  predicted.textContent = label === null ? "?" : String(label);
+  // No match: say why ("not a digit", "unsure") instead of a big number that would be wrong.
+  const refused = !answer.match;
+  predicted.textContent = refused ? answer.reason : label === null ? "?" : String(label);
+  predicted.classList.toggle("refused", refused);
+  confidence.textContent = answer.confidence === null
+    ? "" : `confidence ${(answer.confidence * 100).toFixed(1)} %`;
   neighborList.replaceChildren(
     ...answer.neighbors.map((neighbor) => {
       const item = document.createElement("li");

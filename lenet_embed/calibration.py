@@ -1,0 +1,345 @@
+"""Answers you can trust: a query's neighbours turned into a calibrated ``confidence`` and an
+open-set verdict (``match``, or why not), fitted per bundle and stored in its manifest.
+
+Two small logistic models, fitted in numpy (Newton's method; a dozen lines do not justify
+scikit-learn) on data held out from what they judge:
+
+* the **out-of-distribution score** (higher = less like the indexed items), a logistic model of
+  digit against non-digit on the features in :data:`OOD_FEATURES`, fitted on leave-one-out
+  searches of a sample of the bundle's own items (each searched without itself) against the
+  ``fit`` split of :mod:`.nondigits`. The "no match" threshold is the quantile of the held-out
+  items' scores at each operating point of :data:`KEEP` (the fraction of in-distribution
+  queries still answered); ``default_keep`` picks the one in force.
+* the **confidence**, P(predicted label is right | the query is like the items), a logistic model
+  on :data:`CONFIDENCE_FEATURES` fitted on the same leave-one-out searches, where "right" is
+  whether the majority of the neighbours has the item's own label.
+
+A query is answered (``match``) when its OOD score is within the threshold ("not a digit"
+otherwise) and its confidence at least ``min_confidence`` ("unsure" otherwise).
+
+The features come from the ``k`` nearest neighbours (distances, labels) and, when the bundle
+keeps its classifier's 84->10 head (as arrays in the manifest, run here in numpy), its logits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ann import prepare_vectors
+from .bundle import DEFAULT_INDEX_DIR, Calibration, LogisticModel, Manifest
+from .embed import load_encoder
+from .errors import LenetEmbedError
+from .model import find_layer
+from .nondigits import generate
+from .preprocess import scale_pixels
+from .snapshot import Snapshot, open_snapshot
+from .writer import DEFAULT_LOCK_TIMEOUT, BundleWriter
+
+# The neighbours a verdict is computed from (and the predicted label their majority): the
+# default k of ``query``.
+K = 5
+# Operating points: the fraction of held-out in-distribution items answered.
+KEEP = (0.99, 0.995, 0.999)
+DEFAULT_KEEP = 0.995
+# Answer only when the predicted label is more likely right than wrong.
+DEFAULT_MIN_CONFIDENCE = 0.5
+# Items searched leave-one-out, and generated non-digits, to fit on.
+SAMPLE = 10_000
+NONDIGITS = 3_000
+# The non-digits of the fit split drawn for calibration: seed 0 is outlier exposure's.
+NONDIGIT_SEED = 1
+# Distances of exact duplicates are 0: logs of distances are taken of distance + EPS.
+EPS = 1e-6
+NOT_A_DIGIT = "not a digit"
+UNSURE = "unsure"
+UNCALIBRATED = "no calibration in this bundle: run `lenet-embed calibrate`"
+OOD_FEATURES_HEAD = ("log_d1", "log_dk", "energy")
+OOD_FEATURES_PLAIN = ("log_d1", "log_dk")
+CONFIDENCE_FEATURES_HEAD = ("agree", "log_d1", "msp", "head_agrees")
+CONFIDENCE_FEATURES_PLAIN = ("agree", "log_d1")
+
+# ``search(vectors, k)``: (distances, ids, label codes), each (n, k), nearest first.
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class CannotCalibrate(LenetEmbedError):
+    """The bundle's items cannot support a calibration (too few labelled, or no wrong answer to
+    learn from): a build goes on without one."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What calibration says of one query: its confidence and out-of-distribution score (None
+    without calibration), whether it is answered, and why not."""
+
+    confidence: float | None
+    ood_score: float | None
+    match: bool
+    reason: str | None
+
+
+def majority(labels: np.ndarray) -> np.ndarray:
+    """The majority label code of each row of (n, k) codes, ties to the one seen nearest first,
+    -1 (no label) never voting; -1 when no neighbour has a label (as ``majority_label``)."""
+    predicted = np.full(len(labels), -1, dtype=np.int64)
+    for i, row in enumerate(labels):
+        voting = row[row >= 0]
+        if len(voting):
+            values, first, counts = np.unique(voting, return_index=True, return_counts=True)
+            best = counts == counts.max()
+            predicted[i] = values[best][np.argmin(first[best])]
+    return predicted
+
+
+def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
+             calibration_head: tuple[np.ndarray, np.ndarray] | None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The predicted label codes and every feature of ``n`` queries, from their (n, k)
+    neighbour distances and labels and their raw (n, 84) embeddings."""
+    predicted = majority(labels)
+    found = {
+        "log_d1": np.log(distances[:, 0].astype(np.float64) + EPS),
+        "log_dk": np.log(distances.astype(np.float64).mean(axis=1) + EPS),
+        "agree": (labels == predicted[:, None]).mean(axis=1),
+    }
+    if calibration_head is not None:
+        weights, bias = calibration_head
+        logits = vectors.astype(np.float64) @ weights + bias
+        top = logits.max(axis=1)
+        log_total = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+        found["energy"] = -log_total  # Liu et al. 2020: higher = less like the training data
+        found["msp"] = np.exp(top - log_total)  # Hendrycks & Gimpel 2017
+        found["head_agrees"] = (logits.argmax(axis=1) == predicted).astype(np.float64)
+    return predicted, found
+
+
+def head_arrays(calibration: Calibration) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored classifier head as numpy arrays, or None."""
+    if calibration.head_weights is None or calibration.head_bias is None:
+        return None
+    return np.asarray(calibration.head_weights), np.asarray(calibration.head_bias)
+
+
+def logit(model: LogisticModel, found: dict[str, np.ndarray]) -> np.ndarray:
+    """The logistic model's log-odds for every query."""
+    x = np.stack([found[name] for name in model.features], axis=1)
+    z = (x - np.asarray(model.mean)) / np.asarray(model.scale)
+    return z @ np.asarray(model.weights) + model.bias
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def judge(calibration: Calibration | None, distances: np.ndarray, labels: np.ndarray,
+          vectors: np.ndarray, min_confidence: float | None = None
+          ) -> tuple[np.ndarray, list[Verdict]]:
+    """The predicted label codes and the :class:`Verdict` of each query, from its first
+    ``calibration.k`` neighbours. ``min_confidence`` overrides the stored threshold."""
+    if calibration is None:
+        return majority(labels), [Verdict(None, None, True, UNCALIBRATED)] * len(labels)
+    k = calibration.k
+    predicted, found = features(distances[:, :k], labels[:, :k], vectors,
+                                head_arrays(calibration))
+    ood = logit(calibration.ood, found)
+    confidence = _sigmoid(logit(calibration.confidence, found))
+    verdicts = [verdict(calibration, float(c), float(o), min_confidence)
+                for c, o in zip(confidence, ood, strict=True)]
+    return predicted, verdicts
+
+
+def verdict(calibration: Calibration, confidence: float, ood_score: float,
+            min_confidence: float | None = None) -> Verdict:
+    """The verdict for one query's scores at the stored thresholds (``min_confidence``
+    overriding the stored one)."""
+    floor = calibration.min_confidence if min_confidence is None else min_confidence
+    if ood_score > calibration.ood_threshold:
+        return Verdict(confidence, ood_score, False, NOT_A_DIGIT)
+    if confidence < floor:
+        return Verdict(confidence, ood_score, False, UNSURE)
+    return Verdict(confidence, ood_score, True, None)
+
+
+def check_min_confidence(value: float | None) -> None:
+    """Refuse a ``min_confidence`` outside [0, 1]."""
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise LenetEmbedError(f"min_confidence must be between 0 and 1, got {value}")
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, names: tuple[str, ...],
+                 weight: np.ndarray | None = None, ridge: float = 1e-3) -> LogisticModel:
+    """Weighted L2-regularised logistic regression by Newton's method on standardised
+    features (it converges in a few steps on a handful of features)."""
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+    w = np.zeros(z.shape[1])
+    weight = np.ones(len(x)) if weight is None else weight
+    penalty = ridge * weight.sum() * np.r_[np.ones(z.shape[1] - 1), 0.0]
+    for _ in range(50):
+        p = _sigmoid(z @ w)
+        gradient = z.T @ (weight * (p - y)) + penalty * w
+        hessian = (z * (weight * p * (1 - p))[:, None]).T @ z + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return LogisticModel(features=list(names), mean=mean.tolist(), scale=scale.tolist(),
+                         weights=w[:-1].tolist(), bias=float(w[-1]))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The leave-one-out searches and the non-digits a calibration is fitted on."""
+
+    digit_features: dict[str, np.ndarray]
+    digit_correct: np.ndarray
+    nondigit_features: dict[str, np.ndarray]
+
+
+def leave_one_out(search: Search, vectors: np.ndarray, ids: np.ndarray, k: int = K
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours' distances and labels of indexed items (raw embeddings
+    ``vectors``, their ``ids``), each searched without itself."""
+    distances, found, labels = search(vectors, k + 1)
+    # Drop each item from its own results (it may sit at any rank among exact ties).
+    chosen = found != ids[:, None]
+    chosen &= np.cumsum(chosen, axis=1) <= k
+    return distances[chosen].reshape(len(ids), k), labels[chosen].reshape(len(ids), k)
+
+
+def held_out(search: Search, sample_vectors: np.ndarray, sample_ids: np.ndarray,
+             sample_labels: np.ndarray, nondigit_vectors: np.ndarray,
+             head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> HeldOut:
+    """Features of a sample of indexed items searched leave-one-out, and of generated
+    non-digits."""
+    distances, labels = leave_one_out(search, sample_vectors, sample_ids, k)
+    predicted, digit = features(distances, labels, sample_vectors, head)
+    nd_distances, _, nd_labels = search(nondigit_vectors, k)
+    _, nondigit = features(nd_distances, nd_labels, nondigit_vectors, head)
+    return HeldOut(digit, predicted == sample_labels, nondigit)
+
+
+def nondigit_pixels(count: int = NONDIGITS) -> np.ndarray:
+    """The generated non-digits calibration is fitted on (``fit`` split, its own seed)."""
+    return generate("fit", count, NONDIGIT_SEED).pixels
+
+
+def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> Calibration:
+    """Fit the OOD score, its thresholds and the confidence on held-out data."""
+    ood_names = OOD_FEATURES_HEAD if head is not None else OOD_FEATURES_PLAIN
+    confidence_names = CONFIDENCE_FEATURES_HEAD if head is not None else CONFIDENCE_FEATURES_PLAIN
+
+    def matrix(found: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+        return np.stack([found[name] for name in names], axis=1)
+
+    digits, others = matrix(data.digit_features, ood_names), matrix(data.nondigit_features,
+                                                                    ood_names)
+    # Both classes weigh the same in the fit, whatever their counts.
+    weight = np.r_[np.full(len(digits), 1 / len(digits)), np.full(len(others), 1 / len(others))]
+    ood = fit_logistic(np.vstack([digits, others]), np.r_[np.zeros(len(digits)),
+                                                          np.ones(len(others))],
+                       ood_names, weight * len(weight) / 2)
+    digit_scores = logit(ood, data.digit_features)
+    thresholds = {str(keep): float(np.quantile(digit_scores, keep)) for keep in KEEP}
+    confidence = fit_logistic(matrix(data.digit_features, confidence_names),
+                              data.digit_correct.astype(np.float64), confidence_names)
+    weights, bias = head if head is not None else (None, None)
+    return Calibration(
+        k=k, ood=ood, confidence=confidence, ood_thresholds=thresholds,
+        default_keep=str(DEFAULT_KEEP), min_confidence=DEFAULT_MIN_CONFIDENCE,
+        head_weights=None if weights is None else weights.tolist(),
+        head_bias=None if bias is None else bias.tolist(),
+        fitted_on={"items": int(len(data.digit_correct)),
+                   "nondigits": int(len(next(iter(data.nondigit_features.values())))),
+                   "items_wrong": int((~data.digit_correct).sum())},
+    )
+
+
+
+def classifier_head(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 84->10 ``prediction`` layer of a Keras classifier as (weights, bias), or None for a
+    model without one (an encoder file)."""
+    try:
+        weights, bias = find_layer(model, "prediction").get_weights()
+    except LenetEmbedError:
+        return None
+    return np.asarray(weights, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+
+
+def sample_rows(labels: np.ndarray, rows: np.ndarray, sample: int = SAMPLE) -> np.ndarray:
+    """Up to ``sample`` of ``rows`` whose label is known (``labels`` of those rows), sorted, the
+    same ones every time."""
+    rows = rows[labels >= 0]
+    if len(rows) <= K:
+        raise CannotCalibrate(f"calibration needs more than {K} labelled items, there are "
+                              f"{len(rows)}")
+    return np.sort(np.random.default_rng(0).permutation(rows)[:sample])
+
+
+def fit_items(search: Search, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+              encoder: Any, head: tuple[np.ndarray, np.ndarray] | None) -> Calibration:
+    """Fit a calibration on leave-one-out searches of indexed items (their raw embeddings
+    ``vectors``, ``ids`` and ``labels``; ``search`` over every item) and on :data:`NONDIGITS`
+    generated non-digits embedded by ``encoder``."""
+    others = encoder.embed(nondigit_pixels())
+    data = held_out(search, vectors, ids, labels, others, head)
+    if data.digit_correct.all() or not data.digit_correct.any():
+        state = "right" if data.digit_correct.all() else "wrong"
+        raise CannotCalibrate(f"every held-out item was {state}: calibration needs right and "
+                              "wrong answers to learn from; index more items")
+    return fit(data, head)
+
+
+def fit_snapshot(snapshot: Snapshot, head: tuple[np.ndarray, np.ndarray] | None
+                 ) -> Calibration:
+    """:func:`fit_items` for a loaded bundle version; the sampled items' stored images are
+    embedded again, so that the head sees raw embeddings."""
+    live = snapshot.live_rows()
+    rows = sample_rows(snapshot.labels[live], live)
+    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images(rows)))
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        distances, ids, labels, _ = snapshot.hits(prepare_vectors(queries, snapshot.metric), k)
+        return distances, ids, labels
+
+    return fit_items(search, vectors, snapshot.ids[rows], snapshot.labels[rows],
+                     snapshot.encoder, head)
+
+
+def load_head(model: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The head of the classifier saved at ``model``; an error when it has none."""
+    from .model import load_classifier
+
+    head = classifier_head(load_classifier(str(model)))
+    if head is None:
+        raise LenetEmbedError(f"{model}: has no classifier head (layer 'prediction'); give the "
+                              "classifier, not its encoder")
+    return head
+
+
+def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
+              head: tuple[np.ndarray, np.ndarray] | None = None,
+              timeout: float = DEFAULT_LOCK_TIMEOUT) -> Manifest:
+    """Fit the calibration of the bundle in ``directory`` again and commit it as a new version
+    (e.g. after ``add``); return the manifest committed. ``head`` is the classifier head
+    (:func:`load_head`); by default the one the current calibration keeps, if any."""
+    with BundleWriter(directory, timeout) as writer:
+        current = writer.require_current()
+        if current.store is not None:
+            raise LenetEmbedError(f"{directory}: its items are in Milvus; calibration needs a "
+                                  "bundle that holds its items (the default --store faiss)")
+        if head is None and current.calibration is not None:
+            head = head_arrays(current.calibration)
+        # The lock is held, so this is the current version and stays so until the commit.
+        snapshot = open_snapshot(directory, load_encoder)
+        calibration = fit_snapshot(snapshot, head)
+        return writer.commit(current.next("calibrate", calibration=calibration))

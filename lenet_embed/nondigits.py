@@ -1,0 +1,268 @@
+"""Pictures that are not digits, generated offline and deterministically: the project's own
+out-of-distribution set (README "Answers you can trust" gives its provenance).
+
+Five kinds, each drawn in several styles: ``letters`` (Latin letters in the machine's DejaVu and
+Liberation fonts), ``symbols`` (+ % # @ & ? * = arrows ...), ``textures`` (checkerboards, stripes,
+dots, grids, paper), ``noise`` (uniform, Gaussian, salt-and-pepper, blobs) and ``objects``
+(procedurally drawn silhouettes: shirts, shoes, bags, houses, faces, stars, hearts, filled
+shapes). Every picture is a grayscale PIL image of its own size (24 to 160 px a side), dark on
+light or light on dark at random, and goes through :func:`lenet_embed.preprocess.to_mnist` like
+any query.
+
+Two disjoint splits keep the evaluation honest. ``fit`` (for calibration and outlier exposure)
+uses the DejaVu fonts, a subset of the styles and seeds from one stream; ``eval`` uses the
+Liberation fonts, every style (so some are never seen in fitting: :data:`HELD_OUT` lists them)
+and another seed stream. Only ``eval`` figures are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from .errors import LenetEmbedError
+from .preprocess import to_mnist
+
+KINDS = ("letters", "symbols", "textures", "noise", "objects")
+SPLITS = ("fit", "eval")
+FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation"))
+# Letters left out because, once cropped and scaled into the MNIST frame, they ARE digits as people
+# write them: O o Q D (0), I l i j (1), Z z (2), S s (5), G b (6), T (7), B (8), g q (9). A model
+# that called them digits would be right, and a set that counted that as an error would punish it.
+DIGIT_LIKE = frozenset("OoQDIlijZzSsGbTBgq")
+LETTERS = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                  if c not in DIGIT_LIKE)
+# Symbols likewise leave out - / | ( ) [ ] ! (a 1), and o-like rings (° ○) (a 0).
+SYMBOLS = "+%#@&?*=<>~$^{}\u2190\u2191\u2192\u2193\u2194\u2195\u00a7\u00b6\u20ac\u00a3\u00a5" \
+          "\u00a9\u00ae\u221e\u2211\u221a\u2248\u2260\u00f7\u00d7\u00b1\u2665\u266a\u2663"
+# Styles per kind; those marked False are only in the eval split, to check that what was fitted
+# on other styles generalises to styles never seen.
+STYLES: dict[str, dict[str, bool]] = {
+    "letters": {"regular": True, "bold": True, "italic": True, "serif": True},
+    "symbols": {"regular": True, "bold": True},
+    "textures": {"checkerboard": True, "stripes": True, "dots": True, "grid": False,
+                 "paper": False},
+    "noise": {"uniform": True, "gaussian": True, "salt_pepper": True, "blobs": False},
+    "objects": {"shirt": True, "shoe": True, "house": True, "star": True, "heart": True,
+                "square": True, "bag": False, "face": False, "triangle": False, "cross": False},
+}
+HELD_OUT = {kind: [s for s, fitted in styles.items() if not fitted]
+            for kind, styles in STYLES.items()}
+# The seed streams of the two splits never meet: a split's pictures are drawn from
+# SeedSequence([stream, seed]).
+_STREAMS = {"fit": 11, "eval": 29}
+# Fonts without most of the symbols (a missing glyph draws as a box, which reads as a 0).
+_LACKING_SYMBOLS = {"ExtraLight", "DejaVuMathTeXGyre"}
+
+
+class MissingFonts(LenetEmbedError):
+    """The fonts letters and symbols are drawn in are not installed."""
+
+
+@dataclass(frozen=True)
+class NonDigits:
+    """Generated pictures with the kind and style of each, and each as the encoder sees it
+    (``pixels``: (N, 28, 28) float32 from :func:`~lenet_embed.preprocess.to_mnist`)."""
+
+    images: list[Image.Image]
+    pixels: np.ndarray
+    kinds: list[str]
+    styles: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def fonts(split: str) -> list[Path]:
+    """The font files of a split: DejaVu for ``fit``, Liberation for ``eval`` (whole families
+    held out, so the evaluation measures letters in fonts never fitted on)."""
+    folder = FONT_DIRS[0] if split == "fit" else FONT_DIRS[1]
+    found = sorted(p for p in folder.glob("*.ttf")
+                   if not _LACKING_SYMBOLS.intersection(p.stem.split("-")))
+    if not found:
+        raise MissingFonts(f"{folder}: no fonts there; install fonts-dejavu-core and "
+                           "fonts-liberation to generate letters and symbols")
+    return found
+
+
+def generate(split: str, count: int, seed: int = 0) -> NonDigits:
+    """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over the kinds and
+    their styles; the same arguments always give the same pictures. A picture that
+    preprocessing finds blank (a checkerboard whose border is all ink) is drawn again."""
+    if split not in SPLITS:
+        raise LenetEmbedError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng(np.random.SeedSequence([_STREAMS[split], seed]))
+    families = _font_styles(fonts(split))
+    plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
+            if fitted or split == "eval"]
+    images, pixels, kinds, styles = [], [], [], []
+    for i in range(count):
+        # Kinds take equal shares, then styles within a kind.
+        kind = KINDS[i % len(KINDS)]
+        choices = [style for k, style in plan if k == kind]
+        style = choices[(i // len(KINDS)) % len(choices)]
+        while True:
+            side = int(rng.integers(24, 161))
+            picture = _DRAW[kind](style, side, rng, families)
+            if rng.random() < 0.5:
+                picture = 255 - picture
+            image = Image.fromarray(picture, mode="L")
+            try:
+                pixels.append(to_mnist(image))
+                break
+            except LenetEmbedError:
+                continue
+        images.append(image)
+        kinds.append(kind)
+        styles.append(style)
+    return NonDigits(images, np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.float32),
+                     kinds, styles)
+
+
+def _font_styles(paths: list[Path]) -> dict[str, list[Path]]:
+    """Fonts sorted into the letter styles by their file names."""
+    def of(test: Callable[[str], bool]) -> list[Path]:
+        return [p for p in paths if test(p.stem)] or paths
+
+    return {
+        "regular": of(lambda n: not any(s in n for s in ("Bold", "Italic", "Oblique", "Serif"))),
+        "bold": of(lambda n: "Bold" in n),
+        "italic": of(lambda n: "Italic" in n or "Oblique" in n),
+        "serif": of(lambda n: "Serif" in n),
+    }
+
+
+def _canvas(side: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white canvas to draw black on (inverted later for half the pictures)."""
+    image = Image.new("L", (side, side), 255)
+    return image, ImageDraw.Draw(image)
+
+
+def _glyph(text: str, style: str, side: int, rng: np.random.Generator,
+           families: dict[str, list[Path]]) -> np.ndarray:
+    """One character in a font of ``style``, filling most of the canvas."""
+    choices = families.get(style, families["regular"])
+    path = choices[int(rng.integers(len(choices)))]
+    font = ImageFont.truetype(str(path), size=max(8, int(side * rng.uniform(0.55, 0.8))))
+    image, draw = _canvas(side)
+    draw.text((side / 2, side / 2), text, fill=0, font=font, anchor="mm")
+    return np.asarray(image)
+
+
+def _letters(style: str, side: int, rng: np.random.Generator,
+             families: dict[str, list[Path]]) -> np.ndarray:
+    return _glyph(LETTERS[int(rng.integers(len(LETTERS)))], style, side, rng, families)
+
+
+def _symbols(style: str, side: int, rng: np.random.Generator,
+             families: dict[str, list[Path]]) -> np.ndarray:
+    return _glyph(SYMBOLS[int(rng.integers(len(SYMBOLS)))], style, side, rng, families)
+
+
+def _textures(style: str, side: int, rng: np.random.Generator,
+              families: dict[str, list[Path]]) -> np.ndarray:
+    y, x = np.mgrid[0:side, 0:side].astype(np.float64)
+    period = rng.uniform(4, max(5.0, side / 3))
+    angle = rng.uniform(0, math.pi)
+    u = x * math.cos(angle) + y * math.sin(angle)
+    v = -x * math.sin(angle) + y * math.cos(angle)
+    if style == "checkerboard":
+        ink = ((u // period) + (v // period)) % 2 == 0
+    elif style == "stripes":
+        ink = (u % period) < period * rng.uniform(0.3, 0.6)
+    elif style == "dots":
+        radius = period * rng.uniform(0.15, 0.35)
+        ink = np.hypot(u % period - period / 2, v % period - period / 2) < radius
+    elif style == "grid":
+        width = max(1.0, period * rng.uniform(0.1, 0.25))
+        ink = ((u % period) < width) | ((v % period) < width)
+    else:  # paper: fibres and grain on a light sheet, darkest where the grain gathers
+        grain = _smooth_noise(side, rng, rng.uniform(0.5, 2.0))
+        fibres = _smooth_noise(side, rng, rng.uniform(3.0, 8.0))
+        level = 255 - 160 * (0.6 * grain + 0.4 * fibres)
+        return np.clip(level, 0, 255).astype(np.uint8)
+    return np.where(ink, 0, 255).astype(np.uint8)
+
+
+def _smooth_noise(side: int, rng: np.random.Generator, radius: float) -> np.ndarray:
+    """Gaussian noise blurred by ``radius`` px, stretched to [0, 1]."""
+    raw = Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), mode="L")
+    smooth = np.asarray(raw.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float64)
+    span = smooth.max() - smooth.min()
+    return (smooth - smooth.min()) / (span if span else 1.0)
+
+
+def _noise(style: str, side: int, rng: np.random.Generator,
+           families: dict[str, list[Path]]) -> np.ndarray:
+    if style == "uniform":
+        return rng.integers(0, 256, (side, side), dtype=np.uint8)
+    if style == "gaussian":
+        values = rng.normal(rng.uniform(100, 160), rng.uniform(30, 70), (side, side))
+        return np.clip(values, 0, 255).astype(np.uint8)
+    if style == "salt_pepper":
+        picture = np.full((side, side), 255, dtype=np.uint8)
+        picture[rng.random((side, side)) < rng.uniform(0.05, 0.4)] = 0
+        return picture
+    blobs = _smooth_noise(side, rng, rng.uniform(side / 20, side / 8))
+    return np.where(blobs > rng.uniform(0.45, 0.65), 0, 255).astype(np.uint8)
+
+
+def _objects(style: str, side: int, rng: np.random.Generator,
+             families: dict[str, list[Path]]) -> np.ndarray:
+    """A filled silhouette, drawn on a unit square with some jitter, then scaled to ``side``."""
+    image, draw = _canvas(side)
+
+    def at(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        jitter = rng.uniform(-0.03, 0.03, (len(points), 2))
+        return [((px + dx) * side, (py + dy) * side)
+                for (px, py), (dx, dy) in zip(points, jitter, strict=True)]
+
+    if style == "shirt":
+        draw.polygon(at([(0.3, 0.15), (0.42, 0.2), (0.58, 0.2), (0.7, 0.15), (0.95, 0.35),
+                         (0.85, 0.47), (0.75, 0.4), (0.75, 0.9), (0.25, 0.9), (0.25, 0.4),
+                         (0.15, 0.47), (0.05, 0.35)]), fill=0)
+    elif style == "shoe":
+        draw.polygon(at([(0.1, 0.35), (0.35, 0.35), (0.45, 0.55), (0.85, 0.62), (0.92, 0.75),
+                         (0.92, 0.82), (0.1, 0.82)]), fill=0)
+    elif style == "house":
+        draw.polygon(at([(0.5, 0.1), (0.9, 0.45), (0.8, 0.45), (0.8, 0.9), (0.2, 0.9),
+                         (0.2, 0.45), (0.1, 0.45)]), fill=0)
+        draw.rectangle([0.42 * side, 0.62 * side, 0.58 * side, 0.9 * side], fill=255)
+    elif style == "star":
+        spikes = int(rng.integers(5, 8))
+        points = [(0.5 + (0.45 if i % 2 == 0 else 0.2) * math.cos(math.pi * i / spikes),
+                   0.5 + (0.45 if i % 2 == 0 else 0.2) * math.sin(math.pi * i / spikes))
+                  for i in range(2 * spikes)]
+        draw.polygon(at(points), fill=0)
+    elif style == "heart":
+        draw.ellipse([0.1 * side, 0.15 * side, 0.52 * side, 0.55 * side], fill=0)
+        draw.ellipse([0.48 * side, 0.15 * side, 0.9 * side, 0.55 * side], fill=0)
+        draw.polygon(at([(0.12, 0.42), (0.88, 0.42), (0.5, 0.9)]), fill=0)
+    elif style == "square":
+        draw.polygon(at([(0.15, 0.15), (0.85, 0.15), (0.85, 0.85), (0.15, 0.85)]), fill=0)
+    elif style == "bag":
+        draw.rectangle([0.15 * side, 0.35 * side, 0.85 * side, 0.9 * side], fill=0)
+        draw.arc([0.3 * side, 0.1 * side, 0.7 * side, 0.55 * side], 180, 360, fill=0,
+                 width=max(2, side // 14))
+    elif style == "face":
+        draw.ellipse([0.1 * side, 0.1 * side, 0.9 * side, 0.9 * side], fill=0)
+        for cx in (0.35, 0.65):
+            draw.ellipse([(cx - 0.07) * side, 0.3 * side, (cx + 0.07) * side, 0.44 * side],
+                         fill=255)
+        draw.chord([0.28 * side, 0.4 * side, 0.72 * side, 0.75 * side], 20, 160, fill=255)
+    elif style == "triangle":
+        draw.polygon(at([(0.5, 0.1), (0.9, 0.85), (0.1, 0.85)]), fill=0)
+    else:  # cross
+        draw.polygon(at([(0.38, 0.1), (0.62, 0.1), (0.62, 0.38), (0.9, 0.38), (0.9, 0.62),
+                         (0.62, 0.62), (0.62, 0.9), (0.38, 0.9), (0.38, 0.62), (0.1, 0.62),
+                         (0.1, 0.38), (0.38, 0.38)]), fill=0)
+    return np.asarray(image)
+
+
+_DRAW = {"letters": _letters, "symbols": _symbols, "textures": _textures, "noise": _noise,
+         "objects": _objects}

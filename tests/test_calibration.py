@@ -1,0 +1,175 @@
+"""Answers you can trust: the generated non-digits, the calibration a build stores, open-set
+verdicts on real digits and on non-digits, ``calibrate``, and bundles made before calibration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cli_checks import ok
+
+from lenet_embed import SearchIndex
+from lenet_embed.bundle import MANIFEST, read_manifest, sealed_json
+from lenet_embed.calibration import NOT_A_DIGIT, UNCALIBRATED, UNSURE
+from lenet_embed.nondigits import HELD_OUT, KINDS, fonts, generate
+from lenet_embed.preprocess import scale_pixels
+from lenet_embed.search import Query
+
+
+def test_nondigits_are_deterministic_and_cover_every_kind():
+    first, again = generate("eval", 60, seed=3), generate("eval", 60, seed=3)
+    assert len(first) == 60 and set(first.kinds) == set(KINDS)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(first.images, again.images, strict=True))
+    assert np.array_equal(first.pixels, again.pixels) and first.pixels.shape == (60, 28, 28)
+    other = generate("eval", 60, seed=4)
+    assert not np.array_equal(first.pixels, other.pixels)
+    # Both polarities and many sizes: preprocessing, not the generator, makes them alike.
+    sides = {image.size[0] for image in first.images}
+    backgrounds = {int(np.asarray(image)[0, 0]) for image in first.images}
+    assert len(sides) > 20 and {0, 255} <= backgrounds | {0} and max(backgrounds) > 128
+
+
+def test_nondigit_splits_hold_out_fonts_and_styles():
+    assert not set(fonts("fit")) & set(fonts("eval"))
+    fitted = generate("fit", 200, seed=0)
+    evaluated = generate("eval", 200, seed=0)
+    held_out = {style for styles in HELD_OUT.values() for style in styles}
+    assert held_out and not held_out & set(fitted.styles)
+    assert held_out <= set(evaluated.styles)
+
+
+def test_a_build_stores_its_calibration(built):
+    calibration = built.manifest.calibration
+    assert calibration is not None and calibration.k == 5
+    assert calibration.head_weights is not None  # the session model is a classifier
+    assert np.asarray(calibration.head_weights).shape == (84, 10)
+    thresholds = calibration.ood_thresholds
+    assert set(thresholds) == {"0.99", "0.995", "0.999"} and calibration.default_keep == "0.995"
+    assert thresholds["0.99"] <= thresholds["0.995"] <= thresholds["0.999"]
+    assert calibration.fitted_on["items"] == 2000 and calibration.fitted_on["nondigits"] > 0
+    assert read_manifest(built.path).calibration == calibration
+
+
+def _digits(mnist, n=200):
+    return mnist.test.images[:n], mnist.test.labels[:n]
+
+
+def test_real_digits_are_answered_with_high_confidence(search_index, mnist):
+    images, labels = _digits(mnist)
+    results = search_index.query([Query(image=image) for image in images], k=5)
+    answered = [r for r in results if r.match]
+    # The session model saw one epoch of 5,000 digits: most test digits are answered.
+    assert len(answered) >= 0.9 * len(results)
+    right = [r.predicted_label == label for r, label in zip(results, labels.tolist(),
+                                                              strict=True) if r.match]
+    assert np.mean(right) >= 0.95
+    confidences = np.array([r.confidence for r in answered])
+    assert np.median(confidences) > 0.95
+    assert all(r.reason is None for r in answered)
+
+
+def test_non_digits_are_refused_with_a_reason(search_index, mnist):
+    # The session model saw one epoch of 5,000 digits, so it only tells noise and textures from
+    # digits part of the time; README "Answers you can trust" measures the default model.
+    pictures = generate("eval", 200, seed=0)
+    picked = [i for i, kind in enumerate(pictures.kinds) if kind in ("noise", "textures")]
+    results = search_index.query([pictures.images[i] for i in picked], k=5)
+    refused = [r for r in results if not r.match]
+    digits = search_index.query([Query(image=image) for image in _digits(mnist)[0]], k=5)
+    refused_digits = np.mean([not r.match for r in digits])
+    assert len(refused) >= 0.4 * len(results)
+    assert len(refused) / len(results) >= 5 * refused_digits
+    for result in refused:
+        assert result.predicted_label is None and result.reason in (NOT_A_DIGIT, UNSURE)
+        assert result.candidate is not None and len(result.neighbors) == 5
+    assert sum(r.reason == NOT_A_DIGIT for r in refused) >= 0.1 * len(refused)
+
+
+def test_min_confidence_overrides_the_stored_threshold(search_index, mnist):
+    images, _ = _digits(mnist, 20)
+    queries = [Query(image=image) for image in images]
+    strict = search_index.query(queries, k=3, min_confidence=1.0)
+    lenient = search_index.query(queries, k=3, min_confidence=0.0)
+    assert not any(r.match for r in strict if r.reason != NOT_A_DIGIT)
+    assert all(r.reason == UNSURE for r in strict if not r.match and r.reason != NOT_A_DIGIT)
+    assert sum(r.match for r in lenient) >= sum(r.match for r in search_index.query(queries, 3))
+    # judged() applies the same rule afterwards (what the service does).
+    default = search_index.query(queries, k=3)
+    assert [r.judged(1.0).match for r in default] == [r.match for r in strict]
+    with pytest.raises(Exception, match="between 0 and 1"):
+        search_index.query(queries, k=3, min_confidence=1.5)
+
+
+def test_query_json_carries_the_verdict(run, bundle_dir, mnist, tmp_path):
+    from PIL import Image
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(mnist.test.images[0]).save(digit)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(
+        noise)
+    result = ok(run("query", digit, noise, "--index-dir", bundle_dir, "-k", 3, "--json"))
+    first, second = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert list(first) == ["query", "predicted_label", "match", "confidence", "reason",
+                           "neighbors"]
+    assert first["match"] is True and first["predicted_label"] == int(mnist.test.labels[0])
+    assert 0.5 <= first["confidence"] <= 1 and first["reason"] is None
+    assert (second["predicted_label"] is None) == (not second["match"])
+    assert (second["reason"] in (NOT_A_DIGIT, UNSURE)) == (not second["match"])
+    assert len(second["neighbors"]) == 3
+    strict = ok(run("query", digit, "--index-dir", bundle_dir, "--json",
+                    "--min-confidence", 1))
+    assert json.loads(strict.stdout)["reason"] == UNSURE
+    text = ok(run("query", digit, "--index-dir", bundle_dir, "--min-confidence", 1)).stdout
+    assert f"predicted label: none ({UNSURE}; nearest label {mnist.test.labels[0]}" in text
+
+
+def test_calibrate_commits_a_new_version(run, bundle_copy):
+    before = read_manifest(bundle_copy)
+    result = ok(run("calibrate", "--index-dir", bundle_copy, "--json"))
+    summary = json.loads(result.stdout)
+    after = read_manifest(bundle_copy)
+    assert summary["version"] == after.version == before.version + 1
+    assert after.operation == "calibrate" and summary["head"] is True  # kept from the build
+    assert after.calibration.head_weights == before.calibration.head_weights
+    assert after.segments == before.segments and after.files == before.files
+
+
+def _without_calibration(directory):
+    path = directory / MANIFEST
+    body = json.loads(path.read_text())
+    body.pop("manifest_sha256")
+    body.pop("calibration")
+    path.write_text(sealed_json(body))
+
+
+def test_a_bundle_without_calibration_loads_and_answers(run, bundle_copy, mnist):
+    _without_calibration(bundle_copy)
+    index = SearchIndex.load(bundle_copy)
+    assert index.manifest.calibration is None
+    [result] = index.query([Query(vector=index.encoder.embed(scale_pixels(
+        mnist.test.images[:1]))[0])], k=4)
+    assert result.match and result.confidence is None and result.reason == UNCALIBRATED
+    assert result.predicted_label == result.candidate is not None
+    assert "lenet-embed calibrate" in result.to_dict()["reason"]
+    # calibrate fits one, without a head to use unless given the classifier.
+    summary = json.loads(ok(run("calibrate", "--index-dir", bundle_copy, "--json")).stdout)
+    assert summary["head"] is False
+    calibration = read_manifest(bundle_copy).calibration
+    assert calibration is not None and calibration.head_weights is None
+    index.refresh()
+    [again] = index.query([result.query and Query(vector=index.encoder.embed(scale_pixels(
+        mnist.test.images[:1]))[0])], k=4)
+    assert again.confidence is not None
+
+
+def test_calibrate_after_add(run, bundle_copy, mnist):
+    index = SearchIndex.load(bundle_copy)
+    index.add(list(mnist.test.images[:20]), labels=mnist.test.labels[:20].tolist())
+    added = read_manifest(bundle_copy)
+    assert added.calibration == read_manifest(bundle_copy).calibration  # kept by add
+    ok(run("calibrate", "--index-dir", bundle_copy))
+    after = read_manifest(bundle_copy)
+    assert after.version == added.version + 1 and after.calibration.fitted_on["items"] == 2020
