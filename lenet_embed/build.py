@@ -166,8 +166,10 @@ def build_index(
         sample = np.random.default_rng(0).permutation(len(vectors))[:TUNING_QUERIES]
         return vectors[sample]
 
-    # In place, a chunk at a time, before indexing: the index, the tuning and the bundle then
-    # all use these vectors as they are, with no normalised copy of them all.
+    # The calibration's sample keeps its raw embeddings (the classifier head reads them), taken
+    # before the vectors are normalised in place, a chunk at a time, before indexing: the index,
+    # the tuning and the bundle then all use them as they are, with no normalised copy of them.
+    sample = _calibration_sample(vectors, labels) if milvus_uri is None else None
     for start in range(0, count, CHUNK):
         vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
     built = None
@@ -182,7 +184,7 @@ def build_index(
                                           in built.search_params.items()
                                           if name in SEARCH_PARAMETERS})
         try:
-            calibration = _calibration(built.index, vectors, labels, metric, encoder,
+            calibration = _calibration(built.index, sample, labels, metric, encoder,
                                        classifier_head(classifier))
         except (CannotCalibrate, MissingFonts) as exc:
             log.warning("no calibration (queries get no confidence): %s", exc)
@@ -230,19 +232,32 @@ def build_index(
     return BuildResult(str(index_dir), manifest, seconds, skipped)
 
 
-def _calibration(index: Any, vectors: np.ndarray, labels: np.ndarray, metric: str,
-                 encoder: KerasEncoder, head: tuple[np.ndarray, np.ndarray] | None
-                 ) -> Calibration:
-    """Fit the new bundle's calibration (:mod:`.calibration`) with its FAISS ``index`` over the
-    raw ``vectors`` (ids = row numbers), before they are prepared in place."""
+def _calibration_sample(vectors: np.ndarray, labels: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray] | CannotCalibrate:
+    """The rows the calibration samples and a copy of their raw vectors, or why there are
+    none to sample."""
+    try:
+        rows = sample_rows(np.asarray(labels), np.arange(len(labels)))
+    except CannotCalibrate as exc:
+        return exc
+    return rows, vectors[rows]
+
+
+def _calibration(index: Any, sample: tuple[np.ndarray, np.ndarray] | CannotCalibrate | None,
+                 labels: np.ndarray, metric: str, encoder: KerasEncoder,
+                 head: tuple[np.ndarray, np.ndarray] | None) -> Calibration:
+    """Fit the new bundle's calibration (:mod:`.calibration`) with its FAISS ``index`` (ids =
+    row numbers) on the ``sample`` of rows and their raw vectors."""
+    if not isinstance(sample, tuple):
+        raise sample or CannotCalibrate("no items to calibrate on")
+    rows, raw = sample
     labels = np.asarray(labels)
-    rows = sample_rows(labels, np.arange(len(labels)))
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scores, found = index.search(prepare_vectors(queries, metric), k)
         return to_distances(scores, metric), found, np.where(found >= 0, labels[found], -1)
 
-    return fit_items(search, vectors[rows], rows.astype(np.int64), labels[rows], encoder, head)
+    return fit_items(search, raw, rows.astype(np.int64), labels[rows], encoder, head)
 
 
 def _ignore(stage: str, done: int, total: int) -> None:

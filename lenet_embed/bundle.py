@@ -352,6 +352,7 @@ class Manifest:
                        "has_sources": s.has_sources} for s in self.segments],
             files={name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()},
             store=None if self.store is None else asdict(self.store),
+            calibration=None if self.calibration is None else asdict(self.calibration),
         )
         return data
 
