@@ -276,6 +276,7 @@ def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
 # neighbours along the line).
 SPECK_CONTRAST = 64.0
 SPECKLE_FRACTION = 0.002
+SPECK_ROWS = 4
 # The background is estimated on a grid of about GRID x GRID blocks (see _background).
 GRID = 8
 # Texture left after removing the background is cut at this many times its spread.
@@ -292,12 +293,14 @@ def _despeckle(gray: np.ndarray) -> np.ndarray:
     height, width = gray.shape
     if height < 3 or width < 3:
         return gray
-    centre = gray[1:-1, 1:-1]
+    # Specks are counted on every SPECK_ROWS-th row only (with both neighbouring rows): noise
+    # covers the picture, so a sample says as much, at a fraction of the time.
+    centre = gray[1:-1:SPECK_ROWS, 1:-1]
     nearest = np.full(centre.shape, np.inf)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             if dy or dx:
-                neighbour = gray[1 + dy : height - 1 + dy, 1 + dx : width - 1 + dx]
+                neighbour = gray[1 + dy : height - 1 + dy : SPECK_ROWS, 1 + dx : width - 1 + dx]
                 nearest = np.minimum(nearest, np.abs(centre - neighbour))
     if (nearest > SPECK_CONTRAST).mean() <= SPECKLE_FRACTION:
         return gray

@@ -8,8 +8,8 @@ the degraded test set, per degradation (``lenet_embed/degrade.py``).
 
     python scripts/bench_quality.py [--data PATH] [--seed 1] [--json]
 
-Data comes from ``--data``, else ``$LENET_EMBED_MNIST``, else Keras's downloader. Takes about ten
-minutes on two CPU cores.
+Data comes from ``--data``, else ``$LENET_EMBED_MNIST``, else Keras's downloader. Takes about
+fifteen minutes on two CPU cores.
 """
 
 from __future__ import annotations
