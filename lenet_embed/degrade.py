@@ -47,9 +47,11 @@ def _lowres(picture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     the mean of the light it sees, blown back up to the picture's size as blocks."""
     ink = picture < 128
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    side = int(max(rows[-1] - rows[0], cols[-1] - cols[0]) * 1.2) + 1
-    top = (rows[0] + rows[-1] - side) // 2
-    left = (cols[0] + cols[-1] - side) // 2
+    height, width = picture.shape
+    side = min(int(max(rows[-1] - rows[0], cols[-1] - cols[0]) * 1.2) + 1, height, width)
+    # Centred on the ink, moved inside the picture where the margin is narrower than 10 %.
+    top = int(np.clip((rows[0] + rows[-1] - side) // 2, 0, height - side))
+    left = int(np.clip((cols[0] + cols[-1] - side) // 2, 0, width - side))
     page = _pil(picture)
     box = (left, top, left + side, top + side)
     grid = page.resize((8, 8), Image.Resampling.BOX, box=box)
