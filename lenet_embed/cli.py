@@ -515,7 +515,9 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
               "(confusion matrix, worst retrievals, embedding map) into this folder.")
 def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
              backend: str, data: str | None, k: int, as_json: bool, report: str | None) -> None:
-    """Measure retrieval on the 10,000 MNIST test digits: accuracy, MAP@R, recall, speed.
+    """Measure retrieval on the 10,000 MNIST test digits: accuracy, MAP@R, recall, speed, and
+    top-1 on test digits drawn as degraded scans (blur, low resolution, JPEG, noise, strokes,
+    paper).
 
     The bundle must come from `build-index` on the training split of the same data.
     """
@@ -547,6 +549,8 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
         recall = f"{figures['recall_at_10']:.4f} ({params or 'default parameters'})"
         rows.append(("recall@10 vs exact", recall))
         rows.append(("1-NN accuracy (this index)", f"{figures['index_nn1_accuracy']:.4f}"))
+    rows += [(f"top-1, {name} ({figures['degraded_queries']} scans)", f"{top1:.4f}")
+             for name, top1 in figures["degraded_top1"].items()]
     rows += [
         ("batch search", f"{figures['batch_qps']:.0f} queries/s"),
         ("single query, search only", f"p50 {figures['latency_ms_p50']:.3f} ms, "

@@ -2,15 +2,16 @@
 
 Trains every recipe (the tutorial's ``seed`` is the baseline) with a fixed seed on MNIST, builds a
 cosine and an L2 bundle from each model over the 60,000 training digits, evaluates each on the
-10,000 test digits, and prints one table: test accuracy, 1-NN accuracy, MAP@R (cosine and L2),
-training seconds, training time as a ratio of the baseline's, and how far the cosine bundle's
+10,000 test digits, and prints three tables: test accuracy, 1-NN accuracy, MAP@R (cosine and
+L2), training seconds and training time as a ratio of the baseline's; how far the cosine bundle's
 answers can be trusted (ECE, AUROC and FPR@95 on the generated non-digits, digits answered and
-non-digits rejected at its thresholds).
+non-digits rejected at its thresholds); and top-1 (cosine, k=10) on the degraded test set, per
+degradation (``lenet_embed/degrade.py``).
 
     python scripts/bench_quality.py [--data PATH] [--seed 1] [--json]
 
-Data comes from ``--data``, else ``$LENET_EMBED_MNIST``, else Keras's downloader. Takes about ten
-minutes on two CPU cores.
+Data comes from ``--data``, else ``$LENET_EMBED_MNIST``, else Keras's downloader. Takes about
+fifteen minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
                 row["ood_fpr95"] = round(trust.fpr_at_95_tpr, 4)
                 row["digits_answered"] = round(trust.digits_answered, 4)
                 row["nondigits_rejected"] = round(trust.nondigits_rejected, 4)
+            row.update({f"top1_{name}": top1 for name, top1 in figures.degraded_top1.items()})
         row[f"map_at_r_{metric}"] = round(figures.map_at_r, 4)
     return row
 
@@ -74,8 +76,16 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     columns = ["recipe", "test_accuracy", "nn1_accuracy", "map_at_r_cosine", "map_at_r_l2",
-               "epochs", "train_seconds", "train_time_ratio", "ece", "ood_auroc", "ood_fpr95",
-               "digits_answered", "nondigits_rejected"]
+               "epochs", "train_seconds", "train_time_ratio"]
+    _table(rows, columns)
+    print()
+    _table(rows, ["recipe", "ece", "ood_auroc", "ood_fpr95", "digits_answered",
+                  "nondigits_rejected"])
+    print()
+    _table(rows, ["recipe", *(c for c in rows[0] if c.startswith("top1_"))])
+
+
+def _table(rows: list[dict[str, float | str]], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

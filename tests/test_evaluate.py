@@ -14,16 +14,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist
+from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist, majority_label
 from lenet_embed._quiet import set_verbose
 from lenet_embed.ann import _CANDIDATES
 from lenet_embed.bundle import read_manifest
 from lenet_embed.cli import main
 from lenet_embed.data import Dataset, LabeledImages
+from lenet_embed.degrade import DEGRADATIONS, degrade, sample
 from lenet_embed.embed import KerasEncoder
-from lenet_embed.evaluate import WORST_SHOWN, Evaluation, evaluate, write_report
+from lenet_embed.evaluate import DEGRADED_COUNT, WORST_SHOWN, Evaluation, evaluate, write_report
 from lenet_embed.pictures import montage_size
-from lenet_embed.preprocess import scale_pixels
+from lenet_embed.preprocess import open_image, scale_pixels
 
 K = 10
 QUALITY = ("nn1_accuracy", "knn_accuracy", "precision_at_1", "precision_at_10",
@@ -293,9 +294,33 @@ def test_cli_evaluate_human_with_report(cli_bundle, tiny_idx_dir, tmp_path):
     assert rows["1-NN accuracy"] == f"{figures['nn1_accuracy']:.4f}"
     assert rows["5-NN accuracy"] == f"{figures['knn_accuracy']:.4f}"
     assert "recall@10 vs exact" not in rows  # exact index: nothing to approximate
+    scans = figures["degraded_queries"]
+    for name, top1 in figures["degraded_top1"].items():
+        assert rows[f"top-1, {name} ({scans} scans)"] == f"{top1:.4f}"
+    assert len(figures["degraded_top1"]) == len(DEGRADATIONS)
     files = sorted(p.name for p in report.iterdir())
     assert {"figures.json", "confusion.png", "embedding_map.png"} <= set(files)
     assert result.stderr == f"wrote {len(files)} files to {report}\n"
     for name in files:
         if name.endswith(".png"):
             assert _open(report / name).size[0] > 0
+
+
+def test_top1_per_degradation_is_what_queries_of_the_scans_get(evaluation, keras_index,
+                                                               bundle_data):
+    """Every degradation is reported, and each figure is the fraction of the degraded scans
+    whose k-NN majority label, from the public search on the decoded files, is right."""
+    assert list(evaluation.degraded_top1) == list(DEGRADATIONS)
+    assert evaluation.degraded_queries == min(DEGRADED_COUNT, len(bundle_data.test))
+    chosen = sample(DEGRADED_COUNT, len(bundle_data.test))
+    truth = bundle_data.test.labels[chosen]
+    for name in ("clean", "salt_pepper", "lowres"):
+        files = degrade(bundle_data.test.images[chosen], name)
+        hits = keras_index.search([open_image(data, name) for data in files], k=K)
+        right = np.mean([majority_label(found) == label for found, label in zip(hits, truth,
+                                                                                 strict=True)])
+        assert evaluation.degraded_top1[name] == pytest.approx(right, abs=1e-9), name
+    # A model trained on 5,000 digits still reads most clean scans, and the 8x8 sensor grid
+    # costs it more than a clean scan does.
+    assert evaluation.degraded_top1["clean"] > 0.85
+    assert evaluation.degraded_top1["lowres"] < evaluation.degraded_top1["clean"]

@@ -89,7 +89,8 @@ def test_epochs_override_and_progress_goes_to_stderr(tiny, tmp_path, capsys):
 def test_custom_recipe_with_augmentation(tiny, tmp_path):
     recipe = Recipe(name="busy", description="every knob turned", optimizer="adamw",
                     learning_rate=3e-3, weight_decay=5e-4, schedule="cosine", batch_size=64,
-                    epochs=3, label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1)
+                    epochs=3, label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1,
+                    degrade=0.5)
     result = train(tiny, recipe=recipe, style="functional", seed=3, verbose=0,
                    out=tmp_path / "m.keras")
     model = load_classifier(result.model)
@@ -140,6 +141,7 @@ def test_default_recipe_is_the_augmented_one():
     assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adamw", "cosine", 0.1)
     assert recipe.weight_decay > 0
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
+    assert 0 < recipe.degrade < 1
 
 
 def test_random_affine_is_seeded_and_bounded(mnist):
@@ -191,3 +193,33 @@ def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     # Evaluation never sees them.
     _, _, w_test = next(iter(_pipeline(images, labels, recipe, False, seed=1)))
     assert len(w_test) == 40 and np.all(w_test.numpy() == 1.0)
+
+
+def test_random_degradation_is_seeded_and_changes_the_chosen_part(mnist):
+    """The first half of the batch is degraded (one way per batch, chosen by the seed), rescaled
+    to a maximum of 1; the rest is untouched; the same seed gives the same batch, and over many
+    seeds every way shows up: blur and coarse grids soften edges, strokes grow or shrink."""
+    from lenet_embed._keras import tensorflow
+    from lenet_embed.training import _random_degradation
+
+    tf = tensorflow()
+    digits = scale_pixels(mnist.test.images[:32])[..., None]
+    batch = tf.constant(digits)
+
+    def degrade(seed: int) -> np.ndarray:
+        return _random_degradation(batch, tf.constant([seed, 7], tf.int64), 0.5).numpy()
+
+    first = degrade(1)
+    assert np.array_equal(first, degrade(1))
+    assert np.array_equal(first[16:], digits[16:])
+    assert np.abs(first[:16] - digits[:16]).max() > 0.1
+    assert np.allclose(first[:16].max(axis=(1, 2, 3)), 1.0)
+    ink = (digits[:16] > 0.5).sum()
+    seen = set()
+    for seed in range(40):
+        out = degrade(seed)[:16]
+        steps = np.abs(np.diff(out, axis=2)).max(axis=(1, 2, 3)).mean()
+        grown = (out > 0.5).sum() / ink
+        seen.add("grown" if grown > 1.3 else "shrunk" if grown < 0.8 else
+                 "soft" if steps < 0.6 * np.abs(np.diff(digits[:16], axis=2)).max() else "other")
+    assert {"grown", "shrunk", "soft"} <= seen
