@@ -171,6 +171,15 @@ def _shrink(pil: Image.Image) -> Image.Image:
         return pil.resize(size, Image.Resampling.BOX)
 
 
+# Grey levels (of 255) between an image's darkest and lightest pixel under which it is blank.
+BLANK_CONTRAST = 32.0
+
+
+class NoStrokes(LenetEmbedError):
+    """A picture with contrast but nothing like pen strokes once its texture and noise are
+    removed (a checkerboard, noise, paper): an answer, "not a digit", rather than bad input."""
+
+
 def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     """Return ``image`` as a (28, 28) float32 array in [0, 1], white ink on black.
 
@@ -182,6 +191,7 @@ def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     if name is None:
         name = str(image) if isinstance(image, (str, os.PathLike)) else "image"
     gray = _to_gray(image, name)
+    contrast = float(gray.max() - gray.min())
     mnist_form = gray.shape == (SIDE, SIDE)
     if not mnist_form:
         gray = _despeckle(gray)
@@ -191,6 +201,8 @@ def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     ink = _ink(gray)
     mask = ink > INK_THRESHOLD
     if not mask.any():
+        if contrast > BLANK_CONTRAST:
+            raise NoStrokes(f"{name}: not a digit (only texture or noise, no pen strokes)")
         raise LenetEmbedError(f"{name}: no digit found (the image is blank); draw or crop a digit")
     if mnist_form and dark_background:
         return scale_pixels(gray)

@@ -25,10 +25,10 @@ import numpy as np
 
 from .ann import prepare_vectors, set_threads
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest
-from .calibration import Verdict, check_min_confidence, judge, verdict
+from .calibration import NOT_A_DIGIT, Verdict, check_min_confidence, judge, verdict
 from .embed import Encoder, load_encoder
 from .errors import LenetEmbedError
-from .preprocess import ImageLike, open_image, to_batch, to_mnist
+from .preprocess import ImageLike, NoStrokes, open_image, to_batch, to_mnist
 from .snapshot import Snapshot, bundle_encoder, open_snapshot
 from .updates import Label, add_batch, label_codes, per_image
 from .updates import compact as compact_bundle
@@ -349,6 +349,7 @@ class SearchIndex:
         self.check_k(k, snapshot)
         items = [q if isinstance(q, Query) else Query(image=q) for q in queries]
         errors: dict[int, LenetEmbedError] = {}
+        strokeless: list[int] = []  # answered "not a digit" by preprocessing, not searched
         pixels: dict[int, np.ndarray] = {}
         vectors = np.zeros((len(items), snapshot.dim), dtype=np.float32)
         for position, item in enumerate(items):
@@ -358,13 +359,18 @@ class SearchIndex:
                                                           snapshot.metric)[0]
                 else:
                     pixels[position] = item.pixels()
+            except NoStrokes:
+                strokeless.append(position)
             except LenetEmbedError as exc:
                 errors[position] = exc
         if pixels:
             vectors[list(pixels)] = snapshot.encoder.embed(np.stack(list(pixels.values())))
-        answered = [p for p in range(len(items)) if p not in errors]
+        answered = [p for p in range(len(items)) if p not in errors and p not in strokeless]
         results = [QueryResult(item.title, [], errors.get(position), pixels.get(position))
                    for position, item in enumerate(items)]
+        for position in strokeless:
+            results[position] = replace(results[position],
+                                        verdict=Verdict(None, None, False, NOT_A_DIGIT))
         if not answered:
             return results
         calibration = snapshot.manifest.calibration

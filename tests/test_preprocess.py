@@ -259,3 +259,16 @@ def test_to_batch_shapes(mnist):
     assert np.array_equal(to_batch(list(digits)), expected)
     assert np.array_equal(to_batch(digits[0]), expected[:1])
     assert to_batch([]).shape == (0, SIDE, SIDE)
+
+
+def test_texture_without_strokes_is_not_a_digit_and_blank_is_bad_input():
+    """A checkerboard or noise has contrast but no pen strokes once texture and noise are cut:
+    NoStrokes ("not a digit", an answer); a uniform picture is blank (bad input)."""
+    from lenet_embed.preprocess import NoStrokes
+
+    board = ((np.indices((64, 64)) // 8).sum(axis=0) % 2 * 255).astype(np.uint8)
+    with pytest.raises(NoStrokes, match="not a digit"):
+        to_mnist(board, name="board.png")
+    with pytest.raises(LenetEmbedError, match="blank") as blank:
+        to_mnist(np.full((64, 64), 200, np.uint8), name="grey.png")
+    assert not isinstance(blank.value, NoStrokes)
