@@ -23,6 +23,7 @@ keeps its classifier's 84->10 head (as arrays in the manifest, run here in numpy
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,9 +229,14 @@ def held_out(search: Search, sample_vectors: np.ndarray, sample_ids: np.ndarray,
     return HeldOut(digit, predicted == sample_labels, nondigit)
 
 
+@functools.lru_cache(maxsize=1)
 def nondigit_pixels(count: int = NONDIGITS) -> np.ndarray:
-    """The generated non-digits calibration is fitted on (``fit`` split, its own seed)."""
-    return generate("fit", count, NONDIGIT_SEED).pixels
+    """The generated non-digits calibration is fitted on (``fit`` split, its own seed), read-only.
+    Made once per process: they are the same every time, and drawing and preprocessing 3,000
+    pictures takes seconds, which every build and ``calibrate`` would pay again."""
+    pixels = generate("fit", count, NONDIGIT_SEED).pixels
+    pixels.setflags(write=False)
+    return pixels
 
 
 def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> Calibration:
