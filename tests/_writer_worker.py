@@ -229,6 +229,10 @@ def churn(bundle: str, seed: str, pool_path: str, build_a: str, build_b: str, mo
                              f"{len(live)}")
 
     log("initial")
+    # A build's calibration draws its generated non-digits once per process: drawn here, so
+    # that the rebuilds the readers must see are not held up by it.
+    from lenet_embed.calibration import nondigit_pixels
+    nondigit_pixels()
     emit("ready", version=index.version)
     next_build = time.monotonic() + 2.0
     while not Path(stop).exists():
