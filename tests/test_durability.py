@@ -610,7 +610,7 @@ def test_readers_never_fail_nor_mix_versions_while_a_writer_commits(
                      str(files["query"])], _worker_env(tmp_path / "tmp-writer"),
                     tmp_path / "writer.err")
     try:
-        writer.expect("ready")
+        writer.expect("ready", timeout=600)  # it draws the calibration's non-digits first
         readers = [Worker(["read", str(path), str(LOADS), str(SEED + n), str(files["pool"]),
                            str(files["a"]), str(files["b"]), str(files["query"])],
                           _worker_env(tmp_path / f"tmp-reader{n}"), tmp_path / f"reader{n}.err")
