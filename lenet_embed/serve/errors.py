@@ -17,6 +17,8 @@ from .wire import validation_message
 
 log = logging.getLogger(__package__)
 
+CLIENT_GONE = "the client closed the connection before sending the whole request"
+
 
 class ApiError(Exception):
     """A request the service refuses: an HTTP status and a one-line message for the client."""
@@ -59,8 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # Nobody reads this answer; the access log shows the request and its 400.
-        return error_response(400, "the client closed the connection before sending the whole "
-                                   "request")
+        return error_response(400, CLIENT_GONE)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

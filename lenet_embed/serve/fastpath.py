@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from ..errors import LenetEmbedError
 from ..search import Query, QueryResult
 from .decode import image_query, json_query
-from .errors import ApiError, refusal
+from .errors import CLIENT_GONE, ApiError, refusal
 from .pools import SURELY_HEAVY_BODY
 
 Search = Callable[[Query, int], Awaitable[QueryResult]]
@@ -86,8 +86,7 @@ async def _read_body(receive: Any) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client went away
-            raise ApiError(400, "the client closed the connection before sending the whole "
-                                "request")
+            raise ApiError(400, CLIENT_GONE)
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
