@@ -45,8 +45,9 @@ TUNING_QUERIES = 5000
 # Images scaled and embedded at a time: their float32 copy is 16,384 x 784 x 4 = 51 MB, where all
 # of a million digits would be 3 GB. Memory-mapped images are read from disk a chunk at a time.
 CHUNK = 16_384
-# ``on_progress(stage, done, total)``: "reading" (image files, for ``images``), "embedding",
-# "indexing", "calibrating" and "writing", in that order.
+# ``on_progress(stage, done, total)``, one of STAGES in their order ("reading": image files, only
+# for ``images``).
+STAGES = ("reading", "embedding", "indexing", "calibrating", "writing")
 StageProgress = Callable[[str, int, int], None]
 
 
@@ -119,7 +120,7 @@ def build_index(
     Memory stays bounded whatever the count: images are embedded and written a chunk at a time
     (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
     million) and the index are held. ``on_progress(stage, done, total)`` is called as each stage
-    ("reading" image files, "embedding", "indexing", "writing") advances.
+    (one of ``STAGES``) advances.
 
     With ``milvus_uri`` (a Milvus Lite file or a server address; ``milvus_token`` when it needs
     one) the items go into a new Milvus collection with an index of the factory's family, and the
@@ -184,6 +185,8 @@ def build_index(
                                           in built.search_params.items()
                                           if name in SEARCH_PARAMETERS})
         try:
+            if isinstance(sample, CannotCalibrate):
+                raise sample
             calibration = _calibration(built.index, sample, labels, metric, encoder,
                                        classifier_head(classifier))
         except (CannotCalibrate, MissingFonts) as exc:
@@ -243,13 +246,11 @@ def _calibration_sample(vectors: np.ndarray, labels: np.ndarray
     return rows, vectors[rows]
 
 
-def _calibration(index: Any, sample: tuple[np.ndarray, np.ndarray] | CannotCalibrate | None,
-                 labels: np.ndarray, metric: str, encoder: KerasEncoder,
+def _calibration(index: Any, sample: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
+                 metric: str, encoder: KerasEncoder,
                  head: tuple[np.ndarray, np.ndarray] | None) -> Calibration:
     """Fit the new bundle's calibration (:mod:`.calibration`) with its FAISS ``index`` (ids =
     row numbers) on the ``sample`` of rows and their raw vectors."""
-    if not isinstance(sample, tuple):
-        raise sample or CannotCalibrate("no items to calibrate on")
     rows, raw = sample
     labels = np.asarray(labels)
 

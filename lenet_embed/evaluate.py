@@ -11,6 +11,8 @@ decoding and preprocessing as a query.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
@@ -147,13 +149,48 @@ def degraded_top1(index: SearchIndex, indexed: np.ndarray, labels: np.ndarray,
     chosen = sample(count, len(test))
     digits, truth = test.images[chosen], test.labels[chosen]
     figures = {}
-    for name in DEGRADATIONS:
-        files = degrade(digits, name)
-        pixels = np.stack([to_mnist(open_image(data, f"{name} picture of test #{i}"))
-                           for i, data in zip(chosen, files, strict=True)])
+    for name, pixels in degraded_pixels(digits, chosen).items():
         rows = exact_search(indexed, index.encoder.embed(pixels), index.metric, k)
         figures[name] = round(knn_accuracy(labels[rows], truth, k), 4)
     return len(chosen), figures
+
+
+# Degraded sets already made in this process, by a digest of their digits (see degraded_pixels).
+_DEGRADED: dict[str, dict[str, np.ndarray]] = {}
+_DEGRADED_KEPT = 4
+
+
+def degraded_pixels(digits: np.ndarray, numbers: np.ndarray) -> dict[str, np.ndarray]:
+    """Each degradation of ``digits`` (uint8 (N, 28, 28); ``numbers`` are their positions in
+    the test split, for errors) as a query sees it after decoding and preprocessing: read-only
+    (N, 28, 28) float32 per name of :data:`~lenet_embed.degrade.DEGRADATIONS`.
+
+    The set is the same every time for the same digits, and making it (drawing, encoding,
+    decoding and preprocessing eight pictures a digit) takes about a minute, so the last few
+    sets made in a process are kept and given again."""
+    key = hashlib.sha256(np.ascontiguousarray(digits)).hexdigest()
+    if key not in _DEGRADED:
+        made = {}
+        for name in DEGRADATIONS:
+            files = degrade(digits, name)
+            pixels = np.stack([to_mnist(open_image(data, f"{name} picture of test #{i}"))
+                               for i, data in zip(numbers, files, strict=True)])
+            pixels.setflags(write=False)
+            made[name] = pixels
+        while len(_DEGRADED) >= _DEGRADED_KEPT:
+            del _DEGRADED[next(iter(_DEGRADED))]
+        _DEGRADED[key] = made
+    return _DEGRADED[key]
+
+
+@functools.lru_cache(maxsize=2)
+def evaluation_nondigits(count: int = NONDIGITS_EVALUATED) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The non-digits the trust figures are measured on (``eval`` split, seed 0) as the encoder
+    sees them, read-only, and the kind of each. Made once per process: they are the same every
+    time, and drawing and preprocessing 3,000 pictures takes about a minute."""
+    others = generate("eval", count, seed=0)
+    others.pixels.setflags(write=False)
+    return others.pixels, tuple(others.kinds)
 
 
 def evaluate(
@@ -260,8 +297,8 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     if calibration is None:
         raise LenetEmbedError(f"{index.path}: the bundle has no calibration; run "
                               "`lenet-embed calibrate` first")
-    others = generate("eval", nondigits, seed=0)
-    other_vectors = index.encoder.embed(others.pixels)
+    other_pixels, other_kinds = evaluation_nondigits(nondigits)
+    other_vectors = index.encoder.embed(other_pixels)
 
     def answers(vectors: np.ndarray) -> list[QueryResult]:
         return index.query([Query(vector=v) for v in vectors], calibration.k)
@@ -274,7 +311,7 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     other_scores = np.array([r.verdict.ood_score for r in rejects])
     answered = np.array([r.match for r in digits])
     rejected = np.array([not r.match for r in rejects])
-    kinds = np.array(others.kinds)
+    kinds = np.array(other_kinds)
     figures = TrustFigures(
         ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),
         auroc=auroc(digit_scores, other_scores),
@@ -284,7 +321,7 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
         nondigits=len(rejects),
         nondigits_rejected=float(rejected.mean()),
         rejected_by_kind={kind: float(rejected[kinds == kind].mean())
-                          for kind in sorted(set(others.kinds))},
+                          for kind in sorted(set(other_kinds))},
         ood_threshold=calibration.ood_threshold,
         min_confidence=calibration.min_confidence,
     )

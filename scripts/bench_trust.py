@@ -64,9 +64,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
 
+    dataset = load_mnist(args.data)  # first: a missing data set stops before anything else
     index = SearchIndex.load(args.index_dir)
     snapshot = index.snapshot
-    dataset = load_mnist(args.data)
     calibration = snapshot.manifest.calibration
     head = load_head(args.model) if args.model else (
         head_arrays(calibration) if calibration else None)

@@ -56,6 +56,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lenet_embed import LenetEmbedError, SearchIndex
+from lenet_embed.build import STAGES
 from lenet_embed.preprocess import WORK_SIDE, ImageTooLarge, open_image, to_mnist
 from lenet_embed.search import Query
 
@@ -707,10 +708,11 @@ def tmpfs(tmp_path):
 
 def _build_error_line(result) -> str:
     """The one error line of a failed in-process `build-index`; progress lines ("embedding:
-    600/600 ...", one per stage and ten seconds on a non-terminal) may come before it."""
+    600/600 ...", one per stage and ten seconds on a non-terminal) may come before it, one
+    kind per stage the build reports (`lenet_embed.build.STAGES`)."""
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines()
-             if not re.match(r"(reading|embedding|indexing|writing): \d", line)]
+             if not re.match(rf"({'|'.join(STAGES)}): \d", line)]
     assert len(lines) == 1, result.stderr
     return one_line_error(SimpleNamespace(exit_code=result.exit_code,
                                           exception=result.exception, output=result.output,
