@@ -37,7 +37,7 @@ from .metrics import (
     recall_at_k,
     reliability_bins,
 )
-from .nondigits import generate
+from .nondigits import NonDigits, generate
 from .preprocess import open_image, scale_pixels, to_mnist
 from .search import Query, QueryResult, SearchIndex
 
@@ -184,13 +184,14 @@ def degraded_pixels(digits: np.ndarray, numbers: np.ndarray) -> dict[str, np.nda
 
 
 @functools.lru_cache(maxsize=2)
-def evaluation_nondigits(count: int = NONDIGITS_EVALUATED) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The non-digits the trust figures are measured on (``eval`` split, seed 0) as the encoder
-    sees them, read-only, and the kind of each. Made once per process: they are the same every
-    time, and drawing and preprocessing 3,000 pictures takes about a minute."""
+def evaluation_nondigits(count: int = NONDIGITS_EVALUATED) -> NonDigits:
+    """The non-digits the trust figures are measured on (``eval`` split, seed 0), their arrays
+    read-only. Made once per process: they are the same every time, and drawing and
+    preprocessing 3,000 pictures takes a while."""
     others = generate("eval", count, seed=0)
     others.pixels.setflags(write=False)
-    return others.pixels, tuple(others.kinds)
+    others.reached.setflags(write=False)
+    return others
 
 
 def evaluate(
@@ -297,8 +298,8 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     if calibration is None:
         raise LenetEmbedError(f"{index.path}: the bundle has no calibration; run "
                               "`lenet-embed calibrate` first")
-    other_pixels, other_kinds = evaluation_nondigits(nondigits)
-    other_vectors = index.encoder.embed(other_pixels)
+    others = evaluation_nondigits(nondigits)
+    other_vectors = index.encoder.embed(others.pixels)
 
     def answers(vectors: np.ndarray) -> list[QueryResult]:
         return index.query([Query(vector=v) for v in vectors], calibration.k)
@@ -308,20 +309,24 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     correct = np.array([r.candidate == label for r, label in zip(digits, labels.tolist(),
                                                                   strict=True)])
     digit_scores = np.array([r.verdict.ood_score for r in digits])
-    other_scores = np.array([r.verdict.ood_score for r in rejects])
+    # A picture preprocessing answers "not a digit" (no pen strokes) never reaches the model:
+    # it is rejected, and further from the digits than any score says.
+    other_scores = np.full(len(others), np.inf)
+    other_scores[others.reached] = [r.verdict.ood_score for r in rejects]
     answered = np.array([r.match for r in digits])
-    rejected = np.array([not r.match for r in rejects])
-    kinds = np.array(other_kinds)
+    rejected = np.ones(len(others), dtype=bool)
+    rejected[others.reached] = [not r.match for r in rejects]
+    kinds = np.array(others.kinds)
     figures = TrustFigures(
         ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),
         auroc=auroc(digit_scores, other_scores),
         fpr_at_95_tpr=fpr_at_tpr(digit_scores, other_scores, 0.95),
         digits_answered=float(answered.mean()),
         answered_accuracy=float(correct[answered].mean()) if answered.any() else 0.0,
-        nondigits=len(rejects),
+        nondigits=len(others),
         nondigits_rejected=float(rejected.mean()),
         rejected_by_kind={kind: float(rejected[kinds == kind].mean())
-                          for kind in sorted(set(other_kinds))},
+                          for kind in sorted(set(others.kinds))},
         ood_threshold=calibration.ood_threshold,
         min_confidence=calibration.min_confidence,
     )

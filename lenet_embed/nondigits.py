@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .errors import LenetEmbedError
-from .preprocess import to_mnist
+from .preprocess import NoStrokes, to_mnist
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
 SPLITS = ("fit", "eval")
@@ -66,13 +66,17 @@ class MissingFonts(LenetEmbedError):
 
 @dataclass(frozen=True)
 class NonDigits:
-    """Generated pictures with the kind and style of each, and each as the encoder sees it
-    (``pixels``: (N, 28, 28) float32 from :func:`~lenet_embed.preprocess.to_mnist`)."""
+    """Generated pictures with the kind and style of each, whether each reaches the model
+    (``reached``: False for a picture preprocessing itself answers "not a digit", with no pen
+    strokes left once texture and noise are removed, e.g. most uniform noise), and the ones that
+    do as the encoder sees them (``pixels``: (reached.sum(), 28, 28) float32 from
+    :func:`~lenet_embed.preprocess.to_mnist`, in order)."""
 
     images: list[Image.Image]
     pixels: np.ndarray
     kinds: list[str]
     styles: list[str]
+    reached: np.ndarray
 
     def __len__(self) -> int:
         return len(self.images)
@@ -93,14 +97,15 @@ def fonts(split: str) -> list[Path]:
 def generate(split: str, count: int, seed: int = 0) -> NonDigits:
     """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over the kinds and
     their styles; the same arguments always give the same pictures. A picture that
-    preprocessing finds blank (a checkerboard whose border is all ink) is drawn again."""
+    preprocessing finds blank (an error, not an answer: a checkerboard whose border is all ink)
+    is drawn again; one it answers "not a digit" is kept, with ``reached`` False."""
     if split not in SPLITS:
         raise LenetEmbedError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(np.random.SeedSequence([_STREAMS[split], seed]))
     families = _font_styles(fonts(split))
     plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
             if fitted or split == "eval"]
-    images, pixels, kinds, styles = [], [], [], []
+    images, pixels, kinds, styles, reached = [], [], [], [], []
     for i in range(count):
         # Kinds take equal shares, then styles within a kind.
         kind = KINDS[i % len(KINDS)]
@@ -114,6 +119,10 @@ def generate(split: str, count: int, seed: int = 0) -> NonDigits:
             image = Image.fromarray(picture, mode="L")
             try:
                 pixels.append(to_mnist(image))
+                reached.append(True)
+                break
+            except NoStrokes:
+                reached.append(False)
                 break
             except LenetEmbedError:
                 continue
@@ -121,7 +130,7 @@ def generate(split: str, count: int, seed: int = 0) -> NonDigits:
         kinds.append(kind)
         styles.append(style)
     return NonDigits(images, np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.float32),
-                     kinds, styles)
+                     kinds, styles, np.array(reached, dtype=bool))
 
 
 def _font_styles(paths: list[Path]) -> dict[str, list[Path]]:

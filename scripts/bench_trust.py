@@ -37,9 +37,9 @@ from lenet_embed.calibration import (
     sample_rows,
 )
 from lenet_embed.cli import run_script
-from lenet_embed.evaluate import NONDIGITS_EVALUATED, measure_trust
+from lenet_embed.evaluate import NONDIGITS_EVALUATED, evaluation_nondigits, measure_trust
 from lenet_embed.metrics import auroc, fpr_at_tpr
-from lenet_embed.nondigits import HELD_OUT, generate
+from lenet_embed.nondigits import HELD_OUT
 from lenet_embed.preprocess import scale_pixels
 
 KEEP = 0.995
@@ -73,7 +73,7 @@ def main() -> None:
     if calibration is None or (args.model and calibration.head_weights is None):
         calibration = fit_snapshot(snapshot, head)  # in memory only: the bundle is not changed
     digits = index.encoder.embed(scale_pixels(dataset.test.images))
-    others_set = generate("eval", NONDIGITS_EVALUATED, seed=0)
+    others_set = evaluation_nondigits(NONDIGITS_EVALUATED)
     others = index.encoder.embed(others_set.pixels)
     unseen = np.array([style in HELD_OUT[kind]
                        for kind, style in zip(others_set.kinds, others_set.styles, strict=True)])
@@ -107,7 +107,12 @@ def main() -> None:
         out["calibration (fitted combination)"] = logit(calibration.ood, found)
         return out
 
-    inside, outside = scores(digits), scores(others)
+    inside = scores(digits)
+    # Non-digits preprocessing answers itself (no pen strokes) never reach a score: rejected.
+    outside = {}
+    for name, values in scores(others).items():
+        outside[name] = np.full(len(others_set), np.inf)
+        outside[name][others_set.reached] = values
     rows_out = []
     for name in inside:
         threshold = np.quantile(inside[name], KEEP)
@@ -125,8 +130,9 @@ def main() -> None:
     if args.json:
         print(json.dumps({"scores": rows_out, "bundle": trust and trust.__dict__}, indent=2))
         return
-    print(f"{len(digits)} test digits vs {len(others)} generated non-digits (eval split; "
-          f"{int(unseen.sum())} in styles never fitted on)")
+    print(f"{len(digits)} test digits vs {len(others_set)} generated non-digits (eval split; "
+          f"{int(unseen.sum())} in styles never fitted on; {int((~others_set.reached).sum())} "
+          "answered by preprocessing, no pen strokes)")
     print(f"{'score':<34} {'AUROC':>7} {'FPR@95':>7} {'rej@99.5':>9} {'unseen':>7}")
     for row in rows_out:
         print(f"{row['score']:<34} {row['auroc']:>7.4f} {row['fpr_at_95_tpr']:>7.4f} "

@@ -22,7 +22,14 @@ def test_nondigits_are_deterministic_and_cover_every_kind():
     assert len(first) == 60 and set(first.kinds) == set(KINDS)
     assert all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(first.images, again.images, strict=True))
-    assert np.array_equal(first.pixels, again.pixels) and first.pixels.shape == (60, 28, 28)
+    assert np.array_equal(first.pixels, again.pixels)
+    assert np.array_equal(first.reached, again.reached) and first.reached.shape == (60,)
+    assert first.pixels.shape == (int(first.reached.sum()), 28, 28)
+    # Letters and symbols always reach the model; some noise and textures (and the odd faint
+    # object) are answered by preprocessing itself (no pen strokes left).
+    screened = {kind for kind, reached in zip(first.kinds, first.reached, strict=True)
+                if not reached}
+    assert screened and not screened & {"letters", "symbols"}
     other = generate("eval", 60, seed=4)
     assert not np.array_equal(first.pixels, other.pixels)
     # Both polarities and many sizes: preprocessing, not the generator, makes them alike.
@@ -74,7 +81,14 @@ def test_non_digits_are_refused_with_a_reason(search_index, mnist):
     # The session model saw one epoch of 5,000 digits, so it only tells noise and textures from
     # digits part of the time; README "Answers you can trust" measures the default model.
     pictures = generate("eval", 200, seed=0)
-    picked = [i for i, kind in enumerate(pictures.kinds) if kind in ("noise", "textures")]
+    # Those preprocessing answers itself: "not a digit", no candidate, no neighbours.
+    screened = [image for image, reached in zip(pictures.images, pictures.reached, strict=True)
+                if not reached]
+    assert screened
+    for result in search_index.query(screened, k=5):
+        assert not result.match and result.reason == NOT_A_DIGIT and result.neighbors == []
+    picked = [i for i, kind in enumerate(pictures.kinds)
+              if kind in ("noise", "textures") and pictures.reached[i]]
     results = search_index.query([pictures.images[i] for i in picked], k=5)
     refused = [r for r in results if not r.match]
     digits = search_index.query([Query(image=image) for image in _digits(mnist)[0]], k=5)

@@ -1,6 +1,6 @@
-"""End to end on the real thing: train on all of MNIST, index all 60,000 training digits, and
-query test digits written as PNG files (and digits rendered from fonts) through the installed
-command."""
+"""End to end on the real thing: train the default recipe on all of MNIST, index all 60,000
+training digits, query test digits written as PNG files through the installed command, evaluate
+the bundle, and query digits rendered from the machine's fonts (outside MNIST)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,24 @@ import pytest
 
 from lenet_embed import SearchIndex, majority_label, write_samples
 from lenet_embed.bundle import read_manifest
+from lenet_embed.training import DEFAULT_RECIPE
 
 N_QUERIES = 200
 K = 5
-SEED = 2024
+SEED = 1
+# The default recipe shortened (its cosine schedule decays over these epochs): the whole
+# pipeline on the real data within CI's time. The full recipe's figures (35 epochs) are
+# measured by scripts/bench_quality.py and given in README "Results".
+EPOCHS = 6
+# Guards well inside what these epochs reach (measured 2026-11-26, seed 1: test accuracy 0.9920,
+# 1-NN 0.9907, MAP@R 0.9631, top-1 per degradation 0.971 to 0.995, ECE 0.0027, AUROC 0.9954,
+# digits answered 0.9914, font digits 0.9739), so a regression fails while noise does not.
+ACCURACY_GUARD = 0.985
+MAP_GUARD = 0.94
+DEGRADED_GUARD = 0.95
+FONT_GUARD = 0.95
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -29,18 +43,22 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 def test_full_mnist_pipeline(mnist_path, mnist, tmp_path, lenet_embed_cmd, quiet_env):
+    if not any(FONT_DIR.glob("*.ttf")):
+        pytest.skip(f"no fonts in {FONT_DIR}: install fonts-dejavu-core (.ci/run does)")
     model = tmp_path / "models" / "lenet.keras"
     index_dir = tmp_path / "index"
 
     trained = json.loads(_run([*lenet_embed_cmd, "train", "--data", str(mnist_path), "--epochs",
-                               "1", "--seed", str(SEED), "--out", str(model), "--json"],
+                               str(EPOCHS), "--seed", str(SEED), "--out", str(model), "--json"],
                               quiet_env).stdout)
-    assert trained["epochs"] == 1 and model.is_file()
+    assert trained["recipe"] == DEFAULT_RECIPE and trained["epochs"] == EPOCHS
+    assert model.is_file()
 
     built = json.loads(_run([*lenet_embed_cmd, "build-index", "--data", str(mnist_path),
                              "--model", str(model), "--index-dir", str(index_dir), "--json"],
                             quiet_env).stdout)
     assert built["count"] == len(mnist.train) == read_manifest(index_dir).count
+    assert read_manifest(index_dir).calibration is not None
 
     paths = write_samples(tmp_path / "samples", n=N_QUERIES, data=mnist_path)
     assert len(paths) == N_QUERIES
@@ -70,34 +88,19 @@ def test_full_mnist_pipeline(mnist_path, mnist, tmp_path, lenet_embed_cmd, quiet
         cli_distances = [n["distance"] for n in record["neighbors"]]
         assert np.allclose(cli_distances, [n.distance for n in neighbors], atol=1e-6)
 
-
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-@pytest.mark.e2e
-def test_default_recipe_quality_and_font_digits(mnist_path, tmp_path, lenet_embed_cmd,
-                                                quiet_env):
-    """The default recipe end to end: train, index, evaluate on the 10,000 test digits, and query
-    digits rendered from the machine's fonts (outside MNIST) through `lenet-embed query`."""
-    if not any(FONT_DIR.glob("*.ttf")):
-        pytest.skip(f"no fonts in {FONT_DIR}: install fonts-dejavu-core (.ci/run does)")
-    model = tmp_path / "lenet.keras"
-    index_dir = tmp_path / "index"
-    trained = json.loads(_run([*lenet_embed_cmd, "train", "--data", str(mnist_path), "--seed",
-                               "1", "--out", str(model), "--json"], quiet_env).stdout)
-    assert trained["recipe"] == "augmented"
-    _run([*lenet_embed_cmd, "build-index", "--data", str(mnist_path), "--model", str(model),
-          "--index-dir", str(index_dir)], quiet_env)
     figures = json.loads(_run([*lenet_embed_cmd, "evaluate", "--data", str(mnist_path),
                                "--index-dir", str(index_dir), "--json"], quiet_env).stdout)
-    print(f"default recipe: test accuracy {trained['test_accuracy']:.4f}, "
-          f"1-NN {figures['nn1_accuracy']:.4f}, MAP@R {figures['map_at_r']:.4f}")
-    # Guards well inside what the recipe reaches (README "Results": 0.995 / 0.994 / 0.986), so
-    # a regression fails here while run-to-run noise does not.
-    assert trained["test_accuracy"] >= 0.992
-    assert figures["nn1_accuracy"] >= 0.992
-    assert figures["map_at_r"] >= 0.975
+    trust = figures["trust"]
+    print(f"default recipe, {EPOCHS} epochs: test accuracy {trained['test_accuracy']:.4f}, "
+          f"1-NN {figures['nn1_accuracy']:.4f}, MAP@R {figures['map_at_r']:.4f}, "
+          f"degraded top-1 {figures['degraded_top1']}, ECE {trust['ece']:.4f}, "
+          f"AUROC {trust['auroc']:.4f}, answered {trust['digits_answered']:.4f}, "
+          f"rejected {trust['nondigits_rejected']:.4f}")
+    assert trained["test_accuracy"] >= ACCURACY_GUARD
+    assert figures["nn1_accuracy"] >= ACCURACY_GUARD
+    assert figures["map_at_r"] >= MAP_GUARD
+    assert min(figures["degraded_top1"].values()) >= DEGRADED_GUARD
+    assert trust["ece"] <= 0.02 and trust["digits_answered"] >= 0.98 and trust["auroc"] >= 0.98
 
     fonts = _run([sys.executable, str(SCRIPTS / "font_digits.py"), str(tmp_path / "fonts"),
                   "--index-dir", str(index_dir)], quiet_env)
@@ -106,4 +109,4 @@ def test_default_recipe_quality_and_font_digits(mnist_path, tmp_path, lenet_embe
           f"wrong: {result['wrong'][:10]}")
     assert result["errors"] == []
     assert result["queries"] >= 400
-    assert result["top1_accuracy"] >= 0.95
+    assert result["top1_accuracy"] >= FONT_GUARD

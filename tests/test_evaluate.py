@@ -22,7 +22,15 @@ from lenet_embed.cli import main
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.degrade import DEGRADATIONS, degrade, sample
 from lenet_embed.embed import KerasEncoder
-from lenet_embed.evaluate import DEGRADED_COUNT, WORST_SHOWN, Evaluation, evaluate, write_report
+from lenet_embed.evaluate import (
+    DEGRADED_COUNT,
+    NONDIGITS_EVALUATED,
+    WORST_SHOWN,
+    Evaluation,
+    evaluate,
+    evaluation_nondigits,
+    write_report,
+)
 from lenet_embed.pictures import montage_size
 from lenet_embed.preprocess import open_image, scale_pixels
 
@@ -222,6 +230,11 @@ def test_write_report(evaluation, keras_index, tmp_path):
     trust = evaluation.to_dict()["trust"]
     assert 0 <= trust["ece"] <= 1 and 0.5 < trust["auroc"] <= 1
     assert set(trust["rejected_by_kind"]) == {"letters", "symbols", "textures", "noise", "objects"}
+    # Every generated non-digit counts, those preprocessing answers itself as rejected.
+    others = evaluation_nondigits()
+    assert trust["nondigits"] == len(others) == NONDIGITS_EVALUATED
+    noise = np.array(others.kinds) == "noise"
+    assert trust["rejected_by_kind"]["noise"] >= (~others.reached[noise]).mean() > 0
 
 
 def test_write_report_without_wrong_neighbours_skips_worst(search_index, bundle_data, tmp_path):

@@ -133,15 +133,16 @@ def test_package_level_train_is_the_function(first, quiet_env):
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
-def test_default_recipe_is_the_augmented_one():
+def test_default_recipe_is_augmented_with_outlier_exposure():
     from lenet_embed.training import DEFAULT_RECIPE
 
     recipe = RECIPES[DEFAULT_RECIPE]
-    assert DEFAULT_RECIPE == "augmented"
+    assert DEFAULT_RECIPE == "outlier"
     assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adamw", "cosine", 0.1)
     assert recipe.weight_decay > 0
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
     assert 0 < recipe.degrade < 1
+    assert recipe.outliers == 10_000 and 0 < recipe.outlier_weight <= 1
 
 
 def test_random_affine_is_seeded_and_bounded(mnist):
@@ -178,21 +179,28 @@ def test_random_affine_is_seeded_and_bounded(mnist):
 def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     from dataclasses import replace
 
-    from lenet_embed.training import _pipeline
+    from lenet_embed.training import OUTLIER_RATIO, _pipeline, outlier_images
 
-    recipe = replace(RECIPES["seed"], outliers=24, outlier_weight=0.5, batch_size=64)
-    images, labels = mnist.train.images[:40], mnist.train.labels[:40]
+    recipe = replace(RECIPES["seed"], outliers=24, outlier_weight=0.5, batch_size=512)
+    images, labels = mnist.train.images[:300], mnist.train.labels[:300]
     x, y, w = next(iter(_pipeline(images, labels, recipe, True, seed=1)))
-    assert x.shape == (64, 28, 28, 1) and y.shape == (64, 10)
+    # Of the 24 non-digits drawn, those that reach the model (preprocessing answers the rest).
+    reached = len(outlier_images(24))
+    assert 0 < reached <= 24
+    assert x.shape == (300 + reached, 28, 28, 1) and y.shape == (300 + reached, 10)
     y, w = y.numpy(), w.numpy()
     outliers = w == 0.5
-    # 24 non-digits with the uniform target; the 40 digits one-hot at full weight.
-    assert outliers.sum() == 24 and np.allclose(y[outliers], 0.1)
+    # The non-digits with the uniform target; the 300 digits one-hot at full weight.
+    assert outliers.sum() == reached and np.allclose(y[outliers], 0.1)
     assert np.all(w[~outliers] == 1.0) and np.all(y[~outliers].max(axis=1) == 1.0)
     assert set(y[~outliers].argmax(axis=1)) <= set(labels.tolist())
     # Evaluation never sees them.
     _, _, w_test = next(iter(_pipeline(images, labels, recipe, False, seed=1)))
-    assert len(w_test) == 40 and np.all(w_test.numpy() == 1.0)
+    assert len(w_test) == 300 and np.all(w_test.numpy() == 1.0)
+    # A training set of 60 digits draws at most 60 / OUTLIER_RATIO non-digits, not 24.
+    _, _, w_small = next(iter(_pipeline(images[:60], labels[:60], recipe, True, seed=1)))
+    few = int((w_small.numpy() == 0.5).sum())
+    assert few == len(outlier_images(60 // OUTLIER_RATIO)) and 0 < few <= 60 // OUTLIER_RATIO
 
 
 def test_random_degradation_is_seeded_and_changes_the_chosen_part(mnist):
