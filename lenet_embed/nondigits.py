@@ -29,6 +29,7 @@ from .errors import LenetEmbedError
 from .preprocess import NoStrokes, to_mnist
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
+FONT_KINDS = ("letters", "symbols")  # drawn in the machine's fonts
 SPLITS = ("fit", "eval")
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation"))
 # Letters left out because, once cropped and scaled into the MNIST frame, they ARE digits as people
@@ -94,23 +95,28 @@ def fonts(split: str) -> list[Path]:
     return found
 
 
-def generate(split: str, count: int, seed: int = 0) -> NonDigits:
-    """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over the kinds and
-    their styles; the same arguments always give the same pictures. A picture that
-    preprocessing finds blank (an error, not an answer: a checkerboard whose border is all ink)
-    is drawn again; one it answers "not a digit" is kept, with ``reached`` False."""
+def generate(split: str, count: int, seed: int = 0,
+             kinds: tuple[str, ...] = KINDS) -> NonDigits:
+    """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over ``kinds`` (all
+    by default) and their styles; the same arguments always give the same pictures. A picture
+    that preprocessing finds blank (an error, not an answer: a checkerboard whose border is all
+    ink) is drawn again; one it answers "not a digit" is kept, with ``reached`` False. Letters
+    and symbols need the split's fonts (:class:`MissingFonts` without them)."""
     if split not in SPLITS:
         raise LenetEmbedError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise LenetEmbedError(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     rng = np.random.default_rng(np.random.SeedSequence([_STREAMS[split], seed]))
-    families = _font_styles(fonts(split))
+    families = _font_styles(fonts(split)) if set(kinds) & set(FONT_KINDS) else {}
     plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
             if fitted or split == "eval"]
-    images, pixels, kinds, styles, reached = [], [], [], [], []
+    images, pixels, drawn, styles, reached = [], [], [], [], []
     for i in range(count):
         # Kinds take equal shares, then styles within a kind.
-        kind = KINDS[i % len(KINDS)]
+        kind = kinds[i % len(kinds)]
         choices = [style for k, style in plan if k == kind]
-        style = choices[(i // len(KINDS)) % len(choices)]
+        style = choices[(i // len(kinds)) % len(choices)]
         while True:
             side = int(rng.integers(24, 161))
             picture = _DRAW[kind](style, side, rng, families)
@@ -127,10 +133,10 @@ def generate(split: str, count: int, seed: int = 0) -> NonDigits:
             except LenetEmbedError:
                 continue
         images.append(image)
-        kinds.append(kind)
+        drawn.append(kind)
         styles.append(style)
     return NonDigits(images, np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.float32),
-                     kinds, styles, np.array(reached, dtype=bool))
+                     drawn, styles, np.array(reached, dtype=bool))
 
 
 def _font_styles(paths: list[Path]) -> dict[str, list[Path]]:

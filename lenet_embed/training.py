@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from ._keras import keras, tensorflow
 from .data import Dataset, load_mnist
 from .errors import LenetEmbedError
 from .model import NUM_CLASSES, build_lenet, encoder_of
-from .nondigits import generate
+from .nondigits import FONT_KINDS, KINDS, MissingFonts, generate
 from .preprocess import SIDE, to_uint8
 
 DEFAULT_MODEL_PATH = Path("models/lenet.keras")
@@ -60,6 +61,8 @@ class Recipe:
     # sensor grid, thicker or thinner strokes, paper texture; see _random_degradation); 0 = off.
     degrade: float = 0.0
 
+
+log = logging.getLogger(__name__)
 
 # Outlier exposure draws at most one non-digit per this many training digits (10,000 for MNIST's
 # 60,000), so that a small training set is not swamped by them.
@@ -172,7 +175,14 @@ def outlier_images(count: int, seed: int = 0) -> np.ndarray:
     four: preprocessing answers the rest itself), as the encoder sees them: read-only uint8
     (N, 28, 28). Calibration draws the same split with other seeds, so it never sees these
     pictures. Made once per process: the same arguments give the same pictures."""
-    pixels = to_uint8(generate("fit", count, seed).pixels)
+    try:
+        drawn = generate("fit", count, seed)
+    except MissingFonts as exc:
+        # Training still works on a machine without the fonts, on the other kinds only.
+        log.warning("outlier exposure without letters and symbols: %s", exc)
+        drawn = generate("fit", count, seed,
+                         kinds=tuple(kind for kind in KINDS if kind not in FONT_KINDS))
+    pixels = to_uint8(drawn.pixels)
     pixels.setflags(write=False)
     return pixels
 

@@ -188,3 +188,21 @@ def test_calibrate_after_add(run, bundle_copy, mnist):
     ok(run("calibrate", "--index-dir", bundle_copy))
     after = read_manifest(bundle_copy)
     assert after.version == added.version + 1 and after.calibration.fitted_on["items"] == 2020
+
+
+def test_without_fonts_letters_refuse_and_training_draws_the_other_kinds(monkeypatch, tmp_path,
+                                                                         caplog):
+    import lenet_embed.nondigits as nondigits
+    from lenet_embed.nondigits import FONT_KINDS, MissingFonts
+    from lenet_embed.training import outlier_images
+
+    monkeypatch.setattr(nondigits, "FONT_DIRS", (tmp_path / "none", tmp_path / "none"))
+    with pytest.raises(MissingFonts, match="fonts-dejavu-core"):
+        generate("fit", 10, seed=0)
+    others = generate("fit", 30, seed=0, kinds=("textures", "noise", "objects"))
+    assert len(others) == 30 and set(others.kinds) == {"textures", "noise", "objects"}
+    with caplog.at_level("WARNING", logger="lenet_embed"):
+        pixels = outlier_images.__wrapped__(30)
+    assert 0 < len(pixels) <= 30 and pixels.dtype == np.uint8
+    assert "without letters and symbols" in caplog.text
+    assert set(FONT_KINDS) == {"letters", "symbols"}
