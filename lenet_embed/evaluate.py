@@ -311,11 +311,9 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     digit_scores = np.array([r.verdict.ood_score for r in digits])
     # A picture preprocessing answers "not a digit" (no pen strokes) never reaches the model:
     # it is rejected, and further from the digits than any score says.
-    other_scores = np.full(len(others), np.inf)
-    other_scores[others.reached] = [r.verdict.ood_score for r in rejects]
+    other_scores = others.for_all([r.verdict.ood_score for r in rejects], np.inf)
     answered = np.array([r.match for r in digits])
-    rejected = np.ones(len(others), dtype=bool)
-    rejected[others.reached] = [not r.match for r in rejects]
+    rejected = others.for_all([not r.match for r in rejects], True)
     kinds = np.array(others.kinds)
     figures = TrustFigures(
         ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),

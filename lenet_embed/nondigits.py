@@ -82,6 +82,13 @@ class NonDigits:
     def __len__(self) -> int:
         return len(self.images)
 
+    def for_all(self, values: np.ndarray | list, fill: float | bool) -> np.ndarray:
+        """``values`` given for the pictures that reach the model, spread over all of them, with
+        ``fill`` for those preprocessing answered itself."""
+        spread = np.full(len(self), fill)
+        spread[self.reached] = values
+        return spread
+
 
 def fonts(split: str) -> list[Path]:
     """The font files of a split: DejaVu for ``fit``, Liberation for ``eval`` (whole families

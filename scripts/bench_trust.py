@@ -109,10 +109,8 @@ def main() -> None:
 
     inside = scores(digits)
     # Non-digits preprocessing answers itself (no pen strokes) never reach a score: rejected.
-    outside = {}
-    for name, values in scores(others).items():
-        outside[name] = np.full(len(others_set), np.inf)
-        outside[name][others_set.reached] = values
+    outside = {name: others_set.for_all(values, np.inf)
+               for name, values in scores(others).items()}
     rows_out = []
     for name in inside:
         threshold = np.quantile(inside[name], KEEP)
