@@ -135,9 +135,10 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: bool,
-              seed: int | None) -> Any:
-    tf = tensorflow()
+def _examples(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a pass over the data trains on: images, one-hot targets and sample weights, with
+    outlier exposure's non-digits (uniform targets) after the digits when training."""
     targets = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
     weights = np.ones(len(labels), dtype=np.float32)
     if training and recipe.outliers:
@@ -148,10 +149,17 @@ def _pipeline(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
                                                    1.0 / NUM_CLASSES, dtype=np.float32)])
         weights = np.concatenate([weights, np.full(len(outliers), recipe.outlier_weight,
                                                    dtype=np.float32)])
-    ds = tf.data.Dataset.from_tensor_slices((images, targets, weights))
+    return images, targets, weights
+
+
+def _pipeline(examples: tuple[np.ndarray, np.ndarray, np.ndarray], recipe: Recipe,
+              training: bool, seed: int | None) -> Any:
+    tf = tensorflow()
+    ds = tf.data.Dataset.from_tensor_slices(examples)
     augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom or recipe.degrade)
     if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        # A buffer as long as the data: a full shuffle, non-digits included.
+        ds = ds.shuffle(len(examples[0]), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(recipe.batch_size if training else 1024)
 
     def prepare(x: Any, y: Any, w: Any) -> tuple[Any, Any, Any]:
@@ -349,7 +357,9 @@ def train(
 
     images, labels = dataset.train.images, dataset.train.labels
     model = build_lenet(style)
-    steps = -(-len(labels) // chosen.batch_size)
+    examples = _examples(images, labels, chosen, True)
+    # The schedule spans every step actually taken, outlier exposure's non-digits included.
+    steps = -(-len(examples[0]) // chosen.batch_size)
     model.compile(
         optimizer=_optimizer(chosen, steps, chosen.epochs),
         loss=k.losses.CategoricalCrossentropy(label_smoothing=chosen.label_smoothing),
@@ -360,13 +370,14 @@ def train(
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         model.fit(
-            _pipeline(images, labels, chosen, True, seed),
+            _pipeline(examples, chosen, True, seed),
             epochs=chosen.epochs,
             shuffle=False,  # the tf.data pipeline already reshuffles every epoch
             verbose=verbose,
         )
     seconds = time.perf_counter() - started
-    test = _pipeline(dataset.test.images, dataset.test.labels, chosen, False, seed)
+    test = _pipeline(_examples(dataset.test.images, dataset.test.labels, chosen, False), chosen,
+                     False, seed)
     _, accuracy = model.evaluate(test, verbose=0)
 
     out = Path(out)

@@ -179,11 +179,16 @@ def test_random_affine_is_seeded_and_bounded(mnist):
 def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     from dataclasses import replace
 
-    from lenet_embed.training import OUTLIER_RATIO, _pipeline, outlier_images
+    from lenet_embed.training import OUTLIER_RATIO, _examples, _pipeline, outlier_images
 
     recipe = replace(RECIPES["seed"], outliers=24, outlier_weight=0.5, batch_size=512)
     images, labels = mnist.train.images[:300], mnist.train.labels[:300]
-    x, y, w = next(iter(_pipeline(images, labels, recipe, True, seed=1)))
+
+    def first_batch(count: int, training: bool) -> tuple:
+        examples = _examples(images[:count], labels[:count], recipe, training)
+        return next(iter(_pipeline(examples, recipe, training, seed=1)))
+
+    x, y, w = first_batch(300, True)
     # Of the 24 non-digits drawn, those that reach the model (preprocessing answers the rest).
     reached = len(outlier_images(24))
     assert 0 < reached <= 24
@@ -195,10 +200,10 @@ def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     assert np.all(w[~outliers] == 1.0) and np.all(y[~outliers].max(axis=1) == 1.0)
     assert set(y[~outliers].argmax(axis=1)) <= set(labels.tolist())
     # Evaluation never sees them.
-    _, _, w_test = next(iter(_pipeline(images, labels, recipe, False, seed=1)))
+    _, _, w_test = first_batch(300, False)
     assert len(w_test) == 300 and np.all(w_test.numpy() == 1.0)
     # A training set of 60 digits draws at most 60 / OUTLIER_RATIO non-digits, not 24.
-    _, _, w_small = next(iter(_pipeline(images[:60], labels[:60], recipe, True, seed=1)))
+    _, _, w_small = first_batch(60, True)
     few = int((w_small.numpy() == 0.5).sum())
     assert few == len(outlier_images(60 // OUTLIER_RATIO)) and 0 < few <= 60 // OUTLIER_RATIO
 
