@@ -59,7 +59,7 @@ EPS = 1e-6
 NOT_A_DIGIT = "not a digit"
 UNSURE = "unsure"
 UNCALIBRATED = "no calibration in this bundle: run `lenet-embed calibrate`"
-OOD_FEATURES_HEAD = ("log_d1", "log_dk", "energy")
+OOD_FEATURES_HEAD = ("log_d1", "log_dk", "log_1_minus_msp")
 OOD_FEATURES_PLAIN = ("log_d1", "log_dk")
 CONFIDENCE_FEATURES_HEAD = ("agree", "log_d1", "msp", "head_agrees")
 CONFIDENCE_FEATURES_PLAIN = ("agree", "log_d1")
@@ -115,6 +115,13 @@ def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
         log_total = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
         found["energy"] = -log_total  # Liu et al. 2020: higher = less like the training data
         found["msp"] = np.exp(top - log_total)  # Hendrycks & Gimpel 2017
+        # log(1 - msp), computed without the cancellation of 1 - msp: the softmax mass of the
+        # other classes. It spreads out the digits' max-softmax, all within a hair of 1.
+        others = logits - top[:, None]
+        others[np.arange(len(logits)), logits.argmax(axis=1)] = -np.inf
+        rest = others.max(axis=1)
+        found["log_1_minus_msp"] = (rest + np.log(np.exp(others - rest[:, None]).sum(axis=1))
+                                    + top - log_total)
         found["head_agrees"] = (logits.argmax(axis=1) == predicted).astype(np.float64)
     return predicted, found
 
