@@ -205,6 +205,13 @@ class Calibration:
     head_bias: list[float] | None
     fitted_on: dict[str, int]
 
+    @functools.cached_property
+    def json_data(self) -> dict[str, Any]:
+        """The calibration as JSON-ready data, made once: every commit writes it again, and
+        converting the classifier head (840 numbers) took most of a single add's CPU time.
+        Shared: read it, never change it."""
+        return asdict(self)
+
     @property
     def ood_threshold(self) -> float:
         """The OOD score threshold in force."""
@@ -342,8 +349,9 @@ class Manifest:
                        lenet_embed_version=package_version(), **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as JSON-ready data (new containers throughout, as ``asdict`` makes, but
-        built directly: this runs at every commit)."""
+        """The manifest as JSON-ready data (new containers, as ``asdict`` makes, but built
+        directly: this runs at every commit), except the calibration's, which is shared
+        (:attr:`Calibration.json_data`)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(
             search_params=dict(self.search_params), dataset=copy.deepcopy(self.dataset),
@@ -352,7 +360,7 @@ class Manifest:
                        "has_sources": s.has_sources} for s in self.segments],
             files={name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()},
             store=None if self.store is None else asdict(self.store),
-            calibration=None if self.calibration is None else asdict(self.calibration),
+            calibration=None if self.calibration is None else self.calibration.json_data,
         )
         return data
 
