@@ -212,6 +212,18 @@ class Calibration:
         Shared: read it, never change it."""
         return asdict(self)
 
+    @functools.cached_property
+    def head_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The classifier head as read-only float64 arrays (weights, bias), made once: every
+        query batch applies it. None when the calibration keeps no head."""
+        if self.head_weights is None or self.head_bias is None:
+            return None
+        weights = np.array(self.head_weights, dtype=np.float64)
+        bias = np.array(self.head_bias, dtype=np.float64)
+        weights.setflags(write=False)
+        bias.setflags(write=False)
+        return weights, bias
+
     @property
     def ood_threshold(self) -> float:
         """The OOD score threshold in force."""

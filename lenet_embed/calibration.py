@@ -87,14 +87,15 @@ class Verdict:
 def majority(labels: np.ndarray) -> np.ndarray:
     """The majority label code of each row of (n, k) codes, ties to the one seen nearest first,
     -1 (no label) never voting; -1 when no neighbour has a label (as ``majority_label``)."""
-    predicted = np.full(len(labels), -1, dtype=np.int64)
-    for i, row in enumerate(labels):
-        voting = row[row >= 0]
-        if len(voting):
-            values, first, counts = np.unique(voting, return_index=True, return_counts=True)
-            best = counts == counts.max()
-            predicted[i] = values[best][np.argmin(first[best])]
-    return predicted
+    labels = np.asarray(labels)
+    voting = labels >= 0
+    # votes[i, j]: how many voting neighbours of query i share neighbour j's label. The first
+    # position with the most votes holds the majority label, seen nearest first among ties.
+    votes = ((labels[:, :, None] == labels[:, None, :]) & voting[:, None, :]).sum(axis=2)
+    votes[~voting] = 0
+    best = votes.argmax(axis=1)
+    rows = np.arange(len(labels))
+    return np.where(votes[rows, best] > 0, labels[rows, best], -1).astype(np.int64)
 
 
 def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
@@ -127,10 +128,8 @@ def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
 
 
 def head_arrays(calibration: Calibration) -> tuple[np.ndarray, np.ndarray] | None:
-    """The stored classifier head as numpy arrays, or None."""
-    if calibration.head_weights is None or calibration.head_bias is None:
-        return None
-    return np.asarray(calibration.head_weights), np.asarray(calibration.head_bias)
+    """The stored classifier head as numpy arrays (made once per calibration), or None."""
+    return calibration.head_arrays
 
 
 def logit(model: LogisticModel, found: dict[str, np.ndarray]) -> np.ndarray:
