@@ -343,15 +343,23 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
               timeout: float = DEFAULT_LOCK_TIMEOUT) -> Manifest:
     """Fit the calibration of the bundle in ``directory`` again and commit it as a new version
     (e.g. after ``add``); return the manifest committed. ``head`` is the classifier head
-    (:func:`load_head`); by default the one the current calibration keeps, if any."""
+    (:func:`load_head`); by default the one the current calibration keeps, if any.
+
+    The fit (a minute or two) reads one version as any reader does, without the writer's lock,
+    so adds and removes go on meanwhile; only the commit takes the lock. Items committed during
+    the fit are not in it (``calibrate`` again to include them); a bundle rebuilt with another
+    encoder meanwhile is not given a calibration fitted for the old one (an error)."""
+    snapshot = open_snapshot(directory, load_encoder)
+    fitted = snapshot.manifest
+    if fitted.store is not None:
+        raise LenetEmbedError(f"{directory}: its items are in Milvus; calibration needs a "
+                              "bundle that holds its items (the default --store faiss)")
+    if head is None and fitted.calibration is not None:
+        head = head_arrays(fitted.calibration)
+    calibration = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
-        if current.store is not None:
-            raise LenetEmbedError(f"{directory}: its items are in Milvus; calibration needs a "
-                                  "bundle that holds its items (the default --store faiss)")
-        if head is None and current.calibration is not None:
-            head = head_arrays(current.calibration)
-        # The lock is held, so this is the current version and stays so until the commit.
-        snapshot = open_snapshot(directory, load_encoder)
-        calibration = fit_snapshot(snapshot, head)
+        if current.encoder_sha256 != fitted.encoder_sha256 or current.store is not None:
+            raise LenetEmbedError(f"{directory}: the bundle was rebuilt while it was being "
+                                  "calibrated; run `lenet-embed calibrate` again")
         return writer.commit(current.next("calibrate", calibration=calibration))

@@ -190,6 +190,47 @@ def test_calibrate_after_add(run, bundle_copy, mnist):
     assert after.version == added.version + 1 and after.calibration.fitted_on["items"] == 2020
 
 
+def test_adds_go_on_while_calibrate_fits(monkeypatch, bundle_copy, mnist):
+    """The fit reads a version without the writer's lock: an add made meanwhile (it would wait
+    for the lock, then fail, were the lock held) commits, and calibrate's commit keeps it."""
+    import lenet_embed.calibration as calibration
+
+    fit = calibration.fit_snapshot
+    added: list[int] = []
+
+    def fit_while_adding(snapshot, head):
+        writer = SearchIndex.load(bundle_copy)
+        writer.lock_timeout = 0.5
+        added.extend(writer.add(list(mnist.test.images[:3]), labels=[1, 2, 3]).tolist())
+        return fit(snapshot, head)
+
+    monkeypatch.setattr(calibration, "fit_snapshot", fit_while_adding)
+    before = read_manifest(bundle_copy)
+    after = calibration.calibrate(bundle_copy, timeout=0.5)
+    assert len(added) == 3 and after.version == before.version + 2
+    assert after.operation == "calibrate" and after.calibration.fitted_on["items"] == 2000
+    index = SearchIndex.load(bundle_copy)
+    assert all(index.item_image(item) is not None for item in added)
+
+    # Rebuilt with another encoder by the time of the commit: that fit is not committed.
+    from dataclasses import replace
+
+    from lenet_embed.writer import BundleWriter
+
+    current = BundleWriter.require_current
+    monkeypatch.setattr(calibration, "fit_snapshot", fit)
+    def rebuilt(self):
+        manifest = current(self)
+        files = {**manifest.files, manifest.encoder_path: replace(
+            manifest.files[manifest.encoder_path], sha256="0" * 64)}
+        return replace(manifest, files=files)
+
+    monkeypatch.setattr(BundleWriter, "require_current", rebuilt)
+    with pytest.raises(calibration.LenetEmbedError, match="rebuilt while it was being calibrated"):
+        calibration.calibrate(bundle_copy, timeout=0.5)
+    assert read_manifest(bundle_copy).version == after.version
+
+
 def test_without_fonts_letters_refuse_and_training_draws_the_other_kinds(monkeypatch, tmp_path,
                                                                          caplog):
     import lenet_embed.nondigits as nondigits
