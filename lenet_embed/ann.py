@@ -294,11 +294,18 @@ def build_tuned_index(vectors: np.ndarray, metric: str, factory: str, target_rec
     return TunedIndex(index, factory, params, target_recall, why)
 
 
+def exact_scores(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's (scores, rows) of the exact ``k`` nearest of ``vectors`` to each query, both
+    already prepared (:func:`prepare_vectors`): brute force, no index holding a copy."""
+    return faiss.knn(queries, vectors, k, metric=faiss_metric(metric))
+
+
 def exact_search(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
     """Row numbers of the exact ``k`` nearest ``vectors`` to each query (brute force, on the
     vectors as they are: no index holding a copy of them)."""
-    _, rows = faiss.knn(prepare_vectors(queries, metric), prepare_vectors(vectors, metric), k,
-                        metric=faiss_metric(metric))
+    _, rows = exact_scores(prepare_vectors(vectors, metric), prepare_vectors(queries, metric),
+                           metric, k)
     return rows
 
 

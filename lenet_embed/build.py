@@ -23,6 +23,7 @@ from .ann import (
     build_tuned_index,
     check_factory,
     check_target_recall,
+    exact_scores,
     parse_size,
     prepare_vectors,
     set_threads,
@@ -170,28 +171,32 @@ def build_index(
     # The calibration's sample keeps its raw embeddings (the classifier head reads them), taken
     # before the vectors are normalised in place, a chunk at a time, before indexing: the index,
     # the tuning and the bundle then all use them as they are, with no normalised copy of them.
-    sample = _calibration_sample(vectors, labels) if milvus_uri is None else None
+    sample = _calibration_sample(vectors, labels)
     for start in range(0, count, CHUNK):
         vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
     built = None
-    calibration = None
     if milvus_uri is None:
         report("indexing", 0, count)
         built = build_tuned_index(vectors, metric, factory, target_recall, budget,
                                   held_out_queries,
                                   on_progress=lambda done, total: report("indexing", done, total))
-        report("calibrating", 0, 1)
         apply_search_params(built.index, {name: int(value) for name, value
                                           in built.search_params.items()
                                           if name in SEARCH_PARAMETERS})
-        try:
-            if isinstance(sample, CannotCalibrate):
-                raise sample
-            calibration = _calibration(built.index, sample, labels, metric, encoder,
-                                       classifier_head(classifier))
-        except (CannotCalibrate, MissingFonts) as exc:
-            log.warning("no calibration (queries get no confidence): %s", exc)
-        report("calibrating", 1, 1)
+    report("calibrating", 0, 1)
+    try:
+        if isinstance(sample, CannotCalibrate):
+            raise sample
+        # Milvus's collection is written later: its calibration searches the same vectors
+        # exactly (what a tuned Milvus index approximates), with no copy of them.
+        calibration = _calibration(
+            built.index.search if built is not None else
+            lambda queries, k: exact_scores(vectors, queries, metric, k),
+            sample, labels, metric, encoder, classifier_head(classifier))
+    except (CannotCalibrate, MissingFonts) as exc:
+        calibration = None
+        log.warning("no calibration (queries get no confidence): %s", exc)
+    report("calibrating", 1, 1)
     ids = np.arange(count, dtype=np.int64)
     report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:
@@ -246,16 +251,18 @@ def _calibration_sample(vectors: np.ndarray, labels: np.ndarray
     return rows, vectors[rows]
 
 
-def _calibration(index: Any, sample: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
-                 metric: str, encoder: KerasEncoder,
-                 head: tuple[np.ndarray, np.ndarray] | None) -> Calibration:
-    """Fit the new bundle's calibration (:mod:`.calibration`) with its FAISS ``index`` (ids =
-    row numbers) on the ``sample`` of rows and their raw vectors."""
+def _calibration(search_scores: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+                 sample: tuple[np.ndarray, np.ndarray], labels: np.ndarray, metric: str,
+                 encoder: KerasEncoder, head: tuple[np.ndarray, np.ndarray] | None
+                 ) -> Calibration:
+    """Fit the new bundle's calibration (:mod:`.calibration`) on the ``sample`` of rows and
+    their raw vectors; ``search_scores(prepared queries, k)`` gives FAISS's (scores, rows) over
+    every item (ids = row numbers)."""
     rows, raw = sample
     labels = np.asarray(labels)
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scores, found = index.search(prepare_vectors(queries, metric), k)
+        scores, found = search_scores(prepare_vectors(queries, metric), k)
         return to_distances(scores, metric), found, np.where(found >= 0, labels[found], -1)
 
     return fit_items(search, raw, rows.astype(np.int64), labels[rows], encoder, head)

@@ -89,6 +89,26 @@ def test_answers_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
     assert np.array_equal(milvus.item_image(item), search_index.item_image(item))
 
 
+def test_answers_are_calibrated_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
+    """A Milvus bundle is calibrated at build time too (on exact searches of the same vectors):
+    the same confidence and verdicts as the FAISS bundle of the same items."""
+    from lenet_embed.nondigits import generate
+
+    milvus = SearchIndex.load(lite_bundle)
+    calibration = milvus.manifest.calibration
+    assert calibration is not None and calibration.head_weights is not None
+    assert calibration == search_index.manifest.calibration
+    digits = list(_test_digits(bundle_data))
+    queries = digits + list(generate("eval", 30, seed=5).images)
+    ours, theirs = milvus.query(queries, k=5), search_index.query(queries, k=5)
+    assert [a.match for a in ours] == [b.match for b in theirs]
+    assert np.allclose([a.confidence or 0 for a in ours], [b.confidence or 0 for b in theirs],
+                       atol=1e-3)
+    # The session model is small: most digits answered, some non-digits refused.
+    answered = [a.match for a in ours]
+    assert np.mean(answered[:len(digits)]) > 0.8 and not all(answered[len(digits):])
+
+
 def test_add_remove_and_ids_never_reused(lite_bundle, bundle_data):
     index = SearchIndex.load(lite_bundle)
     digit = _test_digits(bundle_data)[7]
