@@ -43,6 +43,14 @@ class Encoder(Protocol):
         ...
 
 
+def featureless(vectors: np.ndarray) -> np.ndarray:
+    """Which rows of (n, dim) embeddings have no feature at all (every value 0: no ReLU of the
+    84 fired). The model sees nothing of a digit in such an image, and its neighbours would all
+    be equally far, so a query is answered "not a digit" without a search. No MNIST digit,
+    training or test, embeds to zeros."""
+    return ~np.asarray(vectors).any(axis=1)
+
+
 def _batches(pixels: np.ndarray, batch_size: int, run: Callable[[np.ndarray], np.ndarray],
              dim: int, on_progress: ProgressCallback | None) -> np.ndarray:
     """Run ``run`` over (N, 28, 28, 1) chunks of ``pixels`` and stack the results."""

@@ -24,8 +24,10 @@ import numpy as np
 
 from .ann import exact_search, prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR
+from .calibration import NOT_A_DIGIT, Verdict
 from .data import Dataset, LabeledImages, load_mnist
 from .degrade import DEGRADATIONS, degrade, sample
+from .embed import featureless
 from .errors import LenetEmbedError
 from .metrics import (
     auroc,
@@ -304,14 +306,27 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     def answers(vectors: np.ndarray) -> list[QueryResult]:
         return index.query([Query(vector=v) for v in vectors], calibration.k)
 
-    digits, rejects = answers(queries), answers(other_vectors)
-    confidence = np.array([r.confidence for r in digits])
+    def as_images(vectors: np.ndarray) -> list[QueryResult]:
+        """Answers as image queries get them: one whose embedding is all zero is "not a digit"
+        unsearched (a zero vector given as such is an error)."""
+        blank = featureless(vectors)
+        found = iter(answers(vectors[~blank]))
+        unsearched = QueryResult("", [], verdict=Verdict(None, None, False, NOT_A_DIGIT))
+        return [unsearched if empty else next(found) for empty in blank]
+
+    digits, rejects = as_images(queries), as_images(other_vectors)
+    confidence = np.array([0.0 if r.confidence is None else r.confidence for r in digits])
     correct = np.array([r.candidate == label for r, label in zip(digits, labels.tolist(),
                                                                   strict=True)])
-    digit_scores = np.array([r.verdict.ood_score for r in digits])
+    def scores(results: list[QueryResult]) -> np.ndarray:
+        # Unsearched ("not a digit" before any score) is further than any score says.
+        return np.array([np.inf if r.verdict.ood_score is None else r.verdict.ood_score
+                         for r in results])
+
+    digit_scores = scores(digits)
     # A picture preprocessing answers "not a digit" (no pen strokes) never reaches the model:
-    # it is rejected, and further from the digits than any score says.
-    other_scores = others.for_all([r.verdict.ood_score for r in rejects], np.inf)
+    # it is rejected too.
+    other_scores = others.for_all(scores(rejects), np.inf)
     answered = np.array([r.match for r in digits])
     rejected = others.for_all([not r.match for r in rejects], True)
     kinds = np.array(others.kinds)

@@ -26,7 +26,7 @@ import numpy as np
 from .ann import prepare_vectors, set_threads
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest
 from .calibration import NOT_A_DIGIT, Verdict, check_min_confidence, judge, verdict
-from .embed import Encoder, load_encoder
+from .embed import Encoder, featureless, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, NoStrokes, open_image, to_batch, to_mnist
 from .snapshot import Snapshot, bundle_encoder, open_snapshot
@@ -349,7 +349,9 @@ class SearchIndex:
         self.check_k(k, snapshot)
         items = [q if isinstance(q, Query) else Query(image=q) for q in queries]
         errors: dict[int, LenetEmbedError] = {}
-        strokeless: list[int] = []  # answered "not a digit" by preprocessing, not searched
+        # Answered "not a digit" without a search: preprocessing found no pen strokes, or the
+        # model no feature (an image's embedding all zero).
+        strokeless: list[int] = []
         pixels: dict[int, np.ndarray] = {}
         vectors = np.zeros((len(items), snapshot.dim), dtype=np.float32)
         for position, item in enumerate(items):
@@ -364,8 +366,11 @@ class SearchIndex:
             except LenetEmbedError as exc:
                 errors[position] = exc
         if pixels:
-            vectors[list(pixels)] = snapshot.encoder.embed(np.stack(list(pixels.values())))
-        answered = [p for p in range(len(items)) if p not in errors and p not in strokeless]
+            embedded = list(pixels)
+            vectors[embedded] = snapshot.encoder.embed(np.stack(list(pixels.values())))
+            strokeless.extend(np.asarray(embedded)[featureless(vectors[embedded])].tolist())
+        unanswered = set(errors) | set(strokeless)
+        answered = [p for p in range(len(items)) if p not in unanswered]
         results = [QueryResult(item.title, [], errors.get(position), pixels.get(position))
                    for position, item in enumerate(items)]
         for position in strokeless:

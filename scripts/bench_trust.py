@@ -37,6 +37,7 @@ from lenet_embed.calibration import (
     sample_rows,
 )
 from lenet_embed.cli import run_script
+from lenet_embed.embed import featureless
 from lenet_embed.evaluate import NONDIGITS_EVALUATED, evaluation_nondigits, measure_trust
 from lenet_embed.metrics import auroc, fpr_at_tpr
 from lenet_embed.nondigits import HELD_OUT
@@ -108,8 +109,10 @@ def main() -> None:
         return out
 
     inside = scores(digits)
-    # Non-digits preprocessing answers itself (no pen strokes) never reach a score: rejected.
-    outside = {name: others_set.for_all(values, np.inf)
+    # Non-digits preprocessing answers itself (no pen strokes) never reach a score, nor do those
+    # whose embedding is all zero (queries answer them unsearched): rejected.
+    blank = featureless(others)
+    outside = {name: others_set.for_all(np.where(blank, np.inf, values), np.inf)
                for name, values in scores(others).items()}
     rows_out = []
     for name in inside:
@@ -130,7 +133,8 @@ def main() -> None:
         return
     print(f"{len(digits)} test digits vs {len(others_set)} generated non-digits (eval split; "
           f"{int(unseen.sum())} in styles never fitted on; {int((~others_set.reached).sum())} "
-          "answered by preprocessing, no pen strokes)")
+          f"answered by preprocessing, no pen strokes; {int(blank.sum())} embedded to all zeros, "
+          "answered unsearched)")
     print(f"{'score':<34} {'AUROC':>7} {'FPR@95':>7} {'rej@99.5':>9} {'unseen':>7}")
     for row in rows_out:
         print(f"{row['score']:<34} {row['auroc']:>7.4f} {row['fpr_at_95_tpr']:>7.4f} "

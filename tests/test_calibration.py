@@ -101,6 +101,32 @@ def test_non_digits_are_refused_with_a_reason(search_index, mnist):
     assert sum(r.reason == NOT_A_DIGIT for r in refused) >= 0.1 * len(refused)
 
 
+def test_an_image_the_model_sees_nothing_in_is_not_a_digit_unsearched(monkeypatch,
+                                                                       search_index, mnist):
+    """An image whose embedding is all zero (no feature fired; 49 of the 2,278 evaluation
+    non-digits that reach the default model, all but one objects) is "not a digit" with no
+    neighbours: they would all be equally far. A zero vector given as a vector stays an error."""
+    from lenet_embed.embed import featureless
+
+    digits = list(mnist.test.images[:3])
+    encoder = search_index.snapshot.encoder
+    embed = encoder.embed
+
+    def middle_sees_nothing(pixels):
+        vectors = embed(pixels)
+        vectors[1] = 0.0
+        return vectors
+
+    monkeypatch.setattr(encoder, "embed", middle_sees_nothing)
+    first, nothing, last = search_index.query(digits, k=5)
+    assert first.match and last.match and len(first.neighbors) == 5
+    assert nothing.ok and not nothing.match and nothing.reason == NOT_A_DIGIT
+    assert nothing.neighbors == [] and nothing.predicted_label is None
+    [zero] = search_index.query([Query(vector=np.zeros(84, dtype=np.float32))], k=5)
+    assert zero.error is not None and "no direction" in str(zero.error)
+    assert featureless(np.array([[0.0, 0.0], [0.0, 1e-9]])).tolist() == [True, False]
+
+
 def test_min_confidence_overrides_the_stored_threshold(search_index, mnist):
     images, _ = _digits(mnist, 20)
     queries = [Query(image=image) for image in images]
