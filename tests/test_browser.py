@@ -191,6 +191,16 @@ def test_uploading_a_real_digit_predicts_its_label(page, bundle_data, tmp_path):
     assert page.locator("#predicted").inner_text() == str(label) == "7"
     assert len(neighbours(page)) == 4
     assert "seven.png" in page.locator("#status").inner_text()
+    # A minimum confidence no answer reaches: the same digit is "unsure", neighbours still shown.
+    page.fill("#min-confidence", "1")
+    page.dispatch_event("#min-confidence", "change")
+    page.wait_for_function("() => document.querySelector('#predicted').textContent === 'unsure'",
+                           timeout=15000)
+    assert len(neighbours(page)) == 4
+    page.fill("#min-confidence", "")
+    page.dispatch_event("#min-confidence", "change")
+    page.wait_for_function(f"() => document.querySelector('#predicted').textContent === '{label}'",
+                           timeout=15000)
 
 
 def test_a_text_file_shows_the_service_error(page, tmp_path):

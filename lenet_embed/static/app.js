@@ -12,6 +12,7 @@ const predicted = document.getElementById("predicted");
 const confidence = document.getElementById("confidence");
 const neighborList = document.getElementById("neighbors");
 const kInput = document.getElementById("k");
+const minConfidenceInput = document.getElementById("min-confidence");
 const fileInput = document.getElementById("file");
 const addForm = document.getElementById("add");
 const addKind = document.getElementById("add-kind");
@@ -111,10 +112,24 @@ fileInput.addEventListener("change", async () => {
 kInput.addEventListener("change", () => {
   if (lastQuery) search(lastQuery);
 });
+minConfidenceInput.addEventListener("change", () => {
+  if (lastQuery) search(lastQuery);
+});
 
 function k() {
   const value = Math.round(Number(kInput.value));
   return Number.isFinite(value) ? Math.min(Math.max(value, 1), 100) : 8;
+}
+
+// The search's query string: k, and min_confidence when one is set (empty: the index's own).
+function searchParams() {
+  const params = new URLSearchParams({ k: String(k()) });
+  const text = minConfidenceInput.value.trim();
+  const value = Number(text);
+  if (text !== "" && Number.isFinite(value)) {
+    params.set("min_confidence", String(Math.min(Math.max(value, 0), 1)));
+  }
+  return params.toString();
 }
 
 async function search(query) {
@@ -126,7 +141,7 @@ async function search(query) {
   statusLine.classList.remove("error");
   const started = performance.now();
   try {
-    const response = await fetch(`/v1/search?k=${k()}`, { method: "POST", body: form });
+    const response = await fetch(`/v1/search?${searchParams()}`, { method: "POST", body: form });
     const answer = await response.json();
     if (seq !== requestSeq) return;
     if (!response.ok) throw new Error(answer.error || response.statusText);
