@@ -84,6 +84,11 @@ class Verdict:
     reason: str | None
 
 
+# The verdict on a query answered "not a digit" before any search: preprocessing found no pen
+# strokes in it, or the model no feature (its embedding all zero).
+UNSEARCHED = Verdict(None, None, False, NOT_A_DIGIT)
+
+
 def majority(labels: np.ndarray) -> np.ndarray:
     """The majority label code of each row of (n, k) codes, ties to the one seen nearest first,
     -1 (no label) never voting; -1 when no neighbour has a label (as ``majority_label``)."""
@@ -118,12 +123,13 @@ def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
         found["msp"] = np.exp(top - log_total)  # Hendrycks & Gimpel 2017
         # log(1 - msp), computed without the cancellation of 1 - msp: the softmax mass of the
         # other classes. It spreads out the digits' max-softmax, all within a hair of 1.
+        head_label = logits.argmax(axis=1)
         others = logits - top[:, None]
-        others[np.arange(len(logits)), logits.argmax(axis=1)] = -np.inf
+        others[np.arange(len(logits)), head_label] = -np.inf
         rest = others.max(axis=1)
         found["log_1_minus_msp"] = (rest + np.log(np.exp(others - rest[:, None]).sum(axis=1))
                                     + top - log_total)
-        found["head_agrees"] = (logits.argmax(axis=1) == predicted).astype(np.float64)
+        found["head_agrees"] = (head_label == predicted).astype(np.float64)
     return predicted, found
 
 

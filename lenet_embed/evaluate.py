@@ -24,7 +24,7 @@ import numpy as np
 
 from .ann import exact_search, prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR
-from .calibration import NOT_A_DIGIT, Verdict
+from .calibration import UNSEARCHED
 from .data import Dataset, LabeledImages, load_mnist
 from .degrade import DEGRADATIONS, degrade, sample
 from .embed import featureless
@@ -311,7 +311,7 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
         unsearched (a zero vector given as such is an error)."""
         blank = featureless(vectors)
         found = iter(answers(vectors[~blank]))
-        unsearched = QueryResult("", [], verdict=Verdict(None, None, False, NOT_A_DIGIT))
+        unsearched = QueryResult("", [], verdict=UNSEARCHED)
         return [unsearched if empty else next(found) for empty in blank]
 
     digits, rejects = as_images(queries), as_images(other_vectors)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .ann import prepare_vectors, set_threads
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest
-from .calibration import NOT_A_DIGIT, Verdict, check_min_confidence, judge, verdict
+from .calibration import UNSEARCHED, Verdict, check_min_confidence, judge, verdict
 from .embed import Encoder, featureless, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, NoStrokes, open_image, to_batch, to_mnist
@@ -375,7 +375,7 @@ class SearchIndex:
                    for position, item in enumerate(items)]
         for position in strokeless:
             results[position] = replace(results[position],
-                                        verdict=Verdict(None, None, False, NOT_A_DIGIT))
+                                        verdict=UNSEARCHED)
         if not answered:
             return results
         calibration = snapshot.manifest.calibration
