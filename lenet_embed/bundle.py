@@ -213,6 +213,12 @@ class Calibration:
         return asdict(self)
 
     @functools.cached_property
+    def canonical_json(self) -> str:
+        """:attr:`json_data` as canonical JSON, made once: serialising the head's numbers took
+        a fifth of a single add's time, at every commit."""
+        return _canonical(self.json_data)
+
+    @functools.cached_property
     def head_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The classifier head as read-only float64 arrays (weights, bias), made once: every
         query batch applies it. None when the calibration keeps no head."""
@@ -475,7 +481,10 @@ def malformed(where: str, problem: Exception) -> LenetEmbedError:
     return LenetEmbedError(f"{where}: malformed manifest ({problem}); {REBUILD}")
 
 
-def _canonical(body: dict[str, Any]) -> str:
+_SLOT = "\0calibration\0"  # stands in for the calibration's text while a manifest is serialised
+
+
+def _canonical(body: Any) -> str:
     """A manifest body's canonical JSON (sorted keys, no spaces, ASCII): what its seal hashes,
     so that the layout of the text does not matter but every value does."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -499,7 +508,10 @@ def _check_seal(data: dict[str, Any], where: str) -> None:
 def sealed_json(body: dict[str, Any]) -> str:
     """A manifest's body as the JSON text written to disk, with its ``manifest_sha256``: the
     canonical text itself with the seal appended, so a commit serialises its manifest once."""
-    canonical = _canonical(body)
+    return _sealed(_canonical(body))
+
+
+def _sealed(canonical: str) -> str:
     return f'{canonical[:-1]},"{SEAL}":"{_seal(canonical)}"}}\n'
 
 
@@ -608,8 +620,15 @@ def written_records(path: Path) -> np.ndarray | None:
 
 
 def manifest_json(manifest: Manifest) -> str:
-    """A manifest as the JSON text written to disk (sealed with its checksum)."""
-    return sealed_json(manifest.to_dict())
+    """A manifest as the JSON text written to disk (sealed with its checksum). The calibration,
+    the same from commit to commit, goes in as the canonical text it keeps."""
+    body = manifest.to_dict()
+    if manifest.calibration is None:
+        return sealed_json(body)
+    body["calibration"] = _SLOT
+    # The slot is the first occurrence: "calibration" sorts first, and no name holds a NUL.
+    canonical = _canonical(body).replace(_canonical(_SLOT), manifest.calibration.canonical_json, 1)
+    return _sealed(canonical)
 
 
 def check_size(directory: Path, name: str, entry: FileEntry) -> None:

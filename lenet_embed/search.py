@@ -211,7 +211,12 @@ class SearchIndex:
         self._committing = threading.Lock()  # held by the thread committing the waiting adds
         self._waiting_lock = threading.Lock()
         self._waiting: list[_PendingAdd] = []
-        self._snapshot = open_snapshot(self.path, self._load_encoder, None, self.overrides)
+        self._loaded = open_snapshot(self.path, self._load_encoder, None, self.overrides)
+        # The newest version this object committed and has not switched to yet: switching (about
+        # a millisecond per commit) waits for the first read, so a process that only writes
+        # (`lenet-embed add`, an ingestion script) never pays it.
+        self._unread: Manifest | None = None
+        self._reading = False  # set by the first read: from then on commits switch at once
 
     @classmethod
     def load(
@@ -236,6 +241,14 @@ class SearchIndex:
         return load_encoder(keras_path, litert_path, self.backend, self.threads)
 
     # ------------------------------------------------------------------ the current version
+
+    @property
+    def _snapshot(self) -> Snapshot:
+        """The version in use for a read; what this object committed is visible to it."""
+        self._reading = True
+        if self._unread is not None:
+            self._switch(None)
+        return self._loaded
 
     @property
     def snapshot(self) -> Snapshot:
@@ -283,12 +296,27 @@ class SearchIndex:
         # One refresh at a time, so a slow one cannot put back a version older than the one a
         # faster one (say, right after this process's own commit) installed meanwhile.
         with self._refreshing:
-            old = self._snapshot
+            old = self._loaded
+            if committed is None and self._unread is not None:
+                # Our own commits do not count as a change found; what is newer than them does.
+                old = self._loaded = open_snapshot(self.path, self._load_encoder, old,
+                                                   self.overrides, self._unread)
+            self._unread = None
             if committed is not None and committed.version <= old.manifest.version:
                 committed = None  # a newer version is in use already: look at the current one
             new = open_snapshot(self.path, self._load_encoder, old, self.overrides, committed)
-            self._snapshot = new
+            self._loaded = new
         return new is not old
+
+    def _committed(self, committed: Manifest) -> None:
+        """After an add: switch to the version it committed now if this object is read from,
+        else on its first read (or a remove, a compact, a refresh)."""
+        if self._reading:
+            self._switch(committed)
+            return
+        with self._refreshing:
+            if self._unread is None or committed.version > self._unread.version:
+                self._unread = committed
 
     # ------------------------------------------------------------------ searching
 
@@ -480,7 +508,7 @@ class SearchIndex:
             raise LenetEmbedError("give one label (and source) per image")
         if len(batch) == 0:
             raise LenetEmbedError("nothing to add: give at least one image")
-        label_codes(pending.labels, self.manifest)  # a bad label fails its own call only
+        label_codes(pending.labels, self._loaded.manifest)  # a bad label fails its own call only
         with self._waiting_lock:
             self._waiting.append(pending)
         led = False
@@ -508,7 +536,7 @@ class SearchIndex:
                 self.path, np.concatenate([pending.batch for pending in group]),
                 [label for pending in group for label in pending.labels], sources,
                 encoder=self._encoder_for, timeout=self.lock_timeout,
-                manifest=self._snapshot.manifest)
+                manifest=self._loaded.manifest)
         except BaseException as exc:
             for pending in group:
                 pending.error = exc
@@ -516,20 +544,20 @@ class SearchIndex:
         start = 0
         for pending in group:
             pending.ids, start = ids[start:start + len(pending.batch)], start + len(pending.batch)
-        self._switch(committed)
+        self._committed(committed)
 
     def _encoder_for(self, manifest: Manifest) -> Encoder:
         """The encoder in use when ``manifest`` names it, else the one it names, loaded."""
-        if manifest.encoder_sha256 != self._snapshot.manifest.encoder_sha256:
+        if manifest.encoder_sha256 != self._loaded.manifest.encoder_sha256:
             self.refresh()
-        if manifest.encoder_sha256 == self._snapshot.manifest.encoder_sha256:
-            return self._snapshot.encoder
+        if manifest.encoder_sha256 == self._loaded.manifest.encoder_sha256:
+            return self._loaded.encoder
         return bundle_encoder(self.path, manifest, self._load_encoder)
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove items by id in one durable commit; return how many were live and went."""
         removal, committed = remove_items(self.path, ids, self.lock_timeout)
-        self._switch(committed)
+        self._switch(committed)  # rare, unlike adds: switching at once frees the old files
         return removal.removed
 
     def compact(self) -> None:

@@ -326,17 +326,21 @@ class Snapshot:
         return part
 
     def _growing_part(self) -> dict[str, Any] | None:
-        rows = [np.arange(self.offsets[i], self.offsets[i + 1])
-                for i, s in enumerate(self.segments) if not s.info.sealed]
-        if not rows:
+        # Made at every commit, so straight from the unsealed segments' arrays: picking their
+        # rows through `vectors` cost a pass over every row per segment.
+        unsealed = [i for i, s in enumerate(self.segments) if not s.info.sealed]
+        if not unsealed:
             return None
-        rows_all = np.concatenate(rows)
-        rows_all = rows_all[self.live[rows_all]]
-        if len(rows_all) == 0:
+        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in unsealed])
+        vectors = _joined([self.segments[i].vectors for i in unsealed])
+        live = self.live[rows]
+        if not live.all():
+            rows, vectors = rows[live], vectors[live]
+        if len(rows) == 0:
             return None
         flat = faiss.IndexFlat(self.dim, faiss_metric(self.metric))
-        flat.add(np.ascontiguousarray(self.vectors(rows_all)))
-        return {"index": flat, "rows": rows_all}
+        flat.add(np.ascontiguousarray(vectors))
+        return {"index": flat, "rows": rows}
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest live rows of each (prepared) vector: distances (smaller is nearer)

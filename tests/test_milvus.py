@@ -89,6 +89,17 @@ def test_answers_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
     assert np.array_equal(milvus.item_image(item), search_index.item_image(item))
 
 
+def _close(ours: object, theirs: object) -> bool:
+    """Equal JSON data, numbers within a relative 1e-4 (what the solver's tolerance leaves)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return ours.keys() == theirs.keys() and all(_close(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return len(ours) == len(theirs) and all(map(_close, ours, theirs))
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return bool(np.isclose(ours, theirs, rtol=1e-4, atol=1e-9))
+    return ours == theirs
+
+
 def test_answers_are_calibrated_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
     """A Milvus bundle is calibrated at build time too (on exact searches of the same vectors):
     the same confidence and verdicts as the FAISS bundle of the same items."""
@@ -97,7 +108,9 @@ def test_answers_are_calibrated_like_the_faiss_bundle(lite_bundle, search_index,
     milvus = SearchIndex.load(lite_bundle)
     calibration = milvus.manifest.calibration
     assert calibration is not None and calibration.head_weights is not None
-    assert calibration == search_index.manifest.calibration
+    # The same fit up to rounding: the two engines sum the distances in their own order (the
+    # FAISS bundle's with as many threads as earlier tests left), and the fit amplifies it.
+    assert _close(calibration.json_data, search_index.manifest.calibration.json_data)
     digits = list(_test_digits(bundle_data))
     queries = digits + list(generate("eval", 30, seed=5).images)
     ours, theirs = milvus.query(queries, k=5), search_index.query(queries, k=5)

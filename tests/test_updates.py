@@ -469,6 +469,26 @@ def test_refresh_sees_another_writers_commits(bundle_copy, new_digits):
     assert first.search(image, k=1)[0][0].id != new_id
 
 
+def test_a_writer_sees_its_own_adds_whether_it_read_before_or_not(bundle_copy, new_digits):
+    """A SearchIndex that has only written switches to its commits at its first read (not at
+    each commit); one that reads switches at each commit. Either way its adds are visible to
+    it at once, and they are no change that refresh() reports."""
+    images, labels = new_digits
+    writer, reader = SearchIndex.load(bundle_copy), SearchIndex.load(bundle_copy)
+    before = len(reader)  # reader has read: it switches at each commit
+    written = [int(writer.add(images[i], labels=int(labels[i]))[0]) for i in range(3)]
+    assert writer._loaded.manifest.version == 1  # not switched yet: nothing has read
+    (read,) = reader.add(images[3], labels=int(labels[3]))
+    assert reader._loaded.manifest.version == 5  # switched at its own commit
+    assert writer.refresh() is True  # its own adds are no news, the reader's add is
+    assert len(writer) == before + 4 and writer.version == reader.version == 5
+    assert [writer.search(images[i], k=1)[0][0].id for i in range(4)] == [*written, read]
+    assert reader.search(images[3], k=1)[0][0].id == read and reader.refresh() is False
+    (more,) = writer.add(images[4], labels=int(labels[4]))
+    assert writer._loaded.manifest.version == 6  # it has read now: switched at the commit
+    assert writer.search(images[4], k=1)[0][0].id == more
+
+
 def _mapped_deleted_files() -> set[str]:
     """Files this process still has mapped although they were unlinked (Linux: ``(deleted)``)."""
     lines = Path("/proc/self/maps").read_text().splitlines()
