@@ -184,18 +184,17 @@ def build_index(
                                           in built.search_params.items()
                                           if name in SEARCH_PARAMETERS})
     report("calibrating", 0, 1)
-    try:
-        if isinstance(sample, CannotCalibrate):
-            raise sample
-        # Milvus's collection is written later: its calibration searches the same vectors
-        # exactly (what a tuned Milvus index approximates), with no copy of them.
-        calibration = _calibration(
-            built.index.search if built is not None else
-            lambda queries, k: exact_scores(vectors, queries, metric, k),
-            sample, labels, metric, encoder, classifier_head(classifier))
-    except (CannotCalibrate, MissingFonts) as exc:
-        calibration = None
-        log.warning("no calibration (queries get no confidence): %s", exc)
+    calibration = None
+    if sample is not None:
+        try:
+            # Milvus's collection is written later: its calibration searches the same vectors
+            # exactly (what a tuned Milvus index approximates), with no copy of them.
+            calibration = _calibration(
+                built.index.search if built is not None else
+                lambda queries, k: exact_scores(vectors, queries, metric, k),
+                sample, labels, metric, encoder, classifier_head(classifier))
+        except (CannotCalibrate, MissingFonts) as exc:
+            _no_calibration(exc)
     report("calibrating", 1, 1)
     ids = np.arange(count, dtype=np.int64)
     report("writing", 0, count)
@@ -241,14 +240,19 @@ def build_index(
 
 
 def _calibration_sample(vectors: np.ndarray, labels: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray] | CannotCalibrate:
-    """The rows the calibration samples and a copy of their raw vectors, or why there are
-    none to sample."""
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows the calibration samples and a copy of their raw vectors, or None (said in the
+    log) when the items cannot be calibrated."""
     try:
         rows = sample_rows(np.asarray(labels), np.arange(len(labels)))
     except CannotCalibrate as exc:
-        return exc
+        _no_calibration(exc)
+        return None
     return rows, vectors[rows]
+
+
+def _no_calibration(reason: Exception) -> None:
+    log.warning("no calibration (queries get no confidence): %s", reason)
 
 
 def _calibration(search_scores: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],

@@ -35,6 +35,7 @@ from .ann import prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR, Calibration, LogisticModel, Manifest
 from .embed import load_encoder
 from .errors import LenetEmbedError
+from .metrics import majority
 from .model import find_layer
 from .nondigits import generate
 from .preprocess import scale_pixels
@@ -89,20 +90,6 @@ class Verdict:
 UNSEARCHED = Verdict(None, None, False, NOT_A_DIGIT)
 
 
-def majority(labels: np.ndarray) -> np.ndarray:
-    """The majority label code of each row of (n, k) codes, ties to the one seen nearest first,
-    -1 (no label) never voting; -1 when no neighbour has a label (as ``majority_label``)."""
-    labels = np.asarray(labels)
-    voting = labels >= 0
-    # votes[i, j]: how many voting neighbours of query i share neighbour j's label. The first
-    # position with the most votes holds the majority label, seen nearest first among ties.
-    votes = ((labels[:, :, None] == labels[:, None, :]) & voting[:, None, :]).sum(axis=2)
-    votes[~voting] = 0
-    best = votes.argmax(axis=1)
-    rows = np.arange(len(labels))
-    return np.where(votes[rows, best] > 0, labels[rows, best], -1).astype(np.int64)
-
-
 def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
              calibration_head: tuple[np.ndarray, np.ndarray] | None
              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -133,11 +120,6 @@ def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
     return predicted, found
 
 
-def head_arrays(calibration: Calibration) -> tuple[np.ndarray, np.ndarray] | None:
-    """The stored classifier head as numpy arrays (made once per calibration), or None."""
-    return calibration.head_arrays
-
-
 def logit(model: LogisticModel, found: dict[str, np.ndarray]) -> np.ndarray:
     """The logistic model's log-odds for every query."""
     x = np.stack([found[name] for name in model.features], axis=1)
@@ -158,7 +140,7 @@ def judge(calibration: Calibration | None, distances: np.ndarray, labels: np.nda
         return majority(labels), [Verdict(None, None, True, UNCALIBRATED)] * len(labels)
     k = calibration.k
     predicted, found = features(distances[:, :k], labels[:, :k], vectors,
-                                head_arrays(calibration))
+                                calibration.head_arrays)
     ood = logit(calibration.ood, found)
     confidence = _sigmoid(logit(calibration.confidence, found))
     verdicts = [verdict(calibration, float(c), float(o), min_confidence)
@@ -361,7 +343,7 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
         raise LenetEmbedError(f"{directory}: its items are in Milvus; calibration needs a "
                               "bundle that holds its items (the default --store faiss)")
     if head is None and fitted.calibration is not None:
-        head = head_arrays(fitted.calibration)
+        head = fitted.calibration.head_arrays
     calibration = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()

@@ -19,13 +19,33 @@ def precision_at_k(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> f
 
 def knn_accuracy(retrieved: np.ndarray, query_labels: np.ndarray, k: int) -> float:
     """Accuracy of a majority vote over the first ``k`` labels; ties go to the nearest label."""
-    top = retrieved[:, :k]
-    predictions = np.empty(len(top), dtype=top.dtype)
-    for i, row in enumerate(top):
-        values, first, counts = np.unique(row, return_index=True, return_counts=True)
-        best = counts == counts.max()
-        predictions[i] = values[best][np.argmin(first[best])]
-    return float((predictions == query_labels).mean())
+    return float((majority(retrieved[:, :k]) == query_labels).mean())
+
+
+def majority(labels: np.ndarray) -> np.ndarray:
+    """The majority label code of each row of (n, k) codes, ties to the one seen nearest first,
+    -1 (no label) never voting; -1 when no neighbour has a label (as ``majority_label`` does
+    for a list of neighbours)."""
+    labels = np.asarray(labels)
+    out = np.empty(len(labels), dtype=np.int64)
+    rows = max(1, _VOTE_CELLS // max(1, labels.shape[1] ** 2))  # bounded memory for any k
+    for start in range(0, len(labels), rows):
+        out[start:start + rows] = _majority(labels[start:start + rows])
+    return out
+
+
+_VOTE_CELLS = 1 << 22  # cells of the (rows, k, k) vote table made at once
+
+
+def _majority(labels: np.ndarray) -> np.ndarray:
+    voting = labels >= 0
+    # votes[i, j]: how many voting neighbours of query i share neighbour j's label. The first
+    # position with the most votes holds the majority label, seen nearest first among ties.
+    votes = ((labels[:, :, None] == labels[:, None, :]) & voting[:, None, :]).sum(axis=2)
+    votes[~voting] = 0
+    best = votes.argmax(axis=1)
+    rows = np.arange(len(labels))
+    return np.where(votes[rows, best] > 0, labels[rows, best], -1).astype(np.int64)
 
 
 def r_precision_and_map_at_r(

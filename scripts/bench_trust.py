@@ -30,7 +30,6 @@ from lenet_embed.calibration import (
     K,
     features,
     fit_snapshot,
-    head_arrays,
     leave_one_out,
     load_head,
     logit,
@@ -70,7 +69,7 @@ def main() -> None:
     snapshot = index.snapshot
     calibration = snapshot.manifest.calibration
     head = load_head(args.model) if args.model else (
-        head_arrays(calibration) if calibration else None)
+        calibration.head_arrays if calibration else None)
     if calibration is None or (args.model and calibration.head_weights is None):
         calibration = fit_snapshot(snapshot, head)  # in memory only: the bundle is not changed
     digits = index.encoder.embed(scale_pixels(dataset.test.images))

@@ -55,6 +55,7 @@ from lenet_embed.bundle import (
     row_dtype,
     sealed_json,
 )
+from lenet_embed.calibration import UNCALIBRATED
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.preprocess import scale_pixels
 from lenet_embed.snapshot import inspect_bundle
@@ -177,6 +178,20 @@ def test_segment_files_and_what_loads(bundle_dir, bundle_data, trained, search_i
         scale_pixels(bundle_data.test.images))
     reference = KerasEncoder.load(trained.encoder).embed(scale_pixels(bundle_data.test.images))
     assert np.abs(bundled - reference).max() <= 1e-6
+
+
+def test_too_few_items_to_calibrate_build_a_bundle_that_says_so(trained, bundle_data, tmp_path,
+                                                                 caplog):
+    """Four items cannot be calibrated: the bundle is built without a calibration, the log
+    says why once, and queries are answered without a confidence."""
+    with caplog.at_level("WARNING", logger="lenet_embed.build"):
+        result = build_index(data=bundle_data.head(4, 10), model=trained.model,
+                             index_dir=tmp_path / "index")
+    assert result.manifest.calibration is None
+    said = [r.getMessage() for r in caplog.records if "no calibration" in r.getMessage()]
+    assert len(said) == 1 and "labelled items" in said[0]
+    [answer] = SearchIndex.load(tmp_path / "index").query([bundle_data.test.images[0]], k=2)
+    assert answer.match and answer.confidence is None and answer.reason == UNCALIBRATED
 
 
 def test_build_from_an_encoder_file(trained, bundle_dir, bundle_data, tmp_path):

@@ -11,6 +11,7 @@ from lenet_embed.metrics import (
     expected_calibration_error,
     fpr_at_tpr,
     knn_accuracy,
+    majority,
     precision_at_k,
     r_precision_and_map_at_r,
     recall_at_k,
@@ -54,6 +55,21 @@ def test_knn_accuracy_majority_and_ties():
     # right, wrong, wrong, right -> 2 / 4 = 0.5. (Breaking ties by the smallest label instead of
     # the nearest would flip rows 0 and 1: 2 -> wrong, 7 -> right.)
     assert knn_accuracy(retrieved, labels, 4) == pytest.approx(0.5)
+
+
+def test_majority_skips_unlabelled_neighbours_and_keeps_memory_bounded(monkeypatch):
+    labels = _a([[-1, 3, 5, 5], [-1, -1, -1, -1], [2, -1, 2, 8]])
+    assert majority(labels).tolist() == [5, -1, 2]
+    # Many rows at a large k are voted on a few rows at a time, with the same answers.
+    rng = np.random.default_rng(0)
+    many = rng.integers(-1, 4, size=(300, 60))
+    monkeypatch.setattr("lenet_embed.metrics._VOTE_CELLS", 60 * 60 * 7)
+    expected = []
+    for row in many.tolist():
+        voting = [x for x in row if x >= 0]
+        best = max((voting.count(x) for x in voting), default=0)
+        expected.append(next((x for x in voting if voting.count(x) == best), -1))
+    assert majority(many).tolist() == expected
 
 
 def test_knn_accuracy_uses_only_the_first_k():
