@@ -176,6 +176,13 @@ def write_until_killed(bundle: str, op: str, seed: int, pool: tuple[np.ndarray, 
             live.difference_update(chosen)
             emit("ack", op="remove", version=manifest.version, ids=chosen,
                  seconds=time.perf_counter() - started)
+        elif kind == "calibrate":
+            from lenet_embed.calibration import calibrate
+
+            emit("intent", op="calibrate")
+            manifest = calibrate(bundle)
+            emit("ack", op="calibrate", version=manifest.version,
+                 seconds=time.perf_counter() - started)
         elif kind == "compact":
             emit("intent", op="compact")
             before, after = compact(bundle)

@@ -1,10 +1,10 @@
 """Crash safety and concurrency of bundle commits, as the issue's acceptance checks ask:
 
-- writers killed (SIGKILL) at random moments of add, remove, compact and build-index leave the
-  bundle loadable, holding exactly the acknowledged writes (plus, at most, the one operation in
-  flight, applied completely), and the next write leaves nothing of theirs behind; two moments
-  too rare to hit at random are checked on purpose: a build's temporary files, and a writer
-  killed in the middle of sweeping superseded versions;
+- writers killed (SIGKILL) at random moments of add, remove, compact, calibrate and build-index
+  leave the bundle loadable, holding exactly the acknowledged writes (plus, at most, the one
+  operation in flight, applied completely), and the next write leaves nothing of theirs behind;
+  two moments too rare to hit at random are checked on purpose: a build's temporary files, and
+  a writer killed in the middle of sweeping superseded versions;
 - a stateful property test: any sequence of add / remove / compact / refresh keeps exact search
   over the bundle equal to brute force over the live items' stored vectors;
 - readers in other processes load and search thousands of times while a writer commits and
@@ -189,7 +189,7 @@ def _worker_env(tmpdir: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------ 1. crashes
 
 # Operations the killed writers repeat (compact alternates with a remove) and how many of each.
-KILLS = {"add": 18, "remove": 12, "compact": 24, "build": 5}
+KILLS = {"add": 18, "remove": 12, "compact": 24, "build": 5, "calibrate": 6}
 BUILDERS_AHEAD = 2  # build-index writers (fresh processes, TensorFlow) started in advance
 
 
@@ -204,6 +204,7 @@ def _apply(state: dict, op: dict, build_size: int) -> dict:
         live.difference_update(op["ids"])
     elif op["op"] == "build":
         live, next_id = set(range(build_size)), build_size
+    # calibrate: a new version with the same items
     return {"version": state["version"] + 1, "live": live, "next_id": next_id}
 
 
@@ -340,7 +341,7 @@ def test_killed_writers_leave_acknowledged_versions_and_no_leftovers(
           f"takes {build_seconds[0]:.1f} s")
     assert len(schedule) >= 50
     assert min(in_flight[name] for name in ("add", "remove", "compact")) >= 6, in_flight
-    assert in_flight["build"] >= 3, in_flight
+    assert min(in_flight[name] for name in ("build", "calibrate")) >= 3, in_flight
     assert sum(debris.values()) >= 10  # the cleanup was exercised, not only the happy path
     assert _live_ids(SearchIndex.load(path)) == state["live"]
 
