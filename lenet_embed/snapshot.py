@@ -54,6 +54,7 @@ from .bundle import (
 from .errors import LenetEmbedError
 
 EncoderLoader = Callable[[Path, Path], Any]
+_READ_WHOLE_BYTES = 1 << 20  # unsealed segments up to this size are read, not mapped
 _ATTEMPTS = 8
 
 
@@ -94,11 +95,15 @@ def _read_sealed_index(path: Path) -> Any:
 
 
 def _read_records(path: Path, dim: int, segment: Segment) -> tuple[Any, ...]:
-    """The arrays of an unsealed segment: views into its memory-mapped records (or into the
-    records this process wrote there, when it did lately)."""
+    """The arrays of an unsealed segment: views into its records (those this process wrote
+    there, when it did lately), read whole when small, else memory-mapped. A reader catching up
+    with a stream of adds opens many small segments: mapping each cost twice as much as
+    reading it."""
     records = written_records(path)
     if records is None:
-        records = np.load(path, allow_pickle=False, mmap_mode="r")
+        small = segment.rows * row_dtype(dim).itemsize <= _READ_WHOLE_BYTES
+        records = np.load(path, allow_pickle=False, mmap_mode=None if small else "r")
+        records.setflags(write=False)  # as a read-only mapping is: snapshots are shared
     expected = row_dtype(dim, records.dtype["source"].itemsize // 4
                          if records.dtype.names and "source" in records.dtype.names else 0)
     if records.dtype != expected or records.ndim != 1 or (
