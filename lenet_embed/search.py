@@ -296,16 +296,14 @@ class SearchIndex:
         # One refresh at a time, so a slow one cannot put back a version older than the one a
         # faster one (say, right after this process's own commit) installed meanwhile.
         with self._refreshing:
-            old = self._loaded
-            if committed is None and self._unread is not None:
-                # Our own commits do not count as a change found; what is newer than them does.
-                old = self._loaded = open_snapshot(self.path, self._load_encoder, old,
-                                                   self.overrides, self._unread)
-            self._unread = None
+            old, unread, self._unread = self._loaded, self._unread, None
             if committed is not None and committed.version <= old.manifest.version:
                 committed = None  # a newer version is in use already: look at the current one
             new = open_snapshot(self.path, self._load_encoder, old, self.overrides, committed)
             self._loaded = new
+        if committed is None and unread is not None:
+            # Our own commits not switched to yet are no change found; what is newer than them is.
+            return new.identity != (unread.version, unread.committed_at)
         return new is not old
 
     def _committed(self, committed: Manifest) -> None:
