@@ -26,13 +26,16 @@ The modules, one concern each:
 - :mod:`.wire`: pydantic models of the request and response bodies, validation errors as one line;
 - :mod:`.decode`: a request body (multipart, base64, pixels, vector) into one query;
 - :mod:`.pools`: image files decoded in bounded pools (threads, worker processes) before a search;
-- :mod:`.middleware`: the body limits (size, time) and the access log;
+- :mod:`.middleware`: the body limits (size, time), the access log, security headers, allowed
+  hosts, and a JSON 500 for the service's own faults;
+- :mod:`.fastpath`: plain searches answered in front of FastAPI's routing;
 - :mod:`.batcher`: the searches of concurrent requests answered in batches;
 - :mod:`.reload`: following commits by other processes (polling, SIGHUP);
 - :mod:`.auth`: the write token;
 - :mod:`.errors`: :class:`ApiError` and the handlers that turn every error into JSON;
 - :mod:`.overload`: 503 with ``Retry-After``, and overload logged once per interval;
 - :mod:`.connections`: uvicorn's protocol with a connection cap and header limits;
+- :mod:`.accept`: worker processes sharing new connections fairly (``--workers N``);
 - :mod:`.app`: :func:`create_app` and its routes;
 - :mod:`.process`: :class:`ServiceConfig`, logging, the worker factory and :func:`serve`.
 

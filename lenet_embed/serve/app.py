@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from ..embed import LiteRTEncoder
 from ..errors import LenetEmbedError
@@ -74,8 +75,9 @@ def _request_body_schema(body_model: type[BaseModel], label: bool = False) -> di
 def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = None,
                reload_interval: float | None = None,
                allowed_hosts: list[str] | None = None,
-               decode_timeout: float = DECODE_TIMEOUT) -> FastAPI:
-    """The service for a loaded index. ``threads`` caps FAISS's threads in each search.
+               decode_timeout: float = DECODE_TIMEOUT) -> ASGIApp:
+    """The service for a loaded index: an ASGI app (FastAPI behind :class:`RequestGuard` and
+    :class:`SearchFastPath`). ``threads`` caps FAISS's threads in each search.
 
     Requests, not threads, are the service's parallelism: with one FAISS thread, the searches of
     concurrent requests run batched on one core while the other core parses HTTP. With a
@@ -120,10 +122,6 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         index.check_k(k)
         return await batcher.search(await pools.prepare(query), k)
 
-    # Added first, so it runs inside the guard: a plain search skips FastAPI's routing.
-    app.add_middleware(SearchFastPath, search=answer, body_model=body_model, max_k=MAX_K,
-                       default_k=DEFAULT_K)
-    app.add_middleware(RequestGuard, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
     install_error_handlers(app)
     static = files("lenet_embed") / "static"
     page = (static / "index.html").read_text(encoding="utf-8")
@@ -251,7 +249,11 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
             raise ApiError(404, f"no item with id {item_id}")
         return Response(status_code=204)
 
-    return app
+    # In front of FastAPI, not inside it as middleware: every request passes the guard, and a
+    # plain search is answered before FastAPI's own layers (see .fastpath).
+    fast = SearchFastPath(app, search=answer, body_model=body_model, max_k=MAX_K,
+                          default_k=DEFAULT_K)
+    return RequestGuard(fast, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
 
 
 def _without_paths(value: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
 from ..errors import LenetEmbedError
@@ -118,41 +118,30 @@ def _parse(body: bytes, media_type: bytes, boundary: bytes | None, body_model: A
 
 
 def _only_file(body: bytes, boundary: bytes) -> tuple[str, bytes] | None:
-    """The file name and bytes of a multipart body whose only part is a file in the field
-    ``file``, or None."""
-    parts: list[dict[str, Any]] = []
-    header: list[bytes] = [b"", b""]
-
-    def begin() -> None:
-        parts.append({"headers": {}, "data": []})
-
-    def field(data: bytes, start: int, end: int) -> None:
-        header[0] += data[start:end]
-
-    def value(data: bytes, start: int, end: int) -> None:
-        header[1] += data[start:end]
-
-    def header_end() -> None:
-        parts[-1]["headers"][header[0].lower()] = header[1]
-        header[0] = header[1] = b""
-
-    def data(chunk: bytes, start: int, end: int) -> None:
-        parts[-1]["data"].append(chunk[start:end])
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": begin, "on_header_field": field, "on_header_value": value,
-        "on_header_end": header_end, "on_part_data": data,
-    })
-    try:
-        parser.write(body)
-        parser.finalize()
-    except Exception:  # noqa: BLE001 - any malformed body: the route words the error
+    """The file name and bytes of a multipart body that is exactly one part, a file in the field
+    ``file`` (RFC 7578: the delimiter, the part's headers, its bytes, the close delimiter), or
+    None for any other body, which the route's full parser then reads."""
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter + b"\r\n"):
         return None
-    if len(parts) != 1:
+    head_end = body.find(b"\r\n\r\n", len(delimiter) + 2)
+    if head_end < 0:
         return None
-    disposition, options = parse_options_header(parts[0]["headers"].get(b"content-disposition",
-                                                                          b""))
-    if disposition != b"form-data" or options.get(b"name") != b"file" or b"filename" not in options:
+    data_start = head_end + 4
+    data_end = body.find(b"\r\n" + delimiter, data_start)
+    if data_end < 0 or body[data_end + 2 + len(delimiter):] not in (b"--", b"--\r\n"):
+        return None  # more parts, or no close delimiter
+    disposition = None
+    for line in body[len(delimiter) + 2:head_end].split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return None
+        if name.strip().lower() == b"content-disposition":
+            disposition = value.strip()
+    if disposition is None:
+        return None
+    kind, options = parse_options_header(disposition)
+    if kind != b"form-data" or options.get(b"name") != b"file" or b"filename" not in options:
         return None
     name = options[b"filename"].decode("utf-8", "replace") or "file"
-    return name, b"".join(parts[0]["data"])
+    return name, body[data_start:data_end]

@@ -55,10 +55,10 @@ class RequestGuard:
             nonlocal received, body_done
             if body_done:
                 return await receive()
-            remaining = started + self.body_timeout - time.perf_counter()
             try:
-                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
                 raise ApiError(408, f"request body not received within {self.body_timeout:g} s"
                                ) from None
             if message["type"] == "http.request":
@@ -69,15 +69,16 @@ class RequestGuard:
             return message
 
         async def status_send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   *SECURITY_HEADERS]}
             await send(message)
 
         received = 0
-        body_done = False
+        body_done = responded = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         try:
             headers = dict(scope["headers"])
             if self.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
@@ -92,6 +93,14 @@ class RequestGuard:
                 await error_response(code, problem)(scope, receive, status_send)
                 return
             await self.app(scope, counting_receive, status_send)
+        except Exception:
+            # A fault of the service's own (routes answer theirs inside FastAPI): the client
+            # gets the same one-line 500 as from a route, when nothing was sent yet.
+            if not responded:
+                log.exception("%s %s failed", scope["method"], scope["path"])
+                await error_response(500, "internal server error")(scope, receive, status_send)
+                return
+            raise
         finally:
             query = scope.get("query_string", b"").decode("latin-1")
             path = scope["path"] + (f"?{query}" if query else "")

@@ -31,6 +31,7 @@ import io
 import multiprocessing
 import os
 import queue
+import struct
 import threading
 import time
 import warnings
@@ -61,6 +62,7 @@ HEAVY_NICE = 19
 # Memory a worker may map for one decode, beyond what it holds when idle (Linux): the costliest
 # accepted image needs about 600 MB.
 DECODE_MEMORY = 1024 * 1024 * 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A body this large holds an image over LIGHT_BYTES, as multipart or as base64 in JSON.
 SURELY_HEAVY_BODY = 2 * LIGHT_BYTES
 
@@ -234,6 +236,10 @@ def _is_light(data: bytes) -> bool:
     """Whether an image file is cheap to decode, from its header: a common format and at most
     :data:`LIGHT_PIXELS` pixels, or so many pixels that it is refused from the header anyway.
     A file that does not open is light too: decoding it fails at once, with the reason."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        # A PNG's size is in its first chunk: no need to open it (as the search will).
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height <= LIGHT_PIXELS or width * height > MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # as open_image: a file decodes or raises

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from ..embed import LiteRTEncoder
 from ..errors import LenetEmbedError
@@ -36,6 +36,8 @@ CONFIG_ENV = "LENET_EMBED_SERVE_CONFIG"
 _APP_FACTORY = "lenet_embed.serve:app_from_env"
 # uvicorn's httptools protocol with the connection cap and header limits (see .connections).
 _PROTOCOL = "lenet_embed.serve.connections:GuardedHttpToolsProtocol"
+# Worker processes' event loop: uvloop sharing connections fairly among them (see .accept).
+_FAIR_LOOP = "lenet_embed.serve.accept:FairLoop"
 MAX_CONNECTIONS = 1000
 # Connections the kernel queues before the server accepts them (uvicorn's default; Linux caps
 # it at net.core.somaxconn).
@@ -84,7 +86,7 @@ def _ensure_logging() -> None:
     logger.propagate = False
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ASGIApp:
     """App factory for uvicorn's worker processes: the index named in ``$LENET_EMBED_SERVE_CONFIG``
     (see :class:`ServiceConfig`)."""
     text = os.environ.get(CONFIG_ENV)
@@ -194,7 +196,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     # A new worker loads the bundle before it answers uvicorn's health check: on a busy machine
     # that takes longer than uvicorn's 5 s, after which a SIGHUP restart is given up (the old
     # worker serves meanwhile, so waiting longer costs nothing).
-    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers,
+    # Each worker takes its fair share of new connections (see .accept).
+    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, loop=_FAIR_LOOP,
                                    timeout_worker_healthcheck=WORKER_READY_SECONDS, **options)
     sock = server_config.bind_socket()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
