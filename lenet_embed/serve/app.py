@@ -79,8 +79,8 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     """The service for a loaded index: an ASGI app (FastAPI behind :class:`RequestGuard` and
     :class:`SearchFastPath`). ``threads`` caps FAISS's threads in each search.
 
-    Requests, not threads, are the service's parallelism: with one FAISS thread, the searches of
-    concurrent requests run batched on one core while the other core parses HTTP. With a
+    Requests, not threads, are the service's parallelism: the searches of concurrent requests run
+    batched on the event loop (see :mod:`.batcher`); ``serve --workers N`` runs N processes. With a
     ``write_token``, ``POST``/``DELETE /v1/items`` add and remove items. The service follows
     commits made by other processes (see :mod:`.reload`). ``allowed_hosts`` lists the ``Host``
     names it answers for (None: any; ``serve`` chooses them, see :func:`.process.allowed_hosts`).
