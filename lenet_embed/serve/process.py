@@ -197,12 +197,22 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     # that takes longer than uvicorn's 5 s, after which a SIGHUP restart is given up (the old
     # worker serves meanwhile, so waiting longer costs nothing).
     # Each worker takes its fair share of new connections (see .accept).
-    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, loop=_FAIR_LOOP,
+    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, loop=_worker_loop(),
                                    timeout_worker_healthcheck=WORKER_READY_SECONDS, **options)
     sock = server_config.bind_socket()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with contextlib.suppress(KeyboardInterrupt):
         Multiprocess(server_config, sockets=[sock]).run()
+
+
+def _worker_loop() -> str:
+    """uvicorn's ``loop`` setting for worker processes: :class:`.accept.FairLoop` where uvloop is
+    installed (``uvicorn[standard]`` brings it, except on Windows), else uvicorn's choice."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the platform
+        return "auto"
+    return _FAIR_LOOP
 
 
 def _connection_limit(wanted: int) -> int:
