@@ -603,3 +603,43 @@ def test_one_writer_at_a_time(run, bundle_copy, new_digits, tmp_path):
     payload = json.loads(ok(run("add", png, "--index-dir", bundle_copy, "--wait", 0.2,
                                 "--json")).stdout)
     assert payload["version"] == 2
+
+
+def test_a_stream_of_adds_is_swept_a_bounded_batch_at_a_time(bundle_copy, new_digits):
+    """The periodic sweep of a stream of adds removes at most SWEEP_LIMIT files and folders each
+    time, so no add holds the writer lock for the whole backlog; sweeps in turn leave exactly
+    what one whole sweep leaves, and the bundle answers throughout."""
+    import os
+
+    from lenet_embed.writer import SWEEP_LIMIT, VERSIONS_DIR, BundleWriter
+
+    index = SearchIndex.load(bundle_copy)
+    for digit, label in zip(new_digits[0][:40], new_digits[1][:40].tolist(), strict=True):
+        index.add(digit[None], labels=[label])
+    # Every superseded version is long past its grace period.
+    for record in (bundle_copy / VERSIONS_DIR).iterdir():
+        os.utime(record, (time.time() - 60, time.time() - 60))
+    queries = new_digits[0][30:40]
+    expected = _ids(index.search(queries, k=3))
+    whole = bundle_copy.parent / "whole"
+    shutil.copytree(bundle_copy, whole)
+    with BundleWriter(whole) as sweeper:
+        sweeper.collect_garbage(force=True)
+    left = {p.relative_to(whole) for p in whole.rglob("*")}
+
+    def on_disk() -> set[Path]:
+        return {p.relative_to(bundle_copy) for p in bundle_copy.rglob("*")
+                if p.parent.parent == bundle_copy or p.parent == bundle_copy}
+
+    removed_each = []
+    while True:
+        before = on_disk()
+        with BundleWriter(bundle_copy) as sweeper:
+            sweeper.collect_garbage(limit=SWEEP_LIMIT // 8)
+        removed = before - on_disk()
+        if not removed:
+            break
+        removed_each.append(len(removed))
+        assert _ids(SearchIndex.load(bundle_copy).search(queries, k=3)) == expected
+    assert len(removed_each) > 2 and max(removed_each) <= SWEEP_LIMIT // 8, removed_each
+    assert {p.relative_to(bundle_copy) for p in bundle_copy.rglob("*")} == left
