@@ -1167,3 +1167,30 @@ def test_a_fault_of_the_service_is_a_json_500_with_the_usual_headers(search_inde
     assert_error(response, 500, "internal server error")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "disk on fire" in caplog.text
+
+
+def test_the_guard_answers_what_no_inner_layer_answered():
+    """In front of everything, the guard turns a refusal that reached it into its JSON answer
+    and anything else into the one-line 500, both with the security headers; an error after
+    the response started is left to the server."""
+    from lenet_embed.serve.errors import ApiError
+    from lenet_embed.serve.middleware import RequestGuard
+
+    async def refusing(scope, receive, send):
+        raise ApiError(413, "request body over 5 MB")
+
+    async def crashing(scope, receive, send):
+        raise KeyError("oops")
+
+    async def crashing_late(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial"})
+        raise KeyError("late")
+
+    # (No lifespan: these stand-ins answer HTTP only.)
+    response = TestClient(RequestGuard(refusing)).post("/v1/search", content=b"x")
+    assert_error(response, 413, "5 MB")
+    assert response.headers["x-frame-options"] == "DENY"
+    assert_error(TestClient(RequestGuard(crashing)).get("/v1/info"), 500, "internal server error")
+    with pytest.raises(KeyError):
+        TestClient(RequestGuard(crashing_late)).get("/healthz")

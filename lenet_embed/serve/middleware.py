@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, refusal
 
 log = logging.getLogger(__package__)
 
@@ -93,6 +93,11 @@ class RequestGuard:
                 await error_response(code, problem)(scope, receive, status_send)
                 return
             await self.app(scope, counting_receive, status_send)
+        except ApiError as exc:  # a refusal no layer inside answered (the body limits)
+            if not responded:
+                await refusal(exc)(scope, receive, status_send)
+                return
+            raise
         except Exception:
             # A fault of the service's own (routes answer theirs inside FastAPI): the client
             # gets the same one-line 500 as from a route, when nothing was sent yet.
