@@ -72,11 +72,16 @@ GRACE_SECONDS = 3.0
 DEFAULT_LOCK_TIMEOUT = 30.0
 # Superseded versions are looked for every this many commits (and at every build and compact).
 _SWEEP_EVERY = 16
-# Files and folders one such periodic sweep removes at most, the rest going at the next ones: a
-# stream of adds leaves about two files a commit, and removing the ~1,200 that pile up within
-# the grace period at once held the writer lock for 150-370 ms (the disk here takes ~0.2 ms an
-# unlink). Builds, compactions and explicit sweeps remove everything at once.
-SWEEP_LIMIT = 64
+# Files and folders a commit of adds or removals removes at most of what a sweep found unused,
+# the rest going at the next commits: a stream of adds leaves about two files a commit, and
+# removing the ~1,200 that piled up within the grace period at once held the writer lock for
+# 150-370 ms (the disk here takes ~0.2 ms an unlink). Builds, compactions and explicit sweeps
+# remove everything at once.
+SWEEP_LIMIT = 8
+# What a sweep found unused and its commits have not removed yet, per bundle folder, in order:
+# paths, and for version records (whose names a rebuild reuses) the inode found.
+_UNUSED: dict[str, list[tuple[Path, int | None]]] = {}
+_UNUSED_LOCK = threading.Lock()
 _SERIAL_FSYNCS = 3  # files flushed one after another, not from threads (see _fsync_all)
 _NAMES: dict[tuple[str, int, int, int], list[str] | None] = {}  # see _named_files
 _NAMES_LOCK = threading.Lock()
@@ -528,8 +533,8 @@ class BundleWriter:
         self.current = remember_manifest(text, manifest)
         if manifest.operation in ("build", "compact"):
             self.collect_garbage()
-        elif manifest.version % _SWEEP_EVERY == 0:
-            self.collect_garbage(limit=SWEEP_LIMIT)
+        else:
+            self.collect_garbage(limit=SWEEP_LIMIT, look=manifest.version % _SWEEP_EVERY == 0)
         return manifest
 
     # ------------------------------------------------------------------------ cleaning up
@@ -557,26 +562,42 @@ class BundleWriter:
                     _remove(entry)
 
     def collect_garbage(self, grace: float = GRACE_SECONDS, force: bool = False,
-                        limit: int | None = None) -> None:
+                        limit: int | None = None, look: bool = True) -> None:
         """Remove files no version a reader may still be opening names, and files of the first
         bundle format once a version of this format is current.
 
         A superseded version is kept for ``grace`` seconds after its successor was committed. The
-        sweep runs once the oldest kept version is twice that old, so a stream of small commits
-        pays for it now and then instead of every time. With a ``limit``, it removes at most that
-        many files and folders; the next sweep goes on where it stopped (the records of expired
-        versions go last, so it finds the rest).
+        sweep looks for unused files once the oldest kept version is twice that old, so a stream
+        of small commits pays for it now and then instead of every time. With a ``limit``, it
+        removes at most that many files and folders and leaves the rest of what it found to the
+        next calls (this process remembers them; ``look=False`` only goes on with those).
         """
         current = self.current
         if current is None:
             return
+        key = str(self.directory.resolve())
+        with _UNUSED_LOCK:
+            unused = _UNUSED.pop(key, [])
+        if limit is None or (not unused and look):
+            unused = self._find_unused(current, grace, force)
+        for path, inode in unused[:limit]:
+            if inode is None or _inode(path) == inode:  # a record a rebuild wrote is not ours
+                _remove(path)
+        if limit is not None and unused[limit:]:
+            with _UNUSED_LOCK:
+                _UNUSED[key] = unused[limit:]
+
+    def _find_unused(self, current: Manifest, grace: float, force: bool
+                     ) -> list[tuple[Path, int | None]]:
+        """What :meth:`collect_garbage` removes: unused files and folders, then the records of
+        expired versions (with their inodes)."""
         for name in FORMAT_1_FILES:
             _remove(self.directory / name)
         versions = self.directory / VERSIONS_DIR
         numbered = sorted((n, p) for p in versions.iterdir()
                           if (n := _version_number(p)) is not None and n <= current.version)
         if not force and len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
-            return
+            return []
         referenced = set(current.files)
         expired: list[Path] = []
         for (number, path), (_, successor) in zip(numbered, numbered[1:], strict=False):
@@ -592,18 +613,18 @@ class BundleWriter:
                 referenced.update(names)
         # What sits directly in segments/ or encoders/: a folder, or an unsealed segment's file.
         entries = {"/".join(name.split("/")[:2]) for name in referenced}
-        unused = [entry for parent in (SEGMENTS_DIR, ENCODERS_DIR)
-                  if (self.directory / parent).is_dir()
-                  for entry in (self.directory / parent).iterdir()
-                  if f"{parent}/{entry.name}" not in entries]
+        unused: list[tuple[Path, int | None]] = [
+            (entry, None) for parent in (SEGMENTS_DIR, ENCODERS_DIR)
+            if (self.directory / parent).is_dir()
+            for entry in (self.directory / parent).iterdir()
+            if f"{parent}/{entry.name}" not in entries]
         if (self.directory / DELETIONS_DIR).is_dir():
-            unused += [entry for entry in (self.directory / DELETIONS_DIR).iterdir()
+            unused += [(entry, None) for entry in (self.directory / DELETIONS_DIR).iterdir()
                        if f"{DELETIONS_DIR}/{entry.name}" not in referenced]
         # The manifests go last: a writer killed during the sweep leaves no file that no kept
-        # manifest names (such files would wait for the next sweep, maybe 20 s away), and a
-        # sweep that stops at its limit leaves the rest to the next one.
-        for path in [*unused, *expired][:limit]:
-            _remove(path)
+        # manifest names (such files would wait for the next sweep, maybe 20 s away). Other
+        # names are new at every version (a random part), so what is unused stays unused.
+        return unused + [(path, inode) for path in expired if (inode := _inode(path)) is not None]
 
 
 def check_folder(directory: Path) -> None:
@@ -683,6 +704,13 @@ def _version_number(path: Path) -> int | None:
     if suffix != "json" or len(stem) != 8 or not stem.isdigit():
         return None
     return int(stem)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _age(path: Path) -> float:

@@ -606,9 +606,9 @@ def test_one_writer_at_a_time(run, bundle_copy, new_digits, tmp_path):
 
 
 def test_a_stream_of_adds_is_swept_a_bounded_batch_at_a_time(bundle_copy, new_digits):
-    """The periodic sweep of a stream of adds removes at most SWEEP_LIMIT files and folders each
-    time, so no add holds the writer lock for the whole backlog; sweeps in turn leave exactly
-    what one whole sweep leaves, and the bundle answers throughout."""
+    """A commit of a stream of adds removes at most SWEEP_LIMIT of the files and folders a sweep
+    found unused, so no add holds the writer lock for the whole backlog; in turn they leave
+    exactly what one whole sweep leaves, and the bundle answers throughout."""
     import os
 
     from lenet_embed.writer import SWEEP_LIMIT, VERSIONS_DIR, BundleWriter
@@ -635,11 +635,11 @@ def test_a_stream_of_adds_is_swept_a_bounded_batch_at_a_time(bundle_copy, new_di
     while True:
         before = on_disk()
         with BundleWriter(bundle_copy) as sweeper:
-            sweeper.collect_garbage(limit=SWEEP_LIMIT // 8)
+            sweeper.collect_garbage(limit=SWEEP_LIMIT)
         removed = before - on_disk()
         if not removed:
             break
         removed_each.append(len(removed))
         assert _ids(SearchIndex.load(bundle_copy).search(queries, k=3)) == expected
-    assert len(removed_each) > 2 and max(removed_each) <= SWEEP_LIMIT // 8, removed_each
+    assert len(removed_each) > 2 and max(removed_each) <= SWEEP_LIMIT, removed_each
     assert {p.relative_to(bundle_copy) for p in bundle_copy.rglob("*")} == left
