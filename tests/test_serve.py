@@ -837,7 +837,7 @@ def test_serve_with_two_workers(lenet_embed_cmd, bundle_dir, digits, tmp_path):
             assert len(response.json()["neighbors"]) == 3
         # Clients that open their keep-alive connections together (load balancers, benchmarks)
         # get them shared among the workers, not all taken by the first to wake (see .accept):
-        # without it, 8 of 15 such bursts here went all to one worker, 3 more 7 to 1.
+        # without it, 11 of 15 such bursts here went all to one worker, 3 more 7 to 1.
         shares = [connections_per_worker(url, 8, png(digits[0][0])) for _ in range(3)]
     log = log_path.read_text()
     assert log.count("POST /v1/search?k=3 200 ") == 6, log
