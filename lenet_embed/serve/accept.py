@@ -9,11 +9,13 @@ half the requests per second of a balanced run.
 
 :class:`FairLoop` is uvicorn's event loop in each worker (its ``loop`` setting names it):
 uvloop's, except that a server on an inherited listening socket accepts one connection at a
-time, and a worker that already holds ``n`` open connections waits ``n`` x
-:data:`STEP_SECONDS` (at most :data:`MAX_WAIT_SECONDS`) before it takes the next one, so the
-worker holding fewer connections, or an idle one, gets it first. Only this process's own count
-is used (no shared state), as nginx's ``accept_disabled`` does; a connection nobody else takes
-is accepted at the end of the wait, so a lone worker still serves everyone. Running out of file
+time, and a worker that already holds ``n`` open connections, fewer than
+:data:`FAIR_CONNECTIONS`, waits ``n`` x :data:`STEP_SECONDS` before it takes the next one, so
+the worker holding fewer connections, or an idle one, gets it first. Only this process's own
+count is used (no shared state), as nginx's ``accept_disabled`` does; a connection nobody else
+takes is accepted at the end of the wait, so a lone worker still serves everyone. A worker
+holding more accepts without waiting: spread over that many connections the shares even out,
+and a flood of connections must not be accepted at a few hundred a second. Running out of file
 descriptors pauses accepting for a second (logged once per interval) instead of failing.
 """
 
@@ -33,8 +35,8 @@ from .overload import OverloadLog
 
 log = logging.getLogger(__package__)
 
-STEP_SECONDS = 0.0005
-MAX_WAIT_SECONDS = 0.01
+STEP_SECONDS = 0.001
+FAIR_CONNECTIONS = 16
 # When the process (or machine) is out of descriptors or memory, accepting pauses this long.
 PAUSE_SECONDS = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -69,7 +71,8 @@ class FairListener:
 
     def wait_before_accepting(self) -> float:
         """Seconds to leave a pending connection to other workers first."""
-        return min(self.open_connections() * STEP_SECONDS, MAX_WAIT_SECONDS)
+        held = self.open_connections()
+        return held * STEP_SECONDS if held < FAIR_CONNECTIONS else 0.0
 
     def _readable(self) -> None:
         if self._closed:
