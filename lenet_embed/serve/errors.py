@@ -36,6 +36,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """The response to a fault of the service's own: the traceback goes to the log, the client
+    gets one line."""
+    log.error("%s %s failed", method, path, exc_info=exc)
+    return error_response(500, "internal server error")
+
+
 def refusal(exc: ApiError | LenetEmbedError) -> JSONResponse:
     """The response to a refused request: an :class:`ApiError` with its status (and
     ``Retry-After``), or a :class:`LenetEmbedError` about the request's image or values (413 for
@@ -69,5 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal server error")
+        return internal_error(request.method, request.url.path, exc)

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from .errors import ApiError, error_response, refusal
+from .errors import ApiError, error_response, internal_error, refusal
 
 log = logging.getLogger(__package__)
 
@@ -98,12 +98,12 @@ class RequestGuard:
                 await refusal(exc)(scope, receive, status_send)
                 return
             raise
-        except Exception:
+        except Exception as exc:
             # A fault of the service's own (routes answer theirs inside FastAPI): the client
             # gets the same one-line 500 as from a route, when nothing was sent yet.
             if not responded:
-                log.exception("%s %s failed", scope["method"], scope["path"])
-                await error_response(500, "internal server error")(scope, receive, status_send)
+                await internal_error(scope["method"], scope["path"], exc)(scope, receive,
+                                                                           status_send)
                 return
             raise
         finally:
