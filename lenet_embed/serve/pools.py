@@ -239,16 +239,18 @@ def _is_light(data: bytes) -> bool:
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
         # A PNG's size is in its first chunk: no need to open it (as the search will).
         width, height = struct.unpack(">II", data[16:24])
-        return width * height <= LIGHT_PIXELS or width * height > MAX_PIXELS
+        return _light("PNG", width * height)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # as open_image: a file decodes or raises
             with Image.open(io.BytesIO(data)) as opened:
-                pixels = opened.width * opened.height
-                return ((opened.format in LIGHT_FORMATS and pixels <= LIGHT_PIXELS)
-                        or pixels > MAX_PIXELS)
+                return _light(opened.format, opened.width * opened.height)
     except Exception:  # any failure of any format's header parser: the decoder reports it
         return True
+
+
+def _light(image_format: str | None, pixels: int) -> bool:
+    return (image_format in LIGHT_FORMATS and pixels <= LIGHT_PIXELS) or pixels > MAX_PIXELS
 
 
 class _Worker:
