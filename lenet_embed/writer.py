@@ -579,6 +579,8 @@ class BundleWriter:
         with _UNUSED_LOCK:
             unused = _UNUSED.pop(key, [])
         if limit is None or (not unused and look):
+            for name in FORMAT_1_FILES:
+                _remove(self.directory / name)
             unused = self._find_unused(current, grace, force)
         for path, inode in unused[:limit]:
             if inode is None or _inode(path) == inode:  # a record a rebuild wrote is not ours
@@ -591,8 +593,6 @@ class BundleWriter:
                      ) -> list[tuple[Path, int | None]]:
         """What :meth:`collect_garbage` removes: unused files and folders, then the records of
         expired versions (with their inodes)."""
-        for name in FORMAT_1_FILES:
-            _remove(self.directory / name)
         versions = self.directory / VERSIONS_DIR
         numbered = sorted((n, p) for p in versions.iterdir()
                           if (n := _version_number(p)) is not None and n <= current.version)
