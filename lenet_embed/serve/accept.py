@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvloop
@@ -66,13 +67,18 @@ class FairListener:
 
     def open_connections(self) -> int:
         """Connections this listener accepted that are still open."""
-        return sum(1 for protocol in list(self._protocols)
-                   if not _closing(getattr(protocol, "transport", None)))
+        return sum(1 for _ in self._open())
 
     def wait_before_accepting(self) -> float:
         """Seconds to leave a pending connection to other workers first."""
-        held = self.open_connections()
+        # Counted only as far as it matters: a worker holding hundreds accepts at every one.
+        held = sum(1 for _ in itertools.islice(self._open(), FAIR_CONNECTIONS))
         return held * STEP_SECONDS if held < FAIR_CONNECTIONS else 0.0
+
+    def _open(self) -> Iterator[asyncio.Protocol]:
+        # A WeakSet may be iterated while the collector drops members.
+        return (protocol for protocol in self._protocols
+                if not _closing(getattr(protocol, "transport", None)))
 
     def _readable(self) -> None:
         if self._closed:
