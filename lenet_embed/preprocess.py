@@ -72,8 +72,9 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
                 _check_python_decoder(opened, name)
                 opened.seek(0)
                 pil = _shrink(_decode_reduced(opened, fh))
-                pil = ImageOps.exif_transpose(pil)
-                pil.load()
+                # In place: the decoded image is ours, and a copy of it per query cost more
+                # than reading its orientation.
+                ImageOps.exif_transpose(pil, in_place=True)
     except FileNotFoundError:
         raise LenetEmbedError(f"{name}: no such file") from None
     except IsADirectoryError:

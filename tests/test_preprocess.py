@@ -155,6 +155,20 @@ def test_jpeg_is_close(white_on_black, reference, tmp_path):
     assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied(white_on_black, reference, tmp_path, suffix):
+    # A phone stores the sensor's pixels turned and says so in EXIF (Orientation 6: turn the
+    # stored picture 90 degrees clockwise to show it); the digit must come out upright.
+    path = tmp_path / f"turned{suffix}"
+    stored = Image.fromarray(255 - white_on_black).convert("RGB").rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    result = to_mnist(path)
+    assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.99
+    assert np.corrcoef(to_mnist(stored).ravel(), reference.ravel())[0, 1] < 0.9
+
+
 @pytest.mark.parametrize("resolutions", [1, 2, 6])
 def test_large_jpeg2000_is_decoded_reduced_and_close(white_on_black, reference, tmp_path,
                                                      resolutions):
