@@ -165,7 +165,10 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     log.info("answering for Host: %s", "any" if hosts is None else ", ".join(hosts))
     connections = _connection_limit(max_connections)
     quiet_repeated_warnings()
+    # proxy_headers off: nothing in the service reads the client's address, and uvicorn's
+    # X-Forwarded-For middleware would otherwise run on every request.
     options: dict[str, Any] = {"host": host, "port": port, "access_log": False,
+                               "proxy_headers": False,
                                "log_level": "info", "timeout_graceful_shutdown": 5,
                                "http": _PROTOCOL, "limit_concurrency": connections,
                                "backlog": BACKLOG, "timeout_keep_alive": KEEP_ALIVE}
