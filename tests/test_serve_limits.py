@@ -502,3 +502,62 @@ def test_a_full_search_queue_answers_503_and_logs_once(search_index, digits, cap
     assert [(e.status, e.retry_after) for e in refused] == [(503, 1)] * 3
     lines = [r.message for r in caplog.records if "search queue full" in r.message]
     assert len(lines) == 1 and "4 queries waiting" in lines[0]
+
+
+class _Timed:
+    """A search index whose batches take ``delay`` seconds a query longer, recording the thread
+    each batch ran in."""
+
+    def __init__(self, index, delay: float) -> None:
+        self.index, self.delay, self.threads = index, delay, []
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def query(self, queries, k):
+        self.threads.append(threading.get_ident())
+        time.sleep(self.delay * len(queries))
+        return self.index.query(queries, k)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03])
+def test_batches_of_a_slow_index_leave_the_event_loop_free(search_index, digits, delay):
+    """Quick batches run on the event loop; once batches prove slow (an index at ~30 ms a
+    query), they run in the batcher's own thread and the loop goes on meanwhile (here a ticker
+    every 2 ms; on the loop it could not tick during a batch). The answers are the same."""
+    from lenet_embed.search import Query
+    from lenet_embed.serve.batcher import SearchBatcher
+
+    timed = _Timed(search_index, delay)
+    batcher = SearchBatcher(timed, threads=1)
+
+    async def scenario():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.002)
+
+        answers = []
+        ticking = asyncio.ensure_future(ticker())
+        for round_ in range(3):  # one batch of four a round
+            began = len(ticks)
+            answers += await asyncio.gather(*(batcher.search(Query(image=png(d)), 1)
+                                              for d in digits[4 * round_:4 * round_ + 4]))
+            if round_ > 0:
+                during.append(len(ticks) - began)
+        ticking.cancel()
+        return answers, threading.get_ident()
+
+    during: list[int] = []
+    answers, loop_thread = asyncio.run(scenario())
+    assert [a.neighbors[0].id for a in answers] == [
+        search_index.search(d, k=1)[0][0].id for d in digits[:12]]
+    assert len(timed.threads) == 3
+    if delay:  # the first batch measured the index; the next two ran beside the loop
+        assert timed.threads[0] == loop_thread
+        assert timed.threads[1] == timed.threads[2] != loop_thread
+        assert min(during) >= 10, during  # 120 ms a batch, a tick every 2 ms
+    else:
+        assert timed.threads == [loop_thread] * 3

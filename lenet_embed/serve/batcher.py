@@ -1,8 +1,11 @@
-"""Batched searching: the queries of concurrent requests answered together, on the event loop."""
+"""Batched searching: the queries of concurrent requests answered together, on the event loop
+while batches are quick, in a thread of their own when the index is slow."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..ann import set_threads
 from ..search import Query, QueryResult, SearchIndex
@@ -11,6 +14,14 @@ from .overload import OverloadLog, busy
 # Queries waiting for the next batch: a few batches' worth (a batch of 64 light queries takes
 # about 30 ms on two cores), so a request admitted is answered well within a second.
 MAX_WAITING = 256
+# A batch expected to take longer than this (from the time a query took in recent batches) runs
+# in a thread, so that a slow index (a million vectors searched exactly: ~30 ms a query) does not
+# hold the event loop: health checks, other routes and reading requests go on meanwhile. The
+# default bundle's queries take ~0.4 ms each, decoding included: its batches of up to ~100 stay
+# on the loop, where they cost less CPU.
+LOOP_BUDGET_SECONDS = 0.050
+# The weight of the latest batch in the running estimate of the time a query takes.
+_NEWEST = 0.25
 
 
 class SearchBatcher:
@@ -27,7 +38,10 @@ class SearchBatcher:
     one process answered 660-680 requests/s with it against 930-970 without. A batch holds the
     loop for a few milliseconds (light images only, see below); the requests that arrive
     meanwhile are read as soon as it ends and form the next batch. Processes (``serve
-    --workers N``), not threads, use more cores.
+    --workers N``), not threads, use more cores. A batch that would hold the loop longer than
+    :data:`LOOP_BUDGET_SECONDS` (a slow index: the time per query is measured on every batch)
+    runs in one thread of the batcher's own instead; FAISS and the encoder release the
+    interpreter lock while they compute, so the loop keeps answering meanwhile.
 
     Costly image files arrive decoded (:mod:`.pools`); light ones (10 ms at worst) are decoded
     in the batch: no query waits for another's costly image. At most :data:`MAX_WAITING` queries
@@ -42,6 +56,8 @@ class SearchBatcher:
         self._overload = OverloadLog()
         self._waiting: list[tuple[Query, int, asyncio.Future[QueryResult]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._per_query: float | None = None  # seconds; None until a batch has been timed
+        self._thread: ThreadPoolExecutor | None = None
 
     async def search(self, query: Query, k: int) -> QueryResult:
         """The answer to one query with up to ``k`` neighbours; its own LenetEmbedError is
@@ -68,7 +84,7 @@ class SearchBatcher:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 try:
-                    outcomes: list[QueryResult] | list[Exception] = self._answer(
+                    outcomes: list[QueryResult] | list[Exception] = await self._run(
                         [(query, k) for query, k, _ in batch])
                 except Exception as exc:  # not any one query's fault: every request gets it
                     outcomes = [exc] * len(batch)
@@ -83,6 +99,23 @@ class SearchBatcher:
                 await asyncio.sleep(0)
         finally:
             self._drainer = None
+
+    async def _run(self, batch: list[tuple[Query, int]]) -> list[QueryResult]:
+        """:meth:`_answer` on the loop when the batch is expected to be quick, else in the
+        batcher's thread; the time it took updates the estimate either way."""
+        expected = 0.0 if self._per_query is None else self._per_query * len(batch)
+        started = time.perf_counter()
+        try:
+            if expected <= LOOP_BUDGET_SECONDS:
+                return self._answer(batch)
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="search-batch")
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self._answer,
+                                                                    batch)
+        finally:
+            took = (time.perf_counter() - started) / len(batch)
+            self._per_query = took if self._per_query is None else (
+                _NEWEST * took + (1 - _NEWEST) * self._per_query)
 
     def _answer(self, batch: list[tuple[Query, int]]) -> list[QueryResult]:
         """Every query of the batch in one call, at the largest k asked (bounded by the items
