@@ -98,10 +98,14 @@ RECIPES: dict[str, Recipe] = {
 }
 # Outlier exposure on top of `augmented` (README "Answers you can trust" measures it), for 22
 # epochs: the training time stays within 4x the seed recipe's on this project's machine, where
-# 30 epochs took about 5x.
+# 30 epochs took about 5x. A quarter of each batch degraded and the non-digits weighted 0.25
+# (since 2026-11-27; half and 0.5 before): each cost clean 1-NN, and at these values it reaches
+# 0.994 with every trust and robustness target still met (README "Answers you can trust").
 RECIPES["outlier"] = replace(
-    RECIPES["augmented"], name="outlier", epochs=22, outliers=10_000,
-    description="augmented, 22 epochs, with outlier exposure on 10,000 generated non-digits",
+    RECIPES["augmented"], name="outlier", epochs=22, outliers=10_000, outlier_weight=0.25,
+    degrade=0.25,
+    description="augmented, 22 epochs, a quarter of each batch degraded, with outlier exposure "
+    "on 10,000 generated non-digits (weight 0.25)",
 )
 # The default since 2026-11-26: it tells non-digits from digits (README "Answers you can trust").
 DEFAULT_RECIPE = "outlier"

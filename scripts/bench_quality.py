@@ -8,7 +8,7 @@ answers can be trusted (ECE, AUROC and FPR@95 on the generated non-digits, digit
 non-digits rejected at its thresholds); and top-1 (cosine, k=10) on the degraded test set, per
 degradation (``lenet_embed/degrade.py``).
 
-    python scripts/bench_quality.py [--data PATH] [--seed 1] [--json]
+    python scripts/bench_quality.py [--data PATH] [--seed 1] [--recipes seed,outlier] [--json]
 
 Data comes from ``--data``, else ``$LENET_EMBED_MNIST``, else Keras's downloader. Takes about
 fifteen minutes on two CPU cores.
@@ -63,10 +63,18 @@ def main() -> None:
     parser.add_argument("--data", help="MNIST folder or mnist.npz")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="comma-separated recipes to compare (the baseline, seed, always "
+                        "runs first) [default: all]")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(RECIPES)}")
 
     dataset = load_mnist(args.data)
-    recipes = [BASELINE, *(name for name in RECIPES if name != BASELINE)]
+    recipes = [BASELINE, *(name for name in chosen if name != BASELINE)]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, dataset, args.seed, Path(tmp)) for name in recipes]
     base_seconds = float(rows[0]["train_seconds"])
