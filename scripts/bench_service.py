@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -132,16 +131,6 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-def _client_loop() -> Any:
-    """The client's event loop: uvloop's where it is installed (the service's own extra brings
-    it), which spends less CPU per request than asyncio's, so less is taken from the service."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - depends on the platform
-        return None
-    return uvloop.new_event_loop
-
-
 def over_http(server_pid: int, port: int, bodies: list[tuple[bytes, str]], labels: list[int],
               n: int, clients: int, k: int) -> tuple[dict[str, float], float]:
     """``n`` searches from ``clients`` keep-alive connections, after a warm-up; returns the
@@ -177,10 +166,9 @@ def over_http(server_pid: int, port: int, bodies: list[tuple[bytes, str]], label
         await asyncio.gather(*(client() for _ in range(clients)))
         return latencies, correct, time.perf_counter() - started
 
-    with asyncio.Runner(loop_factory=_client_loop()) as runner:
-        runner.run(run(WARMUP))
-        cpu_before, client_before = cpu_seconds(server_pid), time.process_time()
-        latencies, correct, seconds = runner.run(run(n))
+    asyncio.run(run(WARMUP))
+    cpu_before, client_before = cpu_seconds(server_pid), time.process_time()
+    latencies, correct, seconds = asyncio.run(run(n))
     figures = summary(latencies, seconds)
     figures["cpu_ms"] = (cpu_seconds(server_pid) - cpu_before) / n * 1000
     figures["client_cpu_ms"] = (time.process_time() - client_before) / n * 1000
