@@ -151,7 +151,8 @@ def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
         _print_json(result.to_dict())
         return
     click.echo(f"model: {result.model}\nencoder: {result.encoder}")
-    click.echo(f"recipe: {result.recipe}, epochs: {result.epochs}, seconds: {result.seconds:.1f}")
+    click.echo(f"recipe: {result.recipe}, epochs: {result.epochs}, seconds: {result.seconds:.1f} "
+               f"(processor time {result.cpu_seconds:.1f} s)")
     click.echo(f"test accuracy: {result.test_accuracy:.4f}")
 
 

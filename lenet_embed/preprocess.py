@@ -197,7 +197,7 @@ def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     gray = _to_gray(image, name)
     contrast = float(gray.max() - gray.min())
     mnist_form = gray.shape == (SIDE, SIDE)
-    if mnist_form and _drawn_as_mnist(gray):
+    if mnist_form and ready is None and _drawn_as_mnist(gray):  # (a file, a float array)
         return scale_pixels(gray)
     if not mnist_form:
         gray = _despeckle(gray)

@@ -54,8 +54,9 @@ def test_train_json(run, tiny_idx_dir, tmp_path):
                     "--json"))
     assert len(result.stdout.strip().splitlines()) == 1
     payload = json.loads(result.stdout)
-    assert set(payload) == {"test_accuracy", "epochs", "seconds", "model", "encoder", "recipe",
-                            "style"}
+    assert set(payload) == {"test_accuracy", "epochs", "seconds", "cpu_seconds", "model",
+                            "encoder", "recipe", "style"}
+    assert payload["cpu_seconds"] > 0
     assert (payload["epochs"], payload["recipe"], payload["style"]) == (
         1, DEFAULT_RECIPE, "sequential")
     assert payload["model"] == str(out) and out.is_file()

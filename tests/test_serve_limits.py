@@ -561,3 +561,5 @@ def test_batches_of_a_slow_index_leave_the_event_loop_free(search_index, digits,
         assert min(during) >= 10, during  # 120 ms a batch, a tick every 2 ms
     else:
         assert timed.threads == [loop_thread] * 3
+    batcher.stop()  # as the app's shutdown does: no batcher thread is left running
+    assert not [t for t in threading.enumerate() if t.name.startswith("search-batch")]

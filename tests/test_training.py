@@ -33,7 +33,7 @@ def test_training_result_and_files(trained, small):
     assert (trained.recipe, trained.style) == ("seed", "sequential")
     assert trained.encoder == str(encoder_path_for(model))
     assert trained.encoder.endswith("lenet.encoder.keras")
-    assert trained.seconds > 0
+    assert trained.seconds > 0 and trained.cpu_seconds > 0
     # Saved atomically: exactly the two files, no temporary leftovers beside them.
     assert sorted(p.name for p in model.parent.iterdir()) == ["lenet.encoder.keras", "lenet.keras"]
     assert set(trained.to_dict()) == {f.name for f in dataclasses.fields(trained)}

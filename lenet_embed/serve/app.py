@@ -107,6 +107,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         finally:
             await reloader.stop()
             pools.stop()
+            batcher.stop()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -77,6 +77,13 @@ class SearchBatcher:
             raise result.error
         return result
 
+    def stop(self) -> None:
+        """End the batcher's thread, if a slow index started one, once its batch (if any) is
+        done: at the app's shutdown. A later batch starts a new one."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)
+
     async def _drain(self) -> None:
         try:
             # One turn of the loop first: requests read with this one join its batch.
