@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from lenet_embed._keras import keras, tensorflow
+from lenet_embed.cli import run_script
 from lenet_embed.model import INPUT_SHAPE, build_lenet
 
 
@@ -62,11 +64,28 @@ def profile(batch_size: int, repeats: int) -> list[dict[str, float | str]]:
     return rows
 
 
+def _count(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``most``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{value} is not between 1 and {most}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batch-size", type=_count(65536), default=256, metavar="N",
+                        help="images a step (1-65536) [default: 256]")
+    parser.add_argument("--repeats", type=_count(10000), default=50, metavar="N",
+                        help="steps a round, best of five rounds (1-10000) [default: 50]")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     keras("this profile")
@@ -81,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,20 @@ def test_random_degradation_is_seeded_and_changes_the_chosen_part(mnist):
         seen.add("grown" if grown > 1.3 else "shrunk" if grown < 0.8 else
                  "soft" if steps < 0.6 * np.abs(np.diff(digits[:16], axis=2)).max() else "other")
     assert {"grown", "shrunk", "soft"} <= seen
+
+
+def test_profile_layers_times_every_layer_that_computes(tmp_path):
+    """scripts/profile_layers.py names each layer of the network but flatten, with a positive
+    time an image, and shares that sum to one; bad options stop with a usage error."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_layers.py"
+    run = subprocess.run([sys.executable, script, "--batch-size", "4", "--repeats", "2", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)
+    assert [row["layer"] for row in rows] == ["conv1", "pool1", "conv2", "pool2", "conv3", "fc2",
+                                             "prediction"]
+    assert all(row["us_per_image"] > 0 for row in rows)
+    assert sum(row["share"] for row in rows) == pytest.approx(1.0, abs=0.01)
+    bad = subprocess.run([sys.executable, script, "--batch-size", "0"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "--batch-size" in bad.stderr
