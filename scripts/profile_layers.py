@@ -33,11 +33,11 @@ def profile(batch_size: int, repeats: int) -> list[dict[str, float | str]]:
     shape: tuple[int, ...] = INPUT_SHAPE
     rng = np.random.default_rng(0)
     for number, layer in enumerate(model.layers):
-        inputs = tf.constant(rng.random((batch_size, *shape), dtype=np.float32))
         out_shape = tuple(layer.compute_output_shape((batch_size, *shape))[1:])
         if layer.name == "flatten":
             shape = out_shape
             continue
+        inputs = tf.constant(rng.random((batch_size, *shape), dtype=np.float32))
         first = number == 0
 
         @tf.function
