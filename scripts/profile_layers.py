@@ -4,8 +4,10 @@ backward, measured one layer at a time on random inputs of the layer's own shape
 Training time is the model's arithmetic, not the data pipeline: this names the layers that cost.
 Each layer's gradient is taken with respect to its weights and (but for the first layer, whose
 input is the image) its input, as a training step does. Processor time counts every thread.
+The layers are those `lenet-embed train` runs (conv1 as a row-by-row matmul); ``--stock`` times
+Keras's own Conv2D for conv1 instead, the kernel the saved model and the tutorial use.
 
-    python scripts/profile_layers.py [--batch-size 256] [--repeats 50] [--json]
+    python scripts/profile_layers.py [--batch-size 256] [--repeats 50] [--stock] [--json]
 
 Takes about half a minute on two CPU cores.
 """
@@ -24,11 +26,12 @@ from lenet_embed.cli import run_script
 from lenet_embed.model import INPUT_SHAPE, build_lenet
 
 
-def profile(batch_size: int, repeats: int) -> list[dict[str, float | str]]:
+def profile(batch_size: int, repeats: int, stock: bool = False) -> list[dict[str, float | str]]:
     """Per-image processor microseconds of each weighted or pooling layer of the classifier
-    (the best of five rounds of ``repeats`` steps)."""
+    (the best of five rounds of ``repeats`` steps), as trained or, with ``stock``, in stock
+    Keras layers."""
     tf = tensorflow()
-    model = build_lenet("sequential")
+    model = build_lenet("sequential", for_training=not stock)
     rows: list[dict[str, float | str]] = []
     shape: tuple[int, ...] = INPUT_SHAPE
     rng = np.random.default_rng(0)
@@ -86,10 +89,12 @@ def main() -> None:
                         help="images a step (1-65536) [default: 256]")
     parser.add_argument("--repeats", type=_count(10000), default=50, metavar="N",
                         help="steps a round, best of five rounds (1-10000) [default: 50]")
+    parser.add_argument("--stock", action="store_true",
+                        help="time Keras's own Conv2D for conv1, not the kernel training uses")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     keras("this profile")
-    rows = profile(args.batch_size, args.repeats)
+    rows = profile(args.batch_size, args.repeats, args.stock)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

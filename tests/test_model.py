@@ -190,3 +190,51 @@ def test_saved_encoders_load_with_plain_keras(parity_models, pixels, tmp_path, q
             got = outputs[f"out{i}"]
             assert got.shape == (len(pixels), EMBEDDING_DIM)
             assert np.abs(got - want).max() <= 1e-5
+
+
+def _output_and_gradients(model, pixels):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = model(pixels)
+        loss = tf.reduce_sum(out * out)
+    return np.asarray(out), [np.asarray(g) for g in tape.gradient(loss, model.trainable_weights)]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_training_network_is_the_same_network(pixels, style):
+    """build_lenet(for_training=True) computes conv1 its own way, but with the same weights it
+    gives the same outputs and the same gradients as the stock network, so either trains it."""
+    fast, plain = build_lenet(style, for_training=True), build_lenet(style)
+    assert type(find_layer(fast, "conv1")) is not type(find_layer(plain, "conv1"))
+    assert fast.count_params() == 61_706
+    plain.set_weights(fast.get_weights())
+    out_fast, grads_fast = _output_and_gradients(fast, pixels)
+    out_plain, grads_plain = _output_and_gradients(plain, pixels)
+    assert np.abs(out_fast - out_plain).max() <= 1e-6
+    assert len(grads_fast) == len(grads_plain) == 10
+    for got, want in zip(grads_fast, grads_plain, strict=True):
+        assert np.abs(want).max() > 0
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("kernel", "padding", "strides", "channels"), [
+    ((5, 5), "same", 1, 1), ((3, 5), "valid", 1, 1), ((4, 4), "same", 1, 3),
+    ((5, 3), "valid", 1, 2), ((3, 3), "same", 2, 1)])
+def test_row_convolution_is_keras_convolution(kernel, padding, strides, channels):
+    """The row-by-row matmul is Conv2D for any kernel, padding and channel count (even kernels
+    pad as TensorFlow does); strided layers fall back to Keras's own convolution."""
+    import keras
+
+    from lenet_embed.model import _row_conv_class
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 11, 9, channels)).astype(np.float32)
+    settings = dict(filters=5, kernel_size=kernel, padding=padding, strides=strides)
+    row, stock = _row_conv_class()(**settings), keras.layers.Conv2D(**settings)
+    want = np.asarray(stock(x))
+    row(x)
+    row.set_weights(stock.get_weights())
+    assert (row._rows is None) == (strides != 1)
+    assert np.asarray(row(x)).shape == want.shape
+    assert np.abs(np.asarray(row(x)) - want).max() <= 1e-5

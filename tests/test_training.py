@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lenet_embed import RECIPES, LenetEmbedError, Recipe, encoder_of
+from lenet_embed._keras import keras
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.model import find_layer, load_classifier
 from lenet_embed.preprocess import scale_pixels
@@ -47,12 +48,25 @@ def test_reported_accuracy_is_the_saved_models(trained, classifier, small):
     assert accuracy > 0.8
 
 
-def test_seed_recipe_is_the_tutorials(classifier):
+def test_seed_recipe_is_the_tutorials(classifier, small):
     recipe = RECIPES["seed"]
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.epochs) == (
         "rmsprop", 1e-3, 32, 5)
     assert classifier.optimizer.__class__.__name__ == "RMSprop"
     assert float(classifier.optimizer.learning_rate) == pytest.approx(recipe.learning_rate)
+    # Trained with the row-by-row conv1, saved with Keras's own layer and the optimizer's state
+    # as training left it: one step a batch of 32.
+    assert type(find_layer(classifier, "conv1")) is keras().layers.Conv2D
+    assert int(classifier.optimizer.iterations) == -(-len(small.train.labels) // 32)
+
+
+def test_training_with_the_stock_conv1_kernel_trains_the_same_model(tiny, tmp_path):
+    """Same seed, either conv1 kernel: the same weights but for float rounding."""
+    runs = [train(tiny, epochs=1, seed=5, verbose=0, stock_conv1=stock,
+                  out=tmp_path / str(stock) / "m.keras") for stock in (False, True)]
+    fast, stock = (load_classifier(run.model).get_weights() for run in runs)
+    for got, want in zip(fast, stock, strict=True):
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
 def test_saved_encoder_matches_the_classifier(trained, classifier, small):
