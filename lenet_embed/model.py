@@ -48,7 +48,7 @@ def _row_conv_class() -> type:
     ops = k.ops
 
     class RowConv2D(k.layers.Conv2D):
-        """``Conv2D`` whose one-channel, stride-1 convolution runs as a row-by-row matmul."""
+        """``Conv2D`` whose stride-1 convolution runs as a row-by-row matmul."""
 
         def build(self, input_shape: Any) -> None:
             super().build(input_shape)
