@@ -163,9 +163,10 @@ def _lenet5_class() -> type:
 
 def _build_subclass(for_training: bool) -> Any:
     k = keras()
-    cls = _lenet5_class()
-    headless = cls(for_training=True, name="lenet5_headless") if for_training else cls(
-        name="lenet5_headless")
+    # Keras records the arguments a model is built with in its saved config: pass for_training
+    # only to the training network, so saved models keep the config they always had.
+    extra = {"for_training": True} if for_training else {}
+    headless = _lenet5_class()(name="lenet5_headless", **extra)
     return k.Sequential([k.Input(INPUT_SHAPE), headless, _head()], name="lenet5")
 
 

@@ -355,10 +355,10 @@ def train(
     stderr so stdout stays free for results. ``seed`` makes the run
     deterministic (same seed, same data, same machine: same weights); by default every run uses
     the same seed, so a model can be rebuilt exactly. ``seed=None`` trains without a fixed seed.
-    conv1 is trained as a row-by-row matmul, about half a training step faster on a CPU than
-    Keras's own convolution and the same to float rounding; ``stock_conv1`` trains with Keras's
-    (``scripts/bench_quality.py`` times the seed recipe both ways). Either way the saved model
-    is the plain LeNet-5.
+    conv1 is trained as a row-by-row matmul, the same convolution as Keras's to float rounding,
+    which cuts an epoch of the default recipe's processor time by about 40 % on a CPU (README
+    "Training recipes"); ``stock_conv1`` trains with Keras's kernel (``scripts/bench_quality.py``
+    times the seed recipe both ways). Either way the saved model is the plain LeNet-5.
     """
     chosen = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if epochs is not None:
