@@ -101,18 +101,44 @@ def test_epochs_override_and_progress_goes_to_stderr(tiny, tmp_path, capsys):
     assert "Epoch 2/2" in captured.err
 
 
-def test_custom_recipe_with_augmentation(tiny, tmp_path):
+def test_custom_recipe_with_augmentation(tiny, tmp_path, capsys):
     recipe = Recipe(name="busy", description="every knob turned", optimizer="adamw",
                     learning_rate=3e-3, weight_decay=5e-4, schedule="cosine", batch_size=64,
                     epochs=3, label_smoothing=0.1, shift=0.08, rotation=0.03, zoom=0.1,
-                    degrade=0.5)
-    result = train(tiny, recipe=recipe, style="functional", seed=3, verbose=0,
+                    degrade=0.5, clean_finish=0.34)
+    result = train(tiny, recipe=recipe, style="functional", seed=3, verbose=2,
                    out=tmp_path / "m.keras")
     model = load_classifier(result.model)
     assert result.recipe == "busy" and result.style == "functional"
     assert result.epochs == recipe.epochs
     assert result.test_accuracy == pytest.approx(_accuracy(model, tiny.test), abs=1e-6)
     assert model.optimizer.__class__.__name__ == "AdamW"
+    # Two augmented epochs, then one clean one, numbered as one run; the cosine schedule ran on
+    # across the two parts, one step a batch, down to its end.
+    err = capsys.readouterr().err
+    assert [f"Epoch {n}/3" in err for n in (1, 2, 3)] == [True] * 3
+    assert int(model.optimizer.iterations) == 3 * -(-len(tiny.train.labels) // 64)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_phases_end_on_the_images_as_they_are():
+    from lenet_embed.training import DEFAULT_RECIPE, training_phases
+
+    recipe = RECIPES[DEFAULT_RECIPE]
+    (moved, start, switch), (plain, again, end) = training_phases(recipe)
+    assert (moved, start, end) == (recipe, 0, recipe.epochs) and switch == again
+    assert end - switch == round(recipe.clean_finish * recipe.epochs) > 0
+    assert (plain.shift, plain.rotation, plain.zoom, plain.degrade) == (0, 0, 0, 0)
+    # Everything else, outlier exposure's non-digits included, is the recipe's own.
+    assert dataclasses.replace(plain, shift=recipe.shift, rotation=recipe.rotation,
+                               zoom=recipe.zoom, degrade=recipe.degrade) == recipe
+    # The fraction scales with the epochs actually trained, rounded half up.
+    halved = dataclasses.replace(recipe, epochs=2, clean_finish=0.25)
+    assert [(first, last) for _, first, last in training_phases(halved)] == [(0, 1), (1, 2)]
+    for finish, spans in ((0.0, [(0, 4)]), (0.1, [(0, 4)]), (1.0, [(0, 4)])):
+        phases = training_phases(dataclasses.replace(recipe, epochs=4, clean_finish=finish))
+        assert [(first, last) for _, first, last in phases] == spans
+        assert (phases[0][0].shift == 0) == (finish == 1.0)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +150,7 @@ def test_custom_recipe_with_augmentation(tiny, tmp_path):
         ({"style": "recursive"}, "recursive"),
         ({"recipe": Recipe(name="x", description="", optimizer="sgd")}, "sgd"),
         ({"recipe": Recipe(name="x", description="", schedule="step")}, "step"),
+        ({"recipe": Recipe(name="x", description="", clean_finish=1.5)}, "clean_finish"),
     ],
 )
 def test_bad_settings_are_reported(tiny, tmp_path, kwargs, fragment):
@@ -158,6 +185,7 @@ def test_default_recipe_is_augmented_with_outlier_exposure():
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
     assert 0 < recipe.degrade < 1
     assert recipe.outliers == 10_000 and 0 < recipe.outlier_weight <= 1
+    assert 0 < recipe.clean_finish < 1
 
 
 def test_random_affine_is_seeded_and_bounded(mnist):
