@@ -421,6 +421,7 @@ def train(
     if verbose is None:
         verbose = 1 if sys.stderr.isatty() else 2
     started, cpu_started = time.perf_counter(), time.process_time()
+    progress = _progress_of(chosen.epochs)  # one progress line per epoch across the parts
     with contextlib.redirect_stdout(sys.stderr):
         for phase, first, last in training_phases(chosen):
             model.fit(
@@ -430,7 +431,7 @@ def train(
                 epochs=last,
                 shuffle=False,  # the tf.data pipeline already reshuffles every epoch
                 verbose=verbose,
-                callbacks=[_progress_of(chosen.epochs)],
+                callbacks=[progress],
             )
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
