@@ -19,6 +19,7 @@ import click
 from . import _quiet
 from .ann import DEFAULT_MEMORY_BUDGET, DEFAULT_TARGET_RECALL, MAX_THREADS
 from .errors import LenetEmbedError
+from .training import DEFAULT_RECIPE, RECIPES
 
 # Bounds of numeric options: beyond them FAISS or LiteRT would crash or stall, not serve better.
 MAX_SEARCH_DEPTH = 65_536
@@ -126,7 +127,10 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--data", type=click.Path(), help=DATA_HELP)
-@click.option("--recipe", default=None, help="Training recipe (default: the package default).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE,
+              show_default=True,
+              help="Training recipe. " + "; ".join(f"{name}: {recipe.description}"
+                                                   for name, recipe in RECIPES.items()) + ".")
 @click.option("--style", type=click.Choice(["sequential", "functional", "subclass"]),
               default="sequential", show_default=True, help="How the Keras model is built.")
 @click.option("--epochs", type=click.IntRange(1, 10_000), help="Override the recipe's epochs.")
@@ -137,15 +141,12 @@ def main(verbose: bool) -> None:
 @click.option("--out", type=click.Path(), default="models/lenet.keras", show_default=True,
               help="Where to save the classifier; the encoder goes beside it (*.encoder.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def train(data: str | None, recipe: str | None, style: str, epochs: int | None,
+def train(data: str | None, recipe: str, style: str, epochs: int | None,
           batch_size: int | None, seed: int | None, out: str, as_json: bool) -> None:
     """Train LeNet-5 on MNIST and save the classifier and its 84-d encoder."""
-    from .training import DEFAULT_RECIPE, RECIPES
     from .training import train as run_train
 
-    if recipe is not None and recipe not in RECIPES:
-        raise click.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")
-    result = run_train(data=data, recipe=recipe or DEFAULT_RECIPE, style=style, epochs=epochs,
+    result = run_train(data=data, recipe=recipe, style=style, epochs=epochs,
                        batch_size=batch_size, seed=seed, out=out)
     if as_json:
         _print_json(result.to_dict())

@@ -20,7 +20,7 @@ from lenet_embed.bundle import LABELS_FILE, read_manifest
 from lenet_embed.cli import main
 from lenet_embed.model import load_classifier
 from lenet_embed.preprocess import scale_pixels
-from lenet_embed.training import DEFAULT_RECIPE
+from lenet_embed.training import DEFAULT_RECIPE, RECIPES
 
 # Lines TensorFlow's C++ runtime prints at start-up unless silenced.
 CHATTER = ("onednn", "cuda", "cpu_feature_guard", "absl::initializelog",
@@ -74,6 +74,21 @@ def test_train_human(run, tiny_idx_dir, tmp_path):
     assert lines[0] == f"model: {out}"
     assert lines[1] == f"encoder: {out.with_name('m.encoder.keras')}"
     assert lines[-1] == f"test accuracy: {_tiny_accuracy(str(out), tiny_idx_dir):.4f}"
+
+
+def test_train_lists_its_recipes(run, tiny_idx_dir, tmp_path):
+    """`train --help` names every recipe with what it does and the default; an unknown recipe
+    is a one-line error naming the choices, before any data is read or anything written."""
+    text = "".join(ok(run("train", "--help")).stdout.split())  # however click wraps it
+    for name, recipe in RECIPES.items():
+        assert "".join(f"{name}: {recipe.description}".split()) in text
+    assert f"[default:{DEFAULT_RECIPE}]" in text
+    out = tmp_path / "m.keras"
+    result = run("train", "--data", tmp_path / "no-such-data", "--recipe", "fancy", "--out", out)
+    line = one_line_error(result)
+    assert result.exit_code == 2
+    assert "--recipe" in line and all(f"'{name}'" in line for name in RECIPES)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ build-index
