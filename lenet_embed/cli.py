@@ -525,6 +525,7 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
     """
     from .evaluate import evaluate as run_evaluate
     from .evaluate import write_report
+    from .families import HELD_OUT
 
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     evaluation = run_evaluate(index, data=data, k=k)
@@ -553,6 +554,9 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
         rows.append(("1-NN accuracy (this index)", f"{figures['index_nn1_accuracy']:.4f}"))
     rows += [(f"top-1, {name} ({figures['degraded_queries']} scans)", f"{top1:.4f}")
              for name, top1 in figures["degraded_top1"].items()]
+    rows += [(f"top-1 answered, {name} ({figures['family_queries']} pictures"
+              f"{', held out' if name in HELD_OUT else ''})", f"{top1:.4f}")
+             for name, top1 in figures["family_top1"].items()]
     rows += [
         ("batch search", f"{figures['batch_qps']:.0f} queries/s"),
         ("single query, search only", f"p50 {figures['latency_ms_p50']:.3f} ms, "

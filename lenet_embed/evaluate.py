@@ -29,6 +29,7 @@ from .data import Dataset, LabeledImages, load_mnist
 from .degrade import DEGRADATIONS, degrade, sample
 from .embed import featureless
 from .errors import LenetEmbedError
+from .families import FAMILIES, family_files
 from .metrics import (
     auroc,
     expected_calibration_error,
@@ -52,6 +53,9 @@ RECALL_K = 10
 WORST_SHOWN = 40
 # Test digits per degradation: at a top-1 of 0.97 the figure's standard error is 0.004.
 DEGRADED_COUNT = 2000
+# Test digits per picture family (lenet_embed/families.py): standard error 0.005 at 0.97.
+FAMILY_COUNT = 1000
+FAMILY_SEED = 7
 
 
 @dataclass
@@ -105,6 +109,10 @@ class Evaluation:
     # (lenet_embed/degrade.py), per degradation, over `degraded_queries` test digits each.
     degraded_queries: int = 0
     degraded_top1: dict[str, float] = field(default_factory=dict)
+    # Top-1 of the answers `query` gives (the calibrated verdict: a refusal counts as wrong) on
+    # the picture families of lenet_embed/families.py, over `family_queries` test digits each.
+    family_queries: int = 0
+    family_top1: dict[str, float] = field(default_factory=dict)
     # Kept for pictures; not part of the JSON figures.
     details: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -154,6 +162,30 @@ def degraded_top1(index: SearchIndex, indexed: np.ndarray, labels: np.ndarray,
     for name, pixels in degraded_pixels(digits, chosen).items():
         rows = exact_search(indexed, index.encoder.embed(pixels), index.metric, k)
         figures[name] = round(knn_accuracy(labels[rows], truth, k), 4)
+    return len(chosen), figures
+
+
+def family_top1(index: SearchIndex, test: LabeledImages, k: int,
+                count: int = FAMILY_COUNT) -> tuple[int, dict[str, float]]:
+    """Top-1 per picture family (:data:`lenet_embed.families.FAMILIES`): ``count`` test digits
+    drawn as pictures of each family, encoded as files and answered as ``query`` answers them
+    (decoded, preprocessed, embedded, searched and judged by the bundle's calibration). A
+    refusal ("not a digit", "unsure", an error) counts as a wrong answer. The digits are another
+    sample than the degraded set's."""
+    chosen = sample(count, len(test), seed=FAMILY_SEED)
+    digits, truth = test.images[chosen], test.labels[chosen]
+    figures = {}
+    for name in FAMILIES:
+        pictures: list[Query | None] = []
+        for number, data in zip(chosen, family_files(digits, truth, name), strict=True):
+            try:
+                pictures.append(Query(image=open_image(data, f"{name} picture of #{number}")))
+            except LenetEmbedError:
+                pictures.append(None)  # a file the decoder refuses: a wrong answer
+        answers = iter(index.query([q for q in pictures if q is not None], k))
+        right = [q is not None and next(answers).predicted_label == label
+                 for q, label in zip(pictures, truth.tolist(), strict=True)]
+        figures[name] = round(float(np.mean(right)), 4)
     return len(chosen), figures
 
 
@@ -251,6 +283,7 @@ def evaluate(
 
     approximate = snapshot.manifest.factory != "Flat"
     degraded_queries, degraded = degraded_top1(index, indexed, labels, dataset.test, k)
+    family_queries, families = family_top1(index, dataset.test, k)
     evaluation = Evaluation(
         index_dir=str(index_dir),
         count=len(index),
@@ -276,6 +309,8 @@ def evaluate(
         ),
         degraded_queries=degraded_queries,
         degraded_top1=degraded,
+        family_queries=family_queries,
+        family_top1=families,
     )
     reliability = None
     if snapshot.manifest.calibration is not None:

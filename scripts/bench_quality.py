@@ -28,6 +28,7 @@ from pathlib import Path
 from lenet_embed import RECIPES, build_index, load_mnist, train
 from lenet_embed.cli import run_script
 from lenet_embed.evaluate import evaluate
+from lenet_embed.families import HELD_OUT
 
 BASELINE = "seed"
 STOCK = "seed, stock conv1"
@@ -68,6 +69,7 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
                 row["digits_answered"] = round(trust.digits_answered, 4)
                 row["nondigits_rejected"] = round(trust.nondigits_rejected, 4)
             row.update({f"top1_{name}": top1 for name, top1 in figures.degraded_top1.items()})
+            row.update({f"family_{name}": top1 for name, top1 in figures.family_top1.items()})
         row[f"map_at_r_{metric}"] = round(figures.map_at_r, 4)
     return row
 
@@ -114,6 +116,9 @@ def main() -> None:
                   "nondigits_rejected"])
     print()
     _table(rows, ["recipe", *(c for c in rows[0] if c.startswith("top1_"))])
+    print("\npicture families (lenet_embed/families.py), top-1 of the answers with refusals "
+          f"counted wrong; held out from every choice: {', '.join(HELD_OUT)}\n")
+    _table(rows, ["recipe", *(c for c in rows[0] if c.startswith("family_"))])
 
 
 def _table(rows: list[dict[str, float | str]], columns: list[str]) -> None:
