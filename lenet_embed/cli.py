@@ -83,6 +83,26 @@ def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj))
 
 
+def _allow_milvus(ctx: click.Context, param: click.Parameter, uris: tuple[str, ...]) -> None:
+    """--milvus-uri on a command that opens a bundle: the Milvus it may connect to."""
+    if uris:
+        from .milvus import allow_uri
+
+        for uri in uris:
+            try:
+                allow_uri(uri)
+            except LenetEmbedError as exc:
+                raise click.BadParameter(str(exc), ctx, param) from None
+
+
+_MILVUS_URI = click.option(
+    "--milvus-uri", metavar="URI", multiple=True, expose_value=False, callback=_allow_milvus,
+    help="A Milvus the bundle may use (repeatable): a server (http://host:19530), or a Milvus "
+    "Lite file outside the bundle. A bundle naming any other is refused, so that "
+    "$LENET_EMBED_MILVUS_TOKEN goes only where you say; or list them in $LENET_EMBED_MILVUS_URI "
+    "(comma-separated).")
+
+
 def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that loads a bundle to search it."""
     options = [
@@ -96,6 +116,7 @@ def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Threads for FAISS and LiteRT [default: all cores]."),
         click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
                      show_default=True, help="Encoder runner; auto = LiteRT when available."),
+        _MILVUS_URI,
     ]
     for option in reversed(options):
         command = option(command)
@@ -303,6 +324,7 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.option("--label", help="The label of the IMAGE files (a digit, or a class name in a "
               "bundle built from folders) [default: none].")
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
               show_default=True, help="Encoder runner; auto = LiteRT when available.")
@@ -356,6 +378,7 @@ def add(images: tuple[str, ...], folder: str | None, label: str | None, index_di
 @main.command()
 @click.argument("ids", nargs=-1, required=True, type=click.IntRange(0, 2**63 - 1))
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @_JSON
 def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> None:
@@ -381,6 +404,7 @@ def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> 
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @_JSON
 def compact(index_dir: str, wait: float, as_json: bool) -> None:
@@ -415,6 +439,7 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), help="The classifier "
               "(.keras) the bundle's encoder was cut from, whose head some scores use "
               "[default: the head the bundle keeps, if any].")
@@ -459,6 +484,7 @@ def samples(out_dir: str, n: int, data: str | None) -> None:
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @click.option("--verify", is_flag=True,
               help="Also compare every file with its checksum and check every row (reads the "
                    "whole bundle); names the files that are damaged.")
