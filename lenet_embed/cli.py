@@ -220,6 +220,10 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
 
     if (store == "milvus") != (milvus_uri is not None):
         raise click.UsageError("--store milvus and --milvus-uri go together")
+    if milvus_uri is not None:
+        from .milvus import allow_uri
+
+        allow_uri(milvus_uri)  # a malformed URI is refused before the embedding, not after
     token = None
     if milvus_token_file is not None:
         from .milvus import token_from_file

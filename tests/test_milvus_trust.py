@@ -114,11 +114,25 @@ def test_a_bundle_cannot_send_the_token_to_a_server_it_names(bundle_copy, listen
         assert f"names the Milvus server {listener.uri}" in line, (command, line)
         assert f"--milvus-uri {listener.uri}" in line and URI_ENV in line
     # Another server named does not allow this one.
-    line = _one_line(run("info", "--index-dir", bundle_copy, "--milvus-uri",
-                         f"http://127.0.0.1:{listener.port + 1 if listener.port < 65535 else 1}"))
+    line = _one_line(run("info", "--index-dir", bundle_copy, "--milvus-uri", "http://127.0.0.1:1"))
     assert listener.uri in line
     listener.close()
     assert listener.connections == 0 and listener.received == b""
+
+
+def test_a_rebuild_leaves_the_collection_of_an_unnamed_server_alone(
+        bundle_copy, listener, trained, bundle_data, monkeypatch, no_names, caplog):
+    """A rebuild drops the collection the previous version used, but not on a server only the
+    previous manifest names."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    _point_store_at(bundle_copy, listener.uri)
+    build_index(data=bundle_data.head(200, 10), model=trained.model, index_dir=bundle_copy,
+                factory="Flat")
+    assert read_manifest(bundle_copy).store is None
+    assert f"names the Milvus server {listener.uri}" in caplog.text
+    assert "its collection lenet_embed_v1_0a1b2c3d is left there" in caplog.text
+    listener.close()
+    assert listener.connections == 0
 
 
 def test_the_server_the_operator_names_is_connected(bundle_copy, listener, run, monkeypatch,
