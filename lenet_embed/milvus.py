@@ -45,6 +45,7 @@ from .errors import LenetEmbedError
 log = logging.getLogger(__name__)
 
 EXTRA = 'pip install "lenet-embed[milvus]"'
+REBUILD_MILVUS = "rebuild it with `lenet-embed build-index --store milvus`"
 TOKEN_ENV = "LENET_EMBED_MILVUS_TOKEN"
 URI_ENV = "LENET_EMBED_MILVUS_URI"
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
@@ -226,8 +227,7 @@ def _client(uri: str, token: str | None, create: bool = False) -> Any:
         token = ""  # Milvus Lite runs in this process: it has no use for a token
         if not create and not Path(uri).exists():
             raise LenetEmbedError(f"{uri}: no Milvus Lite file there, and the bundle's items "
-                                  "were in it; rebuild it with `lenet-embed build-index "
-                                  "--store milvus`")
+                                  f"were in it; {REBUILD_MILVUS}")
     try:
         return MilvusClient(uri=uri, token=token, timeout=_CONNECT_TIMEOUT)
     except Exception as exc:  # pymilvus raises its own types, or gRPC's, or OSError
@@ -277,10 +277,13 @@ class MilvusStore:
         self.dim = dim
         self._client = _client(uri, token, create)
 
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A client call whose failure becomes one line naming the collection and the step."""
+    def _call(self, what: str, method: str | Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+        """A client call (a method's name, or a callable from the client) whose failure becomes
+        one line naming the collection and the step."""
+        call = method if callable(method) else getattr(self._client, method)
         try:
-            return getattr(self._client, method)(*args, **kwargs)
+            return call(*args, **kwargs)
         except LenetEmbedError:
             raise
         except Exception as exc:
@@ -316,8 +319,7 @@ class MilvusStore:
         """Load the collection for searching (Milvus releases it when its process ends)."""
         if not self.exists():
             raise LenetEmbedError(f"Milvus at {self.uri} has no collection {self.collection}; "
-                                  "the bundle's items are gone from there, rebuild it with "
-                                  "`lenet-embed build-index --store milvus`")
+                                  f"the bundle's items are gone from there, {REBUILD_MILVUS}")
         self._call("loading the collection", "load_collection", self.collection)
 
     def schema_problem(self) -> str | None:
@@ -325,7 +327,7 @@ class MilvusStore:
         described = self._call("describing the collection", "describe_collection",
                                self.collection)
         fields = {field.get("name"): field for field in described.get("fields", [])}
-        if set(fields) != {"id", "vector", *_FIELDS[1:], "image"}:
+        if set(fields) != {"id", "vector", "label", "image", "source"}:
             return f"its fields are {', '.join(sorted(map(str, fields)))}"
         dim = fields["vector"].get("params", {}).get("dim")
         if dim is None or int(dim) != self.dim:
@@ -401,14 +403,7 @@ class MilvusStore:
         rows = self._call("reading items", "query_iterator", self.collection, batch_size=1000,
                           filter=where, output_fields=list(fields))
         try:
-            while True:
-                try:
-                    batch = rows.next()
-                except Exception as exc:
-                    raise LenetEmbedError(f"Milvus at {self.uri}, collection {self.collection}: "
-                                          f"reading items failed ({_first_line(exc)})") from None
-                if not batch:
-                    return
+            while batch := self._call("reading items", rows.next):
                 yield list(batch)
         finally:
             rows.close()
@@ -430,8 +425,7 @@ class MilvusStore:
         image = _decode_image(rows[0]["image"])
         if image is None:
             raise LenetEmbedError(f"Milvus at {self.uri}, collection {self.collection}: item "
-                                  f"{item_id}'s image is not a 28x28 digit; rebuild it with "
-                                  "`lenet-embed build-index --store milvus`")
+                                  f"{item_id}'s image is not a 28x28 digit; {REBUILD_MILVUS}")
         return image
 
     def search(self, vectors: np.ndarray, k: int, params: dict[str, int] | None = None,
@@ -556,9 +550,7 @@ class MilvusSnapshot:
         elif found > self.manifest.count:
             raise LenetEmbedError(
                 f"{self.directory}: Milvus collection {self.store.collection} holds {found} "
-                f"items, the manifest {self.manifest.count}; rebuild it with "
-                "`lenet-embed build-index --store milvus`")
-
+                f"items, the manifest {self.manifest.count}; {REBUILD_MILVUS}")
 
     def check_contents(self) -> None:
         """What ``info --verify`` checks of the collection beyond :meth:`check_count` (which
@@ -578,7 +570,7 @@ class MilvusSnapshot:
         if problem is not None:
             raise LenetEmbedError(f"{self.directory}: Milvus collection {store.collection} does "
                                   f"not hold what the bundle's manifest says ({problem}); "
-                                  "rebuild it with `lenet-embed build-index --store milvus`")
+                                  f"{REBUILD_MILVUS}")
 
     def _bad_image(self, where: str) -> str | None:
         for rows in self.store.batches(where, ["id", "image"]):

@@ -240,6 +240,15 @@ def test_info_verify_on_a_milvus_lite_bundle(lite_inside, run, no_names):
     result = run("info", "--verify", "--index-dir", lite_inside)
     assert result.exit_code == 0, result.output
     assert "every file matches its checksum" in result.output and "300 live" in result.output
+    # Labels the manifest's classes do not cover (the manifest sealed again, then restored).
+    text = (lite_inside / MANIFEST).read_text(encoding="utf-8")
+    body = json.loads(text)
+    del body[SEAL]
+    (lite_inside / MANIFEST).write_text(sealed_json({**body, "classes": ["zero", "one"]}),
+                                        encoding="utf-8")
+    line = _one_line(run("info", "--verify", "--index-dir", lite_inside))
+    assert "its labels name classes the manifest does not list" in line
+    (lite_inside / MANIFEST).write_text(text, encoding="utf-8")
     # Damage only the collection can show: an item's image replaced by hand (same count).
     store = milvus.open_store(lite_inside, manifest)
     [row] = store._call("reading", "query", store.collection, filter="id == 5",
