@@ -260,3 +260,15 @@ def test_info_verify_on_a_milvus_lite_bundle(lite_inside, run, no_names):
     line = _one_line(run("info", "--verify", "--index-dir", lite_inside))
     assert f"Milvus collection {store.collection} does not hold" in line
     assert "item 5's image is not a 28x28 digit" in line
+
+
+def test_a_bundle_keeping_its_lite_file_inside_is_rebuilt_there(lite_inside, trained,
+                                                                 bundle_data, no_names):
+    old = read_manifest(lite_inside).store.collection
+    build_index(data=bundle_data.head(200, 10), model=trained.model, index_dir=lite_inside,
+                milvus_uri=str(lite_inside / "digits.db"), factory="Flat")
+    manifest = read_manifest(lite_inside)
+    assert manifest.store.uri == "digits.db" and manifest.count == 200
+    store = milvus.open_store(lite_inside, manifest)
+    assert store.collection != old and not milvus.MilvusStore(
+        store.uri, old, manifest.metric, manifest.dim).exists()
