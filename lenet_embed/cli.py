@@ -84,15 +84,22 @@ def _print_json(obj: Any) -> None:
 
 
 def _allow_milvus(ctx: click.Context, param: click.Parameter, uris: tuple[str, ...]) -> None:
-    """--milvus-uri on a command that opens a bundle: the Milvus it may connect to."""
+    """--milvus-uri on a command that opens a bundle: the Milvus it may connect to, named for
+    this process and, through $LENET_EMBED_MILVUS_URI, for those it starts (`serve --workers N`
+    loads the bundle again in each worker)."""
     if uris:
-        from .milvus import allow_uri
+        import os
 
+        from .milvus import URI_ENV, allow_uri
+
+        named = [os.environ.get(URI_ENV, "")]
         for uri in uris:
             try:
-                allow_uri(uri)
+                named.append(allow_uri(uri))
             except LenetEmbedError as exc:
                 raise click.BadParameter(str(exc), ctx, param) from None
+        # A Milvus Lite path holding a comma cannot go in the list; no worker could share it.
+        os.environ[URI_ENV] = ",".join(name for name in named if name and "," not in name)
 
 
 _MILVUS_URI = click.option(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -145,8 +147,21 @@ def test_the_server_the_operator_names_is_connected(bundle_copy, listener, run, 
     monkeypatch.setenv(URI_ENV, f"http://elsewhere.example:19530, HTTP://127.0.0.1:{listener.port}")
     line = _one_line(run("info", "--index-dir", bundle_copy))
     assert f"cannot reach Milvus at {listener.uri}" in line
-    listener.close()
     assert listener.connections >= 1
+    # Named on the command line instead: this process connects, and the processes it starts
+    # (serve's workers) inherit the name.
+    monkeypatch.delenv(URI_ENV)
+    monkeypatch.setattr(milvus, "_NAMED", set())
+    connections = listener.connections
+    line = _one_line(run("info", "--index-dir", bundle_copy, "--milvus-uri", listener.uri))
+    assert f"cannot reach Milvus at {listener.uri}" in line
+    assert listener.connections > connections
+    check = ("import sys; from pathlib import Path; from lenet_embed.milvus import allowed_uri; "
+             "print(allowed_uri(sys.argv[1], Path(sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", check, listener.uri, str(bundle_copy)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == listener.uri, done.stderr
+    listener.close()
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
