@@ -83,6 +83,33 @@ def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj))
 
 
+def _allow_milvus(ctx: click.Context, param: click.Parameter, uris: tuple[str, ...]) -> None:
+    """--milvus-uri on a command that opens a bundle: the Milvus it may connect to, named for
+    this process and, through $LENET_EMBED_MILVUS_URI, for those it starts (`serve --workers N`
+    loads the bundle again in each worker)."""
+    if uris:
+        import os
+
+        from .milvus import URI_ENV, allow_uri
+
+        named = [os.environ.get(URI_ENV, "")]
+        for uri in uris:
+            try:
+                named.append(allow_uri(uri))
+            except LenetEmbedError as exc:
+                raise click.BadParameter(str(exc), ctx, param) from None
+        # A Milvus Lite path holding a comma cannot go in the list; no worker could share it.
+        os.environ[URI_ENV] = ",".join(name for name in named if name and "," not in name)
+
+
+_MILVUS_URI = click.option(
+    "--milvus-uri", metavar="URI", multiple=True, expose_value=False, callback=_allow_milvus,
+    help="A Milvus the bundle may use (repeatable): a server (http://host:19530), or a Milvus "
+    "Lite file outside the bundle. A bundle naming any other is refused, so that "
+    "$LENET_EMBED_MILVUS_TOKEN goes only where you say; or list them in $LENET_EMBED_MILVUS_URI "
+    "(comma-separated).")
+
+
 def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that loads a bundle to search it."""
     options = [
@@ -96,6 +123,7 @@ def _search_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Threads for FAISS and LiteRT [default: all cores]."),
         click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
                      show_default=True, help="Encoder runner; auto = LiteRT when available."),
+        _MILVUS_URI,
     ]
     for option in reversed(options):
         command = option(command)
@@ -199,6 +227,10 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
 
     if (store == "milvus") != (milvus_uri is not None):
         raise click.UsageError("--store milvus and --milvus-uri go together")
+    if milvus_uri is not None:
+        from .milvus import allow_uri
+
+        allow_uri(milvus_uri)  # a malformed URI is refused before the embedding, not after
     token = None
     if milvus_token_file is not None:
         from .milvus import token_from_file
@@ -303,6 +335,7 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.option("--label", help="The label of the IMAGE files (a digit, or a class name in a "
               "bundle built from folders) [default: none].")
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
               show_default=True, help="Encoder runner; auto = LiteRT when available.")
@@ -356,6 +389,7 @@ def add(images: tuple[str, ...], folder: str | None, label: str | None, index_di
 @main.command()
 @click.argument("ids", nargs=-1, required=True, type=click.IntRange(0, 2**63 - 1))
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @_JSON
 def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> None:
@@ -381,6 +415,7 @@ def remove(ids: tuple[int, ...], index_dir: str, wait: float, as_json: bool) -> 
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @_WAIT
 @_JSON
 def compact(index_dir: str, wait: float, as_json: bool) -> None:
@@ -415,6 +450,7 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), help="The classifier "
               "(.keras) the bundle's encoder was cut from, whose head some scores use "
               "[default: the head the bundle keeps, if any].")
@@ -459,6 +495,7 @@ def samples(out_dir: str, n: int, data: str | None) -> None:
 
 @main.command()
 @_INDEX_DIR
+@_MILVUS_URI
 @click.option("--verify", is_flag=True,
               help="Also compare every file with its checksum and check every row (reads the "
                    "whole bundle); names the files that are damaged.")

@@ -9,6 +9,13 @@ label, image, source). The same ``MilvusClient`` API reaches every deployment:
 - a **Milvus server** (``http://host:19530``, ``python -m milvus_lite server``, or a cluster),
   with a token from ``$LENET_EMBED_MILVUS_TOKEN`` when it needs one.
 
+A bundle may come from anyone, so what its manifest names is not trusted (:func:`allowed_uri`,
+checked before every connection): a Milvus server is used only when the operator named it
+(``--milvus-uri``, :func:`allow_uri`, ``build_index(milvus_uri=...)`` or
+``$LENET_EMBED_MILVUS_URI``), so the token never goes to a host a bundle chose; a Milvus Lite
+file only inside the bundle's folder, or where the operator named it. Reads never create a
+Milvus Lite file.
+
 Milvus makes an insert or a delete visible by itself (the collection is created with strong
 consistency); the bundle's manifest, committed after it under the writer lock, keeps the count
 and the next id, so ids are still never reused. Rows that a killed writer inserted but never
@@ -18,38 +25,93 @@ committed (ids at or above the manifest's ``next_id``) are deleted by the next w
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from ._quiet import is_verbose
-from .bundle import Manifest, Store
+from .bundle import MANIFEST, REBUILD, Manifest, Store
 from .errors import LenetEmbedError
 
 log = logging.getLogger(__name__)
 
 EXTRA = 'pip install "lenet-embed[milvus]"'
+REBUILD_MILVUS = "rebuild it with `lenet-embed build-index --store milvus`"
 TOKEN_ENV = "LENET_EMBED_MILVUS_TOKEN"
+URI_ENV = "LENET_EMBED_MILVUS_URI"
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
 # Milvus's HNSW searches with ef = k unless told: too few for recall on small k.
 MIN_EF = 64
-_SERVER = re.compile(r"^(https?|tcp|grpcs?|unix)://", re.IGNORECASE)
+# Anything shaped like a URL is a server address, parsed strictly (server_address); the rest is
+# a Milvus Lite path.
+_SERVER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEMES = ("http", "https", "tcp")  # what pymilvus connects to (besides unix sockets)
+_NETLOC = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DATABASE = re.compile(r"/?|/[A-Za-z_][A-Za-z0-9_]{0,254}/?")  # pymilvus: a path names a database
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SOURCE_CHARS = 4096
 # Rows per insert call (Milvus caps one gRPC message at 64 MB; a row is about 1.5 KB).
 _BATCH = 5000
+_CONNECT_TIMEOUT = 30  # seconds pymilvus waits for a server to answer
 _FIELDS = ("id", "label", "source")
 
 
 def is_server(uri: str) -> bool:
-    """True for a server address, False for a Milvus Lite file."""
+    """True for a server address (anything shaped like a URL), False for a Milvus Lite file."""
     return bool(_SERVER.match(uri))
+
+
+def server_address(uri: str) -> str:
+    """A Milvus server URI parsed strictly, as ``scheme://host:port[/database]`` (lower case, the
+    port pymilvus would use when none is given): what two spellings of one server share.
+
+    Raises ValueError saying what is wrong: a scheme other than http, https or tcp; no host;
+    credentials, a query or a fragment; whitespace, control or non-ASCII characters."""
+    if not re.fullmatch(r"[!-~]+", uri):
+        raise ValueError("it holds whitespace, control or non-ASCII characters")
+    if "@" in uri:
+        raise ValueError(f"credentials do not go in the URI: put the token in ${TOKEN_ENV}")
+    if any(c in uri for c in "?#\\"):
+        raise ValueError("a server URI has no query, fragment or backslash")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError("the scheme must be http, https or tcp")
+    netloc = _NETLOC.fullmatch(parts.netloc)
+    if netloc is None:
+        raise ValueError("it needs a host, and a port from 1 to 65535 if any")
+    host, port = netloc["host"].lower(), netloc["port"]
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv6 address") from None
+    elif not all(_LABEL.fullmatch(label) for label in host.split(".")):
+        raise ValueError(f"{host} is not a host name")
+    number = int(port) if port else (443 if scheme == "https" else 19530)
+    if not 1 <= number <= 65535:
+        raise ValueError("the port must be from 1 to 65535")
+    if not _DATABASE.fullmatch(parts.path):
+        raise ValueError("the only path a server URI takes is a database name")
+    return f"{scheme}://{host}:{number}{parts.path.rstrip('/')}"
+
+
+def lite_path(uri: str, base: Path) -> Path:
+    """A Milvus Lite file (``*.db``) as an absolute path, relative ones from ``base``, symlinks
+    resolved. Raises ValueError for what is not one."""
+    if _CONTROL.search(uri) or not uri.endswith(".db"):
+        raise ValueError("a Milvus Lite file is a path ending in .db, without control characters")
+    return (base / uri).resolve()
 
 
 def stored_uri(uri: str, bundle: Path) -> str:
@@ -59,11 +121,76 @@ def stored_uri(uri: str, bundle: Path) -> str:
     return os.path.relpath(Path(uri).resolve(), bundle.resolve())
 
 
-def resolved_uri(uri: str, bundle: Path) -> str:
-    """The URI to connect to, from the manifest's ``uri``."""
+# The Milvus deployments the operator named in this process (server_address or lite_path forms).
+_NAMED: set[str] = set()
+_NAMED_LOCK = threading.Lock()
+
+
+def _named_form(uri: str) -> str:
+    return server_address(uri) if is_server(uri) else str(lite_path(uri, Path.cwd()))
+
+
+def allow_uri(uri: str) -> str:
+    """Name a Milvus deployment this process may connect to (and send its token to) when a
+    bundle's manifest names it: a server URI, or a Milvus Lite file (relative to the working
+    folder). ``--milvus-uri`` and ``build_index(milvus_uri=...)`` call it. Returns the URI in
+    its checked form; a URI that does not parse strictly is a :class:`LenetEmbedError`."""
+    try:
+        form = _named_form(uri)
+    except ValueError as exc:
+        raise LenetEmbedError(f"{_shown(uri)} is not a Milvus URI ({exc})") from None
+    with _NAMED_LOCK:
+        _NAMED.add(form)
+    return form
+
+
+def _named() -> set[str]:
+    """What the operator named: in this process, and in ``$LENET_EMBED_MILVUS_URI``
+    (comma-separated, read at every check)."""
+    named = set()
+    for entry in filter(None, (e.strip() for e in os.environ.get(URI_ENV, "").split(","))):
+        try:
+            named.add(_named_form(entry))
+        except ValueError as exc:
+            raise LenetEmbedError(f"${URI_ENV}: {_shown(entry)} is not a Milvus URI ({exc}); "
+                                  "fix or remove it") from None
+    with _NAMED_LOCK:
+        return named | _NAMED
+
+
+def _shown(text: str) -> str:
+    """A URI from outside as it can be printed on one line."""
+    return repr(text[:200] + ("..." if len(text) > 200 else ""))
+
+
+def allowed_uri(uri: str, bundle: Path) -> str:
+    """What to connect to for a bundle whose manifest names ``uri``, checked before any
+    connection. The promise: a server is used only when the operator named it (:func:`allow_uri`,
+    ``$LENET_EMBED_MILVUS_URI``), so no token follows a manifest; a Milvus Lite file only inside
+    the bundle's folder (after resolving symlinks) or where the operator named it. Anything
+    else is a one-line :class:`LenetEmbedError` naming the URI and how to allow it."""
+    where = bundle / MANIFEST
+    how = f"if you trust it, pass --milvus-uri {{}} or add it to ${URI_ENV}"
     if is_server(uri):
-        return uri
-    return str((bundle / uri).resolve())
+        try:
+            form = server_address(uri)
+        except ValueError as exc:
+            raise LenetEmbedError(f"{where}: store.uri {_shown(uri)} is not a Milvus server URI "
+                                  f"({exc}); {REBUILD}") from None
+        if form in _named():
+            return uri
+        raise LenetEmbedError(f"{where}: names the Milvus server {uri}, which you have not "
+                              "named (a Milvus token goes only to a server you name); "
+                              + how.format(uri))
+    try:
+        path = lite_path(uri, bundle)
+    except ValueError as exc:
+        raise LenetEmbedError(f"{where}: store.uri {_shown(uri)} is not a Milvus Lite file "
+                              f"({exc}); {REBUILD}") from None
+    if path.is_relative_to(bundle.resolve()) or str(path) in _named():
+        return str(path)
+    raise LenetEmbedError(f"{where}: names the Milvus Lite file {path}, outside the bundle; "
+                          + how.format(path))
 
 
 def token_from_file(path: str | os.PathLike[str]) -> str:
@@ -83,7 +210,9 @@ def token_from_file(path: str | os.PathLike[str]) -> str:
 _NOISY_LOGGERS = ("pymilvus", "milvus_lite", "grpc._server")
 
 
-def _client(uri: str, token: str | None) -> Any:
+def _client(uri: str, token: str | None, create: bool = False) -> Any:
+    """A client of ``uri`` (checked by :func:`allowed_uri` or named by the operator). A Milvus
+    Lite file is opened only when it exists, unless ``create``: Milvus Lite would make one."""
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -92,9 +221,15 @@ def _client(uri: str, token: str | None) -> Any:
     if not is_verbose():
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    if is_server(uri):
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    else:
+        token = ""  # Milvus Lite runs in this process: it has no use for a token
+        if not create and not Path(uri).exists():
+            raise LenetEmbedError(f"{uri}: no Milvus Lite file there, and the bundle's items "
+                                  f"were in it; {REBUILD_MILVUS}")
     try:
-        return MilvusClient(uri=uri, token=token, timeout=30)
+        return MilvusClient(uri=uri, token=token, timeout=_CONNECT_TIMEOUT)
     except Exception as exc:  # pymilvus raises its own types, or gRPC's, or OSError
         raise LenetEmbedError(_connect_error(uri, exc)) from None
 
@@ -122,25 +257,33 @@ def _encode_image(image: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).decode()
 
 
-def _decode_image(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(28, 28).copy()
+def _decode_image(text: Any) -> np.ndarray | None:
+    """A stored digit, or None when the text is not one (a collection changed by hand)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        return None
+    return np.frombuffer(data, dtype=np.uint8).reshape(28, 28).copy() if len(data) == 784 else None
 
 
 class MilvusStore:
     """One collection of a Milvus deployment, holding a bundle's items."""
 
     def __init__(self, uri: str, collection: str, metric: str, dim: int,
-                 token: str | None = None) -> None:
+                 token: str | None = None, create: bool = False) -> None:
         self.uri = uri
         self.collection = collection
         self.metric = metric
         self.dim = dim
-        self._client = _client(uri, token)
+        self._client = _client(uri, token, create)
 
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A client call whose failure becomes one line naming the collection and the step."""
+    def _call(self, what: str, method: str | Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+        """A client call (a method's name, or a callable from the client) whose failure becomes
+        one line naming the collection and the step."""
+        call = method if callable(method) else getattr(self._client, method)
         try:
-            return getattr(self._client, method)(*args, **kwargs)
+            return call(*args, **kwargs)
         except LenetEmbedError:
             raise
         except Exception as exc:
@@ -176,9 +319,20 @@ class MilvusStore:
         """Load the collection for searching (Milvus releases it when its process ends)."""
         if not self.exists():
             raise LenetEmbedError(f"Milvus at {self.uri} has no collection {self.collection}; "
-                                  "the bundle's items are gone from there, rebuild it with "
-                                  "`lenet-embed build-index --store milvus`")
+                                  f"the bundle's items are gone from there, {REBUILD_MILVUS}")
         self._call("loading the collection", "load_collection", self.collection)
+
+    def schema_problem(self) -> str | None:
+        """What is wrong with the collection's fields (None: what :meth:`create` makes)."""
+        described = self._call("describing the collection", "describe_collection",
+                               self.collection)
+        fields = {field.get("name"): field for field in described.get("fields", [])}
+        if set(fields) != {"id", "vector", "label", "image", "source"}:
+            return f"its fields are {', '.join(sorted(map(str, fields)))}"
+        dim = fields["vector"].get("params", {}).get("dim")
+        if dim is None or int(dim) != self.dim:
+            return f"its vectors have {dim} dimensions, not {self.dim}"
+        return None
 
     def drop(self) -> None:
         """Drop the collection, if it exists."""
@@ -243,6 +397,17 @@ class MilvusStore:
         return list(self._call("reading items", "get", self.collection,
                                ids=[int(i) for i in ids], output_fields=list(fields)))
 
+    def batches(self, where: str, fields: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
+        """The given fields of every row matching ``where``, a batch at a time (Milvus's own
+        iterator: it caps what one query may return)."""
+        rows = self._call("reading items", "query_iterator", self.collection, batch_size=1000,
+                          filter=where, output_fields=list(fields))
+        try:
+            while batch := self._call("reading items", rows.next):
+                yield list(batch)
+        finally:
+            rows.close()
+
     def present(self, ids: np.ndarray) -> np.ndarray:
         """Those of ``ids`` that are in the collection."""
         wanted = np.unique(np.asarray(ids, dtype=np.int64))
@@ -255,7 +420,13 @@ class MilvusStore:
     def image(self, item_id: int) -> np.ndarray | None:
         """The stored digit of an item (uint8 28x28), or None when there is no such item."""
         rows = self.get([item_id], ["image"])
-        return _decode_image(rows[0]["image"]) if rows else None
+        if not rows:
+            return None
+        image = _decode_image(rows[0]["image"])
+        if image is None:
+            raise LenetEmbedError(f"Milvus at {self.uri}, collection {self.collection}: item "
+                                  f"{item_id}'s image is not a 28x28 digit; {REBUILD_MILVUS}")
+        return image
 
     def search(self, vectors: np.ndarray, k: int, params: dict[str, int] | None = None,
                below: int | None = None,
@@ -305,12 +476,12 @@ _OPEN_LOCK = threading.Lock()
 
 
 def open_store(directory: Path, manifest: Manifest, token: str | None = None) -> MilvusStore:
-    """The store a manifest names, connected once per process (a Milvus Lite file admits one
-    process, and one client in it)."""
+    """The store a manifest names, once :func:`allowed_uri` allows it, connected once per
+    process (a Milvus Lite file admits one process, and one client in it)."""
     ref = manifest.store
     if ref is None:
         raise LenetEmbedError(f"{directory}: this bundle keeps its items itself, not in Milvus")
-    uri = resolved_uri(ref.uri, directory)
+    uri = allowed_uri(ref.uri, directory)
     with _OPEN_LOCK:
         store = _OPEN.get((uri, ref.collection))
         if store is None:
@@ -379,8 +550,34 @@ class MilvusSnapshot:
         elif found > self.manifest.count:
             raise LenetEmbedError(
                 f"{self.directory}: Milvus collection {self.store.collection} holds {found} "
-                f"items, the manifest {self.manifest.count}; rebuild it with "
-                "`lenet-embed build-index --store milvus`")
+                f"items, the manifest {self.manifest.count}; {REBUILD_MILVUS}")
+
+    def check_contents(self) -> None:
+        """What ``info --verify`` checks of the collection beyond :meth:`check_count` (which
+        every ``info`` runs), as far as Milvus tells without sending every vector: its fields
+        and the vectors' dimension, no id below 0, labels among the manifest's classes, and
+        every committed item's image a 28x28 digit (read in batches)."""
+        store, manifest = self.store, self.manifest
+        committed = f"id < {manifest.next_id}"
+        problem = store.schema_problem()
+        if problem is None and store.count("id < 0"):
+            problem = "it holds ids below 0"
+        if problem is None and manifest.classes and store.count(
+                f"{committed} and label >= {len(manifest.classes)}"):
+            problem = "its labels name classes the manifest does not list"
+        if problem is None:
+            problem = self._bad_image(committed)
+        if problem is not None:
+            raise LenetEmbedError(f"{self.directory}: Milvus collection {store.collection} does "
+                                  f"not hold what the bundle's manifest says ({problem}); "
+                                  f"{REBUILD_MILVUS}")
+
+    def _bad_image(self, where: str) -> str | None:
+        for rows in self.store.batches(where, ["id", "image"]):
+            for row in rows:
+                if _decode_image(row["image"]) is None:
+                    return f"item {int(row['id'])}'s image is not a 28x28 digit"
+        return None
 
 
 # --------------------------------------------------------------------------- writes
@@ -390,10 +587,11 @@ def new_collection(directory: Path, uri: str, version: int, metric: str, dim: in
                    factory: str, token: str | None = None) -> tuple[Store, MilvusStore]:
     """Create an empty collection for a build of the bundle in ``directory``; its name is new
     (the version and a random part), so a rebuild never touches the collection in use."""
+    allow_uri(uri)  # the operator named it to build there; its later commands may use it
     name = f"lenet_embed_v{version}_{secrets.token_hex(4)}"
     ref = Store(kind="milvus", uri=stored_uri(uri, directory), collection=name,
                 index=index_type(factory))
-    store = MilvusStore(resolved_uri(ref.uri, directory), name, metric, dim, token)
+    store = MilvusStore(allowed_uri(ref.uri, directory), name, metric, dim, token, create=True)
     store.create(ref.index)
     return ref, store
 
@@ -433,7 +631,11 @@ def drop_replaced(directory: Path, old: Manifest | None, new: Manifest) -> None:
     and is not the new one's)."""
     if old is None or old.store is None or old.store == new.store:
         return
-    uri = resolved_uri(old.store.uri, directory)
+    try:
+        uri = allowed_uri(old.store.uri, directory)
+    except LenetEmbedError as exc:  # the previous manifest's Milvus is not one to connect to
+        log.warning("%s; its collection %s is left there", exc, old.store.collection)
+        return
     with _OPEN_LOCK:
         store = _OPEN.pop((uri, old.store.collection), None)
     (store or MilvusStore(uri, old.store.collection, old.metric, old.dim)).drop()

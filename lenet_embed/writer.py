@@ -637,8 +637,9 @@ def check_folder(directory: Path) -> None:
                               "--index-dir")
     found = contents(directory)
     is_bundle = _holds_a_bundle(directory)
+    lite = _lite_folder(directory) if is_bundle else None
     strangers = [p for p in found.foreign
-                 if not (p.is_file() and (is_bundle or p.name in KEPT_FILES))]
+                 if not (p.is_file() and (is_bundle or p.name in KEPT_FILES)) and p.name != lite]
     if not is_bundle:
         # Named like a bundle's files but no bundle's: a build would replace manifest.json and
         # remove what looks like format 1.
@@ -648,6 +649,16 @@ def check_folder(directory: Path) -> None:
             f"{directory}: exists and is not an index bundle ({strangers[0].name} is not part "
             "of one); choose another --index-dir or empty that folder"
         )
+
+
+def _lite_folder(directory: Path) -> str | None:
+    """The Milvus Lite file the bundle's current manifest keeps directly in its folder (where
+    a bundle's Milvus Lite file needs no naming to be read), if any: the bundle's own."""
+    try:
+        store = read_manifest(directory).store
+    except LenetEmbedError:
+        return None
+    return store.uri if store is not None and "/" not in store.uri else None
 
 
 def _holds_a_bundle(directory: Path) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from lenet_embed import LenetEmbedError, load_mnist
 from lenet_embed.cli import run_script
+from lenet_embed.milvus import URI_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lenet_embed"]
@@ -132,7 +133,9 @@ def measure(n: int, store: str, args: argparse.Namespace) -> dict[str, object]:
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(bundle), "" if store == "flat" else str(exact),
          str(bundle.parent / "ids.npy"), str(args.data)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                             # the Milvus Lite file beside the bundle, named
+                                             URI_ENV: str(bundle.with_suffix(".db"))})
     if child.returncode != 0:
         raise LenetEmbedError(f"measuring {bundle}: {child.stderr.strip().splitlines()[-1:]}")
     figures = json.loads(child.stdout.strip().splitlines()[-1])

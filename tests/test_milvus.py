@@ -200,7 +200,8 @@ def test_a_second_process_gets_one_line_while_the_file_is_open(lite_bundle, lene
     SearchIndex.load(lite_bundle)  # this process holds the Milvus Lite file
     png = tmp_path / "digit.png"
     Image.fromarray(_test_digits(bundle_data)[0]).save(png)
-    done = subprocess.run([*lenet_embed_cmd, "query", str(png), "--index-dir", str(lite_bundle)],
+    done = subprocess.run([*lenet_embed_cmd, "query", str(png), "--index-dir", str(lite_bundle),
+                           "--milvus-uri", str(lite_bundle.parent / "digits.db")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -223,7 +224,8 @@ def test_server_over_grpc(milvus_server, trained, bundle_data, search_index, tmp
     png = tmp_path / "digit.png"
     Image.fromarray(digits[11]).save(png)
     done = subprocess.run([*lenet_embed_cmd, "add", str(png), "--label", "4", "--index-dir",
-                           str(bundle), "--json"], capture_output=True, text=True, timeout=300)
+                           str(bundle), "--milvus-uri", milvus_server, "--json"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     [new_id] = json.loads(done.stdout)["ids"]
     assert index.refresh() and len(index) == 2001
@@ -251,7 +253,8 @@ def test_unreachable_server_is_one_line(trained, bundle_data, tmp_path):
 def test_without_pymilvus_the_error_names_the_extra(lite_bundle):
     code = ("import sys; sys.modules['pymilvus'] = None\n"
             "from lenet_embed.cli import main\n"
-            f"main(['info', '--index-dir', {str(lite_bundle)!r}])")
+            f"main(['info', '--index-dir', {str(lite_bundle)!r}, "
+            f"'--milvus-uri', {str(lite_bundle.parent / 'digits.db')!r}])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 1
