@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import LenetEmbedError
 from .files import NotRegularFile, open_regular
+from .labels import MAX_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,9 @@ def load_image_folder(root: str | os.PathLike[str],
 
 
 def _is_number(name: str) -> bool:
-    return name.isascii() and name.isdigit()
+    """Whether a folder name is a numeric label; a number too large for one (int64) is a name."""
+    return (name.isascii() and name.isdigit()
+            and len(name.lstrip("0")) <= len(str(MAX_LABEL)) and int(name) <= MAX_LABEL)
 
 
 def _class_sort_key(name: str) -> tuple[int, str]:
