@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -320,9 +321,36 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
         sys.exit(1)
 
 
+class _Seconds(click.FloatRange):
+    """A number of seconds in a closed range, and finite: click's FloatRange lets NaN through
+    (every comparison with NaN is false), and a NaN wait would never end."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
+class _Label(click.ParamType):
+    """An item's label, by the one rule of :func:`lenet_embed.labels.check_label`."""
+
+    name = "label"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        from .labels import BadLabel, check_label
+
+        try:
+            return check_label(value)
+        except BadLabel as exc:
+            self.fail(str(exc), param, ctx)
+
+
 _INDEX_DIR = click.option("--index-dir", type=click.Path(), default="index", show_default=True,
                           help="Bundle folder written by build-index.")
-_WAIT = click.option("--wait", "wait", type=click.FloatRange(0, 3600), default=30,
+_WAIT = click.option("--wait", "wait", type=_Seconds(0, 3600), default=30,
                      show_default=True,
                      help="Seconds to wait while another process is writing to the bundle.")
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -332,15 +360,15 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--images", "folder", type=click.Path(), help="Add every image under this folder "
               "instead, labelled by its subfolder's name (as build-index --images).")
-@click.option("--label", help="The label of the IMAGE files (a digit, or a class name in a "
-              "bundle built from folders) [default: none].")
+@click.option("--label", type=_Label(), help="The label of the IMAGE files (a digit, or a "
+              "class name in a bundle built from folders) [default: none].")
 @_INDEX_DIR
 @_MILVUS_URI
 @_WAIT
 @click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
               show_default=True, help="Encoder runner; auto = LiteRT when available.")
 @_JSON
-def add(images: tuple[str, ...], folder: str | None, label: str | None, index_dir: str,
+def add(images: tuple[str, ...], folder: str | None, label: int | str | None, index_dir: str,
         wait: float, backend: str, as_json: bool) -> None:
     """Add IMAGE files (or a folder of them) to the bundle, embedded with its own encoder.
 

@@ -20,10 +20,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from .errors import LenetEmbedError
+from .files import NotRegularFile, open_regular
+from .labels import MAX_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +105,22 @@ def read_idx(path: Path) -> np.ndarray:
     so that a million digits (784 MB) are read from disk as they are used instead of all at once.
     """
     try:
-        with open(path, "rb") as fh:
+        # The file opened once, as a regular file, and mapped from that descriptor: a FIFO or a
+        # device never reaches a read (see .files).
+        with open_regular(path, "an IDX file (or its .gz)") as fh:
             head = fh.read(_LONGEST_HEADER)
             if head[:2] == b"\x1f\x8b":
                 fh.seek(0)
-                raw = gzip.decompress(fh.read())
+                raw = gzip.decompress(fh.readall())
                 dtype, shape, header = _idx_layout(path, raw[:_LONGEST_HEADER], len(raw))
                 return np.frombuffer(raw, dtype, offset=header).reshape(shape)
             size = os.fstat(fh.fileno()).st_size
+            dtype, shape, header = _idx_layout(path, head, size)
+            if size == header:  # nothing to map: mmap refuses an empty range
+                return np.zeros(shape, dtype)
+            return np.memmap(fh, dtype, mode="r", offset=header, shape=shape)
     except (OSError, EOFError, zlib.error) as exc:
         raise LenetEmbedError(f"{path}: cannot read ({exc}); replace the file") from None
-    dtype, shape, header = _idx_layout(path, head, size)
-    if size == header:  # nothing to map: mmap refuses an empty range
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype, mode="r", offset=header, shape=shape)
 
 
 def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -153,7 +158,7 @@ def _idx_layout(path: Path, head: bytes, size: int) -> tuple[np.dtype, tuple[int
 def _find_idx(folder: Path, split: str, kind: str) -> Path:
     for stem in _STEMS[(split, kind)]:
         for candidate in (folder / stem, folder / f"{stem}.gz"):
-            if candidate.is_file():
+            if candidate.exists():  # read_idx refuses it if it is not a regular file
                 return candidate
     wanted = _STEMS[(split, kind)][0]
     raise LenetEmbedError(
@@ -196,12 +201,21 @@ def _load_idx_folder(folder: Path) -> Dataset:
 
 
 def _load_npz(path: Path) -> Dataset:
-    if not zipfile.is_zipfile(path):
-        raise LenetEmbedError(
-            f"{path}: not an .npz archive; give a Keras-style mnist.npz or a folder of IDX files"
-        )
+    what = "a Keras-style mnist.npz or a folder of IDX files"
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        fh = open_regular(path, what)
+    except OSError as exc:
+        raise LenetEmbedError(f"{path}: cannot read ({exc})") from None
+    with fh:
+        if not zipfile.is_zipfile(fh):
+            raise LenetEmbedError(f"{path}: not an .npz archive; give {what}")
+        fh.seek(0)
+        return _npz_dataset(path, fh)
+
+
+def _npz_dataset(path: Path, fh: IO[bytes]) -> Dataset:
+    try:
+        with np.load(fh, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as exc:
         raise LenetEmbedError(
@@ -240,7 +254,7 @@ def load_mnist(path: str | os.PathLike[str] | Dataset | None = None) -> Dataset:
         return _load_from_keras()
     if resolved.is_dir():
         return _load_idx_folder(resolved)
-    if resolved.is_file():
+    if resolved.exists():  # _load_npz refuses it if it is not a regular file
         return _load_npz(resolved)
     origin = f" (from ${ENV_VAR})" if path is None else ""
     raise LenetEmbedError(
@@ -280,7 +294,8 @@ def load_image_folder(root: str | os.PathLike[str],
 
     A file's label is the name of its immediate subfolder (the ImageFolder convention); files
     directly in ``root`` get no label. Files that cannot be read as images are skipped with a
-    warning naming them. Folder names that are all integers become those integers as labels.
+    warning naming them, and so are FIFOs, devices and sockets (never opened). Folder names that
+    are all integers become those integers as labels.
     ``on_progress(done, total)`` is called before each file and after the last.
     """
     from .preprocess import to_mnist
@@ -288,7 +303,9 @@ def load_image_folder(root: str | os.PathLike[str],
     root = Path(root)
     if not root.is_dir():
         raise LenetEmbedError(f"{root}: not a folder; --images needs a folder of image files")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Every entry but folders: a FIFO, a device or a socket among the pictures is skipped with a
+    # warning naming it (open_image refuses it before opening it), not passed over in silence.
+    paths = sorted(p for p in root.rglob("*") if not p.is_dir() and not p.name.startswith("."))
     images: list[np.ndarray] = []
     names: list[str | None] = []
     sources: list[str] = []
@@ -299,7 +316,7 @@ def load_image_folder(root: str | os.PathLike[str],
         try:
             images.append(to_mnist(path))
         except LenetEmbedError as exc:
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in IMAGE_SUFFIXES or isinstance(exc, NotRegularFile):
                 log.warning("skipped %s", exc)
                 skipped.append(str(path))
             else:
@@ -321,7 +338,9 @@ def load_image_folder(root: str | os.PathLike[str],
 
 
 def _is_number(name: str) -> bool:
-    return name.isascii() and name.isdigit()
+    """Whether a folder name is a numeric label; a number too large for one (int64) is a name."""
+    return (name.isascii() and name.isdigit()
+            and len(name.lstrip("0")) <= len(str(MAX_LABEL)) and int(name) <= MAX_LABEL)
 
 
 def _class_sort_key(name: str) -> tuple[int, str]:

@@ -41,6 +41,7 @@ import numpy as np
 from ._quiet import is_verbose
 from .bundle import MANIFEST, REBUILD, Manifest, Store
 from .errors import LenetEmbedError
+from .files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,15 @@ def allowed_uri(uri: str, bundle: Path) -> str:
                           + how.format(path))
 
 
+# A token is one line; more than this of a token file is never read.
+_TOKEN_FILE_BYTES = 64 * 1024
+
+
 def token_from_file(path: str | os.PathLike[str]) -> str:
     """A Milvus token: the first line of ``path``."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open_regular(path, "a file holding the Milvus token") as fh:  # a FIFO would block
+            lines = fh.read(_TOKEN_FILE_BYTES).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise LenetEmbedError(f"{path}: cannot read the Milvus token ({exc})") from None
     if not lines or not lines[0].strip():

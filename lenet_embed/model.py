@@ -16,6 +16,7 @@ import numpy as np
 
 from ._keras import keras
 from .errors import LenetEmbedError
+from .files import check_regular
 
 INPUT_SHAPE = (28, 28, 1)
 EMBEDDING_DIM = 84
@@ -215,6 +216,7 @@ def encoder_of(model: Any) -> Any:
 
 def load_classifier(path: str) -> Any:
     """Load a classifier saved by :func:`lenet_embed.train`, whichever style built it."""
+    check_regular(path, "a .keras model file")  # Keras would block for ever on a FIFO
     _lenet5_class()
     try:
         return keras().models.load_model(path)

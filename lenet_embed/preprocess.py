@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .errors import LenetEmbedError
+from .files import open_regular
 
 SIDE = 28
 BOX = 20
@@ -56,7 +57,9 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     Only the first frame is read (GIF), EXIF orientation is applied, and ``name`` (default: the
     path) names the file in errors. An image over :data:`MAX_PIXELS` is refused from its header
     (:class:`ImageTooLarge`); a large JPEG or JPEG 2000 file is decoded at a reduced scale. Raises
-    :class:`LenetEmbedError` for anything that is not a readable image.
+    :class:`LenetEmbedError` for anything that is not a readable image; a path that is not a
+    regular file (a FIFO, a device, a folder) is refused before it is opened
+    (:func:`.files.open_regular`), so no read can block.
     """
     name = name or str(source)
     if isinstance(source, bytes) and not source:
@@ -67,8 +70,8 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
             # and so are its warnings about damaged files ("Corrupt EXIF data", TIFF tags larger
             # than the file): a file decodes or raises the one error below.
             warnings.simplefilter("ignore")
-            with (io.BytesIO(source) if isinstance(source, bytes) else _File(source)) as fh, \
-                    Image.open(fh) as opened:
+            with (io.BytesIO(source) if isinstance(source, bytes)
+                  else _File(source, name)) as fh, Image.open(fh) as opened:
                 check_pixels(*opened.size, name)
                 _check_python_decoder(opened, name)
                 opened.seek(0)
@@ -78,8 +81,6 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
                 ImageOps.exif_transpose(pil, in_place=True)
     except FileNotFoundError:
         raise LenetEmbedError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise LenetEmbedError(f"{name}: is a folder, not an image file") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{name}: image is far over the limit of {_LIMIT}; scale it down"
                             ) from None
@@ -142,8 +143,9 @@ class _File(io.BufferedReader):
     skips the rest of a damaged PNG chunk by reading its declared length (up to 4 GB) at once,
     and a file's ``read(n)`` allocates ``n`` bytes before reading."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        super().__init__(io.FileIO(path, "rb"))
+    def __init__(self, path: str | os.PathLike, name: str) -> None:
+        # A regular file only: a FIFO or a device would block the read for ever (see .files).
+        super().__init__(open_regular(path, "an image file", name))
         self._size = os.fstat(self.fileno()).st_size
 
     def read(self, size: int | None = -1) -> bytes:

@@ -18,6 +18,8 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import secrets
@@ -198,9 +200,17 @@ class WriterBusy(LenetEmbedError):
 
 
 class WriterLock:
-    """The bundle's writer lock: ``flock`` on ``.lock``, waited for up to ``timeout`` seconds."""
+    """The bundle's writer lock: ``flock`` on ``.lock``, waited for up to ``timeout`` seconds.
+
+    ``timeout`` must be a finite number >= 0 (else :class:`LenetEmbedError`): the wait compares
+    the clock with a deadline, and a NaN deadline is never reached.
+    """
 
     def __init__(self, directory: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \
+                or not math.isfinite(timeout) or timeout < 0:
+            raise LenetEmbedError(f"{directory}: the time to wait for the writer lock must be a "
+                                  f"finite number of seconds >= 0, not {timeout!r}")
         self.path = directory / LOCK_FILE
         self.timeout = timeout
         self.fd: int | None = None

@@ -17,6 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from ..labels import BadLabel, check_label
 from ..preprocess import SIDE
 from ..search import Query
 from .errors import ApiError
@@ -126,9 +127,18 @@ async def read_item(request: Request) -> tuple[Query, int | str | None]:
         label = label.strip() if label else None
         if label is not None and len(label) > MAX_LABEL_LENGTH:
             raise ApiError(422, f"label: at most {MAX_LABEL_LENGTH} characters")
-        return query, (int(label) if label and label.isdecimal() and label.isascii() else label)
+        return query, _item_label(label or None)  # a blank field: no label
     body = await _body(request, _ITEM_HELP)
     if _is_json(media_type):
         payload = _parse_json(body, ItemBody)
-        return _json_image(payload), payload.label
+        return _json_image(payload), _item_label(payload.label)
     raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}; {_ITEM_HELP}")
+
+
+def _item_label(label: int | str | None) -> int | str | None:
+    """A label as the library's one rule (:func:`..labels.check_label`) takes it, or 422: a
+    number beyond int64 is refused here, not a 500 where it is stored."""
+    try:
+        return check_label(label)
+    except BadLabel as exc:
+        raise ApiError(422, str(exc)) from None

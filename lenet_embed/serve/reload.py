@@ -40,7 +40,11 @@ class Reloader:
         self._task = asyncio.create_task(self._run())
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
             # Only the main thread's loop can take signals (not, e.g., a test client's).
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._wake.set)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reading the bundle's manifest now")
+        self._wake.set()
 
     async def stop(self) -> None:
         """Stop polling."""

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..labels import MAX_LABEL, MAX_LABEL_LENGTH, RULE
 from ..preprocess import SIDE
 
 
@@ -94,9 +95,9 @@ _PIXELS_HELP = "28x28 grayscale, nested or 784 flat; 0-255, or 0-1 floats."
 _BASE64_HELP = "An image file (PNG, JPEG, ...) in base64; a data: URL works too."
 
 
-MAX_LABEL_LENGTH = 200
-# Strict: JSON true/false or 7.5 are not labels (lax pydantic would store true as 1).
-Label = (Annotated[int, Field(ge=0, strict=True)]
+# Strict: JSON true/false or 7.5 are not labels (lax pydantic would store true as 1). The rule
+# itself is lenet_embed.labels.check_label's, which read_item applies to every label.
+Label = (Annotated[int, Field(ge=0, le=MAX_LABEL, strict=True)]
          | Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)] | None)
 
 
@@ -148,8 +149,7 @@ def search_body_model(dim: int) -> type[BaseModel]:
 # The pixels field is a union (nested or flat), whose raw errors read badly: one rule instead.
 _PIXELS_RULE = "pixels: give 28 rows of 28 numbers or 784 numbers, each 0-255 (or 0-1 floats)"
 # So is the label (a whole number or a name).
-_LABEL_RULE = (f"label: give a whole number >= 0, a class name (1-{MAX_LABEL_LENGTH} "
-               "characters) or null")
+_LABEL_RULE = f"label: {RULE}, or null"
 
 
 def validation_message(errors: list[Any]) -> str:
