@@ -66,13 +66,9 @@ class Lines(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def app(search_index):
-    return create_app(search_index)
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as test_client:
+def service(search_index):
+    """The read-only service over the session bundle, its lifespan running."""
+    with TestClient(create_app(search_index)) as test_client:
         yield test_client
 
 
@@ -86,9 +82,9 @@ def test_escaping_gives_one_printable_line_that_can_be_undone(text):
     assert unescape(escaped) == text
 
 
-def test_a_forged_access_log_line_stays_one_line(client):
+def test_a_forged_access_log_line_stays_one_line(service):
     with Lines() as log:
-        assert client.get("/x%0d%0aINFO:%20FAKE%20LINE").status_code == 404
+        assert service.get("/x%0d%0aINFO:%20FAKE%20LINE").status_code == 404
     assert len(log.lines) == 1 and "\n" not in log.lines[0]
     assert log.lines[0].startswith("INFO:lenet_embed.serve:GET /x\\r\\nINFO: FAKE LINE 404 ")
 
@@ -105,12 +101,12 @@ def encoded(data: bytes) -> str:
        path=_BYTES, query=_BYTES,
        agent=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40))
 @settings(max_examples=80, deadline=None, database=None)
-def test_every_request_is_exactly_one_access_log_line(client, method, path, query, agent):
+def test_every_request_is_exactly_one_access_log_line(service, method, path, query, agent):
     """Any path, query, method and User-Agent: one line for the request, naming its method and
     its path and query (escaped, so undoing the escapes gives them back)."""
     url = "/" + encoded(path) + ("?" + encoded(query) if query else "")
     with Lines() as log:
-        client.request(method, url, headers={"user-agent": agent}, follow_redirects=False)
+        service.request(method, url, headers={"user-agent": agent}, follow_redirects=False)
     assert len(log.lines) == 1, log.lines
     line = log.lines[0]
     assert line.isprintable() and line.startswith("INFO:lenet_embed.serve:")
@@ -202,15 +198,13 @@ def test_a_shown_source_never_names_a_folder_outside_the_root(root, rest, inside
         assert shown == (rest[-1] if rest[-1] != ".." else None)
 
 
-def test_error_messages_name_no_server_folder(trained, bundle_data, tmp_path):
-    from lenet_embed import build_index
-
-    small = build_index(data=bundle_data.head(30, 10), model=trained.model,
-                        index_dir=tmp_path / "deep" / "index")
-    with TestClient(create_app(SearchIndex.load(small.path))) as client:
-        message = assert_error(upload(client, png(bundle_data.test.images[0]), k=31), 422,
-                               "k must be between 1 and 30 (the number of items in …/index)")
-    assert str(tmp_path) not in message
+def test_error_messages_name_no_server_folder(picture_bundle, mnist):
+    _, index = picture_bundle
+    size = len(index)
+    with TestClient(create_app(index)) as client:
+        message = assert_error(upload(client, png(mnist.test.images[0]), k=size + 1), 422,
+                               f"k must be between 1 and {size} (the number of items in …/index)")
+    assert str(Path(index.path).parent) not in message
 
 
 # ------------------------------------------------------------------- repeated headers
@@ -361,7 +355,7 @@ def test_a_weak_token_gets_a_warning(tmp_path, caplog, monkeypatch, token):
         assert read_token(None) == token
     warnings = _warnings(caplog)
     assert len(warnings) == 2 and "$LENET_EMBED_WRITE_TOKEN" in warnings[1]
-    assert all(f"only {len(set(token))} different characters" in w and "secrets.token_urlsafe"
+    assert all(f"uses {len(set(token))} different characters" in w and "secrets.token_urlsafe"
                in w for w in warnings)
 
 

@@ -59,8 +59,9 @@ def read_token(path: str | os.PathLike[str] | None, warn: bool = True) -> str | 
     if warn:
         distinct = len(set(token))
         if distinct < MIN_DISTINCT_CHARACTERS:
-            log.warning("%s: the write token has only %d different characters, so it is easy to "
-                        "guess; %s", where, distinct, _MAKE_ONE)
+            log.warning("%s: the write token uses %d different characters (fewer than %d), so it "
+                        "is easy to guess; %s", where, distinct, MIN_DISTINCT_CHARACTERS,
+                        _MAKE_ONE)
         if mode is not None and mode & 0o077:
             log.warning("%s: other users may read or change the write token (mode %03o); "
                         "chmod 600 %s", where, stat.S_IMODE(mode), where)
