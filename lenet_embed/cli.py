@@ -667,9 +667,14 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
               show_default=True, help="Seconds an uploaded image may take to decode (and to "
               "wait for a decoder); over it the request gets 503, or 413 if the image itself "
               "is too costly.")
+@click.option("--show-sources", is_flag=True,
+              help="Give search results' sources and /v1/info's data set as full server paths "
+              "(by default sources are relative to the images folder the bundle was built "
+              "from, else file names, and folders are cut out of paths).")
 def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: int | None,
           backend: str, host: str, port: int, workers: int, allowed_host: tuple[str, ...],
-          write_token_file: str | None, max_connections: int, decode_timeout: float) -> None:
+          write_token_file: str | None, max_connections: int, decode_timeout: float,
+          show_sources: bool) -> None:
     """Serve the index over HTTP: a JSON API under /v1, and a page to draw digits on at /.
 
     The service follows commits to the bundle (add, remove, compact, a rebuild) within a second,
@@ -682,4 +687,5 @@ def serve(index_dir: str, ef_search: int | None, nprobe: int | None, threads: in
     index = _load_index(index_dir, ef_search, nprobe, threads, backend)
     run_serve(index, host=host, port=port, workers=workers, threads=threads,
               write_token_file=write_token_file, allowed_host=list(allowed_host),
-              max_connections=max_connections, decode_timeout=decode_timeout)
+              max_connections=max_connections, decode_timeout=decode_timeout,
+              show_sources=show_sources)

@@ -410,7 +410,7 @@ def test_k_above_the_index_size_is_422(trained, bundle_data, tmp_path):
         data = png(bundle_data.test.images[0])
         assert upload(small_client, data, k=30).status_code == 200
         assert_error(upload(small_client, data, k=31), 422,
-                     f"k must be between 1 and 30 (the number of items in {small.path}), got 31")
+                     "k must be between 1 and 30 (the number of items in …/index), got 31")
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,10 @@ the service has no room for a request; bodies over 5 MB get 413 before they are 
 images are decoded in bounded pools, costly ones in worker processes within a time budget, so they
 never hold up other searches; each process keeps a bounded number of connections and cuts off
 slow or oversized request headers. Each request is logged as one INFO line (method, path, status,
-milliseconds) on the ``lenet_embed.serve`` logger; overload as at most one WARNING per kind every
-10 seconds.
+milliseconds) on the ``lenet_embed.serve`` logger, its control characters escaped; overload as at
+most one WARNING per kind every 10 seconds. Answers name no folder of the server's disk (sources
+relative to the images folder the bundle was built from, unless ``serve --show-sources``); a
+request repeating ``Host`` (or another header the service reads once) is refused with 400.
 
 The modules, one concern each:
 
@@ -31,7 +33,8 @@ The modules, one concern each:
 - :mod:`.fastpath`: plain searches answered in front of FastAPI's routing;
 - :mod:`.batcher`: the searches of concurrent requests answered in batches;
 - :mod:`.reload`: following commits by other processes (polling, SIGHUP);
-- :mod:`.auth`: the write token;
+- :mod:`.auth`: the write token, and whether the bundle can be written to;
+- :mod:`.exposure`: log lines escaped, server paths kept out of answers;
 - :mod:`.errors`: :class:`ApiError` and the handlers that turn every error into JSON;
 - :mod:`.overload`: 503 with ``Retry-After``, and overload logged once per interval;
 - :mod:`.connections`: uvicorn's protocol with a connection cap and header limits;

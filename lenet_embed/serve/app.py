@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-import re
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -23,15 +24,18 @@ from ..errors import LenetEmbedError
 from ..search import Query as SearchQuery
 from ..search import QueryResult, SearchIndex
 from ..writer import WriterBusy
-from .auth import require_writer
+from .auth import require_writer, write_problem
 from .batcher import SearchBatcher
 from .decode import read_item, read_query
 from .errors import ApiError, install_error_handlers
+from .exposure import escape_log_lines, shown_source, without_paths
 from .fastpath import SearchFastPath
 from .middleware import MAX_BODY_BYTES, RequestGuard
 from .pools import DECODE_TIMEOUT, DecodePools
 from .reload import RELOAD_INTERVAL, Reloader
 from .wire import ErrorBody, Health, Info, ItemBody, ItemCreated, SearchResult, search_body_model
+
+log = logging.getLogger(__package__)
 
 MAX_K = 100
 DEFAULT_K = 5
@@ -75,7 +79,7 @@ def _request_body_schema(body_model: type[BaseModel], label: bool = False) -> di
 def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = None,
                reload_interval: float | None = None,
                allowed_hosts: list[str] | None = None,
-               decode_timeout: float = DECODE_TIMEOUT) -> ASGIApp:
+               decode_timeout: float = DECODE_TIMEOUT, show_sources: bool = False) -> ASGIApp:
     """The service for a loaded index: an ASGI app (FastAPI behind :class:`RequestGuard` and
     :class:`SearchFastPath`). ``threads`` caps FAISS's threads in each search.
 
@@ -86,7 +90,16 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     names it answers for (None: any; ``serve`` chooses them, see :func:`.process.allowed_hosts`).
     Uploaded images are decoded in bounded pools before they are searched, each within
     ``decode_timeout`` seconds (see :mod:`.pools`).
+
+    Answers name no server folder (see :mod:`.exposure`): a result's source is relative to the
+    images folder the bundle was built from, or its file name, and ``/v1/info`` cuts the folders
+    out of the data set's paths; ``show_sources`` gives both in full. A write token on a bundle
+    this process cannot write to leaves writes off, with one warning saying why.
     """
+    escape_log_lines()
+    problem = write_problem(index.path) if write_token is not None else None
+    if problem is not None:
+        log.warning("writes disabled although a write token is set: %s", problem)
     dim = index.manifest.dim
     # A request waits this long for another process's commit before it answers 503.
     index.lock_timeout = WRITE_WAIT_SECONDS
@@ -121,7 +134,8 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     )
     async def answer(query: SearchQuery, k: int) -> QueryResult:
         index.check_k(k)
-        return await batcher.search(await pools.prepare(query), k)
+        result = await batcher.search(await pools.prepare(query), k)
+        return result if show_sources else _sources_shown(result, index)
 
     install_error_handlers(app)
     static = files("lenet_embed") / "static"
@@ -148,12 +162,12 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
             "deleted": manifest.deleted,
             "version": manifest.version,
             "committed_at": manifest.committed_at,
-            "writes": write_token is not None,
+            "writes": write_token is not None and problem is None,
             "dim": manifest.dim,
             "metric": manifest.metric,
             "factory": manifest.factory,
             "search_params": snapshot.search_params,
-            "dataset": _without_paths(manifest.dataset),
+            "dataset": manifest.dataset if show_sources else without_paths(manifest.dataset),
             "classes": list(manifest.classes),
             "created_at": manifest.created_at,
             "lenet_embed_version": manifest.lenet_embed_version,
@@ -216,7 +230,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         """Add one image (multipart ``file`` and ``label``, or JSON ``image_base64``/``pixels``
         and ``label``) as a new item, durably; it is searchable when this answers. Needs the
         write token."""
-        require_writer(request, write_token)
+        require_writer(request, write_token, problem)
         pools.check_room(request.headers.get("content-length"))
         query, label = await read_item(request)
         query = await pools.prepare(query)
@@ -244,7 +258,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         item_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="An item's id.")],
     ) -> Response:
         """Remove an item, durably; it never comes back in results. Needs the write token."""
-        require_writer(request, write_token)
+        require_writer(request, write_token, problem)
         removed = await run_in_threadpool(lambda: _writing(lambda: index.remove([item_id])))
         if not removed:
             raise ApiError(404, f"no item with id {item_id}")
@@ -257,22 +271,31 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     return RequestGuard(fast, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
 
 
-def _without_paths(value: Any) -> Any:
-    """``value`` with the folders of absolute paths cut out: the service does not tell its
-    clients how its machine's disk is laid out."""
-    if isinstance(value, dict):
-        return {key: _without_paths(item) for key, item in value.items()}
-    if isinstance(value, str):
-        return _ABSOLUTE.sub("…/", value)
-    return value
-
-
-_ABSOLUTE = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s/\\]+[/\\])+")
+def _sources_shown(result: QueryResult, index: SearchIndex) -> QueryResult:
+    """``result`` with its neighbours' sources as clients may see them (:func:`shown_source`):
+    relative to the images folder the bundle was built from, else file names."""
+    if not any(neighbor.source for neighbor in result.neighbors):
+        return result
+    dataset = index.manifest.dataset
+    root = dataset.get("root") if isinstance(dataset, dict) else None
+    root = root if isinstance(root, str) else None
+    return replace(result, neighbors=[replace(n, source=shown_source(n.source, root))
+                                      for n in result.neighbors])
 
 
 def _writing(write: Any) -> Any:
-    """Run a write; waiting too long for another writer becomes 503 with Retry-After."""
+    """Run a write; waiting too long for another writer becomes 503 with Retry-After, and a
+    bundle the service cannot write to (its permissions changed, a full or read-only disk) 503
+    with the reason in the log: a write never answers 500 for the state of the disk."""
     try:
         return write()
     except WriterBusy as exc:
         raise ApiError(503, str(exc), retry_after=1) from None
+    except (OSError, LenetEmbedError) as exc:
+        # The writer words an OSError met while writing as a one-line LenetEmbedError about it;
+        # any other LenetEmbedError is about the request (its label, say): 422 as usual.
+        if not isinstance(exc, OSError) and not isinstance(exc.__context__, OSError):
+            raise
+        log.warning("a write failed: %s", exc)
+        raise ApiError(503, "the service cannot write to its bundle now; its operator can see "
+                            "why in the service's log", retry_after=1) from None

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import LenetEmbedError
 from ..preprocess import ImageTooLarge
+from .exposure import without_paths
 from .wire import validation_message
 
 log = logging.getLogger(__package__)
@@ -32,8 +33,9 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None
                    ) -> JSONResponse:
-    """The response for every refusal: ``{"error": message}`` with ``status``."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """The response for every refusal: ``{"error": message}`` with ``status``, the folders of
+    any absolute path cut out of ``message`` (a client learns nothing of the server's disk)."""
+    return JSONResponse({"error": without_paths(message)}, status_code=status, headers=headers)
 
 
 def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:

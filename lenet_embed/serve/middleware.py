@@ -16,6 +16,9 @@ MAX_BODY_BYTES = 5 * 1024 * 1024
 # A body must have arrived this long after its request started (a client trickling one byte at
 # a time would otherwise hold its connection for ever).
 BODY_TIMEOUT = 30.0
+# Headers the service reads as one value: a request that repeats one is refused (RFC 9112 3.2
+# for Host), since layers that picked different copies would disagree about the request.
+SINGLE_HEADERS = (b"host", b"content-length", b"content-type", b"authorization")
 # On every response (OWASP secure headers): the page may load only its own script, style and
 # images, nothing may frame it, and browsers must not guess content types.
 SECURITY_HEADERS = [
@@ -30,7 +33,8 @@ SECURITY_HEADERS = [
 
 
 class RequestGuard:
-    """ASGI middleware: refuses a ``Host`` not in ``allowed_hosts`` (400; None allows any),
+    """ASGI middleware: refuses a request that repeats one of :data:`SINGLE_HEADERS` (400) or
+    whose ``Host`` is not in ``allowed_hosts`` (400; None allows any),
     refuses bodies over the limit (413) or still incomplete ``body_timeout`` seconds after the
     request started (408), adds :data:`SECURITY_HEADERS` to every response and logs one line
     per request."""
@@ -81,6 +85,11 @@ class RequestGuard:
         deadline = asyncio.get_running_loop().time() + self.body_timeout
         try:
             headers = dict(scope["headers"])
+            repeated = _repeated(scope["headers"], headers)
+            if repeated is not None:
+                await error_response(400, f"the request has more than one {repeated} header; "
+                                          "send it once")(scope, receive, status_send)
+                return
             if self.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
                 await error_response(400, "this service does not answer for that Host name; "
                                           "its operator can allow it with --allowed-host"
@@ -121,3 +130,14 @@ class RequestGuard:
         elif name.count(":") == 1:
             name = name.partition(":")[0]
         return name in self.allowed_hosts or "*" in self.allowed_hosts
+
+
+def _repeated(raw: list[tuple[bytes, bytes]], headers: dict[bytes, bytes]) -> str | None:
+    """The name of a header of :data:`SINGLE_HEADERS` that ``raw`` (ASGI's lower-case header
+    list, ``headers`` its dict) holds more than once, or None."""
+    if len(raw) == len(headers):  # no name repeated at all: the common case, checked at once
+        return None
+    for name in SINGLE_HEADERS:
+        if name in headers and sum(1 for key, _ in raw if key == name) > 1:
+            return name.decode().title()
+    return None

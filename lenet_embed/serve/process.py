@@ -21,7 +21,7 @@ from ..embed import LiteRTEncoder
 from ..errors import LenetEmbedError
 from ..search import SearchIndex
 from .app import create_app
-from .auth import read_token
+from .auth import read_token, write_problem
 from .connections import (
     HEADER_TIMEOUT,
     RESERVED_FILES,
@@ -59,6 +59,7 @@ class ServiceConfig:
     write_token_file: str | None = None
     allowed_hosts: list[str] | None = None
     decode_timeout: float = DECODE_TIMEOUT
+    show_sources: bool = False
 
     def to_json(self) -> str:
         """This configuration as a JSON string."""
@@ -101,8 +102,10 @@ def app_from_env() -> ASGIApp:
     quiet_repeated_warnings()
     config = ServiceConfig.from_json(text)
     return create_app(config.load(), threads=config.threads,
-                      write_token=read_token(config.write_token_file),
-                      allowed_hosts=config.allowed_hosts, decode_timeout=config.decode_timeout)
+                      # serve() warned about the token already, once.
+                      write_token=read_token(config.write_token_file, warn=False),
+                      allowed_hosts=config.allowed_hosts, decode_timeout=config.decode_timeout,
+                      show_sources=config.show_sources)
 
 
 _LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
@@ -140,7 +143,7 @@ def allowed_hosts(host: str, extra: list[str] | None = None) -> list[str] | None
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           threads: int = 1, write_token_file: str | None = None,
           allowed_host: list[str] | None = None, max_connections: int = MAX_CONNECTIONS,
-          decode_timeout: float = DECODE_TIMEOUT) -> None:
+          decode_timeout: float = DECODE_TIMEOUT, show_sources: bool = False) -> None:
     """Serve a loaded index over HTTP until interrupted (``lenet-embed serve``).
 
     Load the index first (``SearchIndex.load``), so a bad bundle is one error line before any
@@ -156,14 +159,16 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     Each process keeps at most ``max_connections`` connections open (closing idle ones first,
     see :mod:`.connections`; bounded by its open-file limit, which is raised to the hard limit
     first) and gives each uploaded image ``decode_timeout`` seconds to decode (see
-    :mod:`.pools`).
+    :mod:`.pools`). Answers name no server folder unless ``show_sources`` (see :mod:`.exposure`).
     """
     import uvicorn
 
     _ensure_logging()
     token = read_token(write_token_file)  # a bad token file is an error before any socket opens
-    log.info("writes %s", "enabled (POST/DELETE /v1/items need the token)" if token
-             else "disabled (start with --write-token-file to enable them)")
+    if token is None:
+        log.info("writes disabled (start with --write-token-file to enable them)")
+    elif write_problem(index.path) is None:  # else create_app warns that writes are off
+        log.info("writes enabled (POST/DELETE /v1/items need the token)")
     hosts = allowed_hosts(host, allowed_host)
     if not is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can search this index%s",
@@ -185,7 +190,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
              index.path, len(index), host, port, workers)
     if workers == 1:
         uvicorn.run(create_app(index, threads=threads, write_token=token, allowed_hosts=hosts,
-                               decode_timeout=decode_timeout), **options)
+                               decode_timeout=decode_timeout, show_sources=show_sources),
+                    **options)
         return
     config = ServiceConfig(
         index_dir=str(Path(index.path).resolve()),
@@ -195,6 +201,7 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         write_token_file=str(Path(write_token_file).resolve()) if write_token_file else None,
         allowed_hosts=hosts,
         decode_timeout=decode_timeout,
+        show_sources=show_sources,
     )
     os.environ[CONFIG_ENV] = config.to_json()
     from uvicorn.supervisors import Multiprocess

@@ -40,7 +40,9 @@ class Info(BaseModel):
     metric: str
     factory: str | None
     search_params: dict[str, int]
-    dataset: dict[str, Any] | None
+    dataset: dict[str, Any] | None = Field(description="What the bundle was built from; folders "
+                                           "of server paths shown as …/ unless the service "
+                                           "runs with --show-sources.")
     classes: list[str]
     created_at: str | None
     lenet_embed_version: str | None
@@ -55,7 +57,9 @@ class NeighborOut(BaseModel):
     id: int
     label: int | str | None
     distance: float = Field(description="Smaller is nearer: 1 - cos (cosine) or Euclidean (l2).")
-    source: str | None
+    source: str | None = Field(description="Where the item came from: its path relative to the "
+                               "images folder the bundle was built from, else its file name "
+                               "(the full path when the service runs with --show-sources).")
 
 
 class SearchResult(BaseModel):
