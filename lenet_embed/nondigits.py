@@ -185,15 +185,21 @@ def _canvas(side: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _glyph(alphabet: str, style: str, side: int, rng: np.random.Generator,
-           families: dict[str, list[Path]]) -> np.ndarray:
-    """One character of ``alphabet`` in a font of ``style``, filling most of the canvas; only
-    characters the chosen font has a glyph for are drawn (never the box of a missing one)."""
-    choices = families[style]
-    path = choices[int(rng.integers(len(choices)))]
+def pick_glyph(alphabet: str, paths: list[Path], rng: np.random.Generator) -> tuple[str, Path]:
+    """A font of ``paths`` and a character of ``alphabet`` to draw in it, at random: always one
+    the font's character map has (a missing glyph would draw as a box, which reads as a 0)."""
+    path = paths[int(rng.integers(len(paths)))]
     has = font_files.characters(path)
     drawable = [c for c in alphabet if c in has]
-    text = drawable[int(rng.integers(len(drawable)))]
+    if not drawable:
+        raise MissingFonts(f"{path}: none of {alphabet!r} in this font")
+    return drawable[int(rng.integers(len(drawable)))], path
+
+
+def _glyph(alphabet: str, style: str, side: int, rng: np.random.Generator,
+           families: dict[str, list[Path]]) -> np.ndarray:
+    """One character of ``alphabet`` in a font of ``style``, filling most of the canvas."""
+    text, path = pick_glyph(alphabet, families[style], rng)
     font = ImageFont.truetype(str(path), size=max(8, int(side * rng.uniform(0.55, 0.8))))
     image, draw = _canvas(side)
     draw.text((side / 2, side / 2), text, fill=0, font=font, anchor="mm")

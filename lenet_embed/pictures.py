@@ -682,10 +682,21 @@ def _font(size: int, bold: bool = False) -> Font:
         return ImageFont.load_default()
 
 
+# Characters that end a line (str.splitlines'): Pillow lays text out on one line and fails on
+# them (raqm_layout), and a file or class name may hold any of them.
+_LINE_BREAKS = dict.fromkeys(map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"), " ")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every line break a space: all text is measured and drawn through this, so
+    any string (a hostile file name too) draws on one line."""
+    return text.translate(_LINE_BREAKS)
+
+
 def _text_width(text: str, font: Font) -> int:
     if not text:
         return 0
-    left, _, right, _ = font.getbbox(text)
+    left, _, right, _ = font.getbbox(_one_line(text))
     return int(math.ceil(right - min(left, 0)))
 
 
@@ -695,7 +706,7 @@ def _line_height(font: Font) -> int:
 
 
 def _text(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, font: Font, fill: RGB) -> None:
-    draw.text((int(x), int(y)), text, font=font, fill=fill)
+    draw.text((int(x), int(y)), _one_line(text), font=font, fill=fill)
 
 
 def _wrap(text: str, font: Font, width: int, max_lines: int) -> list[str]:
@@ -713,7 +724,7 @@ def _wrap(text: str, font: Font, width: int, max_lines: int) -> list[str]:
         lines.append(rest[:cut].rstrip())
         rest = rest[cut:].lstrip()
     if rest:
-        lines.append(_fit(rest, font, width))
+        lines.append(_fit(rest, font, width) or "...")
     return lines
 
 
@@ -750,7 +761,7 @@ def _vertical_text(
     """
     w, h = _text_width(text, font) + 2, _line_height(font) + 2
     strip = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(strip).text((0, 0), text, font=font, fill=255)
+    ImageDraw.Draw(strip).text((0, 0), _one_line(text), font=font, fill=255)
     mask = strip.rotate(90, expand=True)
     top = bottom - mask.height if bottom is not None else (centre_y or 0) - mask.height // 2
     page.paste(Image.new("RGB", mask.size, fill), (x, top), mask)
