@@ -69,7 +69,7 @@ _DEJAVU_SERIF = ("DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaV
 _STIX_SERIF = ("STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta")
 # The font files (in matplotlib's folder, without ".ttf") each split draws each font kind and
 # style in. The splits share no font family: ``eval`` measures letters in fonts never fitted on.
-# A character is drawn only in a font whose character map has it (:func:`_glyph`).
+# A character is drawn only in a font whose character map has it (:func:`pick_glyph`).
 FONTS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
     "fit": {
         "letters": {
