@@ -285,8 +285,9 @@ def _answer_line(result: Any) -> str:
 @_search_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines: one object per query.")
 @click.option("--montage", type=click.Path(dir_okay=False), help="Also draw a PNG: one row per "
-              "query (as the model saw it), then its neighbours with label and distance; "
-              "neighbours whose label differs from the predicted digit are framed red.")
+              "query (as the model saw it, or why it was refused), then its neighbours with "
+              "label and distance; neighbours whose label differs from the predicted digit are "
+              "framed red.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), help="Answer only when the "
               "calibrated confidence is at least this [default: the bundle's threshold].")
 def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None,
@@ -305,13 +306,17 @@ def query(images: tuple[str, ...], k: int, index_dir: str, ef_search: int | None
             click.echo(f"{result.query}\n{_neighbor_table(result.neighbors)}\n"
                        f"{_answer_line(result)}\n")
     answered = [result for result in results if result.ok]
-    if montage and answered:
+    if montage:
         from .pictures import montage as draw_montage
         from .pictures import montage_rows
 
-        picture = draw_montage(montage_rows(index, [r.pixels for r in answered],
-                                            [r.neighbors for r in answered],
-                                            [r.query for r in answered]))
+        # Every query has its row; one without an answer says why (a refused one, with no
+        # picture to show, in its tile), without the file name its row's title already gives.
+        reasons = [str(r.error).removeprefix(f"{r.query}: ") if r.error
+                   else "" if r.match else r.reason or "" for r in results]
+        picture = draw_montage(montage_rows(index, [r.pixels for r in results],
+                                            [r.neighbors for r in results],
+                                            [r.query for r in results], reasons=reasons))
         try:
             picture.save(montage, format="PNG")
         except OSError as exc:

@@ -1,37 +1,40 @@
 """Pictures that are not digits, generated offline and deterministically: the project's own
 out-of-distribution set (README "Answers you can trust" gives its provenance).
 
-Five kinds, each drawn in several styles: ``letters`` (Latin letters in the machine's DejaVu and
-Liberation fonts), ``symbols`` (+ % # @ & ? * = arrows ...), ``textures`` (checkerboards, stripes,
-dots, grids, paper), ``noise`` (uniform, Gaussian, salt-and-pepper, blobs) and ``objects``
+Five kinds, each drawn in several styles: ``letters`` (Latin letters in the fonts matplotlib
+ships, :mod:`.fonts`), ``symbols`` (+ % # @ & ? * = arrows ...), ``textures`` (checkerboards,
+stripes, dots, grids, paper), ``noise`` (uniform, Gaussian, salt-and-pepper, blobs) and ``objects``
 (procedurally drawn silhouettes: shirts, shoes, bags, houses, faces, stars, hearts, filled
 shapes). Every picture is a grayscale PIL image of its own size (24 to 160 px a side), dark on
 light or light on dark at random, and goes through :func:`lenet_embed.preprocess.to_mnist` like
 any query.
 
 Two disjoint splits keep the evaluation honest. ``fit`` (for calibration and outlier exposure)
-uses the DejaVu fonts, a subset of the styles and seeds from one stream; ``eval`` uses the
-Liberation fonts, every style (so some are never seen in fitting: :data:`HELD_OUT` lists them)
-and another seed stream. Only ``eval`` figures are reported.
+uses the DejaVu fonts (Sans, Sans Mono, Serif), a subset of the styles and seeds from one
+stream; ``eval`` uses other font families, Computer Modern (Roman, Sans, Typewriter, Bold,
+Italic) and STIX General (a Times-like serif; Computer Modern's files map TeX's encoding, not
+Unicode, so symbols are drawn in STIX only), every style (so some are never seen in fitting:
+:data:`HELD_OUT` lists them) and another seed stream. Only ``eval`` figures are reported.
+:data:`FONTS` lists which font files draw which kind and style in which split.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from . import fonts as font_files
 from .errors import LenetEmbedError
+from .fonts import MissingFonts as MissingFonts  # raised here; training and build catch it
 from .preprocess import NoStrokes, to_mnist
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
-FONT_KINDS = ("letters", "symbols")  # drawn in the machine's fonts
+FONT_KINDS = ("letters", "symbols")  # drawn in matplotlib's fonts
 SPLITS = ("fit", "eval")
-FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation"))
 # Letters left out because, once cropped and scaled into the MNIST frame, they ARE digits as people
 # write them: O o Q D (0), I l i j (1), Z z (2), S s (5), G b (6), T (7), B (8), g q (9). A model
 # that called them digits would be right, and a set that counted that as an error would punish it.
@@ -57,12 +60,38 @@ HELD_OUT = {kind: [s for s, fitted in styles.items() if not fitted]
 # The seed streams of the two splits never meet: a split's pictures are drawn from
 # SeedSequence([stream, seed]).
 _STREAMS = {"fit": 11, "eval": 29}
-# Fonts without most of the symbols (a missing glyph draws as a box, which reads as a 0).
-_LACKING_SYMBOLS = {"ExtraLight", "DejaVuMathTeXGyre"}
 
-
-class MissingFonts(LenetEmbedError):
-    """The fonts letters and symbols are drawn in are not installed."""
+_DEJAVU_BOLD = ("DejaVuSans-Bold", "DejaVuSansMono-Bold", "DejaVuSerif-Bold")
+_DEJAVU_ITALIC = ("DejaVuSans-Oblique", "DejaVuSansMono-Oblique", "DejaVuSerif-Italic")
+_DEJAVU_BOLD_ITALIC = ("DejaVuSans-BoldOblique", "DejaVuSansMono-BoldOblique",
+                       "DejaVuSerif-BoldItalic")
+_DEJAVU_SERIF = ("DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic")
+_STIX_SERIF = ("STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta")
+# The font files (in matplotlib's folder, without ".ttf") each split draws each font kind and
+# style in. The splits share no font family: ``eval`` measures letters in fonts never fitted on.
+# A character is drawn only in a font whose character map has it (:func:`pick_glyph`).
+FONTS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "fit": {
+        "letters": {
+            "regular": ("DejaVuSans", "DejaVuSansMono"),
+            "bold": _DEJAVU_BOLD + _DEJAVU_BOLD_ITALIC,
+            "italic": _DEJAVU_ITALIC + _DEJAVU_BOLD_ITALIC,
+            "serif": _DEJAVU_SERIF,
+        },
+        "symbols": {"regular": ("DejaVuSans", "DejaVuSansMono"),
+                    "bold": _DEJAVU_BOLD + _DEJAVU_BOLD_ITALIC},
+    },
+    "eval": {
+        "letters": {
+            "regular": ("cmss10", "cmtt10"),
+            "bold": ("cmb10", "STIXGeneralBol", "STIXGeneralBolIta"),
+            "italic": ("cmti10", "STIXGeneralItalic", "STIXGeneralBolIta"),
+            "serif": ("cmr10", "cmb10", "cmti10", *_STIX_SERIF),
+        },
+        "symbols": {"regular": ("STIXGeneral", "STIXGeneralItalic"),
+                    "bold": ("STIXGeneralBol", "STIXGeneralBolIta")},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -91,15 +120,11 @@ class NonDigits:
 
 
 def fonts(split: str) -> list[Path]:
-    """The font files of a split: DejaVu for ``fit``, Liberation for ``eval`` (whole families
-    held out, so the evaluation measures letters in fonts never fitted on)."""
-    folder = FONT_DIRS[0] if split == "fit" else FONT_DIRS[1]
-    found = sorted(p for p in folder.glob("*.ttf")
-                   if not _LACKING_SYMBOLS.intersection(p.stem.split("-")))
-    if not found:
-        raise MissingFonts(f"{folder}: no fonts there; install fonts-dejavu-core and "
-                           "fonts-liberation to generate letters and symbols")
-    return found
+    """The font files of a split (:data:`FONTS`), sorted: DejaVu for ``fit``, Computer Modern
+    and STIX for ``eval``. :class:`MissingFonts` when matplotlib or one of them is missing."""
+    names = {name for styles in FONTS[split].values() for group in styles.values()
+             for name in group}
+    return sorted(font_files.font_file(f"{name}.ttf") for name in names)
 
 
 def generate(split: str, count: int, seed: int = 0,
@@ -115,7 +140,7 @@ def generate(split: str, count: int, seed: int = 0,
     if unknown or not kinds:
         raise LenetEmbedError(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     rng = np.random.default_rng(np.random.SeedSequence([_STREAMS[split], seed]))
-    families = _font_styles(fonts(split)) if set(kinds) & set(FONT_KINDS) else {}
+    families = _families(split) if set(kinds) & set(FONT_KINDS) else {}
     plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
             if fitted or split == "eval"]
     images, pixels, drawn, styles, reached = [], [], [], [], []
@@ -126,7 +151,7 @@ def generate(split: str, count: int, seed: int = 0,
         style = choices[(i // len(kinds)) % len(choices)]
         while True:
             side = int(rng.integers(24, 161))
-            picture = _DRAW[kind](style, side, rng, families)
+            picture = _DRAW[kind](style, side, rng, families.get(kind, {}))
             if rng.random() < 0.5:
                 picture = 255 - picture
             image = Image.fromarray(picture, mode="L")
@@ -146,17 +171,12 @@ def generate(split: str, count: int, seed: int = 0,
                      drawn, styles, np.array(reached, dtype=bool))
 
 
-def _font_styles(paths: list[Path]) -> dict[str, list[Path]]:
-    """Fonts sorted into the letter styles by their file names."""
-    def of(test: Callable[[str], bool]) -> list[Path]:
-        return [p for p in paths if test(p.stem)] or paths
-
-    return {
-        "regular": of(lambda n: not any(s in n for s in ("Bold", "Italic", "Oblique", "Serif"))),
-        "bold": of(lambda n: "Bold" in n),
-        "italic": of(lambda n: "Italic" in n or "Oblique" in n),
-        "serif": of(lambda n: "Serif" in n),
-    }
+def _families(split: str) -> dict[str, dict[str, list[Path]]]:
+    """:data:`FONTS` of ``split`` as paths: kind -> style -> font files (:class:`MissingFonts`
+    before anything is drawn when one is missing)."""
+    return {kind: {style: [font_files.font_file(f"{name}.ttf") for name in group]
+                   for style, group in styles.items()}
+            for kind, styles in FONTS[split].items()}
 
 
 def _canvas(side: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -165,11 +185,21 @@ def _canvas(side: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _glyph(text: str, style: str, side: int, rng: np.random.Generator,
+def pick_glyph(alphabet: str, paths: list[Path], rng: np.random.Generator) -> tuple[str, Path]:
+    """A font of ``paths`` and a character of ``alphabet`` to draw in it, at random: always one
+    the font's character map has (a missing glyph would draw as a box, which reads as a 0)."""
+    path = paths[int(rng.integers(len(paths)))]
+    has = font_files.characters(path)
+    drawable = [c for c in alphabet if c in has]
+    if not drawable:
+        raise MissingFonts(f"{path}: none of {alphabet!r} in this font")
+    return drawable[int(rng.integers(len(drawable)))], path
+
+
+def _glyph(alphabet: str, style: str, side: int, rng: np.random.Generator,
            families: dict[str, list[Path]]) -> np.ndarray:
-    """One character in a font of ``style``, filling most of the canvas."""
-    choices = families.get(style, families["regular"])
-    path = choices[int(rng.integers(len(choices)))]
+    """One character of ``alphabet`` in a font of ``style``, filling most of the canvas."""
+    text, path = pick_glyph(alphabet, families[style], rng)
     font = ImageFont.truetype(str(path), size=max(8, int(side * rng.uniform(0.55, 0.8))))
     image, draw = _canvas(side)
     draw.text((side / 2, side / 2), text, fill=0, font=font, anchor="mm")
@@ -178,12 +208,12 @@ def _glyph(text: str, style: str, side: int, rng: np.random.Generator,
 
 def _letters(style: str, side: int, rng: np.random.Generator,
              families: dict[str, list[Path]]) -> np.ndarray:
-    return _glyph(LETTERS[int(rng.integers(len(LETTERS)))], style, side, rng, families)
+    return _glyph(LETTERS, style, side, rng, families)
 
 
 def _symbols(style: str, side: int, rng: np.random.Generator,
              families: dict[str, list[Path]]) -> np.ndarray:
-    return _glyph(SYMBOLS[int(rng.integers(len(SYMBOLS)))], style, side, rng, families)
+    return _glyph(SYMBOLS, style, side, rng, families)
 
 
 def _textures(style: str, side: int, rng: np.random.Generator,

@@ -1,7 +1,7 @@
 """Pictures a person would rather look at than read: neighbour montages, confusion matrices, maps.
 
 Everything returns a PIL RGB image on a white page, ready for ``image.save("out.png")``. Only
-Pillow and numpy are used.
+Pillow and numpy are used, and the DejaVu Sans font file matplotlib ships (:mod:`.fonts`).
 
 Montage geometry (all in pixels): each 28x28 digit is upscaled ``SCALE`` = 3 times with
 nearest-neighbour to a ``TILE`` = 84 px square, drawn inside a ``FRAME`` = 3 px coloured frame,
@@ -17,7 +17,6 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +35,7 @@ MUTED: RGB = (110, 110, 110)
 RULE: RGB = (200, 200, 200)
 QUERY_BLUE: RGB = (33, 102, 172)
 SAME_GRAY: RGB = (175, 175, 175)
+PALE: RGB = (238, 238, 238)
 WRONG_RED: RGB = (215, 25, 28)
 # Tableau 10: a fixed categorical palette, cycled when there are more classes.
 PALETTE: tuple[RGB, ...] = (
@@ -70,26 +70,27 @@ MIN_WIDTH = 360
 PLOT_SIZE = 600
 PLOT_PAD = 14
 
-_FONT_DIR = Path("/usr/share/fonts")
-_DEJAVU_DIR = _FONT_DIR / "truetype" / "dejavu"
-
 
 @dataclass(frozen=True)
 class MontageRow:
     """One query and its neighbours, as one row of a :func:`montage`.
 
-    ``query`` is the (28, 28) float32 image in [0, 1] the model saw (white ink on black);
-    ``neighbors`` are its nearest neighbours in rank order and ``neighbor_images`` their (28, 28)
-    uint8 images in the same order. Neighbours whose label differs from ``reference_label`` (the
-    true label if known, else the predicted one) are framed and captioned in red; ``None`` judges
-    none. ``title`` (e.g. the query's file name) is drawn small above the row.
+    ``query`` is the (28, 28) float32 image in [0, 1] the model saw (white ink on black), or None
+    for a query refused before the model saw it (blank, unreadable ...); ``reason`` says why a query
+    has no answer ("not a digit", the error): it is written after the title, and in the query's tile
+    when there is no picture. ``neighbors`` are its nearest neighbours in rank order and
+    ``neighbor_images`` their (28, 28) uint8 images in the same order. Neighbours whose label
+    differs from ``reference_label`` (the true label if known, else the predicted one) are framed
+    and captioned in red; ``None`` judges none. ``title`` (e.g. the query's file name) is drawn
+    small above the row.
     """
 
-    query: np.ndarray
+    query: np.ndarray | None
     neighbors: list[Neighbor]
     neighbor_images: list[np.ndarray]
     reference_label: int | str | None
     title: str = ""
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,18 +99,23 @@ class MontageRow:
 
 def montage_rows(
     index: SearchIndex,
-    queries: Sequence[np.ndarray],
+    queries: Sequence[np.ndarray | None],
     results: Sequence[list[Neighbor]],
     titles: Sequence[str],
     reference_labels: Sequence[int | str | None] | None = None,
+    reasons: Sequence[str] | None = None,
 ) -> list[MontageRow]:
-    """Rows for :func:`montage`: each query as the model saw it, then its neighbours' images
-    looked up in ``index``. Neighbours are judged against ``reference_labels`` (the true labels,
-    when known), else against each query's predicted (majority) label."""
+    """Rows for :func:`montage`: each query as the model saw it (None: refused, see
+    :class:`MontageRow`), then its neighbours' images looked up in ``index``. Neighbours are
+    judged against ``reference_labels`` (the true labels, when known), else against each
+    query's predicted (majority) label; ``reasons`` say why a query has no answer ("" if it
+    has one)."""
     from .search import majority_label
 
     if reference_labels is None:
         reference_labels = [majority_label(neighbors) for neighbors in results]
+    if reasons is None:
+        reasons = [""] * len(queries)
     return [
         MontageRow(
             query=query,
@@ -117,9 +123,10 @@ def montage_rows(
             neighbor_images=[index.item_image(n.id) for n in neighbors],
             reference_label=reference,
             title=title,
+            reason=reason,
         )
-        for query, neighbors, title, reference in zip(
-            queries, results, titles, reference_labels, strict=True
+        for query, neighbors, title, reference, reason in zip(
+            queries, results, titles, reference_labels, reasons, strict=True
         )
     ]
 
@@ -148,7 +155,9 @@ def tile_box(row: int, column: int) -> tuple[int, int, int, int]:
 def montage(rows: Sequence[MontageRow], columns_k: int | None = None) -> Image.Image:
     """Draw one row per query: the query (blue frame), then its neighbours with captions.
 
-    Under each neighbour is its label and distance ("7  0.012"); a neighbour whose label differs
+    A query without a picture (refused before the model saw it) gets a pale tile with its
+    ``reason`` in words instead, so every query has its row whatever became of it. Under each
+    neighbour is its label and distance ("7  0.012"); a neighbour whose label differs
     from the row's ``reference_label`` gets a red frame and a red bold caption. ``columns_k`` is
     the number of neighbour columns (default: the longest row); longer rows are cut, shorter
     ones leave blanks. Digits are upscaled with nearest-neighbour so they stay crisp.
@@ -174,7 +183,10 @@ def montage(rows: Sequence[MontageRow], columns_k: int | None = None) -> Image.I
         wrong = [_differs(n.label, row.reference_label) for n in neighbors]
         left, top, _, bottom = tile_box(r, 0)
         _montage_row_title(draw, row, wrong, top - FRAME - ROW_TITLE_H, width, title_font)
-        _paste_tile(page, draw, row.query, r, 0, QUERY_BLUE)
+        if row.query is None:
+            _reason_tile(draw, row.reason or "no picture", r, title_font)
+        else:
+            _paste_tile(page, draw, row.query, r, 0, QUERY_BLUE)
         _caption(draw, "query", left, bottom, caption_font, QUERY_BLUE)
         if neighbors:
             separator_x = MARGIN + CELL + QUERY_GAP // 2
@@ -232,7 +244,9 @@ def _montage_row_title(
         title = _fit(row.title, font, room)
         _text(draw, x, y + 2, title, font, INK)
         x += _text_width(title, font) + 12
-    if row.reference_label is None:
+    if row.reason:
+        summary, colour = row.reason, MUTED
+    elif row.reference_label is None:
         summary, colour = "not judged", MUTED
     else:
         judged = sum(1 for n in row.neighbors[: len(wrong)] if n.label is not None)
@@ -258,6 +272,21 @@ def _paste_tile(
     draw.rectangle([left - FRAME, top - FRAME, right + FRAME - 1, bottom + FRAME - 1], fill=colour)
     tile = Image.fromarray(_gray_u8(image)).resize((TILE, TILE), Image.Resampling.NEAREST)
     page.paste(tile.convert("RGB"), (left, top))
+
+
+def _reason_tile(draw: ImageDraw.ImageDraw, reason: str, row: int, font: Font) -> None:
+    """The query cell of a query that has no picture: its frame, and ``reason`` wrapped to fit
+    the tile (the last line cut short with "..." when it is too long)."""
+    left, top, right, bottom = tile_box(row, 0)
+    draw.rectangle([left - FRAME, top - FRAME, right + FRAME - 1, bottom + FRAME - 1],
+                   fill=QUERY_BLUE)
+    draw.rectangle([left, top, right - 1, bottom - 1], fill=PALE)
+    pitch = _line_height(font) + 2
+    lines = _wrap(reason, font, TILE - 6, max(1, (TILE - 6) // pitch))
+    y = top + (TILE - pitch * len(lines)) // 2
+    for line in lines:
+        _text(draw, left + (TILE - _text_width(line, font)) // 2, y, line, font, INK)
+        y += pitch
 
 
 def _caption(
@@ -626,18 +655,20 @@ def _label_classes(
 
 @functools.cache
 def _font_path(name: str) -> str | None:
-    direct = _DEJAVU_DIR / name
-    if direct.is_file():
-        return str(direct)
-    if _FONT_DIR.is_dir():
-        for found in sorted(_FONT_DIR.rglob(name)):
-            return str(found)
-    return None
+    """``name`` in matplotlib's fonts (:mod:`.fonts`; never the system's, so a picture looks the
+    same on every machine), or None without matplotlib."""
+    from .fonts import MissingFonts, font_file
+
+    try:
+        return str(font_file(name))
+    except MissingFonts:
+        return None
 
 
 @functools.lru_cache(maxsize=64)
 def _font(size: int, bold: bool = False) -> Font:
-    """DejaVu Sans at ``size`` px if installed, else Pillow's default font (sized if possible)."""
+    """DejaVu Sans at ``size`` px from matplotlib's fonts, else Pillow's default font (sized if
+    possible)."""
     path = _font_path("DejaVuSans-Bold.ttf") if bold else None
     path = path or _font_path("DejaVuSans.ttf")
     if path is not None:
@@ -651,10 +682,21 @@ def _font(size: int, bold: bool = False) -> Font:
         return ImageFont.load_default()
 
 
+# Characters that end a line (str.splitlines'): Pillow lays text out on one line and fails on
+# them (raqm_layout), and a file or class name may hold any of them.
+_LINE_BREAKS = dict.fromkeys(map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"), " ")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every line break a space: all text is measured and drawn through this, so
+    any string (a hostile file name too) draws on one line."""
+    return text.translate(_LINE_BREAKS)
+
+
 def _text_width(text: str, font: Font) -> int:
     if not text:
         return 0
-    left, _, right, _ = font.getbbox(text)
+    left, _, right, _ = font.getbbox(_one_line(text))
     return int(math.ceil(right - min(left, 0)))
 
 
@@ -664,7 +706,26 @@ def _line_height(font: Font) -> int:
 
 
 def _text(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, font: Font, fill: RGB) -> None:
-    draw.text((int(x), int(y)), text, font=font, fill=fill)
+    draw.text((int(x), int(y)), _one_line(text), font=font, fill=fill)
+
+
+def _wrap(text: str, font: Font, width: int, max_lines: int) -> list[str]:
+    """``text`` broken into at most ``max_lines`` lines of at most ``width`` px (between words
+    where it can, inside a word too long for a line; the last line cut short with "...")."""
+    lines: list[str] = []
+    rest = " ".join(text.split())
+    while rest and len(lines) < max_lines - 1:
+        cut = len(rest)
+        while cut > 1 and _text_width(rest[:cut], font) > width:
+            cut -= 1
+        space = rest.rfind(" ", 0, cut + 1)
+        if cut < len(rest) and space > 0:
+            cut = space
+        lines.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        lines.append(_fit(rest, font, width) or "...")
+    return lines
 
 
 def _fit(text: str, font: Font, width: int) -> str:
@@ -700,7 +761,7 @@ def _vertical_text(
     """
     w, h = _text_width(text, font) + 2, _line_height(font) + 2
     strip = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(strip).text((0, 0), text, font=font, fill=255)
+    ImageDraw.Draw(strip).text((0, 0), _one_line(text), font=font, fill=255)
     mask = strip.rotate(90, expand=True)
     top = bottom - mask.height if bottom is not None else (centre_y or 0) - mask.height // 2
     page.paste(Image.new("RGB", mask.size, fill), (x, top), mask)

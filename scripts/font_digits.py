@@ -7,7 +7,8 @@ and both polarities (dark ink on light paper and light on dark), named
 
     python scripts/font_digits.py /tmp/font-digits --index-dir index
 
-Fonts: DejaVu from Debian's ``fonts-dejavu-core`` (``.ci/run`` installs it), or ``--fonts DIR``.
+Fonts: the DejaVu fonts matplotlib ships (Sans, Sans Mono, Serif; no system fonts needed), or
+``--fonts DIR``; only fonts whose character map has all ten digits are used.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lenet_embed.cli import run_script
 from lenet_embed.errors import LenetEmbedError
-
-DEFAULT_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+from lenet_embed.fonts import characters, font_dir
 
 # (name, canvas side, glyph size as a fraction of the canvas, offset as a fraction, dark ink?, fmt)
 VARIANTS = [
@@ -35,9 +35,11 @@ VARIANTS = [
 ]
 
 
-def find_fonts(font_dir: Path) -> list[Path]:
-    """Every TrueType font in ``font_dir`` (sorted, for a stable set)."""
-    return sorted(font_dir.glob("*.ttf"))
+def find_fonts(folder: Path | None = None) -> list[Path]:
+    """Every TrueType font in ``folder`` (default: matplotlib's DejaVu fonts) that has the ten
+    digits (a missing one would draw as a box), sorted for a stable set."""
+    found = sorted(folder.glob("*.ttf")) if folder else sorted(font_dir().glob("DejaVu*.ttf"))
+    return [path for path in found if set("0123456789") <= characters(path)]
 
 
 def render(font_path: Path, digit: int, side: int, scale: float, offset: tuple[float, float],
@@ -57,12 +59,13 @@ def render(font_path: Path, digit: int, side: int, scale: float, offset: tuple[f
     return canvas.convert("L") if fmt == "png" else canvas
 
 
-def write_set(out_dir: Path, font_dir: Path = DEFAULT_FONT_DIR) -> list[Path]:
-    """Render every digit in every font and variant into ``out_dir``; return the paths."""
-    fonts = find_fonts(font_dir)
+def write_set(out_dir: Path, folder: Path | None = None) -> list[Path]:
+    """Render every digit in every font (:func:`find_fonts`) and variant into ``out_dir``;
+    return the paths."""
+    fonts = find_fonts(folder)
     if not fonts:
-        raise LenetEmbedError(f"no .ttf fonts in {font_dir}; install fonts-dejavu-core or pass "
-                              "--fonts DIR")
+        raise LenetEmbedError(f"no .ttf fonts with the ten digits in {folder or font_dir()}; "
+                              "pass --fonts DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for font_path in fonts:
@@ -99,7 +102,8 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--fonts", type=Path, default=DEFAULT_FONT_DIR, help="folder of .ttf files")
+    parser.add_argument("--fonts", type=Path, help="folder of .ttf files [default: matplotlib's "
+                        "DejaVu fonts]")
     parser.add_argument("--index-dir", help="query the rendered digits against this bundle")
     args = parser.parse_args()
     paths = write_set(args.out_dir, args.fonts)

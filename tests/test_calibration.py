@@ -259,12 +259,12 @@ def test_adds_go_on_while_calibrate_fits(monkeypatch, bundle_copy, mnist):
 
 def test_without_fonts_letters_refuse_and_training_draws_the_other_kinds(monkeypatch, tmp_path,
                                                                          caplog):
-    import lenet_embed.nondigits as nondigits
+    import lenet_embed.fonts
     from lenet_embed.nondigits import FONT_KINDS, MissingFonts
     from lenet_embed.training import outlier_images
 
-    monkeypatch.setattr(nondigits, "FONT_DIRS", (tmp_path / "none", tmp_path / "none"))
-    with pytest.raises(MissingFonts, match="fonts-dejavu-core"):
+    monkeypatch.setattr(lenet_embed.fonts, "font_dir", lambda: tmp_path / "none")
+    with pytest.raises(MissingFonts, match="reinstall matplotlib"):
         generate("fit", 10, seed=0)
     others = generate("fit", 30, seed=0, kinds=("textures", "noise", "objects"))
     assert len(others) == 30 and set(others.kinds) == {"textures", "noise", "objects"}
