@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from .fonts import font_dir
+
 DEFAULT_SEED = 20261207
 
 # (MNIST digit uint8 28x28 white on black, its label, generator) -> picture (PIL, any mode)
@@ -183,9 +185,7 @@ def _photo(digit: np.ndarray, label: int, rng: np.random.Generator) -> Image.Ima
 def font_files() -> tuple[Path, ...]:
     """The digit fonts: those matplotlib ships (DejaVu Sans, Serif and Mono with their bold and
     slanted faces, STIX, Computer Modern), so the family is the same on every machine."""
-    import matplotlib
-
-    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    folder = font_dir()
     # (not the "Display" faces, which hold a few glyphs only)
     names = sorted(p for p in folder.glob("*.ttf")
                    if p.name.startswith(("DejaVu", "STIXGeneral", "cmr", "cmss", "cmtt",

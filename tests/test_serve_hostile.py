@@ -392,10 +392,11 @@ def test_a_token_path_that_is_not_a_regular_file_is_refused_before_it_is_opened(
     os.mkfifo(fifo)
     folder = tmp_path / "folder"
     folder.mkdir()
-    for path in (fifo, folder, Path("/dev/zero")):
+    for path, kind in ((fifo, "a FIFO"), (folder, "a folder"),
+                       (Path("/dev/zero"), "a character device")):
         message = _refused_in_time(path)
-        assert message == (f"{path}: not a regular file; --write-token-file needs a file "
-                           "holding the token on its first line")
+        assert message == (f"{path}: not a regular file ({kind}); give a file holding the "
+                           "token on its first line")
 
 
 def test_serve_with_a_fifo_as_token_file_is_one_line(lenet_embed_cmd, bundle_dir, tmp_path):

@@ -16,6 +16,7 @@ from fastapi import Request
 
 from ..bundle import DELETIONS_DIR, LOCK_FILE, SEGMENTS_DIR, VERSIONS_DIR
 from ..errors import LenetEmbedError
+from ..files import open_regular
 from .errors import ApiError
 
 log = logging.getLogger(__package__)
@@ -70,27 +71,17 @@ def read_token(path: str | os.PathLike[str] | None, warn: bool = True) -> str | 
 
 def _first_line(path: Path) -> tuple[str, int]:
     """The first line (stripped) of the regular file ``path``, and the file's mode."""
-    not_regular = (f"{path}: not a regular file; --write-token-file needs a file holding the "
-                   "token on its first line")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise LenetEmbedError(not_regular)
-        # O_NONBLOCK: a FIFO swapped in after the check opens at once, and fstat refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise LenetEmbedError(not_regular)
-            data = os.read(fd, MAX_TOKEN_FILE_BYTES)
-        finally:
-            os.close(fd)
+        with open_regular(path, "a file holding the token on its first line") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read(MAX_TOKEN_FILE_BYTES)
         lines = data.decode("utf-8").splitlines()
     except OSError as exc:
         raise LenetEmbedError(f"{path}: cannot read the write token ({exc.strerror or exc})"
                               ) from None
     except UnicodeDecodeError as exc:
         raise LenetEmbedError(f"{path}: cannot read the write token ({exc})") from None
-    return (lines[0].strip() if lines else ""), info.st_mode
+    return (lines[0].strip() if lines else ""), mode
 
 
 def write_problem(index_dir: str | os.PathLike[str]) -> str | None:
