@@ -620,6 +620,12 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
     return Snapshot(directory, manifest, segments, deleted, encoder, params)
 
 
+# `info` suggests `compact` from this share of removed rows on: a search of a segment with a share
+# d removed does 1 / (1 - d) times the work (its effort is scaled to keep its recall), 1.5x at a
+# third; scripts/bench_removed.py measured HNSW at 50 % removed 1.5-2x slower than compacted.
+COMPACT_HINT_SHARE = 1 / 3
+
+
 @dataclass(frozen=True)
 class BundleReport:
     """What ``lenet-embed info`` shows: the manifest of a bundle that loaded, and its sizes."""
@@ -634,11 +640,21 @@ class BundleReport:
         """Segments with a FAISS index of their own."""
         return sum(segment.sealed for segment in self.manifest.segments)
 
+    @property
+    def compaction_hint(self) -> str | None:
+        """"N % of rows removed: `lenet-embed compact` restores search speed" once at least
+        :data:`COMPACT_HINT_SHARE` of the stored rows are removed ones, else None."""
+        share = self.manifest.deleted / max(self.manifest.rows, 1)
+        if self.manifest.deleted == 0 or share < COMPACT_HINT_SHARE:
+            return None
+        return (f"{round(share * 100)} % of rows removed: `lenet-embed compact` restores search "
+                "speed")
+
     def to_dict(self) -> dict[str, Any]:
         """The manifest, plus the figures ``info`` prints."""
         return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
                 "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok",
-                "verified": self.verified}
+                "verified": self.verified, "compaction_hint": self.compaction_hint}
 
 
 def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> BundleReport:
