@@ -557,6 +557,7 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         "compaction would reclaim": f"{m.deleted} row(s), {report.reclaimable_bytes} bytes"
                                     + (f", merge {len(m.segments)} segments into 1"
                                        if len(m.segments) > 1 else ""),
+        **({"compaction hint": report.compaction_hint} if report.compaction_hint else {}),
         "dim": m.dim,
         "metric": m.metric,
         "factory": m.factory,

@@ -8,10 +8,13 @@ compares every checksum); only the small files read whole (encoder, removed ids)
 Searching combines the segments:
 
 - a sealed segment is searched with its own FAISS index. Removed rows are masked with an
-  ``IDSelectorBitmap`` where the index takes one (Flat, IVF, HNSW), else over-fetched and dropped;
-  a query that still gets fewer than ``k`` live rows (a filtered graph search can run dry) is
-  answered by exact search over the segment's live vectors, so ``k`` live results always come
-  back when the bundle has ``k`` live items;
+  ``IDSelectorBitmap`` where the index takes one (Flat, IVF, HNSW), else over-fetched and dropped.
+  With a share of its rows removed, the search effort is scaled by 1 / (live share), so that the
+  search meets as many live candidates as the tuned one did with nothing removed and its recall
+  holds (:func:`_filtered_search`); once that effort would cost more than twice an exact search
+  over the segment's live rows, they are searched exactly instead. A query that still gets fewer
+  than ``k`` live rows (a filtered graph search can run dry) is answered by exact search over the
+  live rows too, so ``k`` live results always come back when the bundle has ``k`` live items;
 - unsealed segments (written by ``add``) are searched exactly, all together in one flat index of
   their live rows, as Milvus searches its growing segments.
 
@@ -26,7 +29,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,15 @@ from .errors import LenetEmbedError
 EncoderLoader = Callable[[Path, Path], Any]
 _READ_WHOLE_BYTES = 1 << 20  # unsealed segments up to this size are read, not mapped
 _ATTEMPTS = 8
+# A filtered search is replaced by exact search over the live rows once it would compare this
+# many times as many rows as there are live ones: the exact index holds a copy of the live
+# vectors, worth it only when it is much faster.
+_EXACT_SPEEDUP = 2
+# One unit of HNSW's efSearch expands a node: distances to its level-0 neighbours (2M), read at
+# random, each about 3 times a row of an exact scan (measured on the team's two-core machine,
+# 300 queries of 84-d unit vectors at a time: efSearch 64 on HNSW32 over 60,000 rows took 0.41 ms a
+# query, exact search over 10,000 rows 0.21 ms and over 30,000 1.0 ms; 64 x 64 x 3 = 12,288).
+_HNSW_ROWS_PER_NEIGHBOUR = 3
 
 
 class _Vanished(Exception):
@@ -74,6 +86,11 @@ class LoadedSegment:
     images: np.ndarray
     sources: list[str | None] | None
     index: Any | None
+    # (live rows as a bitmap, a flat index of their vectors, their rows): the exact index of the
+    # latest set of removed rows, kept across the snapshots that share this segment (a stream of
+    # adds after a remove would otherwise copy the live vectors again at every commit).
+    live_index: tuple[bytes, Any, np.ndarray] | None = field(default=None, compare=False,
+                                                             repr=False)
 
 
 def _read_index(path: Path) -> Any:
@@ -406,7 +423,10 @@ class Snapshot:
         if not part["removed"]:
             scores, local = index.search(vectors, wanted)
             return self._as_rows(scores, local, start)
-        params = _selector_params(index, part["selector"], part["live_count"] / len(live))
+        params, effort = _filtered_search(index, part["selector"],
+                                          part["live_count"] / len(live), wanted)
+        if effort >= _EXACT_SPEEDUP * part["live_count"]:
+            return self._as_rows(*self._search_live(part, vectors, wanted), start)
         if params is not None:
             scores, local = index.search(vectors, wanted, params=params)
         else:  # masking by over-fetching: ask for as many more as were removed
@@ -419,22 +439,31 @@ class Snapshot:
             scores = np.take_along_axis(scores, order, axis=1)
         short = (local[:, :wanted] < 0).any(axis=1)
         if short.any():
-            exact_scores, exact_local = self._exact(part).search(vectors[short], wanted)
-            live_local = part["exact_rows"]
-            scores[short] = exact_scores
-            local[short] = np.where(exact_local < 0, -1,
-                                    live_local[np.maximum(exact_local, 0)])
+            scores[short], local[short] = self._search_live(part, vectors[short], wanted)
         return self._as_rows(scores, local, start)
 
-    def _exact(self, part: dict[str, Any]) -> Any:
-        """A flat index over a sealed segment's live vectors, made the first time it is needed."""
+    def _search_live(self, part: dict[str, Any], vectors: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over a sealed segment's live rows: FAISS scores and rows of the segment
+        (-1 past its live rows)."""
+        flat, live_local = self._exact(part)
+        scores, found = flat.search(vectors, k)
+        return scores, np.where(found < 0, -1, live_local[np.maximum(found, 0)])
+
+    def _exact(self, part: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """A flat index over a sealed segment's live vectors and their rows in the segment, made
+        the first time it is needed (or taken from the segment, when it was made for the same
+        removed rows by another snapshot)."""
         with part["lock"]:
             if part["exact"] is None:
-                live_local = np.flatnonzero(part["live"])
-                flat = faiss.IndexFlat(self.dim, faiss_metric(self.metric))
-                flat.add(np.ascontiguousarray(part["segment"].vectors[live_local]))
-                part["exact_rows"] = live_local
-                part["exact"] = flat
+                segment, key = part["segment"], part["bitmap"].tobytes()
+                cached = segment.live_index
+                if cached is None or cached[0] != key:
+                    live_local = np.flatnonzero(part["live"])
+                    flat = faiss.IndexFlat(self.dim, faiss_metric(self.metric))
+                    flat.add(np.ascontiguousarray(segment.vectors[live_local]))
+                    cached = segment.live_index = (key, flat, live_local)
+                part["exact"] = cached[1:]
             return part["exact"]
 
 
@@ -463,25 +492,35 @@ def _pad(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
             np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
 
 
-def _selector_params(index: Any, selector: Any, live_fraction: float) -> Any | None:
-    """Search parameters that carry ``selector`` for the index types that honour one.
+def _filtered_search(index: Any, selector: Any, live_fraction: float, k: int
+                     ) -> tuple[Any | None, float]:
+    """Search parameters that carry ``selector`` for the index types that honour one (None for
+    the others), and what such a search of ``k`` costs, in rows of an exact scan.
 
-    An IVF search visiting ``nprobe`` lists meets only ``live_fraction`` of the candidates it was
-    tuned with, so it visits that many times more lists (all of them, at worst): with most rows
-    removed, the tuned ``nprobe`` would otherwise return k live rows that are far from the
-    nearest ones."""
+    The promise: the search meets as many live candidates as the tuned one did with nothing
+    removed, so its recall of the live items holds whatever the share removed. A filtered search
+    visiting ``nprobe`` IVF lists, or keeping ``efSearch`` HNSW nodes in its beam, meets live rows
+    at ``live_fraction`` of the rate it was tuned with, so it visits that many times more lists
+    (all of them, at worst) or keeps that many times more nodes; with most rows removed the tuned
+    values would otherwise return k live rows far from the nearest ones (HNSW at 95 % removed:
+    recall@10 0.68 instead of 0.99)."""
     if isinstance(index, faiss.IndexHNSW):
         params = faiss.SearchParametersHNSW()
-        params.efSearch = index.hnsw.efSearch
+        # FAISS keeps at least k nodes in the beam whatever efSearch says.
+        params.efSearch = math.ceil(max(index.hnsw.efSearch, k) / live_fraction)
+        effort = (params.efSearch * index.hnsw.nb_neighbors(0)
+                  * _HNSW_ROWS_PER_NEIGHBOUR)
     elif isinstance(index, faiss.IndexIVF):
         params = faiss.SearchParametersIVF()
         params.nprobe = min(index.nlist, math.ceil(index.nprobe / live_fraction))
+        effort = index.ntotal * params.nprobe / index.nlist
     elif isinstance(index, faiss.IndexFlatCodes):
         params = faiss.SearchParameters()
+        effort = index.ntotal
     else:
-        return None
+        return None, index.ntotal
     params.sel = selector
-    return params
+    return params, effort
 
 
 # --------------------------------------------------------------------------- opening
@@ -582,6 +621,12 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
     return Snapshot(directory, manifest, segments, deleted, encoder, params)
 
 
+# `info` suggests `compact` from this share of removed rows on: a search of a segment with a share
+# d removed does 1 / (1 - d) times the work (its effort is scaled to keep its recall), 1.5x at a
+# third; scripts/bench_removed.py measured HNSW at 50 % removed 1.5-2x slower than compacted.
+COMPACT_HINT_SHARE = 1 / 3
+
+
 @dataclass(frozen=True)
 class BundleReport:
     """What ``lenet-embed info`` shows: the manifest of a bundle that loaded, and its sizes."""
@@ -596,11 +641,21 @@ class BundleReport:
         """Segments with a FAISS index of their own."""
         return sum(segment.sealed for segment in self.manifest.segments)
 
+    @property
+    def compaction_hint(self) -> str | None:
+        """"N % of rows removed: `lenet-embed compact` restores search speed" once at least
+        :data:`COMPACT_HINT_SHARE` of the stored rows are removed ones, else None."""
+        share = self.manifest.deleted / max(self.manifest.rows, 1)
+        if self.manifest.deleted == 0 or share < COMPACT_HINT_SHARE:
+            return None
+        return (f"{round(share * 100)} % of rows removed: `lenet-embed compact` restores search "
+                "speed")
+
     def to_dict(self) -> dict[str, Any]:
         """The manifest, plus the figures ``info`` prints."""
         return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
                 "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok",
-                "verified": self.verified}
+                "verified": self.verified, "compaction_hint": self.compaction_hint}
 
 
 def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> BundleReport:

@@ -5,9 +5,9 @@ with the bundle's own encoder and calls :func:`add_vectors`. Every function hold
 writer lock for the length of its commit.
 
 Added items go into a new unsealed segment, searched exactly. So that a stream of small adds does
-not pile up segments, unsealed segments are merged as in a size-tiered LSM tree: once the newest
-four share a size class (1-3 rows, 4-15, 16-63, ...), they become one segment of the next class.
-There are at most 3 per class (3 log4(n) in all), and each row is rewritten at most log4(n)
+not pile up segments, unsealed segments are merged as in a size-tiered LSM tree (see
+:func:`_merged_with`): for any sequence of add sizes, the ``n`` rows in unsealed segments are in
+at most ``3 * (floor(log4(n)) + 1)`` of them, and each row is rewritten at most ``floor(log4(n))``
 times. ``compact`` rebuilds everything live into one sealed segment with the
 bundle's FAISS factory and forgets removed rows.
 """
@@ -41,7 +41,8 @@ from .snapshot import LoadedSegment, find_sorted, load_segment, read_deletions, 
 from .writer import DEFAULT_LOCK_TIMEOUT, GRACE_SECONDS, BundleWriter
 
 Label = int | str | None
-# Unsealed segments are merged MERGE_FACTOR at a time, once that many of a size class pile up.
+# Unsealed segments are merged MERGE_FACTOR at a time, once that many of a size class pile up
+# (and a size class spans a factor of MERGE_FACTOR in rows: see _tier).
 MERGE_FACTOR = 4
 
 
@@ -202,16 +203,42 @@ def _tier(rows: int) -> int:
 
 def _merged_with(segments: list[Segment], rows: int) -> int:
     """How many of the newest ``segments`` a new unsealed segment of ``rows`` rows is merged
-    with at once: while the last MERGE_FACTOR segments (the new one last) are unsealed and share
-    a tier, they become one, and so on up the tiers."""
-    sizes: list[int | None] = [None if s.sealed else s.rows for s in segments] + [rows]
-    merged = 0
-    while len(sizes) >= MERGE_FACTOR:
-        tail = sizes[-MERGE_FACTOR:]
-        if None in tail or len({_tier(size) for size in tail if size is not None}) != 1:
+    with at once (the newest first: the merged segment takes their place).
+
+    The promise: the unsealed segments after the last sealed one, oldest first, never rise in
+    tier (:func:`_tier`) and hold fewer than MERGE_FACTOR of any tier. With tiers 0 to
+    floor(log4(n)) for ``n`` unsealed rows, that is at most ``3 * (floor(log4(n)) + 1)``
+    segments, whatever the sizes of the adds were (1,000 alternating adds of 4 and 1 images
+    leave 9, where merging only four of a tier left 1,000). Each add restores it by merging the
+    new segment, always the newest, with
+
+    - its predecessor while that one is of a lower tier (a large add pulls in the small
+      segments before it, so no small segment is left stranded behind a larger one), then
+    - the MERGE_FACTOR - 1 before it when none of them is of a higher tier (a tier collision:
+      four of tier t make one of tier t + 1, the carry of a base-4 counter),
+
+    until neither applies. A row that is rewritten always lands in a segment of a higher tier
+    than the one it left, so it is rewritten at most floor(log4(n)) times. (Segments left by an
+    older, unbounded policy are merged in as they are met; ``compact`` clears them at once.)
+    """
+    older: list[int] = []
+    for segment in reversed(segments):
+        if segment.sealed:
             break
-        sizes[-MERGE_FACTOR:] = [sum(size for size in tail if size is not None)]
-        merged += MERGE_FACTOR - 1
+        older.append(segment.rows)
+    older.reverse()
+    size, merged = rows, 0
+    while merged < len(older):
+        rest = older[:len(older) - merged]
+        if _tier(rest[-1]) < _tier(size):
+            take = 1
+        elif (len(rest) >= MERGE_FACTOR - 1
+              and all(_tier(r) <= _tier(size) for r in rest[1 - MERGE_FACTOR:])):
+            take = MERGE_FACTOR - 1
+        else:
+            break
+        size += sum(rest[-take:])
+        merged += take
     return merged
 
 

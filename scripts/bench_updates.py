@@ -21,7 +21,10 @@ Every figure is printed beside a baseline measured in this same run, on this mac
    ``POST /v1/search`` with the new item (polled every 10 ms; goal <= 1 s), median and max of 5;
    "not seen within 10 s" when the service does not pick up new versions;
 5. ``SearchIndex.load`` time (median of several) after 10,000 single adds, before and after
-   ``compact``, vs a freshly built bundle of the same items (goal after compact <= 1.2x).
+   ``compact``, vs a freshly built bundle of the same items (goal after compact <= 1.2x);
+6. 10,000 adds alternating 4 and 1 digits: unsealed segments, manifest bytes and add latency p50
+   after 400, 2,000 and 10,000 adds, beside the segments the merge policy before the bounded one
+   (kept here as ``unbounded_merged_with``) leaves for the same adds, simulated.
 
 The main bundle (figures 1, 3, 4) is a Flat bundle of the 60,000 MNIST training digits; figures 2
 and 5 start from a bundle of the first 1,000. Everything is built from ``--model`` in a temporary
@@ -62,6 +65,7 @@ from lenet_embed.ann import set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.serve.running import HOST, health, running_service
+from lenet_embed.updates import MERGE_FACTOR, _tier
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
 DEFAULT_MODEL = Path("models/lenet.keras")
@@ -88,6 +92,7 @@ class Plan:
     load_adds: int  # figure 5
     loads: int  # figure 5: loads per median
     train_items: int | None  # training subset when a seed model is trained (None = all)
+    alternating_adds: int = 10_000  # figure 6
 
 
 FULL = Plan(main_items=60_000, base_items=1_000, single_adds=200, searches=1_000, batch=10_000,
@@ -95,7 +100,7 @@ FULL = Plan(main_items=60_000, base_items=1_000, single_adds=200, searches=1_000
             train_items=None)
 QUICK = Plan(main_items=2_000, base_items=500, single_adds=30, searches=200, batch=1_000,
              stream_seconds=2.0, visibility_repeats=2, load_adds=200, loads=5,
-             train_items=10_000)
+             train_items=10_000, alternating_adds=400)
 
 
 @dataclass(frozen=True)
@@ -585,6 +590,56 @@ def load_after_adds(dataset: Dataset, base: Path, model: Path, scratch: Path, pl
     ]
 
 
+# --------------------------------------------------------------------------- figure 6
+
+
+def unbounded_merged_with(sizes: list[int], rows: int) -> int:
+    """The merge policy before the bounded one, on the unsealed segments' sizes: while the newest
+    four share a tier they become one (alternating adds of 4 and 1 never merge)."""
+    sizes = [*sizes, rows]
+    merged = 0
+    while len(sizes) >= MERGE_FACTOR and len({_tier(size) for size in
+                                             sizes[-MERGE_FACTOR:]}) == 1:
+        sizes[-MERGE_FACTOR:] = [sum(sizes[-MERGE_FACTOR:])]
+        merged += MERGE_FACTOR - 1
+    return merged
+
+
+def alternating_adds(dataset: Dataset, base: Path, scratch: Path, plan: Plan) -> list[Row]:
+    """Figure 6: segments, manifest size and add latency under adds of 4 and 1 digits in turn."""
+    target = scratch / "alternating"
+    shutil.copytree(base, target)
+    index = SearchIndex.load(target, threads=1)
+    images, labels = dataset.train.images, dataset.train.labels
+    checkpoints = [n for n in (400, 2_000, 10_000) if n < plan.alternating_adds]
+    checkpoints.append(plan.alternating_adds)
+    say(f"[6] {plan.alternating_adds:,} adds of 4 and 1 digits in turn")
+    old: list[int] = []
+    latencies: list[float] = []
+    rows, start = [], 0
+    for i in range(plan.alternating_adds):
+        size = 4 if i % 2 == 0 else 1
+        chunk = np.arange(start, start + size) % len(images)
+        start += size
+        begun = time.perf_counter()
+        index.add(images[chunk], labels=labels[chunk].tolist())
+        latencies.append(time.perf_counter() - begun)
+        merged = unbounded_merged_with(old, size)
+        old[len(old) - merged:] = [sum(old[len(old) - merged:]) + size]
+        if i + 1 in checkpoints:
+            manifest = index.manifest
+            unsealed = sum(not segment.sealed for segment in manifest.segments)
+            manifest_bytes = (target / "manifest.json").stat().st_size
+            window = latencies[-min(200, len(latencies)):]
+            rows.append(Row(6, f"6. after {i + 1:,} adds of 4, 1, 4, ... digits ({start:,} rows)",
+                            f"{unsealed} unsealed segments, manifest {manifest_bytes / 1000:.1f} "
+                            f"KB, add p50 {ms(window, 50):.2f} ms (last {len(window)})",
+                            f"previous policy: {len(old)} unsealed segments (simulated)",
+                            f"bound 3(floor(log4 {start})+1) = {3 * (_tier(start) + 1)}",
+                            unsealed <= 3 * (_tier(start) + 1)))
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -659,6 +714,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], str]:
             rows += batch_add(dataset, base_dir, model, scratch, plan)
         with step(5, "load after adds", rows, notes):
             rows += load_after_adds(dataset, base_dir, model, scratch, plan)
+        with step(6, "alternating adds", rows, notes):
+            rows += alternating_adds(dataset, base_dir, scratch, plan)
     header = (f"machine: {os.cpu_count()} cores, load average {load_start:.1f} at the start, "
               f"{os.getloadavg()[0]:.1f} at the end (other work moves every figure); model "
               f"{model if model.parent != scratch else 'seed, 1 epoch (trained in this run)'}; "
