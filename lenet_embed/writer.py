@@ -231,6 +231,9 @@ class WriterLock:
         self.fd = fd
         self.previous = self.state(fd)[0]
         self._mark("busy")
+        # On disk before this writer creates anything: after a power failure the next writer
+        # must read "busy" to look for what this one left, not the "idle" of the one before.
+        os.fsync(fd)
 
     @staticmethod
     def state(fd: int) -> tuple[str, str]:
