@@ -271,6 +271,7 @@ class BundleWriter:
         self.current: Manifest | None = None
         # Files and folders written for the next version, open until the commit flushes them.
         self._unflushed: dict[Path, int] = {}
+        self._created: list[Path] = []  # the bundle's folder and parents, when a build made them
 
     # ------------------------------------------------------------------------ session
 
@@ -322,6 +323,10 @@ class BundleWriter:
         if not self.replacing:
             read_manifest(self.directory)  # "no index bundle there", "format 1 ...", and so on
         elif not self.directory.exists():
+            folder = self.directory
+            while not folder.exists():
+                self._created.append(folder)
+                folder = folder.parent
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -517,6 +522,10 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise malformed("the new manifest", exc) from None
         text = manifest_json(manifest)
+        for folder in self._created:
+            # A new folder's entry is in its parent: unflushed, a power failure could lose the
+            # bundle, manifest and all, after the build returned.
+            self._flush_later(folder.parent)
         staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
         self._new_file(staged, lambda fh: fh.write(text.encode()))
         # Every new file and folder, and the staged manifest, flushed at once before the rename.
