@@ -522,6 +522,11 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise malformed("the new manifest", exc) from None
         text = manifest_json(manifest)
+        if self._scratch_used:
+            # Removed before the flush of the bundle folder that makes the commit durable: once
+            # the lock file's "idle" reaches the disk, no writer would remove it after a crash.
+            shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+            self._scratch_used = False
         for folder in self._created:
             # A new folder's entry is in its parent: unflushed, a power failure could lose the
             # bundle, manifest and all, after the build returned.
