@@ -11,8 +11,9 @@ The persistence model (what the generated states assume of the file system):
 
 - before the operation everything in the world is durable (as after ``sync``);
 - a regular file's bytes are durable as they were at its last ``fsync``/``fdatasync``; a file
-  never flushed since it was created is empty (variants: a random prefix of what was written,
-  or all of it, as ext4's ``data=ordered`` may leave it);
+  never flushed since it was created is empty, as ext4's delayed allocation may leave it
+  (variants: all of it written, as ``data=ordered`` writes data before the metadata naming it;
+  a random prefix of it, as ``data=writeback`` and other file systems may);
 - a directory's entries (name -> file or folder) are durable as they were at its last ``fsync``;
   a folder never flushed since it was created has no entries, and it exists only where its
   parent's durable entries name it. Creating, linking, renaming and removing are atomic: an
@@ -21,10 +22,11 @@ The persistence model (what the generated states assume of the file system):
   writes directories back on its own; ext4 commits its journal every few seconds);
 - an ``fsync`` that returned is durable, in the order the calls returned.
 
-Not modelled: torn or reordered writes inside a file that was flushed, devices whose caches lie
-about ``fsync``, ``fsync`` errors (the page cache dropping dirty pages), the early write-back of
-several directories at once, flushes that complete in another order than they returned, and
-anything done by another process or through another path than ``os.fsync``/``os.fdatasync``.
+Not modelled: torn or reordered writes inside a file that was flushed, stale or garbage blocks
+in a file that was not, devices whose caches lie about ``fsync``, ``fsync`` errors (the page
+cache dropping dirty pages), the early write-back of several directories at once, flushes that
+complete in another order than they returned, crashes in the middle of a flush, and anything
+done by another process or through another path than ``os.fsync``/``os.fdatasync``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Recorder:
             self._mark("end", listings, paths)
 
     def close(self) -> None:
+        """Let go of the inodes held open."""
         for fd in self._pins.values():
             os.close(fd)
         self._pins.clear()
@@ -209,6 +212,7 @@ def crash_tree(moment: Moment, root: int, data: str = "lost", early: int | None 
 
 
 def fingerprint(tree: Tree) -> str:
+    """A digest of a tree's paths and bytes: two crash states alike need one check."""
     digest = hashlib.sha256()
     for path, content in sorted(tree.items()):
         digest.update(path.encode() + b"\0")
