@@ -241,6 +241,9 @@ class WriterLock:
         self.fd = fd
         self.previous = self.state(fd)[0]
         self._mark("busy")
+        # On disk before this writer creates anything: after a power failure the next writer
+        # must read "busy" to look for what this one left, not the "idle" of the one before.
+        os.fsync(fd)
 
     @staticmethod
     def state(fd: int) -> tuple[str, str]:
@@ -278,6 +281,7 @@ class BundleWriter:
         self.current: Manifest | None = None
         # Files and folders written for the next version, open until the commit flushes them.
         self._unflushed: dict[Path, int] = {}
+        self._created: list[Path] = []  # the bundle's folder and parents, when a build made them
 
     # ------------------------------------------------------------------------ session
 
@@ -329,6 +333,10 @@ class BundleWriter:
         if not self.replacing:
             read_manifest(self.directory)  # "no index bundle there", "format 1 ...", and so on
         elif not self.directory.exists():
+            folder = self.directory
+            while not folder.exists():
+                self._created.append(folder)
+                folder = folder.parent
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -515,7 +523,12 @@ class BundleWriter:
         """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``.
 
         The manifest is checked as readers would check it and serialised once; its text goes to
-        disk once (``versions/N.json`` is a second name for the same file)."""
+        disk once (``versions/N.json`` is a second name for the same file).
+
+        Durable when it returns: the new files and folders, their entries, the staged manifest and
+        (for a build that created it) the bundle's folder are flushed before the rename, the
+        bundle's folder after it. A power failure before that last flush leaves the previous
+        version, one after it the new one (``tests/test_power_loss.py``)."""
         if manifest.version != self.next_version:
             raise ValueError("a commit must carry the next version number")
         manifest = _with_commit_time(manifest)
@@ -524,6 +537,15 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise malformed("the new manifest", exc) from None
         text = manifest_json(manifest)
+        if self._scratch_used:
+            # Removed before the flush of the bundle folder that makes the commit durable: once
+            # the lock file's "idle" reaches the disk, no writer would remove it after a crash.
+            shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+            self._scratch_used = False
+        for folder in self._created:
+            # A new folder's entry is in its parent: unflushed, a power failure could lose the
+            # bundle, manifest and all, after the build returned.
+            self._flush_later(folder.parent)
         staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
         self._new_file(staged, lambda fh: fh.write(text.encode()))
         # Every new file and folder, and the staged manifest, flushed at once before the rename.
