@@ -269,8 +269,8 @@ def find_unused(directory: Path, current: Manifest, grace: float, force: bool = 
     successors = [p for _, p in numbered[1:]] + [own]
     successors = [own if n > current.version else s for (n, _), s in zip(numbered, successors,
                                                                        strict=True)]
-    if not force and _age(min(successors, key=_age)) < 2 * grace:
-        return []
+    if not force and _age(successors[0]) < 2 * grace:
+        return []  # not even the oldest version is well past its grace period: look later
     referenced = set(current.files)
     expired: list[tuple[Path, list[str]]] = []
     for (_, path), successor in zip(numbered, successors, strict=True):
