@@ -59,8 +59,10 @@ _DATA_NAME = re.compile(
 _JOURNAL_NAME = re.compile(
     rf"{_DATA_NAME.pattern}|({SEGMENTS_DIR}|{ENCODERS_DIR})/{_PART}|{VERSIONS_DIR}/\d{{8}}\.json"
     rf"|{re.escape(STAGED_PREFIX)}[0-9a-f]+|{re.escape(SCRATCH_DIR)}/{_PART}")
-# The lock file's first line (``busy <pid>`` or ``idle <pid>``), then the intent journal.
+# The lock file's first line (``busy <pid>`` or ``idle <pid>``), then the intent journal up to
+# a NUL byte, of at most JOURNAL_MAX bytes in all (a build journals about 15 names).
 LOCK_RECORD = 32
+JOURNAL_MAX = 1 << 20
 _RECORD_NAME = re.compile(r"(\d{8})\.json")
 # The parts of a bundle a writer writes into or removes from: none may be a symbolic link.
 _PARTS = (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, VERSIONS_DIR, SCRATCH_DIR, MANIFEST)
@@ -83,12 +85,16 @@ def journal_on_disk(directory: Path) -> list[str]:
     except OSError:
         return []
     try:
-        data = os.read(fd, 1 << 20)
+        data = os.read(fd, JOURNAL_MAX)
     finally:
         os.close(fd)
-    if not data.startswith(b"busy "):
-        return []
-    return [line for line in data[LOCK_RECORD:].decode("ascii", "replace").split("\n") if line]
+    return parse_journal(data) if data.startswith(b"busy ") else []
+
+
+def parse_journal(data: bytes) -> list[str]:
+    """The names of the journal in the lock file's bytes ``data``."""
+    text = data[LOCK_RECORD:].split(b"\0", 1)[0].decode("ascii", "replace")
+    return [line for line in text.split("\n") if line]
 
 
 def journal_name(name: str) -> bool:
@@ -105,11 +111,12 @@ def refuse_symlinks(directory: Path, manifest: Manifest | None) -> None:
     Costs one ``lstat`` a part (a few dozen for a bundle after many adds)."""
     names: list[str] = list(_PARTS)
     if manifest is not None:
-        names += sorted({n.rsplit("/", 1)[0] for n in manifest.files if n.count("/") == 2})
-        names += list(manifest.files)
+        names += {n.rsplit("/", 1)[0]: None for n in manifest.files if n.count("/") == 2}
+        names += manifest.files
+    base = os.fspath(directory)  # plain strings: a Path a part cost more than its lstat
     for name in names:
         try:
-            mode = os.lstat(directory / name).st_mode
+            mode = os.lstat(f"{base}/{name}").st_mode
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -167,9 +174,16 @@ def remove_leftovers(directory: Path, current: Manifest | None, journal: Iterabl
     the current version does not use, newest first (a folder's files before it). Return the
     bytes freed. Names outside what a writer journals are ignored (the journal is a file)."""
     names = [name for name in journal if journal_name(name)]
-    used = set(current.files) if current is not None else set()
-    used |= {name.rsplit("/", 1)[0] for name in used}
     version = current.version if current is not None else 0
+    used = set(current.files) if current is not None else set()
+    if names:
+        # Also what a version kept for readers names: after a power failure the journal may be
+        # an older session's (its emptying was never flushed), whose files a later commit
+        # superseded; they are the sweep's to remove, after their grace period.
+        for number, path in _records(directory):
+            if number <= version:
+                used.update(_named_files(path) or ())
+    used |= {name.rsplit("/", 1)[0] for name in used}
     freed = 0
     for name in reversed(names):
         path = directory / name
