@@ -304,13 +304,17 @@ def _holder(fd: int) -> str:
     device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as table:
-            for line in table:
-                words = line.split()
-                # "1: FLOCK  ADVISORY  WRITE 1234 00:2b:5678 0 EOF"; waiters have a "->"
-                if len(words) >= 6 and words[1] == "FLOCK" and words[5] == device:
-                    return words[4]
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2b:5678 0 EOF"; waiters have a "->" there
+            held = {words[5]: words[4] for words in map(str.split, table)
+                    if len(words) >= 6 and words[1] == "FLOCK"}
     except OSError:
-        pass
+        held = {}
+    if device in held:
+        return held[device]
+    # Some file systems (btrfs, overlayfs) show another device number there than fstat does.
+    same_inode = [pid for where, pid in held.items() if where.endswith(f":{info.st_ino}")]
+    if len(same_inode) == 1:
+        return same_inode[0]
     state, pid = WriterLock.state(fd)
     return pid if state == "busy" else "?"
 
