@@ -59,8 +59,8 @@ _DATA_NAME = re.compile(
 _JOURNAL_NAME = re.compile(
     rf"{_DATA_NAME.pattern}|({SEGMENTS_DIR}|{ENCODERS_DIR})/{_PART}|{VERSIONS_DIR}/\d{{8}}\.json"
     rf"|{re.escape(STAGED_PREFIX)}[0-9a-f]+|{re.escape(SCRATCH_DIR)}/{_PART}")
-# The lock file's first line (``busy <pid>`` or ``idle <pid>``), then the intent journal up to
-# a NUL byte, of at most JOURNAL_MAX bytes in all (a build journals about 15 names).
+# The lock file's first line (``busy <pid>`` or ``idle <pid>``), then the intent journal, of at
+# most JOURNAL_MAX bytes in all (a build journals about 15 names).
 LOCK_RECORD = 32
 JOURNAL_MAX = 1 << 20
 _RECORD_NAME = re.compile(r"(\d{8})\.json")
@@ -93,7 +93,7 @@ def journal_on_disk(directory: Path) -> list[str]:
 
 def parse_journal(data: bytes) -> list[str]:
     """The names of the journal in the lock file's bytes ``data``."""
-    text = data[LOCK_RECORD:].split(b"\0", 1)[0].decode("ascii", "replace")
+    text = data[LOCK_RECORD:].decode("ascii", "replace")
     return [line for line in text.split("\n") if line]
 
 

@@ -194,10 +194,10 @@ class WriterLock:
     The lock file holds, in its first 32 bytes, ``busy <pid>`` (written by the holder as soon as
     it has the lock) or ``idle <pid>`` (written by a writer that left nothing behind), then the
     holder's intent journal: one name a line, relative to the bundle, of every file or folder it
-    is about to create (:meth:`intend`), up to a NUL byte (what follows is an earlier writer's,
-    overwritten instead of truncated: one ``pwrite`` an intent, nothing else). Never flushed: it
-    has to survive the writer's death, not a power failure (after which a file it names may stay
-    as an unknown file, never a file removed that should not be). A clean release empties it."""
+    is about to create (:meth:`intend`: one ``pwrite``). Never flushed: it has to survive the
+    writer's death, not a power failure (after which a file it names may stay as an unknown file,
+    never a file removed that should not be). A clean release empties it (one ``ftruncate`` a
+    session that journaled anything), so an idle lock file is its first line alone."""
 
     def __init__(self, directory: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.path = directory / LOCK_FILE
@@ -241,11 +241,11 @@ class WriterLock:
                 time.sleep(0.005)
         self.fd = fd
         self.previous = self.state(fd)[0]
-        self._end = _LOCK_RECORD
+        self._end = max(os.fstat(fd).st_size, _LOCK_RECORD)  # this writer's names go after
         if self.previous != "idle":  # its holder died: its journal says what it created
-            data = os.pread(fd, garbage.JOURNAL_MAX, 0)
-            self.left = garbage.parse_journal(data)
-            self._end += len(data[_LOCK_RECORD:].split(b"\0", 1)[0])  # ours go after its names
+            self.left = self.intents()
+        elif self._end > _LOCK_RECORD:
+            self.forget()
         self._mark("busy")
 
     @staticmethod
@@ -265,15 +265,15 @@ class WriterLock:
         data = "".join(f"{name}\n" for name in names).encode("ascii")
         if self._end + len(data) >= garbage.JOURNAL_MAX:
             raise OSError(errno.EFBIG, "the writer's intent journal is full")
-        written = os.pwrite(self.fd, data + b"\0", self._end)
-        if written != len(data) + 1:
+        written = os.pwrite(self.fd, data, self._end)
+        if written != len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._end += len(data)  # the next intent overwrites the NUL
+        self._end += written
 
     def forget(self) -> None:
         """Empty the journal: what it names is committed or removed."""
         assert self.fd is not None
-        os.pwrite(self.fd, b"\0", _LOCK_RECORD)
+        os.ftruncate(self.fd, _LOCK_RECORD)
         self._end = _LOCK_RECORD
         self.left = []
 
