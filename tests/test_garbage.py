@@ -274,7 +274,8 @@ _OPS = st.lists(st.one_of(
     st.tuples(st.just("age"), st.just(0)),
     st.tuples(st.just("sweep"), st.just(0)),
     st.tuples(st.just("killed add"), st.integers(1, 3)),
-    st.tuples(st.just("plant"), st.tuples(st.sampled_from(_FOLDERS), _NAME, st.binary(max_size=64))),
+    st.tuples(st.just("plant"),
+              st.tuples(st.sampled_from(_FOLDERS), _NAME, st.binary(max_size=64))),
 ), min_size=1, max_size=10)
 
 
