@@ -27,6 +27,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from .ann import prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR, Calibration, LogisticModel, Manifest
 from .embed import load_encoder
 from .errors import LenetEmbedError
+from .garbage import check_writable
 from .metrics import majority
 from .model import find_layer
 from .nondigits import generate
@@ -337,6 +339,7 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     so adds and removes go on meanwhile; only the commit takes the lock. Items committed during
     the fit are not in it (``calibrate`` again to include them); a bundle rebuilt with another
     encoder meanwhile is not given a calibration fitted for the old one (an error)."""
+    check_writable(Path(directory))  # before the fit, not a minute later at the commit
     snapshot = open_snapshot(directory, load_encoder)
     fitted = snapshot.manifest
     if fitted.store is not None:

@@ -464,7 +464,8 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 
     started = time.perf_counter()
     before, after = run_compact(index_dir, timeout=wait)
-    freed = reclaim(index_dir, timeout=wait) if after is not before else 0
+    # Also when already compact: a compaction killed while it waited left its old files.
+    freed = reclaim(index_dir, timeout=wait)
     summary = {"index_dir": index_dir, "version": after.version, "count": after.count,
                "reclaimed_rows": before.rows - after.rows, "freed_bytes": freed,
                "segments_before": len(before.segments), "segments_after": len(after.segments),
@@ -473,7 +474,8 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
         _print_json(summary)
     elif after is before:
         click.echo(f"{index_dir} is already compact (version {after.version}, "
-                   f"{after.count} items)")
+                   f"{after.count} items)"
+                   + (f"; {freed / 1e6:.1f} MB of old files removed" if freed else ""))
     else:
         click.echo(f"compacted {index_dir}: version {after.version}, {after.count} items, "
                    f"{summary['reclaimed_rows']} removed row(s) reclaimed, "
@@ -546,6 +548,7 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         _print_json(report.to_dict())
         return
     m = report.manifest
+    unknown = report.unknown_files
     rows = {
         "bundle": index_dir,
         "version": f"{m.version} ({m.operation}, {m.committed_at})",
@@ -557,6 +560,12 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         "compaction would reclaim": f"{m.deleted} row(s), {report.reclaimable_bytes} bytes"
                                     + (f", merge {len(m.segments)} segments into 1"
                                        if len(m.segments) > 1 else ""),
+        "old files": (f"{report.old_files_bytes} bytes (of superseded versions or unfinished "
+                      "writes; the next commits remove them, `lenet-embed compact` at once)"
+                      if report.old_files_bytes else "none"),
+        **({"unknown files": ", ".join(unknown[:10])
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            + " (not lenet-embed's: never touched)"} if unknown else {}),
         **({"compaction hint": report.compaction_hint} if report.compaction_hint else {}),
         "dim": m.dim,
         "metric": m.metric,

@@ -36,6 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from . import garbage
 from .ann import SEARCH_PARAMETERS, apply_search_params, faiss_metric, to_distances
 from .bundle import (
     IDS_FILE,
@@ -633,8 +634,13 @@ class BundleReport:
 
     manifest: Manifest
     bytes: int
+    # What ``compact`` frees: the removed rows' share of the segments plus ``old_files_bytes``.
     reclaimable_bytes: int
     verified: bool
+    # Files on disk the current version does not use: those a cleanup removes (superseded
+    # versions', a killed writer's), and those it never touches (the user's), by name.
+    old_files_bytes: int = 0
+    unknown_files: tuple[str, ...] = ()
 
     @property
     def sealed(self) -> int:
@@ -654,8 +660,9 @@ class BundleReport:
     def to_dict(self) -> dict[str, Any]:
         """The manifest, plus the figures ``info`` prints."""
         return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
-                "reclaimable_bytes": self.reclaimable_bytes, "checks": "ok",
-                "verified": self.verified, "compaction_hint": self.compaction_hint}
+                "reclaimable_bytes": self.reclaimable_bytes,
+                "old_files_bytes": self.old_files_bytes, "unknown_files": list(self.unknown_files),
+                "checks": "ok", "verified": self.verified, "compaction_hint": self.compaction_hint}
 
 
 def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> BundleReport:
@@ -687,5 +694,8 @@ def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> B
         total = sum(entry.bytes for entry in manifest.files.values())
         per_row = sum(entry.bytes for name, entry in manifest.files.items()
                       if name.startswith("segments/")) / max(manifest.rows, 1)
-        return BundleReport(manifest, total, int(per_row * manifest.deleted), verify)
+        found = garbage.survey(directory, manifest, garbage.journal_on_disk(directory))
+        return BundleReport(manifest, total,
+                            int(per_row * manifest.deleted) + found.reclaimable_bytes, verify,
+                            found.reclaimable_bytes, tuple(found.unknown))
     raise _changed(directory)

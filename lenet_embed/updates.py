@@ -23,12 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from . import milvus
+from . import garbage, milvus
 from .ann import make_index, needs_training, prepare_vectors
 from .bundle import (
-    DELETIONS_DIR,
-    ENCODERS_DIR,
-    SEGMENTS_DIR,
     FileEntry,
     Manifest,
     Segment,
@@ -321,20 +318,17 @@ def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
 
 
 def reclaim(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT) -> int:
-    """Wait until readers can no longer be opening the files of superseded versions (a few
-    seconds), then remove them; return the bytes freed. ``compact`` is followed by this."""
-    def size(path: Path) -> int:
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        return sum(p.stat().st_size for p in files)
-
+    """Remove every file of superseded versions and what killed writers left, waiting first
+    until readers can no longer be opening the former (until the grace period after the last
+    commit is over: a few seconds at most, none when there is no old version); return the bytes
+    of the files unlinked (each measured just before). ``compact`` is followed by this."""
     directory = Path(directory)
-    folders = [directory / name for name in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR)]
-    before = sum(size(folder) for folder in folders if folder.is_dir())
-    time.sleep(GRACE_SECONDS)
+    wait = garbage.grace_left(directory, read_manifest(directory), GRACE_SECONDS)
+    time.sleep(wait or 0.0)
     with BundleWriter(directory, timeout) as writer:
         writer.require_current()
         writer.collect_garbage(force=True)
-    return before - sum(size(folder) for folder in folders if folder.is_dir())
+        return writer.freed_bytes
 
 
 def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT

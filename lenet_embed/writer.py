@@ -1,10 +1,11 @@
 """Writing to a bundle: the writer lock, new files, the atomic commit, and cleaning up after.
 
 One writer at a time holds ``.lock`` (``flock``, so a killed writer's lock is released by the
-kernel). A writer names every file it creates after the version it is about to commit
-(``segments/s00000008-1a2b3c``); a version becomes current only when ``manifest.json`` is replaced
-by the new one, and so the files of a writer that died before that are exactly those named after
-versions above the current one. The next writer removes them before it writes anything.
+kernel). Before it creates a file or folder, a writer appends its name to the intent journal kept
+in the lock file after the ``busy <pid>`` line; a version becomes current only when
+``manifest.json`` is replaced by the new one, and so what a writer that died before that left is
+exactly the names it journaled that the current version does not use. The next writer removes
+them before it writes anything (:mod:`lenet_embed.garbage`).
 
 Files that a commit stops using stay for :data:`GRACE_SECONDS` after it, so that a reader that
 has just read the previous manifest can still open them; readers that take longer simply read the
@@ -21,9 +22,7 @@ import json
 import math
 import numbers
 import os
-import re
 import secrets
-import shutil
 import tempfile
 import threading
 import time
@@ -36,11 +35,11 @@ from typing import IO, Any
 import faiss
 import numpy as np
 
+from . import garbage
 from .bundle import (
     DELETIONS_DIR,
     ENCODER_FILE,
     ENCODERS_DIR,
-    FORMAT_1_FILES,
     IDS_FILE,
     IMAGES_FILE,
     INDEX_FILE,
@@ -80,15 +79,7 @@ _SWEEP_EVERY = 16
 # 150-370 ms (the disk here takes ~0.2 ms an unlink). Builds, compactions and explicit sweeps
 # remove everything at once.
 SWEEP_LIMIT = 8
-# What a sweep found unused and its commits have not removed yet, per bundle folder, in order:
-# paths, and for version records (whose names a rebuild reuses) the inode found.
-_UNUSED: dict[str, list[tuple[Path, int | None]]] = {}
-_UNUSED_LOCK = threading.Lock()
 _SERIAL_FSYNCS = 3  # files flushed one after another, not from threads (see _fsync_all)
-_NAMES: dict[tuple[str, int, int, int], list[str] | None] = {}  # see _named_files
-_NAMES_LOCK = threading.Lock()
-_NAMES_KEPT = 20_000
-_VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
 # Bytes of an array saved at a time: the images of a million digits may be memory-mapped from the
 # data set's file, and are then read (and hashed, and written) 64 MB at a time, never copied whole.
 _SAVE_CHUNK_BYTES = 64 << 20
@@ -192,7 +183,7 @@ def _disk_error(exc: BaseException) -> OSError | None:
     return None
 
 
-_LOCK_RECORD = 32
+_LOCK_RECORD = garbage.LOCK_RECORD
 
 
 class WriterBusy(LenetEmbedError):
@@ -201,6 +192,15 @@ class WriterBusy(LenetEmbedError):
 
 class WriterLock:
     """The bundle's writer lock: ``flock`` on ``.lock``, waited for up to ``timeout`` seconds.
+
+    The lock file holds, in its first 32 bytes, ``busy <pid>`` (written by the holder as soon as
+    it has the lock, and flushed: see :meth:`acquire`) or ``idle <pid>`` (written by a writer
+    that left nothing behind), then the holder's intent journal: one name a line, relative to the
+    bundle, of every file or folder it is about to create (:meth:`intend`: one ``pwrite``). The
+    journal is not flushed: it has to survive the writer's death, not a power failure (after
+    which a file it names may stay as an unknown file, never a file removed that should not be).
+    A clean release empties it (one ``ftruncate`` a session that journaled anything), so an idle
+    lock file is its first line alone.
 
     ``timeout`` must be a finite number >= 0 (else :class:`LenetEmbedError`): the wait compares
     the clock with a deadline, and a NaN deadline is never reached.
@@ -214,16 +214,28 @@ class WriterLock:
         self.path = directory / LOCK_FILE
         self.timeout = timeout
         self.fd: int | None = None
+        self.previous = ""
+        self.left: list[str] = []  # the journal of a writer that died holding the lock
+        self._end = _LOCK_RECORD
+
+    def _open(self, before_creating: Callable[[], None] | None) -> int:
+        """The lock file, opened for writing without following a link; a bundle that cannot be
+        written (read-only, not ours, a loop of links) is a one-line error."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                return os.open(self.path, flags)
+            except (FileNotFoundError, NotADirectoryError):
+                if before_creating is not None:
+                    before_creating()
+                return os.open(self.path, flags | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise garbage.disk_error(self.path, exc) from None
 
     def acquire(self, before_creating: Callable[[], None] | None = None) -> None:
         """Take the lock, or raise a one-line error naming the process that holds it. When there
         is no lock file yet, ``before_creating()`` runs first (it may refuse the folder)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except (FileNotFoundError, NotADirectoryError):
-            if before_creating is not None:
-                before_creating()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(before_creating)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -231,7 +243,7 @@ class WriterLock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = self.state(fd)[1] or "?"
+                    holder = _holder(fd)
                     os.close(fd)
                     raise WriterBusy(
                         f"{self.path.parent}: another process (pid {holder}) is writing to this "
@@ -240,6 +252,11 @@ class WriterLock:
                 time.sleep(0.005)
         self.fd = fd
         self.previous = self.state(fd)[0]
+        self._end = max(os.fstat(fd).st_size, _LOCK_RECORD)  # this writer's names go after
+        if self.previous != "idle":  # its holder died: its journal says what it created
+            self.left = self.intents()
+        elif self._end > _LOCK_RECORD:
+            self.forget()
         self._mark("busy")
         # On disk before this writer creates anything: after a power failure the next writer
         # must read "busy" to look for what this one left, not the "idle" of the one before.
@@ -251,6 +268,29 @@ class WriterLock:
         words = os.pread(fd, _LOCK_RECORD, 0).decode("ascii", "replace").split()
         return (words[0], words[1]) if len(words) == 2 else ("", "")
 
+    def intents(self) -> list[str]:
+        """The names journaled in the lock file (by this holder, or by one that died)."""
+        assert self.fd is not None
+        return garbage.parse_journal(os.pread(self.fd, garbage.JOURNAL_MAX, 0))
+
+    def intend(self, names: list[str]) -> None:
+        """Journal names (relative to the bundle) about to be created: one ``pwrite``."""
+        assert self.fd is not None
+        data = "".join(f"{name}\n" for name in names).encode("ascii")
+        if self._end + len(data) >= garbage.JOURNAL_MAX:
+            raise OSError(errno.EFBIG, "the writer's intent journal is full")
+        written = os.pwrite(self.fd, data, self._end)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._end += written
+
+    def forget(self) -> None:
+        """Empty the journal: what it names is committed or removed."""
+        assert self.fd is not None
+        os.ftruncate(self.fd, _LOCK_RECORD)
+        self._end = _LOCK_RECORD
+        self.left = []
+
     def _mark(self, state: str) -> None:
         # Fixed width, written in place: no truncation, no new file.
         os.pwrite(self.fd, f"{state} {os.getpid()}".ljust(_LOCK_RECORD - 1).encode() + b"\n", 0)
@@ -259,9 +299,38 @@ class WriterLock:
         """Let the next writer in; ``clean`` says this writer left nothing behind."""
         if self.fd is not None:
             if clean:
-                self._mark("idle")
+                try:
+                    if self._end > _LOCK_RECORD:
+                        self.forget()
+                    self._mark("idle")
+                except OSError:
+                    pass  # still "busy": the next writer reads the journal and looks again
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+def _holder(fd: int) -> str:
+    """The pid of the process that holds the flock on ``fd``'s file now, from the kernel's table
+    of locks (``/proc/locks``): the lock file's ``busy <pid>`` may be a dead writer's, or the
+    previous writer's when the holder is not lenet-embed (``flock(1)``) or has not written yet.
+    Where there is no such table, the pid the lock file says is busy, else ``?``."""
+    info = os.fstat(fd)
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2b:5678 0 EOF"; waiters have a "->" there
+            held = {words[5]: words[4] for words in map(str.split, table)
+                    if len(words) >= 6 and words[1] == "FLOCK"}
+    except OSError:
+        held = {}
+    if device in held:
+        return held[device]
+    # Some file systems (btrfs, overlayfs) show another device number there than fstat does.
+    same_inode = [pid for where, pid in held.items() if where.endswith(f":{info.st_ino}")]
+    if len(same_inode) == 1:
+        return same_inode[0]
+    state, pid = WriterLock.state(fd)
+    return pid if state == "busy" else "?"
 
 
 class BundleWriter:
@@ -282,11 +351,14 @@ class BundleWriter:
         # Files and folders written for the next version, open until the commit flushes them.
         self._unflushed: dict[Path, int] = {}
         self._created: list[Path] = []  # the bundle's folder and parents, when a build made them
+        # Bytes this session's cleaning up unlinked (what a killed writer left, old versions).
+        self.freed_bytes = 0
+        self._scratch: str | None = None  # this writer's own folder under .tmp/
+        self._first: int | None = None  # the version a first commit carries
 
     # ------------------------------------------------------------------------ session
 
     def __enter__(self) -> BundleWriter:
-        self._scratch_used = False
         if self.replacing:
             self._prepare_folder()
             self.lock.acquire()
@@ -296,14 +368,16 @@ class BundleWriter:
             self.lock.acquire(before_creating=self._prepare_folder)
         try:
             self.current = self._read_current()
+            garbage.refuse_symlinks(self.directory, self.current)
             self._entered_at = self.current.version if self.current else 0
             # Each writer marks the lock file busy and idle again when it is done: finding it
             # busy means the previous writer died, and only then is the bundle searched for what
             # it left.
-            if self.current is None or self.lock.previous != "idle":
-                self.remove_leftovers()
+            if self.lock.left:
+                self.remove_leftovers(self.lock.left)
+                self.lock.forget()
         except BaseException:
-            self.lock.release()
+            self.lock.release(clean=not self.lock.left)  # keep a dead writer's journal
             raise
         return self
 
@@ -312,10 +386,11 @@ class BundleWriter:
         clean = True
         self._close_unflushed()
         try:
-            if exc is not None:
-                self.remove_leftovers()  # what this failed writer wrote for its next version
-            elif self._scratch_used:
-                shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
+            if exc is not None and self.lock.fd is not None:
+                # What this failed writer wrote for its next version.
+                self.remove_leftovers(self.lock.intents())
+            elif self._scratch is not None:
+                garbage.remove_scratch(self.directory, self._scratch)
         except OSError:
             clean = False  # the next writer will look again
         self.lock.release(clean)
@@ -363,8 +438,14 @@ class BundleWriter:
 
     # ------------------------------------------------------------------------ new files
 
+    def _intend(self, *paths: Path) -> None:
+        """Journal files and folders before creating them, so that the next writer removes them
+        if this one dies before its commit (and nothing else)."""
+        self.lock.intend([path.relative_to(self.directory).as_posix() for path in paths])
+
     def _new_file(self, path: Path, write: Any) -> FileEntry:
         """Write a file of the next version; the commit flushes it."""
+        self._intend(path)
         entry, fd = _write_file(path, write)
         self._unflushed[path] = fd
         return entry
@@ -389,8 +470,14 @@ class BundleWriter:
 
     @property
     def next_version(self) -> int:
-        """The number the next commit will carry."""
-        return (self.current.version if self.current else 0) + 1
+        """The number the next commit will carry: one above the current version's, or, with no
+        version that loads (a build replacing a damaged bundle), one above every version's
+        record, so that no record (what the sweep reads to find old files) is overwritten."""
+        if self.current is not None:
+            return self.current.version + 1
+        if self._first is None:
+            self._first = garbage.highest_record(self.directory) + 1
+        return self._first
 
     def _new_name(self, prefix: str) -> str:
         return f"{prefix}{self.next_version:08d}-{secrets.token_hex(4)}"
@@ -399,6 +486,7 @@ class BundleWriter:
         base = self.directory / parent
         base.mkdir(exist_ok=True)
         folder = base / self._new_name(prefix)
+        self._intend(folder)
         folder.mkdir()
         return folder
 
@@ -473,6 +561,7 @@ class BundleWriter:
         from .embed import export_litert
 
         folder = self._new_folder(ENCODERS_DIR, "e")
+        self._intend(folder / ENCODER_FILE, folder / LITERT_FILE)  # written by the libraries
         with self.scratch_tempdir():  # Keras's save stages assets in a temporary folder too
             model.save(folder / ENCODER_FILE)
             try:
@@ -507,9 +596,14 @@ class BundleWriter:
         what a killed writer leaves there (the assets folder of Keras's save, the LiteRT
         exporter's SavedModel) is removed by the next writer instead of piling up in the
         system's temp folder."""
-        scratch = self.directory / SCRATCH_DIR
-        scratch.mkdir(exist_ok=True)
-        self._scratch_used = True
+        (self.directory / SCRATCH_DIR).mkdir(exist_ok=True)
+        if self._scratch is None:
+            # A folder of this writer's own (the next one removes it with all that is in it,
+            # which it never does to a folder it did not create).
+            self._scratch = f"{SCRATCH_DIR}/{self._new_name('w')}"
+            self._intend(self.directory / self._scratch)
+            (self.directory / self._scratch).mkdir()
+        scratch = self.directory / self._scratch
         saved = tempfile.tempdir
         tempfile.tempdir = str(scratch)
         try:
@@ -537,11 +631,13 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise malformed("the new manifest", exc) from None
         text = manifest_json(manifest)
-        if self._scratch_used:
-            # Removed before the flush of the bundle folder that makes the commit durable: once
-            # the lock file's "idle" reaches the disk, no writer would remove it after a crash.
-            shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
-            self._scratch_used = False
+        if self._scratch is not None:
+            # Removed before the flushes that make the commit durable: once the lock file's
+            # "idle" reaches the disk, no writer would look for it after a power failure.
+            garbage.remove_scratch(self.directory, self._scratch)
+            self._scratch = None
+            if (self.directory / SCRATCH_DIR).is_dir():  # else its entry goes with the last flush
+                self._flush_later(self.directory / SCRATCH_DIR)
         for folder in self._created:
             # A new folder's entry is in its parent: unflushed, a power failure could lose the
             # bundle, manifest and all, after the build returned.
@@ -554,15 +650,19 @@ class BundleWriter:
         # The version's record serves cleaning up only, so its name is not flushed: lost in a
         # power failure, the sweep treats that version's files as unused, which they are by then.
         record = self.directory / VERSIONS_DIR / f"{manifest.version:08d}.json"
+        self._intend(record)
         try:
             os.link(staged, record)
         except (FileNotFoundError, FileExistsError):
             record.parent.mkdir(exist_ok=True)
             record.unlink(missing_ok=True)
             os.link(staged, record)
+        format_1 = manifest.operation == "build" and garbage.is_format_1(self.directory)
         os.replace(staged, self.directory / MANIFEST)
         _fsync_dir(self.directory)
         self.current = remember_manifest(text, manifest)
+        if format_1:
+            garbage.remove_format_1(self.directory)
         if manifest.operation in ("build", "compact"):
             self.collect_garbage()
         else:
@@ -571,97 +671,27 @@ class BundleWriter:
 
     # ------------------------------------------------------------------------ cleaning up
 
-    def remove_leftovers(self) -> None:
-        """Remove what writers that died before committing left: scratch files, and files named
-        after versions above the current one (or, with no bundle yet, all of the layout)."""
-        shutil.rmtree(self.directory / SCRATCH_DIR, ignore_errors=True)
-        for staged in self.directory.glob(f"{STAGED_PREFIX}*"):
-            _remove(staged)
-        current = self.current.version if self.current else 0
-        for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
-            folder = self.directory / parent
-            if not folder.is_dir():
-                continue
-            for entry in folder.iterdir():
-                match = _VERSIONED.fullmatch(entry.name)
-                if match is None or int(match.group(1)) > current:
-                    _remove(entry)
-        versions = self.directory / VERSIONS_DIR
-        if versions.is_dir():
-            for entry in versions.iterdir():
-                number = _version_number(entry)
-                if number is None or number > current:
-                    _remove(entry)
+    def remove_leftovers(self, journal: list[str]) -> None:
+        """Remove what a writer that did not commit created: the names of its intent journal
+        that the current version does not use (:func:`garbage.remove_leftovers`)."""
+        self.freed_bytes += garbage.remove_leftovers(self.directory, self.current, journal)
 
     def collect_garbage(self, grace: float = GRACE_SECONDS, force: bool = False,
-                        limit: int | None = None, look: bool = True) -> None:
-        """Remove files no version a reader may still be opening names, and files of the first
-        bundle format once a version of this format is current.
-
-        A superseded version is kept for ``grace`` seconds after its successor was committed. The
-        sweep looks for unused files once the oldest kept version is twice that old, so a stream
-        of small commits pays for it now and then instead of every time. With a ``limit``, it
-        removes at most that many files and folders and leaves the rest of what it found to the
-        next calls (this process remembers them; ``look=False`` only goes on with those).
-        """
-        current = self.current
-        if current is None:
-            return
-        key = str(self.directory.resolve())
-        with _UNUSED_LOCK:
-            unused = _UNUSED.pop(key, [])
-        if limit is None or (not unused and look):
-            for name in FORMAT_1_FILES:
-                _remove(self.directory / name)
-            unused = self._find_unused(current, grace, force)
-        for path, inode in unused[:limit]:
-            if inode is None or _inode(path) == inode:  # a record a rebuild wrote is not ours
-                _remove(path)
-        if limit is not None and unused[limit:]:
-            with _UNUSED_LOCK:
-                _UNUSED[key] = unused[limit:]
-
-    def _find_unused(self, current: Manifest, grace: float, force: bool
-                     ) -> list[tuple[Path, int | None]]:
-        """What :meth:`collect_garbage` removes: unused files and folders, then the records of
-        expired versions (with their inodes)."""
-        versions = self.directory / VERSIONS_DIR
-        numbered = sorted((n, p) for p in versions.iterdir()
-                          if (n := _version_number(p)) is not None and n <= current.version)
-        if not force and len(numbered) > 1 and _age(numbered[1][1]) < 2 * grace:
-            return []
-        referenced = set(current.files)
-        expired: list[Path] = []
-        for (number, path), (_, successor) in zip(numbered, numbered[1:], strict=False):
-            if number == current.version:
-                continue
-            if _age(successor) >= grace:
-                expired.append(path)
-                continue
-            names = _named_files(path)
-            if names is None:
-                expired.append(path)
-            else:
-                referenced.update(names)
-        # What sits directly in segments/ or encoders/: a folder, or an unsealed segment's file.
-        entries = {"/".join(name.split("/")[:2]) for name in referenced}
-        unused: list[tuple[Path, int | None]] = [
-            (entry, None) for parent in (SEGMENTS_DIR, ENCODERS_DIR)
-            if (self.directory / parent).is_dir()
-            for entry in (self.directory / parent).iterdir()
-            if f"{parent}/{entry.name}" not in entries]
-        if (self.directory / DELETIONS_DIR).is_dir():
-            unused += [(entry, None) for entry in (self.directory / DELETIONS_DIR).iterdir()
-                       if f"{DELETIONS_DIR}/{entry.name}" not in referenced]
-        # The manifests go last: a writer killed during the sweep leaves no file that no kept
-        # manifest names (such files would wait for the next sweep, maybe 20 s away). Other
-        # names are new at every version (a random part), so what is unused stays unused.
-        return unused + [(path, inode) for path in expired if (inode := _inode(path)) is not None]
+                        limit: int | None = None, look: bool = True) -> int:
+        """Remove the files of superseded versions no reader may still be opening (only names
+        their records list, see :func:`garbage.collect`); return the bytes this freed."""
+        if self.current is None:
+            return 0
+        freed = garbage.collect(self.directory, self.current, grace, force, limit, look)
+        self.freed_bytes += freed
+        return freed
 
 
 def check_folder(directory: Path) -> None:
     """Refuse a target that is not a folder, or a folder holding files that are not a bundle's
-    (beyond a README and the like): nothing of the user's is ever overwritten."""
+    (beyond a README and the like): nothing of the user's is ever overwritten. A folder no
+    writer could write to is refused too (:func:`garbage.check_writable`)."""
+    garbage.check_writable(directory)
     if not directory.exists():
         return
     if not directory.is_dir():
@@ -714,58 +744,3 @@ def _with_commit_time(manifest: Manifest) -> Manifest:
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj) + "\n").encode("utf-8")
-
-
-def _named_files(path: Path) -> list[str] | None:
-    """The files a kept version's record names (None when it cannot be read): only its names
-    matter to the sweep, which they keep from removal, so the record is not checked further.
-
-    Records never change once written, so what one names is remembered (by the file's identity,
-    as a rebuild numbers its versions from 1 again): a stream of adds keeps hundreds of versions
-    within the grace period, and parsing all of them at every sweep held the lock for a tenth of
-    a second."""
-    try:
-        stat = path.stat()
-        identity = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        with _NAMES_LOCK:
-            if identity in _NAMES:
-                return _NAMES[identity]
-        files = json.loads(path.read_bytes()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return None
-    names = ([name for name in files if isinstance(name, str)] if isinstance(files, dict)
-             else None)
-    with _NAMES_LOCK:
-        _NAMES[identity] = names
-        while len(_NAMES) > _NAMES_KEPT:
-            del _NAMES[next(iter(_NAMES))]
-    return names
-
-
-def _version_number(path: Path) -> int | None:
-    stem, dot, suffix = path.name.partition(".")
-    if suffix != "json" or len(stem) != 8 or not stem.isdigit():
-        return None
-    return int(stem)
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return float("inf")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

@@ -114,13 +114,18 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
     manifest = read_manifest(index_dir)
     assert (manifest.version, manifest.operation, manifest.metric) == (2, "build", "l2")
     on_disk = sum((index_dir / name).stat().st_size for name in manifest.files)
+    # The first build's files and record, kept for readers a few seconds after the rebuild.
+    first = json.loads((index_dir / "versions" / "00000001.json").read_text())["files"]
+    old = (index_dir / "versions" / "00000001.json").stat().st_size + sum(
+        (index_dir / name).stat().st_size for name in set(first) - set(manifest.files))
     for verify in ([], ["--verify"]):
         report = json.loads(ok(run("info", "--index-dir", index_dir, "--json", *verify)).stdout)
         extra = {key: report.pop(key)
-                 for key in ("deleted", "bytes", "reclaimable_bytes", "checks", "verified")}
+                 for key in ("deleted", "bytes", "reclaimable_bytes", "checks", "verified",
+                             "old_files_bytes", "unknown_files")}
         assert report == manifest.to_dict()
-        assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": 0, "checks": "ok",
-                         "verified": bool(verify)}
+        assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": old, "checks": "ok",
+                         "verified": bool(verify), "old_files_bytes": old, "unknown_files": []}
     rows = {}
     for line in ok(run("info", "--index-dir", index_dir)).stdout.splitlines():
         key, _, value = line.partition(":")

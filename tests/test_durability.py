@@ -378,10 +378,10 @@ def test_a_writer_killed_while_collecting_garbage_leaves_nothing_unnamed(
     """Kill the sweep that removes a superseded version after each of its removals in turn:
     whatever it has not removed yet is still named by a manifest in versions/ (so the next
     sweep finds it), also when the next write is too soon to sweep again."""
-    from lenet_embed import writer
+    from lenet_embed import garbage
     from lenet_embed.updates import compact, remove
 
-    real_remove = writer._remove
+    real_remove = garbage._unlink
     for kill_at in range(1, 10):
         path = Path(shutil.copytree(bundle_dir, tmp_path / f"index{kill_at}"))
         remove(path, [0])  # version 2: a deletions file
@@ -392,14 +392,16 @@ def test_a_writer_killed_while_collecting_garbage_leaves_nothing_unnamed(
             os.utime(path / "versions" / f"{number:08d}.json", (old, old))
         removals = []
 
-        def dying(target: Path, removals=removals, kill_at=kill_at) -> None:
+        def dying(target: Path, removals=removals, kill_at=kill_at) -> int:
+            freed = 0
             if target.exists():
                 removals.append(target)
-                real_remove(target)
+                freed = real_remove(target)
                 if len(removals) == kill_at:
                     raise _Killed
+            return freed
 
-        monkeypatch.setattr(writer, "_remove", dying)
+        monkeypatch.setattr(garbage, "_unlink", dying)
         try:
             compact(path)  # version 5 sweeps away versions 1 and 2
         except _Killed:
@@ -407,14 +409,15 @@ def test_a_writer_killed_while_collecting_garbage_leaves_nothing_unnamed(
         else:
             break
         finally:
-            monkeypatch.setattr(writer, "_remove", real_remove)
+            monkeypatch.setattr(garbage, "_unlink", real_remove)
         assert _unnamed(path) == [], f"killed after removing {removals}"
         index = SearchIndex.load(path)
         row = index.snapshot.live_rows()[:1]
         add_vectors(path, index.snapshot.vectors(row), index.snapshot.images(row), [None])
         assert _unnamed(path) == [] and _leftovers(path, index.version + 1) == []
         assert len(SearchIndex.load(path)) == len(index) + 1
-    assert kill_at == 5  # the sweep removed a segment, a deletions file and two manifests
+    # The sweep unlinked a segment's five files, a deletions file and two manifests.
+    assert kill_at == 9
 
 
 # ------------------------------------------------------------------------------ 2. properties
