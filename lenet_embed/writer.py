@@ -258,9 +258,6 @@ class WriterLock:
         elif self._end > _LOCK_RECORD:
             self.forget()
         self._mark("busy")
-        # On disk before this writer creates anything: after a power failure the next writer
-        # must read "busy" to look for what this one left, not the "idle" of the one before.
-        os.fsync(fd)
 
     @staticmethod
     def state(fd: int) -> tuple[str, str]:
@@ -644,6 +641,10 @@ class BundleWriter:
             self._flush_later(folder.parent)
         staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
         self._new_file(staged, lambda fh: fh.write(text.encode()))
+        # The lock file first, on its own: its "busy" and the intent journal reach the disk before
+        # any file this writer created is flushed, so that after a power failure the next writer
+        # finds every one of them that survived and removes it.
+        os.fsync(self.lock.fd)
         # Every new file and folder, and the staged manifest, flushed at once before the rename.
         _fsync_all(list(self._unflushed.values()))
         self._close_unflushed()
