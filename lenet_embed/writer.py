@@ -66,6 +66,7 @@ from .bundle import (
 )
 from .data import read_rows
 from .errors import LenetEmbedError
+from .snapshot import check_version, forget_version
 
 # How long the files of a superseded version are kept for readers that are opening them.
 GRACE_SECONDS = 3.0
@@ -505,9 +506,14 @@ class BundleWriter:
         """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``.
 
         The manifest is checked as readers would check it and serialised once; its text goes to
-        disk once (``versions/N.json`` is a second name for the same file)."""
+        disk once (``versions/N.json`` is a second name for the same file). The version it
+        replaces is checked first (:func:`lenet_embed.snapshot.check_version`): nothing is
+        committed, or acknowledged, on top of a version that readers cannot load or whose files
+        differ from their checksums (a build replaces whatever was there)."""
         if manifest.version != self.next_version:
             raise ValueError("a commit must carry the next version number")
+        if self.current is not None and not self.replacing:
+            check_version(self.directory, self.current)
         manifest = _with_commit_time(manifest)
         try:
             manifest.check()  # never commit what readers would refuse
@@ -532,6 +538,7 @@ class BundleWriter:
         _fsync_dir(self.directory)
         self.current = remember_manifest(text, manifest)
         if manifest.operation in ("build", "compact"):
+            forget_version(self.directory)  # its segments are gone: let their mappings go
             self.collect_garbage()
         else:
             self.collect_garbage(limit=SWEEP_LIMIT, look=manifest.version % _SWEEP_EVERY == 0)
