@@ -293,7 +293,7 @@ def _finite(value: Any) -> bool:
             and bool(np.isfinite(value)))
 
 
-def _whole(value: Any, low: int = 0, high: int = INT64_MAX) -> bool:
+def _whole(value: Any, low: int = 0, high: float = INT64_MAX) -> bool:
     """Whether ``value`` is a whole number (not a bool) in ``low..high``."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -464,8 +464,11 @@ class Manifest:
         strs = ("operation", "created_at", "committed_at", "lenet_embed_version", "metric",
                 "factory", "encoder")
         for name in ints:
-            if not _whole(getattr(self, name)):
-                raise ValueError(f"{name} must be a whole number >= 0 (at most {INT64_MAX})")
+            value = getattr(self, name)
+            if not _whole(value, high=float("inf")):
+                raise ValueError(f"{name} must be a whole number >= 0")
+            if value > INT64_MAX:
+                raise ValueError(f"{name} must be at most {INT64_MAX}")
         for name in strs:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
@@ -728,24 +731,24 @@ def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
         check_size(directory, name, entry)
         path = directory / name
         try:
-            with open(path, "rb") as fh:
-                found = os.fstat(fh.fileno())
-                identity = (str(path), found.st_ino, found.st_size, found.st_mtime_ns)
-                with _PARSED_LOCK:
-                    digest = _HASHED.get(identity)
-                if digest is None:
+            found = path.stat()
+            with _PARSED_LOCK:
+                digest = _HASHED.get((str(path), found.st_ino, found.st_size, found.st_mtime_ns))
+            if digest is None:
+                with open(path, "rb") as fh:
+                    found = os.fstat(fh.fileno())  # the identity of the bytes hashed
                     digest = hashlib.file_digest(fh, "sha256").hexdigest()
-                    with _PARSED_LOCK:
-                        _HASHED[identity] = digest
-                        while len(_HASHED) > _HASHED_KEPT:
-                            _HASHED.popitem(last=False)
+                with _PARSED_LOCK:
+                    _HASHED[(str(path), found.st_ino, found.st_size, found.st_mtime_ns)] = digest
+                    while len(_HASHED) > _HASHED_KEPT:
+                        _HASHED.popitem(last=False)
         except FileNotFoundError:
             raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
         except OSError as exc:
             raise LenetEmbedError(f"{path}: unreadable ({exc.strerror or exc}); {REBUILD}"
                                   ) from None
         if found.st_size != entry.bytes:
-            check_size(directory, name, entry)
+            check_size(directory, name, entry)  # changed since it was checked: say how
         if digest != entry.sha256:
             bad.append(name)
     if bad:

@@ -88,10 +88,12 @@ def parse_factory(factory: Any, dim: int) -> FactorySpec:
 
 
 def _bad(factory: str, dim: int, reason: str) -> BadFactory:
+    divisors = [m for m in range(dim // 2, 3, -1) if dim % m == 0][:3] or [dim]
+    examples = ", ".join(f"PQ{m}" for m in divisors)
     return BadFactory(
         f"FAISS factory {factory[:60]!r} is not supported for dim {dim} ({reason}); use Flat, "
-        "HNSW<M>, IVF<n>,Flat, IVF<n>,SQ8, IVF<n>,PQ<m>[x<bits>] or PQ<m> (m dividing "
-        f"{dim}), optionally after OPQ<m>[_<d>]"
+        f"HNSW<M>, IVF<n>,Flat, IVF<n>,SQ8, IVF<n>,PQ<m>[x<bits>] or PQ<m> (m dividing {dim}, "
+        f"e.g. {examples}), optionally after OPQ<m>[_<d>]"
     )
 
 

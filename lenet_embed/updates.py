@@ -60,8 +60,8 @@ class Removal:
 
 def label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, list[str]]:
     """User labels as stored codes: digits as themselves, folder names as positions in
-    ``classes`` (new names are appended), None (or -1) as -1. A number beyond int64 or below -1
-    is refused in one line: codes are stored as int64."""
+    ``classes`` (new names are appended), None as -1. A number below 0 or beyond int64 is
+    refused in one line: codes are stored as int64, and -1 already means "no label"."""
     classes = list(manifest.classes)
     codes = []
     for label in labels:
@@ -74,7 +74,7 @@ def label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, li
             codes.append(classes.index(name))
         else:
             code = _as_number(label)
-            if code is None or not -1 <= code <= INT64_MAX:
+            if code is None or not 0 <= code <= INT64_MAX:
                 raise LenetEmbedError(
                     f"label {str(label)[:40]!r}: this bundle's labels are whole numbers (like the "
                     f"digits 0-9); give a whole number in 0..{INT64_MAX}"
@@ -101,6 +101,8 @@ def _as_number(label: Label) -> int | None:
 def _as_ids(ids: list[int] | np.ndarray) -> np.ndarray:
     """Item ids as a sorted int64 array without repeats; one line for one that is not a whole
     number within int64 (no id is, so nothing could match it)."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "i":  # within int64 already
+        return np.unique(ids.astype(np.int64).ravel())
     values = list(ids)
     for value in values:
         if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -214,7 +214,8 @@ def test_next_id_below_the_highest_id_is_refused(run, kinds, every_kind):
 # --------------------------------------------------------------------------- labels and ids
 
 
-@pytest.mark.parametrize("label", [10**20, "99999999999999999999", -2, "-5", 2**63, "1e3", 1.5])
+@pytest.mark.parametrize("label", [10**20, "99999999999999999999", -1, -2, "-5", 2**63, "1e3",
+                                   1.5, "9" * 5000])
 def test_out_of_range_labels_are_refused(bundle_dir, label):
     with pytest.raises(LenetEmbedError) as caught:
         label_codes([label], read_manifest(bundle_dir))
@@ -222,8 +223,9 @@ def test_out_of_range_labels_are_refused(bundle_dir, label):
 
 
 def test_label_codes_in_range(bundle_dir):
-    codes, _ = label_codes([None, -1, "-1", 0, "7", INT64_MAX], read_manifest(bundle_dir))
-    assert codes.tolist() == [-1, -1, -1, 0, 7, INT64_MAX]
+    codes, _ = label_codes([None, 0, "7", " 8 ", INT64_MAX, str(INT64_MAX)],
+                           read_manifest(bundle_dir))
+    assert codes.tolist() == [-1, 0, 7, 8, INT64_MAX, INT64_MAX]
 
 
 @pytest.mark.parametrize("item_id", [2**64, -(2**63) - 1, "x", 1.5, True])
@@ -332,23 +334,23 @@ HOSTILE = st.one_of(
 )
 
 
+def _has(node, key) -> bool:
+    if isinstance(node, dict):
+        return True
+    return isinstance(node, list) and isinstance(key, int) and key < len(node)
+
+
 def _put(data: dict, path: tuple, value) -> bool:
     """Set ``data`` at ``path``; False when the path is not there."""
     node = data
     for key in path[:-1]:
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
-            node = node[key]
-        else:
+        if not (_has(node, key) and (isinstance(node, list) or key in node)):
             return False
-    if isinstance(node, dict):
-        node[path[-1]] = value
-        return True
-    if isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
-        node[path[-1]] = value
-        return True
-    return False
+        node = node[key]
+    if not _has(node, path[-1]):
+        return False
+    node[path[-1]] = value
+    return True
 
 
 @pytest.fixture(scope="module")
