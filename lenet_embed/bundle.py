@@ -727,19 +727,23 @@ def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
     its identity (path, inode, size, mtime) stays the same; one error naming the files that
     differ, one line for a file missing or of the wrong size."""
     bad = []
+    base = str(directory)
     for name, entry in files.items():
-        check_size(directory, name, entry)
-        path = directory / name
+        path = os.path.join(base, name)  # strings, not Paths: this runs at every commit
         try:
-            found = path.stat()
+            found = os.stat(path)
+            if found.st_size != entry.bytes:
+                check_size(directory, name, entry)  # says how it differs
             with _PARSED_LOCK:
-                digest = _HASHED.get((str(path), found.st_ino, found.st_size, found.st_mtime_ns))
+                digest = _HASHED.get((path, found.st_ino, found.st_size, found.st_mtime_ns))
             if digest is None:
                 with open(path, "rb") as fh:
                     found = os.fstat(fh.fileno())  # the identity of the bytes hashed
                     digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                if found.st_size != entry.bytes:
+                    check_size(directory, name, entry)
                 with _PARSED_LOCK:
-                    _HASHED[(str(path), found.st_ino, found.st_size, found.st_mtime_ns)] = digest
+                    _HASHED[(path, found.st_ino, found.st_size, found.st_mtime_ns)] = digest
                     while len(_HASHED) > _HASHED_KEPT:
                         _HASHED.popitem(last=False)
         except FileNotFoundError:
@@ -747,8 +751,6 @@ def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
         except OSError as exc:
             raise LenetEmbedError(f"{path}: unreadable ({exc.strerror or exc}); {REBUILD}"
                                   ) from None
-        if found.st_size != entry.bytes:
-            check_size(directory, name, entry)  # changed since it was checked: say how
         if digest != entry.sha256:
             bad.append(name)
     if bad:
