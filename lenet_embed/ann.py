@@ -1,7 +1,8 @@
 """FAISS indexes: building them from vectors, and tuning approximate ones instead of guessing.
 
-Any ``faiss.index_factory`` string works (``Flat``, ``HNSW32``, ``IVF256,Flat``,
-``OPQ12,IVF256,PQ12``, ...). Rows of the index are the bundle's rows; ``ids.npy`` maps them to
+The ``faiss.index_factory`` strings of :func:`lenet_embed.factory.parse_factory`'s grammar work
+(``Flat``, ``HNSW32``, ``IVF256,Flat``, ``OPQ12,IVF256,PQ12``, ...), checked before FAISS sees
+them. Rows of the index are the bundle's rows; ``ids.npy`` maps them to
 stable ids, so no ``IndexIDMap`` is needed for ids to survive. For an approximate index the search
 parameter (``efSearch`` for HNSW, ``nprobe`` for IVF) is tuned on held-out queries against exact
 search, and the smallest value that reaches the target recall@10 is stored in the manifest.
@@ -24,6 +25,7 @@ import faiss
 import numpy as np
 
 from .errors import LenetEmbedError
+from .factory import AUTO, parse_factory
 from .metrics import recall_at_k
 
 METRICS = ("cosine", "l2")
@@ -36,7 +38,6 @@ _CANDIDATES = {
 SEARCH_PARAMETERS = tuple(_CANDIDATES)
 _OPTION_NAMES = {"efSearch": "--ef-search", "nprobe": "--nprobe"}
 TUNING_K = 10
-AUTO = "auto"
 DEFAULT_TARGET_RECALL = 0.995
 DEFAULT_MEMORY_BUDGET = "2GB"
 # One query scans every vector of a Flat index: over 10,000 x 84 floats that takes 0.1-0.2 ms of
@@ -121,7 +122,9 @@ def _reason(exc: RuntimeError) -> str:
 
 
 def check_factory(factory: str, metric: str, dim: int) -> None:
-    """Fail early, before any embedding, on a factory string FAISS cannot build for ``dim``."""
+    """Fail early, before any embedding, on a factory string outside :func:`parse_factory`'s
+    grammar or that FAISS cannot build for ``dim``."""
+    parse_factory(factory, dim)
     try:
         faiss.index_factory(dim, factory, faiss_metric(metric))
     except RuntimeError as exc:
@@ -135,6 +138,7 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat",
     million vectors take minutes to add to a graph)."""
     kind = faiss_metric(metric)
     vectors = prepare_vectors(vectors, metric)
+    parse_factory(factory, vectors.shape[1])  # no string reaches FAISS unchecked
     try:
         index = faiss.index_factory(vectors.shape[1], factory, kind)
         if not index.is_trained:
@@ -151,6 +155,7 @@ def make_index(vectors: np.ndarray, metric: str, factory: str = "Flat",
 def needs_training(factory: str, metric: str, dim: int) -> bool:
     """Whether ``factory`` learns from the vectors before it takes them (IVF's lists, PQ's
     codebooks), and so needs enough of them."""
+    parse_factory(factory, dim)
     return not faiss.index_factory(dim, factory, faiss_metric(metric)).is_trained
 
 

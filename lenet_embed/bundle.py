@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LenetEmbedError
+from .factory import AUTO, check_search_params, parse_factory
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -90,6 +91,17 @@ _NAME = re.compile(
     rf"|({SEGMENTS_DIR}|{DELETIONS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*\.npy"
 )
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Every whole number a manifest holds (versions, counts, ids, sizes) is stored in int64 arrays or
+# handed to FAISS and numpy as one: larger ones overflowed deep inside (OverflowError).
+INT64_MAX = (1 << 63) - 1
+# The dimensions a bundle's vectors may have, and the neighbours a calibration may look at.
+MAX_DIM = 4096
+MAX_CALIBRATION_K = 1024
+# The features a calibration model may use: what calibration.features computes, from the
+# neighbours alone (PLAIN) or also from the classifier head's logits (HEAD, only with a head).
+PLAIN_FEATURES = ("log_d1", "log_dk", "agree")
+HEAD_FEATURES = ("energy", "msp", "log_1_minus_msp", "head_agrees")
 # Manifests recently parsed or committed, by their text: a writer that commits many times in a
 # row reads back what it wrote, and a reader refreshing reads the same text again and again.
 _PARSED: OrderedDict[str, Manifest] = OrderedDict()
@@ -244,10 +256,11 @@ class Calibration:
         values["ood"] = _logistic(data["ood"])
         values["confidence"] = _logistic(data["confidence"])
         calibration = cls(**values)
-        if not (isinstance(calibration.k, int) and calibration.k >= 1):
-            raise ValueError("calibration k must be a whole number >= 1")
+        if not _whole(calibration.k, 1, MAX_CALIBRATION_K):
+            raise ValueError(f"calibration k must be a whole number in 1..{MAX_CALIBRATION_K}")
         thresholds = calibration.ood_thresholds
-        if not (isinstance(thresholds, dict) and calibration.default_keep in thresholds
+        if not (isinstance(thresholds, dict) and isinstance(calibration.default_keep, str)
+                and calibration.default_keep in thresholds
                 and all(_finite(v) for v in thresholds.values())):
             raise ValueError("calibration thresholds must map operating points to numbers, "
                              "the default among them")
@@ -256,17 +269,43 @@ class Calibration:
         if (calibration.head_weights is None) != (calibration.head_bias is None):
             raise ValueError("calibration head needs both weights and bias")
         if calibration.head_weights is not None:
-            weights = np.asarray(calibration.head_weights, dtype=np.float64)
-            if weights.ndim != 2 or weights.shape[1] != len(calibration.head_bias or []):
-                raise ValueError("calibration head weights and bias disagree in shape")
-        if not isinstance(calibration.fitted_on, dict):
-            raise ValueError("calibration fitted_on must be an object")
+            _check_head(calibration.head_weights, calibration.head_bias)
+        for model in (calibration.ood, calibration.confidence):
+            allowed = PLAIN_FEATURES + (HEAD_FEATURES if calibration.head_weights else ())
+            unknown = [name for name in model.features if name not in allowed]
+            if unknown:
+                raise ValueError(f"calibration feature {unknown[0][:40]!r} is not one of "
+                                 f"{', '.join(allowed)}")
+        if not (isinstance(calibration.fitted_on, dict)
+                and all(_whole(v) for v in calibration.fitted_on.values())):
+            raise ValueError("calibration fitted_on must map names to whole numbers")
         return calibration
+
+    def check_dim(self, dim: int) -> None:
+        """Refuse a classifier head that does not read ``dim``-d embeddings (ValueError)."""
+        if self.head_weights is not None and len(self.head_weights) != dim:
+            raise ValueError(f"calibration head must have {dim} rows of weights, one per "
+                             "embedding dimension")
 
 
 def _finite(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and bool(np.isfinite(value)))
+
+
+def _whole(value: Any, low: int = 0, high: float = INT64_MAX) -> bool:
+    """Whether ``value`` is a whole number (not a bool) in ``low..high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_head(weights: Any, bias: Any) -> None:
+    """A classifier head: a list of rows of the same length as ``bias``, all finite numbers."""
+    if not (isinstance(weights, list) and isinstance(bias, list) and bias and weights
+            and all(_finite(b) for b in bias)
+            and all(isinstance(row, list) and len(row) == len(bias)
+                    and all(_finite(w) for w in row) for row in weights)):
+        raise ValueError("calibration head must be a matrix of finite weights with one column "
+                         "per bias")
 
 
 def _logistic(data: Any) -> LogisticModel:
@@ -426,24 +465,32 @@ class Manifest:
                 "factory", "encoder")
         for name in ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _whole(value, high=float("inf")):
                 raise ValueError(f"{name} must be a whole number >= 0")
+            if value > INT64_MAX:
+                raise ValueError(f"{name} must be at most {INT64_MAX}")
         for name in strs:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
         if self.metric not in ("cosine", "l2"):
             raise ValueError(f"unknown metric {self.metric!r}")
-        if not isinstance(self.dataset, dict) or not isinstance(self.search_params, dict):
-            raise ValueError("dataset and search_params must be objects")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                   for v in self.search_params.values()):
-            raise ValueError("search_params must map names to numbers")
+        if not 1 <= self.dim <= MAX_DIM:
+            raise ValueError(f"dim must be in 1..{MAX_DIM}")
+        if not isinstance(self.dataset, dict):
+            raise ValueError("dataset must be an object")
+        # The factory is parsed before FAISS ever sees it (a compaction builds it again); a
+        # bundle whose items are in Milvus may name none ("auto").
+        if not (self.store is not None and self.factory == AUTO):
+            check_search_params(self.search_params, parse_factory(self.factory, self.dim))
+        elif self.search_params:
+            raise ValueError("search_params need a factory")
         if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
             raise ValueError("classes must be a list of strings")
         if not (isinstance(self.deletions, str) or self.deletions is None):
             raise ValueError("deletions must be a file name or null")
-        if self.target_recall is not None and not isinstance(self.target_recall, (int, float)):
-            raise ValueError("target_recall must be a number or null")
+        if self.target_recall is not None and not (_finite(self.target_recall)
+                                                   and 0 < self.target_recall <= 1):
+            raise ValueError("target_recall must be a number in (0, 1] or null")
         if not (isinstance(self.factory_reason, str) or self.factory_reason is None):
             raise ValueError("factory_reason must be a string or null")
         if self.store is not None:
@@ -455,6 +502,11 @@ class Manifest:
             raise ValueError("count and rows disagree with the segments")
         if (self.deletions is None) != (self.count == self.rows):
             raise ValueError("removed rows need a deletions file, and only they")
+        # Ids are distinct, >= 0 and below next_id (the load checks the stored ones against it).
+        if self.rows > self.next_id:
+            raise ValueError("next_id must be above every id, so at least rows")
+        if self.calibration is not None:
+            self.calibration.check_dim(self.dim)
         if len({s.name for s in self.segments}) != len(self.segments):
             raise ValueError("two segments share a name")
         folder = self.encoder.removeprefix(f"{ENCODERS_DIR}/")
@@ -463,9 +515,11 @@ class Manifest:
         for segment in self.segments:
             if not _FOLDER_NAME.fullmatch(segment.name):
                 raise ValueError(f"segment {segment.name!r} is not a name inside the bundle")
-        for name in self.files:
+        for name, entry in self.files.items():
             if not _NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a name inside the bundle")
+            if not (_whole(entry.bytes) and _SHA256.fullmatch(entry.sha256)):
+                raise ValueError(f"{name!r} needs a size in 0..{INT64_MAX} and a sha256")
         needed = self.required_files()
         if set(self.files) != needed:
             extra = sorted(set(self.files) - needed)
@@ -550,8 +604,8 @@ def _segment(value: Any) -> Segment:
     for key, kind in kinds.items():
         if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
             raise TypeError(f"segment {key} must be {kind.__name__}")
-    if value["rows"] < 0:
-        raise ValueError("segment rows must be >= 0")
+    if not _whole(value["rows"]):
+        raise ValueError(f"segment rows must be in 0..{INT64_MAX}")
     return Segment(**value)
 
 
@@ -659,6 +713,48 @@ def verify_file(directory: Path, name: str, entry: FileEntry) -> None:
     check_size(directory, name, entry)
     if sha256_file(directory / name) != entry.sha256:
         raise damaged([name], directory)
+
+
+# Files whose bytes this process hashed, by identity (path, inode, size, mtime), and the sha256
+# found: files never change once written, so a writer checking the version it commits on top of
+# hashes each file once, not at every commit (a rewrite in place changes the mtime).
+_HASHED: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
+_HASHED_KEPT = 20_000
+
+
+def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
+    """:func:`verify_file` of every file of ``files``, each hashed once per process as long as
+    its identity (path, inode, size, mtime) stays the same; one error naming the files that
+    differ, one line for a file missing or of the wrong size."""
+    bad = []
+    base = str(directory)
+    for name, entry in files.items():
+        path = os.path.join(base, name)  # strings, not Paths: this runs at every commit
+        try:
+            found = os.stat(path)
+            if found.st_size != entry.bytes:
+                check_size(directory, name, entry)  # says how it differs
+            with _PARSED_LOCK:
+                digest = _HASHED.get((path, found.st_ino, found.st_size, found.st_mtime_ns))
+            if digest is None:
+                with open(path, "rb") as fh:
+                    found = os.fstat(fh.fileno())  # the identity of the bytes hashed
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                if found.st_size != entry.bytes:
+                    check_size(directory, name, entry)
+                with _PARSED_LOCK:
+                    _HASHED[(path, found.st_ino, found.st_size, found.st_mtime_ns)] = digest
+                    while len(_HASHED) > _HASHED_KEPT:
+                        _HASHED.popitem(last=False)
+        except FileNotFoundError:
+            raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
+        except OSError as exc:
+            raise LenetEmbedError(f"{path}: unreadable ({exc.strerror or exc}); {REBUILD}"
+                                  ) from None
+        if digest != entry.sha256:
+            bad.append(name)
+    if bad:
+        raise damaged(bad, directory)
 
 
 def verify_files(directory: Path, files: dict[str, FileEntry]) -> None:

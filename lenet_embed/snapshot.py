@@ -28,6 +28,7 @@ import json
 import math
 import os
 import threading
+import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from .bundle import (
     row_dtype,
     verify_file,
     verify_files,
+    verify_files_once,
     written_records,
 )
 from .errors import LenetEmbedError
@@ -69,6 +71,9 @@ _EXACT_SPEEDUP = 2
 # 300 queries of 84-d unit vectors at a time: efSearch 64 on HNSW32 over 60,000 rows took 0.41 ms a
 # query, exact search over 10,000 rows 0.21 ms and over 30,000 1.0 ms; 64 x 64 x 3 = 12,288).
 _HNSW_ROWS_PER_NEIGHBOUR = 3
+# What numpy raises for a ``.npy`` file it cannot parse: its header is a Python literal, so a
+# damaged one fails in the tokenizer or the parser, not only with a ValueError.
+_UNREADABLE = (OSError, ValueError, SyntaxError, tokenize.TokenError, EOFError, MemoryError)
 
 
 class _Vanished(Exception):
@@ -157,8 +162,14 @@ def _opening(directory: Path, manifest: Manifest, segment: Segment,
         yield where
     except FileNotFoundError:
         raise _Vanished from None
-    except (OSError, ValueError) as exc:
-        raise LenetEmbedError(f"{where}: unreadable segment ({exc}); {REBUILD}") from None
+    except _UNREADABLE as exc:
+        raise LenetEmbedError(f"{where}: unreadable segment ({_first_line(exc)}); the bundle is "
+                              f"damaged, {REBUILD} or restore it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _disagrees(where: Path, segment: Segment) -> LenetEmbedError:
@@ -227,6 +238,12 @@ class Snapshot:
         self.ids = _joined([s.ids for s in segments])
         self.labels = _joined([s.labels for s in segments])
         self.live = np.ones(len(self.ids), dtype=bool)
+        # Ids are strictly increasing, so the first and the last bound them all: an id at or
+        # above next_id would be handed out again by the next add.
+        if len(self.ids) and (self.ids[0] < 0 or self.ids[-1] >= manifest.next_id):
+            raise LenetEmbedError(
+                f"{directory}: item ids run from {self.ids[0]} to {self.ids[-1]}, outside "
+                f"0..{manifest.next_id - 1} (the manifest's next_id); {REBUILD}")
         rows, found = find_sorted(self.ids, deleted_ids)
         self.live[rows[found]] = False
         # What costs a pass over every row (ids in order, labels among the classes) is checked by
@@ -559,6 +576,49 @@ def _changed(directory: Path) -> LenetEmbedError:
                            "opened; try again")
 
 
+# The version each bundle was last checked at by check_version in this process: the next check
+# loads only what changed since, as a reader refreshing does.
+_CHECKED: dict[str, Snapshot] = {}
+_CHECKED_LOCK = threading.Lock()
+_CHECKED_KEPT = 4
+
+
+def check_version(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Refuse (one line naming the file) a version that a reader could not load, or whose files
+    differ from their checksums: what a writer checks before it commits on top of ``manifest``.
+
+    Every file is compared with its size and sha256, each hashed once per process as long as
+    it is unchanged (:func:`lenet_embed.bundle.verify_files_once`); then the version is loaded
+    by the reader's own load (:func:`open_snapshot`, the encoder's files checked but not
+    loaded): ``.npy`` headers parse, FAISS indexes read, removed ids agree with the count, ids
+    stay below ``next_id``. The last version checked is kept, so the next check loads only the
+    segments that are new (:func:`forget_version` lets its files go)."""
+    directory = Path(directory)
+    verify_files_once(directory, manifest.files)
+    if manifest.store is not None:
+        return  # the items are in Milvus: loading would connect to it
+    key = str(directory.resolve())
+    with _CHECKED_LOCK:
+        previous = _CHECKED.pop(key, None)
+    snapshot = open_snapshot(directory, _no_encoder, previous=previous, committed=manifest)
+    with _CHECKED_LOCK:
+        _CHECKED[key] = snapshot
+        while len(_CHECKED) > _CHECKED_KEPT:
+            del _CHECKED[next(iter(_CHECKED))]
+
+
+def forget_version(directory: str | os.PathLike[str]) -> None:
+    """Drop what :func:`check_version` keeps of a bundle (its memory maps of segments that a
+    compaction or a build has just replaced)."""
+    with _CHECKED_LOCK:
+        _CHECKED.pop(str(Path(directory).resolve()), None)
+
+
+def _no_encoder(keras_path: Path, litert_path: Path) -> None:
+    """An encoder loader for checks: the files are checked, the model is not needed."""
+    return None
+
+
 def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
     """The ids removed in this version (sorted), checked against the manifest. The file is read
     whole, so its checksum is checked too: it costs as much as the reading."""
@@ -570,8 +630,9 @@ def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
         deleted = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise _Vanished from None
-    except (OSError, ValueError) as exc:
-        raise LenetEmbedError(f"{path}: unreadable ({exc}); {REBUILD}") from None
+    except _UNREADABLE as exc:
+        raise LenetEmbedError(f"{path}: unreadable ({_first_line(exc)}); the bundle is damaged, "
+                              f"{REBUILD} or restore it") from None
     if deleted.dtype != np.int64 or deleted.ndim != 1:
         raise LenetEmbedError(f"{path}: not a list of ids; {REBUILD}")
     return deleted

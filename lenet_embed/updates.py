@@ -26,6 +26,7 @@ import numpy as np
 from . import garbage, milvus
 from .ann import make_index, needs_training, prepare_vectors
 from .bundle import (
+    INT64_MAX,
     FileEntry,
     Manifest,
     Segment,
@@ -57,7 +58,8 @@ class Removal:
 
 def label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, list[str]]:
     """User labels as stored codes: digits as themselves, folder names as positions in
-    ``classes`` (new names are appended), None as -1."""
+    ``classes`` (new names are appended), None as -1. A number below 0 or beyond int64 is
+    refused in one line: codes are stored as int64, and -1 already means "no label"."""
     classes = list(manifest.classes)
     codes = []
     for label in labels:
@@ -70,23 +72,42 @@ def label_codes(labels: list[Label], manifest: Manifest) -> tuple[np.ndarray, li
             codes.append(classes.index(name))
         else:
             code = _as_number(label)
-            if code is None:
+            if code is None or not 0 <= code <= INT64_MAX:
                 raise LenetEmbedError(
-                    f"label {label!r}: this bundle's labels are whole numbers (like the digits "
-                    "0-9); give a whole number >= 0"
+                    f"label {str(label)[:40]!r}: this bundle's labels are whole numbers (like the "
+                    f"digits 0-9); give a whole number in 0..{INT64_MAX}"
                 )
             codes.append(code)
     return np.asarray(codes, dtype=np.int64), classes
 
 
 def _as_number(label: Label) -> int | None:
+    """A label as a whole number (a string of ASCII digits too, maybe with a minus), else
+    None."""
     if isinstance(label, (bool, np.bool_)):
         return None
     if isinstance(label, (int, np.integer)):
-        return int(label) if label >= 0 else None
-    if isinstance(label, str) and label.strip().isdecimal() and label.strip().isascii():
-        return int(label.strip())
+        return int(label)
+    if isinstance(label, str):
+        text = label.strip()
+        digits = text.removeprefix("-")
+        if digits.isdecimal() and digits.isascii() and len(digits) <= 40:
+            return int(text)
     return None
+
+
+def _as_ids(ids: list[int] | np.ndarray) -> np.ndarray:
+    """Item ids as a sorted int64 array without repeats; one line for one that is not a whole
+    number within int64 (no id is, so nothing could match it)."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "i":  # within int64 already
+        return np.unique(ids.astype(np.int64).ravel())
+    values = list(ids)
+    for value in values:
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+                and -INT64_MAX - 1 <= value <= INT64_MAX):
+            raise LenetEmbedError(f"id {str(value)[:40]!r}: ids are whole numbers in "
+                                  f"0..{INT64_MAX}")
+    return np.unique(np.asarray(values, dtype=np.int64))
 
 
 def add_vectors(
@@ -119,6 +140,9 @@ def add_vectors(
         if vectors.shape[1:] != (current.dim,):
             raise LenetEmbedError(f"vectors must have shape (N, {current.dim})")
         codes, classes = label_codes(labels, current)
+        if current.next_id > INT64_MAX + 1 - count:
+            raise LenetEmbedError(f"{directory}: no ids left to give {count} new items "
+                                  f"(next_id {current.next_id}); rebuild the bundle")
         ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
         segments, new_files = current.segments, current.files
         live = current.count + count
@@ -290,7 +314,7 @@ def _write_rows(writer: BundleWriter, loaded: list[LoadedSegment], rows: list[np
 def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
                timeout: float = DEFAULT_LOCK_TIMEOUT) -> tuple[Removal, Manifest]:
     """Remove live items by id in one commit (none when no id is live)."""
-    wanted = np.unique(np.asarray(list(ids), dtype=np.int64))
+    wanted = _as_ids(ids)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
         if current.store is not None:

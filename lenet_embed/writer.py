@@ -67,6 +67,7 @@ from .bundle import (
 )
 from .data import read_rows
 from .errors import LenetEmbedError
+from .snapshot import check_version, forget_version
 
 # How long the files of a superseded version are kept for readers that are opening them.
 GRACE_SECONDS = 3.0
@@ -614,14 +615,20 @@ class BundleWriter:
         """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``.
 
         The manifest is checked as readers would check it and serialised once; its text goes to
-        disk once (``versions/N.json`` is a second name for the same file).
+        disk once (``versions/N.json`` is a second name for the same file). The version it
+        replaces is checked first (:func:`lenet_embed.snapshot.check_version`): nothing is
+        committed, or acknowledged, on top of a version that readers cannot load or whose files
+        differ from their checksums (a build replaces whatever was there).
 
-        Durable when it returns: the new files and folders, their entries, the staged manifest and
-        (for a build that created it) the bundle's folder are flushed before the rename, the
-        bundle's folder after it. A power failure before that last flush leaves the previous
-        version, one after it the new one (``tests/test_power_loss.py``)."""
+        Durable when it returns: the lock file (its intent journal), then the new files and
+        folders, their entries, the staged manifest and (for a build that created it) the
+        bundle's folder are flushed before the rename, the bundle's folder after it. A power
+        failure before that last flush leaves the previous version, one after it the new one
+        (``tests/test_power_loss.py``)."""
         if manifest.version != self.next_version:
             raise ValueError("a commit must carry the next version number")
+        if self.current is not None and not self.replacing:
+            check_version(self.directory, self.current)
         manifest = _with_commit_time(manifest)
         try:
             manifest.check()  # never commit what readers would refuse
@@ -665,6 +672,7 @@ class BundleWriter:
         if format_1:
             garbage.remove_format_1(self.directory)
         if manifest.operation in ("build", "compact"):
+            forget_version(self.directory)  # its segments are gone: let their mappings go
             self.collect_garbage()
         else:
             self.collect_garbage(limit=SWEEP_LIMIT, look=manifest.version % _SWEEP_EVERY == 0)
