@@ -498,6 +498,21 @@ def test_chart_text_is_literal_in_matplotlibs_dejavu_and_on_the_page(chart):
         assert any(t.get_text().startswith("a b c d") for t in texts)
 
 
+def test_render_sets_any_text_in_matplotlibs_dejavu_keeping_size_and_weight():
+    import matplotlib
+
+    with matplotlib.rc_context({"font.family": "serif", "text.usetex": True}):
+        figure = pictures._figure(300, 200)
+        ax = figure.add_subplot()
+        plain = ax.text(0.1, 0.5, "$\\plain{")  # rc's serif family, LaTeX, mathtext
+        heavy = ax.set_title("heavy", fontsize=15, fontweight="bold")
+        pictures._render(figure)
+    assert plain.get_fontproperties().get_file() == str(font_files.font_file("DejaVuSans.ttf"))
+    assert heavy.get_fontproperties().get_file() == str(font_files.font_file("DejaVuSans-Bold.ttf"))
+    assert heavy.get_fontproperties().get_size_in_points() == 15
+    assert not plain.get_usetex() and not plain.get_parse_math()
+
+
 @pytest.mark.parametrize("chart", sorted(_CHARTS))
 def test_charts_are_deterministic_and_draw_in_threads(chart):
     from concurrent.futures import ThreadPoolExecutor
