@@ -1,7 +1,12 @@
 """Pictures a person would rather look at than read: neighbour montages, confusion matrices, maps.
 
-Everything returns a PIL RGB image on a white page, ready for ``image.save("out.png")``. Only
-Pillow and numpy are used, and the DejaVu Sans font file matplotlib ships (:mod:`.fonts`).
+Everything returns a PIL RGB image on a white page, ready for ``image.save("out.png")``. The
+montage is drawn pixel by pixel with Pillow; the charts (:func:`confusion_image`,
+:func:`embedding_map`, :func:`reliability_diagram`) by matplotlib's object API and its Agg
+renderer (a ``Figure`` of its own per call, never pyplot: no global state, no display, safe in
+threads), imported only when a chart is drawn. All text is in the DejaVu Sans files matplotlib
+ships (:mod:`.fonts`), drawn literally (never as mathtext or LaTeX), so the same input gives
+the same pixels on every machine.
 
 Montage geometry (all in pixels): each 28x28 digit is upscaled ``SCALE`` = 3 times with
 nearest-neighbour to a ``TILE`` = 84 px square, drawn inside a ``FRAME`` = 3 px coloured frame,
@@ -17,12 +22,17 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
     from .search import Neighbor, SearchIndex
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -337,90 +347,59 @@ def _gray_u8(image: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Confusion matrix
+# Charts, drawn by matplotlib
 
-
-@dataclass(frozen=True)
-class _ConfusionLayout:
-    width: int
-    height: int
-    grid_x: int
-    grid_y: int
-    cell: int
-    rotate_names: bool
-    title_y: int
-    subtitle_y: int
-    caption_y: int
-    names_y: int
-    names_h: int
-    recall_x: int
-
-
-def _confusion_fonts(n: int) -> tuple[int, Font, Font]:
-    cell = int(np.clip(560 // max(n, 1), 22, 56))
-    name_font = _font(int(np.clip(cell * 0.28, 9, 13)))
-    count_font = _font(int(np.clip(cell * 0.3, 8, 15)))
-    return cell, name_font, count_font
-
-
-def _confusion_layout(n: int, class_names: Sequence[str], title: str) -> _ConfusionLayout:
-    cell, name_font, _ = _confusion_fonts(n)
-    caption_font, small = _font(13), _font(11)
-    line = _line_height(name_font)
-    widths = [_text_width(str(name), name_font) for name in class_names] or [0]
-    rotate = max(widths) > cell - 4
-    names_h = max(widths) if rotate else line
-    y = MARGIN
-    title_y = y
-    if title:
-        y += 24
-    subtitle_y = y
-    y += 20
-    caption_y = y
-    y += _line_height(caption_font) + 6
-    names_y = y
-    grid_y = y + names_h + 6
-    grid_x = MARGIN + _line_height(caption_font) + 8 + max(widths) + 6
-    recall_x = grid_x + n * cell + 8
-    recall_w = max(_text_width("100.0%", small), _text_width("recall", small))
-    width = recall_x + recall_w + MARGIN
-    width = max(width, 2 * MARGIN + _text_width(title, _font(16, bold=True)))
-    width = max(width, 2 * MARGIN + _text_width(_confusion_subtitle(10**6, 10**6), small))
-    height = grid_y + n * cell + MARGIN
-    return _ConfusionLayout(
-        width,
-        height,
-        grid_x,
-        grid_y,
-        cell,
-        rotate,
-        title_y,
-        subtitle_y,
-        caption_y,
-        names_y,
-        names_h,
-        recall_x,
-    )
-
-
-def _confusion_subtitle(total: int, correct: int) -> str:
-    accuracy = f"{correct / total:.2%}" if total else "-"
-    return (
-        f"{total} samples, accuracy {accuracy}; "
-        "shade = share of the true row (blue: correct, red: errors)"
-    )
+# A chart of w x h pixels is a figure of (w, h) / DPI inches.
+DPI = 100
+# The longest class name (or label) a chart writes; longer ones are cut short with "...".
+NAME_CHARS = 24
+# A confusion matrix writes each cell's count up to this many classes; beyond, colours only.
+COUNTS_UP_TO = 40
+# An embedding map's legend lists at most this many labels (the palette repeats after 10).
+LEGEND_ENTRIES = 30
 
 
 def confusion_image(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Image.Image:
     """Draw a (C, C) confusion matrix (rows = true label, columns = predicted) as a heat map.
 
-    Each cell shows its count. Diagonal cells are blue, shaded by the row's recall; off-diagonal
-    cells with errors are red, shaded on a log scale of their share of the row (1 in 1000 is
-    still a visible pink), so rare confusions stand out; empty cells are white. Each row's
-    recall is printed at its right.
+    Each cell shows its count (up to ``COUNTS_UP_TO`` classes). Diagonal cells are blue, shaded
+    by the row's recall; off-diagonal cells with errors are red, shaded on a log scale of their
+    share of the row (1 in 1000 is still a visible pink), so rare confusions stand out; empty
+    cells are white. Each row's recall is printed at its right. A cell is 22 to 56 px square
+    (smaller past 60 classes, so the grid stays about 1320 px).
     """
+    return _render(_confusion_figure(matrix, class_names, title))
+
+
+def embedding_map(
+    points: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+) -> Image.Image:
+    """Scatter (N, 2) points coloured by label, with a legend and a title, on an 860 x 700 page.
+
+    Integer labels take ``PALETTE[label % 10]`` (so digit 3 is always the same colour) and are
+    named ``class_names[label]`` when given; other labels (strings, None) are named by their
+    text and coloured in sorted order. Both axes share one scale, so distances look right;
+    y grows upwards. Points are drawn in a fixed shuffled order so no class hides another.
+    Non-finite points are left out (and counted in the subtitle).
+    """
+    return _render(_embedding_figure(points, labels, class_names, title))
+
+
+def reliability_diagram(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray,
+                        title: str = "") -> Image.Image:
+    """A reliability diagram (Guo et al. 2017, fig. 1) on a 560 x 620 page: per equal-width
+    confidence bin, a blue bar as tall as the accuracy of the answers in it, a red outline from
+    there to the bin's mean confidence (the gap), and the diagonal a perfectly calibrated model
+    would follow. Empty bins stay blank; each bin's count is written above the plot."""
+    return _render(_reliability_figure(counts, accuracy, mean_confidence, title))
+
+
+def _confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
     counts = np.asarray(matrix)
-    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
         raise ValueError(f"confusion matrix must be square (C, C), got shape {counts.shape}")
     n = counts.shape[0]
     if len(class_names) != n:
@@ -428,108 +407,243 @@ def confusion_image(matrix: np.ndarray, class_names: Sequence[str], title: str =
     values = counts.astype(np.float64)
     if not np.isfinite(values).all() or (values < 0).any():
         raise ValueError("confusion matrix counts must be finite and non-negative")
-    layout = _confusion_layout(n, class_names, title)
-    page = Image.new("RGB", (layout.width, layout.height), WHITE)
-    draw = ImageDraw.Draw(page)
-    cell, name_font, count_font = _confusion_fonts(n)
-    caption_font, small = _font(13), _font(11)
-    total, correct = float(values.sum()), float(np.trace(values))
-    if title:
-        _text(draw, MARGIN, layout.title_y, title, _font(16, bold=True), INK)
-    _text(
-        draw, MARGIN, layout.subtitle_y, _confusion_subtitle(int(total), int(correct)), small, MUTED
-    )
-    grid_w = n * cell
-    caption_w = _text_width("predicted", caption_font)
-    _text(
-        draw,
-        layout.grid_x + (grid_w - caption_w) // 2,
-        layout.caption_y,
-        "predicted",
-        caption_font,
-        INK,
-    )
-    _vertical_text(page, MARGIN, layout.grid_y + grid_w // 2, "true", caption_font, INK)
-    for i, name in enumerate(class_names):
-        name = str(name)
-        centre = layout.grid_x + i * cell + cell // 2
-        if layout.rotate_names:
-            _vertical_text(
-                page,
-                centre - _line_height(name_font) // 2,
-                None,
-                name,
-                name_font,
-                INK,
-                bottom=layout.names_y + layout.names_h,
-            )
-        else:
-            _text(
-                draw,
-                centre - _text_width(name, name_font) // 2,
-                layout.names_y,
-                name,
-                name_font,
-                INK,
-            )
-        row_y = layout.grid_y + i * cell + (cell - _line_height(name_font)) // 2
-        _text(draw, layout.grid_x - 6 - _text_width(name, name_font), row_y, name, name_font, INK)
-    _text(
-        draw,
-        layout.recall_x,
-        layout.names_y + layout.names_h - _line_height(small),
-        "recall",
-        small,
-        MUTED,
-    )
-    integral = bool(np.all(values == np.round(values)))
+    cell = float(np.clip(560 / n, 22, 56)) if n <= 60 else 1320 / n
+    names = [_short(name) for name in class_names]
+    name_px = 6.5 * max(len(name) for name in names) + 12  # DejaVu Sans at 9 pt, roughly
+    rotate = name_px - 12 > cell - 4
+    grid = n * cell
+    figure = _figure(100 + name_px + max(grid, 340) + 90,
+                     140 + grid + (name_px if rotate else 24))
+    ax = figure.add_subplot()
     row_totals = values.sum(axis=1)
-    for i in range(n):
-        for j in range(n):
-            x0, y0 = layout.grid_x + j * cell, layout.grid_y + i * cell
-            fill = _cell_colour(values[i, j], row_totals[i], diagonal=i == j)
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=(225,) * 3)
+    colours = _cell_colours(values)
+    dark = colours @ np.array([0.299, 0.587, 0.114]) < 150  # luminance: white counts on these
+    ax.imshow(colours, interpolation="nearest", aspect="equal")
+    if n <= COUNTS_UP_TO:
+        integral = bool(np.all(values == np.round(values)))
+        base = float(np.clip(cell * 0.3, 8, 15))
+        for i, j in np.ndindex(n, n):
             count = values[i, j]
             text = f"{int(round(count))}" if integral else f"{count:.3g}"
-            font = _shrink_to_fit(text, count_font, cell - 4)
-            colour = RULE if count == 0 else WHITE if _luminance(fill) < 150 else INK
-            _text(
-                draw,
-                x0 + (cell - _text_width(text, font)) // 2,
-                y0 + (cell - _line_height(font)) // 2,
-                text,
-                font,
-                colour,
-            )
-        recall = f"{values[i, i] / row_totals[i]:.1%}" if row_totals[i] else "-"
-        _text(
-            draw,
-            layout.recall_x,
-            layout.grid_y + i * cell + (cell - _line_height(small)) // 2,
-            recall,
-            small,
-            MUTED,
-        )
-    return page
+            size = min(base, (cell - 4) / (0.64 * len(text)))  # a digit is 0.64 em wide
+            ink = RULE if count == 0 else WHITE if dark[i, j] else INK
+            ax.text(j, i, text, ha="center", va="center", **_text_kw(_points(size), colour=ink))
+    if cell >= 8:  # thin rules between cells, unless they would hide them
+        ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+        ax.grid(which="minor", color=_colour((225, 225, 225)), linewidth=1.0)
+    ax.grid(which="major", visible=False)
+    ax.tick_params(which="both", length=0)
+    shown = list(range(0, n, max(1, math.ceil(11 / cell))))  # every name while they fit
+    ax.set_xticks(shown, [names[i] for i in shown], rotation=90 if rotate else 0,
+                  **_text_kw(9))
+    ax.set_yticks(shown, [names[i] for i in shown], **_text_kw(9))
+    ax.set_xlabel("predicted", **_text_kw(10))
+    ax.set_ylabel("true", **_text_kw(10))
+    recall = ax.secondary_yaxis("right")
+    recall.set_yticks(shown, [f"{values[i, i] / row_totals[i]:.1%}" if row_totals[i] else "-"
+                              for i in shown], **_text_kw(8, colour=MUTED))
+    recall.set_ylabel("recall", **_text_kw(9, colour=MUTED))
+    recall.tick_params(length=0)
+    total, correct = int(values.sum()), int(np.trace(values))
+    accuracy = f"{correct / total:.2%}" if total else "-"
+    ax.set_anchor("W")  # the subtitle starts at the grid's left edge and has room to its right
+    return _finish(figure, title, f"{total} samples, accuracy {accuracy}\n"
+                   "shade = share of the true row (blue: correct, red: errors)", ax, recall)
 
 
-def _cell_colour(count: float, row_total: float, diagonal: bool) -> RGB:
-    if count <= 0 or row_total <= 0:
-        return WHITE
-    share = count / row_total
-    if diagonal:
-        return _mix(WHITE, QUERY_BLUE, 0.2 + 0.8 * share)
-    return _mix(WHITE, WRONG_RED, float(np.clip(1.0 + math.log10(share) / 3.0, 0.25, 1.0)))
+def _embedding_figure(points: np.ndarray, labels: np.ndarray,
+                      class_names: Sequence[str] | None, title: str) -> Figure:
+    xy = np.asarray(points, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"embedding_map expects (N, 2) points, got shape {xy.shape}")
+    label_array = np.asarray(labels)
+    if label_array.shape[:1] != xy.shape[:1] or label_array.ndim != 1:
+        raise ValueError(f"{label_array.shape} labels for {len(xy)} points")
+    from matplotlib.patches import Patch
+
+    colour_index, names = _label_classes(label_array, class_names)
+    finite = np.isfinite(xy).all(axis=1)
+    shown, keys = xy[finite], colour_index[finite]
+    present = sorted(set(keys.tolist()))
+    palette = np.array(PALETTE, dtype=np.float64) / 255.0
+    figure = _figure(860, 700)
+    ax = figure.add_subplot()
+    if len(shown):
+        order = np.random.default_rng(0).permutation(len(shown))
+        radius_px = 3.0 if len(shown) <= 1000 else 2.0
+        ax.scatter(shown[order, 0], shown[order, 1], s=_points(2 * radius_px) ** 2,
+                   c=palette[keys[order] % len(PALETTE)], marker="o", linewidths=0)
+    else:
+        ax.text(0.5, 0.5, "no points", transform=ax.transAxes, ha="center", va="center",
+                **_text_kw(10, colour=MUTED))
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    handles: list[Patch] = [Patch(facecolor=palette[key % len(PALETTE)], edgecolor="none")
+                            for key in present[:LEGEND_ENTRIES]]
+    entries = [f"{_short(names[key])}  ({int(np.sum(keys == key))})"
+               for key in present[:LEGEND_ENTRIES]]
+    if len(present) > LEGEND_ENTRIES:
+        handles.append(Patch(facecolor="none", edgecolor="none"))
+        entries.append(f"+ {len(present) - LEGEND_ENTRIES} more labels")
+    if handles:
+        ax.legend(handles, entries, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, frameon=False, handlelength=1.0, handleheight=1.0,
+                  title="label", alignment="left", prop=_chart_font(9),
+                  title_fontproperties=_chart_font(9, bold=True))
+    dropped = int((~finite).sum())
+    return _finish(figure, title, f"{len(shown)} points"
+                   + (f" ({dropped} non-finite left out)" if dropped else ""), ax)
 
 
-def _mix(a: RGB, b: RGB, t: float) -> RGB:
-    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b, strict=True))
-    return r, g, bl
+def _reliability_figure(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray,
+                        title: str) -> Figure:
+    n, acc, conf = (np.asarray(a, dtype=np.float64) for a in (counts, accuracy, mean_confidence))
+    if n.ndim != 1 or not len(n) or acc.shape != n.shape or conf.shape != n.shape:
+        raise ValueError(f"reliability diagram needs three equal 1-D arrays, got shapes "
+                         f"{n.shape}, {acc.shape}, {conf.shape}")
+    filled = n > 0
+    if not (np.isfinite(n).all() and np.isfinite(acc[filled]).all()
+            and np.isfinite(conf[filled]).all()):
+        raise ValueError("reliability diagram values must be finite")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    bins = len(n)
+    centres = (np.arange(bins) + 0.5) / bins
+    width = 0.9 / bins
+    blue, red, muted = _colour(QUERY_BLUE), _colour(WRONG_RED), _colour(MUTED)
+    figure = _figure(560, 620)
+    ax = figure.add_subplot()
+    ax.bar(centres[filled], acc[filled], width=width, color=blue, linewidth=0)
+    low, high = np.minimum(acc, conf), np.maximum(acc, conf)
+    gap = filled & (high - low > 1e-3)
+    ax.bar(centres[gap], (high - low)[gap], bottom=low[gap], width=width, fill=False,
+           edgecolor=red, linewidth=1.5)
+    ax.plot([0, 1], [0, 1], color=muted, linestyle="--", linewidth=1.0, zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ticks = np.linspace(0, 1, 6)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_ticks(ticks, [f"{t:.1f}" for t in ticks], **_text_kw(8, colour=MUTED))
+    ax.set_xlabel("confidence", **_text_kw(10))
+    ax.set_ylabel("accuracy", **_text_kw(10))
+    above = ax.secondary_xaxis("top")
+    above.set_xticks(centres[filled], [str(int(c)) for c in n[filled]],
+                     rotation=90 if bins > 10 else 0, **_text_kw(7, colour=MUTED))
+    above.set_xlabel("answers in the bin", **_text_kw(8, colour=MUTED))
+    figure.legend([Patch(facecolor=blue), Patch(fill=False, edgecolor=red, linewidth=1.5),
+                   Line2D([], [], color=muted, linestyle="--", linewidth=1.0)],
+                  ["accuracy", "gap to the mean confidence", "perfectly calibrated"],
+                  loc="outside lower center", ncols=3, frameon=False, prop=_chart_font(8))
+    return _finish(figure, title, "", ax, above)
 
 
-def _luminance(colour: RGB) -> float:
-    r, g, b = colour
-    return 0.299 * r + 0.587 * g + 0.114 * b
+def _figure(width: float, height: float) -> Figure:
+    """A new white figure of ``width`` x ``height`` px whose constrained layout fits its titles,
+    labels and legends inside. Made without pyplot: no global state, no display, any thread.
+
+    matplotlib is imported here, so commands that draw no chart never load it; without it,
+    :class:`.fonts.MissingFonts` says to install it (one line).
+    """
+    _font_file(bold=False)  # MissingFonts without matplotlib, before an import can fail
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white",
+                    layout="constrained")
+    figure.get_layout_engine().set(w_pad=6 / 72, h_pad=6 / 72, wspace=0.02, hspace=0.02)
+    return figure
+
+
+def _finish(figure: Figure, title: str, subtitle: str, ax: Axes, *more: Axes) -> Figure:
+    """Give ``figure`` its bold ``title`` and ``ax`` its grey ``subtitle`` (both left-aligned),
+    and rule the axes' frames and ticks light grey."""
+    for axes in (ax, *more):
+        axes.tick_params(which="both", color=_colour(RULE))
+        for spine in axes.spines.values():
+            spine.set_color(_colour(RULE))
+    if subtitle:
+        ax.set_title(subtitle, loc="left", **_text_kw(8, colour=MUTED))
+    if title:
+        figure.suptitle(_short(title, 80), x=0.02, ha="left", **_text_kw(12, bold=True))
+    return figure
+
+
+def _render(figure: Figure) -> Image.Image:
+    """``figure`` drawn by Agg into an RGB image of exactly its pixel size.
+
+    First every text in it is made literal and set in matplotlib's own DejaVu Sans (keeping its
+    size, and bold if it was): so a class name or title holding ``$`` is never parsed as
+    mathtext (which fails on some), a matplotlibrc asking for ``text.usetex`` never runs LaTeX,
+    and no font is looked up among the system's. The same input gives the same pixels.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    ours = {str(_font_file(bold=False)), str(_font_file(bold=True))}
+    for text in figure.findobj(Text):
+        text.set_usetex(False)
+        text.set_parse_math(False)
+        font = text.get_fontproperties()
+        if font.get_file() is None or str(font.get_file()) not in ours:
+            weight = font.get_weight()
+            bold = weight == "bold" or (isinstance(weight, int | float) and weight >= 600)
+            text.set_fontproperties(_chart_font(font.get_size_in_points(), bold=bold))
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def _font_file(bold: bool) -> Path:
+    from .fonts import font_file
+
+    return font_file("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
+
+
+def _chart_font(points: float, bold: bool = False) -> FontProperties:
+    """DejaVu Sans at ``points`` from matplotlib's own file (never a lookup by family name,
+    which could pick a system copy)."""
+    from matplotlib.font_manager import FontProperties
+
+    return FontProperties(fname=_font_file(bold), size=points)
+
+
+def _text_kw(points: float, bold: bool = False, colour: RGB = INK) -> dict[str, Any]:
+    """Keyword arguments that make a matplotlib text ``points`` big, in ``colour``."""
+    return {"fontproperties": _chart_font(points, bold), "color": _colour(colour)}
+
+
+def _colour(rgb: RGB) -> tuple[float, float, float]:
+    r, g, b = rgb
+    return r / 255.0, g / 255.0, b / 255.0
+
+
+def _points(pixels: float) -> float:
+    """``pixels`` in typographic points at ``DPI``."""
+    return pixels * 72.0 / DPI
+
+
+def _short(text: object, limit: int = NAME_CHARS) -> str:
+    """``text`` on one line of printable characters, cut short with "..." past ``limit``."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _cell_colours(values: np.ndarray) -> np.ndarray:
+    """The (C, C, 3) uint8 colours of a confusion matrix's cells: white where empty; on the
+    diagonal blue mixed into white by 0.2 + 0.8 * the row's recall; elsewhere red mixed in by
+    1 + log10(share of the row) / 3, at least 0.25 (a share of 1 in 1000 is still pink)."""
+    totals = values.sum(axis=1, keepdims=True)
+    share = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+    diagonal = np.eye(len(values), dtype=bool)
+    with np.errstate(divide="ignore"):
+        errors = np.clip(1.0 + np.log10(share) / 3.0, 0.25, 1.0)
+    mix = np.where(diagonal, 0.2 + 0.8 * share, errors)[..., None]
+    ink = np.where(diagonal[..., None], QUERY_BLUE, WRONG_RED).astype(np.float64)
+    colours = np.round(255.0 + (ink - 255.0) * mix)
+    return np.where((share > 0)[..., None], colours, 255.0).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,77 +674,6 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
-def embedding_map(
-    points: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str] | None = None,
-    title: str = "",
-) -> Image.Image:
-    """Scatter (N, 2) points coloured by label, with a legend and a title.
-
-    Integer labels take ``PALETTE[label % 10]`` (so digit 3 is always the same colour) and are
-    named ``class_names[label]`` when given; other labels (strings, None) are named by their
-    text and coloured in sorted order. Both axes share one scale, so distances look right;
-    y grows upwards. Points are drawn in a fixed shuffled order so no class hides another.
-    """
-    xy = np.asarray(points, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ValueError(f"embedding_map expects (N, 2) points, got shape {xy.shape}")
-    label_array = np.asarray(labels)
-    if label_array.shape[:1] != xy.shape[:1] or label_array.ndim != 1:
-        raise ValueError(f"{label_array.shape} labels for {len(xy)} points")
-    colour_index, names = _label_classes(label_array, class_names)
-    finite = np.isfinite(xy).all(axis=1)
-
-    head_font, small, legend_font = _font(16, bold=True), _font(11), _font(12)
-    plot_top = MARGIN + (24 if title else 0) + 20
-    present = sorted(set(colour_index[finite].tolist()) if finite.any() else set())
-    counts = {key: int(np.sum(colour_index[finite] == key)) for key in present}
-    entries = [f"{names[key]}  ({counts[key]})" for key in present]
-    legend_x = MARGIN + PLOT_SIZE + 16
-    legend_w = 18 + max([_text_width(e, legend_font) for e in entries] + [40])
-    legend_h = 22 + 18 * len(entries)
-    width = max(legend_x + legend_w + MARGIN, 2 * MARGIN + _text_width(title, head_font))
-    height = plot_top + max(PLOT_SIZE, legend_h) + MARGIN
-    page = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(page)
-    if title:
-        _text(draw, MARGIN, MARGIN, title, head_font, INK)
-    dropped = int((~finite).sum())
-    subtitle = f"{int(finite.sum())} points" + (
-        f" ({dropped} non-finite left out)" if dropped else ""
-    )
-    _text(draw, MARGIN, plot_top - 20, subtitle, small, MUTED)
-    x0, y0 = MARGIN, plot_top
-    draw.rectangle([x0, y0, x0 + PLOT_SIZE - 1, y0 + PLOT_SIZE - 1], outline=RULE)
-
-    shown = xy[finite]
-    keys = colour_index[finite]
-    if len(shown):
-        low, high = shown.min(axis=0), shown.max(axis=0)
-        span = float(max(high[0] - low[0], high[1] - low[1]))
-        scale = (PLOT_SIZE - 2 * PLOT_PAD) / span if span > 0 else 0.0
-        centre = (low + high) / 2.0
-        px = x0 + PLOT_SIZE / 2 + (shown[:, 0] - centre[0]) * scale
-        py = y0 + PLOT_SIZE / 2 - (shown[:, 1] - centre[1]) * scale
-        radius = 3.0 if len(shown) <= 1000 else 2.0
-        order = np.random.default_rng(0).permutation(len(shown))
-        for i in order:
-            colour = PALETTE[keys[i] % len(PALETTE)]
-            draw.ellipse(
-                [px[i] - radius, py[i] - radius, px[i] + radius, py[i] + radius], fill=colour
-            )
-    else:
-        _text(draw, x0 + PLOT_PAD, y0 + PLOT_PAD, "no points", legend_font, MUTED)
-
-    _text(draw, legend_x, plot_top, "label", _font(12, bold=True), INK)
-    for row, (key, entry) in enumerate(zip(present, entries, strict=True)):
-        y = plot_top + 22 + 18 * row
-        draw.rectangle([legend_x, y + 1, legend_x + 11, y + 12], fill=PALETTE[key % len(PALETTE)])
-        _text(draw, legend_x + 18, y, entry, legend_font, INK)
-    return page
-
-
 def _label_classes(
     labels: np.ndarray, class_names: Sequence[str] | None
 ) -> tuple[np.ndarray, dict[int, str]]:
@@ -647,6 +690,26 @@ def _label_classes(
     position = {name: i for i, name in enumerate(classes)}
     keys = np.array([position[t] for t in texts], dtype=np.int64)
     return keys, dict(enumerate(classes))
+
+
+
+def _cell_colour(count: float, row_total: float, diagonal: bool) -> RGB:
+    if count <= 0 or row_total <= 0:
+        return WHITE
+    share = count / row_total
+    if diagonal:
+        return _mix(WHITE, QUERY_BLUE, 0.2 + 0.8 * share)
+    return _mix(WHITE, WRONG_RED, float(np.clip(1.0 + math.log10(share) / 3.0, 0.25, 1.0)))
+
+
+def _mix(a: RGB, b: RGB, t: float) -> RGB:
+    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b, strict=True))
+    return r, g, bl
+
+
+def _luminance(colour: RGB) -> float:
+    r, g, b = colour
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,74 +798,3 @@ def _fit(text: str, font: Font, width: int) -> str:
     while text and _text_width(text + "...", font) > width:
         text = text[:-1]
     return text + "..." if text else ""
-
-
-def _shrink_to_fit(text: str, font: Font, width: int) -> Font:
-    """``font``, or a smaller DejaVu/default font, so ``text`` fits in ``width`` px."""
-    size = int(getattr(font, "size", 0) or 0)
-    while size > 7 and _text_width(text, font) > width:
-        size -= 1
-        font = _font(size)
-    return font
-
-
-def _vertical_text(
-    page: Image.Image,
-    x: int,
-    centre_y: int | None,
-    text: str,
-    font: Font,
-    fill: RGB,
-    bottom: int | None = None,
-) -> None:
-    """Draw ``text`` reading bottom-to-top with its left edge at ``x``.
-
-    It is centred on ``centre_y``, or ends (its last letter) at ``bottom``.
-    """
-    w, h = _text_width(text, font) + 2, _line_height(font) + 2
-    strip = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(strip).text((0, 0), _one_line(text), font=font, fill=255)
-    mask = strip.rotate(90, expand=True)
-    top = bottom - mask.height if bottom is not None else (centre_y or 0) - mask.height // 2
-    page.paste(Image.new("RGB", mask.size, fill), (x, top), mask)
-
-
-def reliability_diagram(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray,
-                        title: str = "") -> Image.Image:
-    """A reliability diagram (Guo et al. 2017, fig. 1): per equal-width confidence bin, a blue
-    bar as tall as the accuracy of the answers in it, a red outline from there to the bin's mean
-    confidence (the gap), and the diagonal a perfectly calibrated model would follow. Empty bins
-    stay blank; each bar's count is written under it."""
-    bins = len(counts)
-    size, left, bottom = 420, 56, 48
-    top = MARGIN + (26 if title else 6)
-    width, height = left + size + MARGIN * 2, top + size + bottom
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
-    head_font, small = _font(15, bold=True), _font(10)
-    if title:
-        _text(draw, MARGIN, MARGIN, title, head_font, INK)
-
-    def y_of(value: float) -> float:
-        return top + size * (1.0 - value)
-
-    step = size / bins
-    for i in range(bins):
-        if counts[i] == 0:
-            continue
-        x0, x1 = left + i * step + 1, left + (i + 1) * step - 1
-        draw.rectangle([x0, y_of(accuracy[i]), x1, y_of(0.0)], fill=QUERY_BLUE)
-        low, high = sorted((accuracy[i], mean_confidence[i]))
-        if high - low > 1e-3:
-            draw.rectangle([x0, y_of(high), x1, y_of(low)], outline=WRONG_RED, width=2)
-        _text(draw, x0, y_of(0.0) + 3, _fit(str(int(counts[i])), small, int(step)), small, MUTED)
-    draw.line([left, y_of(0.0), left + size, y_of(1.0)], fill=MUTED, width=1)
-    draw.rectangle([left, top, left + size, top + size], outline=RULE)
-    for tick in range(6):
-        value = tick / 5
-        _text(draw, left - 30, y_of(value) - 6, f"{value:.1f}", small, MUTED)
-        _text(draw, left + value * size - 8, y_of(0.0) + 16, f"{value:.1f}", small, MUTED)
-    label_font = _font(12)
-    _text(draw, left + size / 2 - 40, height - 18, "confidence", label_font, INK)
-    _vertical_text(image, 4, int(top + size / 2), "accuracy", label_font, INK)
-    return image
