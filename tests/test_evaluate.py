@@ -230,11 +230,12 @@ def test_write_report(evaluation, keras_index, tmp_path):
     trust = evaluation.to_dict()["trust"]
     assert 0 <= trust["ece"] <= 1 and 0.5 < trust["auroc"] <= 1
     assert set(trust["rejected_by_kind"]) == {"letters", "symbols", "textures", "noise", "objects"}
-    # Every generated non-digit counts, those preprocessing answers itself as rejected.
+    # Every generated non-digit counts, and every one reaches the model (preprocessing never
+    # decides what a digit is): the calibrated score rejects it or not.
     others = evaluation_nondigits()
     assert trust["nondigits"] == len(others) == NONDIGITS_EVALUATED
-    noise = np.array(others.kinds) == "noise"
-    assert trust["rejected_by_kind"]["noise"] >= (~others.reached[noise]).mean() > 0
+    assert others.reached.all()
+    assert all(0.0 <= share <= 1.0 for share in trust["rejected_by_kind"].values())
 
 
 def test_write_report_without_wrong_neighbours_skips_worst(search_index, bundle_data, tmp_path):

@@ -159,9 +159,8 @@ def test_query_montage_draws_refused_queries_with_their_reason(run, bundle_dir, 
     Image.fromarray(small.test.images[0]).save(digit)
     blank = tmp_path / "blank.png"
     Image.new("L", (40, 40), 255).save(blank)
-    noise = tmp_path / "noise.png"  # contrast but no strokes: answered "not a digit"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 60), dtype=np.uint8)).save(
-        noise)
+    noise = tmp_path / "noise.png"  # not an image at all: refused before the model
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
     missing = tmp_path / "missing.png"
     out = tmp_path / "montage.png"
     k = 3
@@ -175,7 +174,7 @@ def test_query_montage_draws_refused_queries_with_their_reason(run, bundle_dir, 
     left, top, right, bottom = tile_box(0, 0)
     expected = np.round(to_mnist(digit).astype(np.float64) * 255).astype(np.uint8)
     assert np.array_equal(page[top:bottom:3, left:right:3, 0], expected)
-    for row in (1, 2, 3):  # blank, noise, missing: a pale tile with words, framed as a query
+    for row in (1, 2, 3):  # blank, unreadable, missing: a pale tile with words, framed as a query
         tile = _ink_in_tile(page, row)
         pale = np.all(tile == PALE, axis=-1).mean()
         assert 0.5 < pale < 0.99, (row, pale)
