@@ -113,7 +113,8 @@ def build_index(
     subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
     ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is ``auto`` (chosen
     from the count, the dimension and ``memory_budget``, bytes or a size such as ``"2GB"``; see
-    :func:`lenet_embed.ann.choose_index`) or any FAISS ``index_factory`` string. An approximate
+    :func:`lenet_embed.ann.choose_index`) or a FAISS ``index_factory`` string that
+    :func:`lenet_embed.factory.parse_factory` accepts (checked before FAISS sees it). An approximate
     index's search parameter is tuned to ``target_recall`` (recall@10 against exact search) on
     held-out queries (the test split; for ``images``, a sample of the indexed items) and stored in
     the manifest with the reason for the choice. ``threads`` caps FAISS's threads.

@@ -198,8 +198,9 @@ def train(data: str | None, recipe: str, style: str, epochs: int | None,
               show_default=True, help="cosine: normalised vectors, inner product; l2: Euclidean.")
 @click.option("--factory", default="auto", show_default=True,
               help="auto: Flat for small sets, else HNSW32, or IVF with fewer bytes per vector "
-              "when the memory budget demands it; or any FAISS index_factory string, e.g. Flat, "
-              "HNSW32, IVF256,Flat, OPQ12,IVF256,PQ12.")
+              "when the memory budget demands it; or a FAISS index_factory string of the kinds "
+              "lenet_embed.factory parses (Flat, HNSW<M>, IVF<n>,Flat|SQ8|PQ<m>, PQ<m>, SQ<b>, "
+              "an OPQ prefix), e.g. Flat, HNSW32, IVF256,Flat, OPQ12,IVF256,PQ12.")
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True),
               default=DEFAULT_TARGET_RECALL, show_default=True,
               help="For an approximate index: tune efSearch/nprobe to reach this recall@10 "
