@@ -122,10 +122,11 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
         report = json.loads(ok(run("info", "--index-dir", index_dir, "--json", *verify)).stdout)
         extra = {key: report.pop(key)
                  for key in ("deleted", "bytes", "reclaimable_bytes", "checks", "verified",
-                             "old_files_bytes", "unknown_files")}
+                             "old_files_bytes", "unknown_files", "compaction_hint")}
         assert report == manifest.to_dict()
         assert extra == {"deleted": 0, "bytes": on_disk, "reclaimable_bytes": old, "checks": "ok",
-                         "verified": bool(verify), "old_files_bytes": old, "unknown_files": []}
+                         "verified": bool(verify), "old_files_bytes": old, "unknown_files": [],
+                         "compaction_hint": None}
     rows = {}
     for line in ok(run("info", "--index-dir", index_dir)).stdout.splitlines():
         key, _, value = line.partition(":")
