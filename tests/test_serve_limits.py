@@ -176,20 +176,24 @@ def test_a_full_decode_pool_is_503_with_retry_after_and_one_log_line(
     assert [n["id"] for n in first[0].json()["neighbors"]] == [n.id for n in want]
 
 
-def test_a_picture_without_pen_strokes_is_not_a_digit_on_both_decode_paths(search_index):
-    """A checkerboard is answered "not a digit" (200, no neighbours), whether it is light and
-    decoded in its search batch or heavy and decoded by a worker process."""
+def test_a_picture_without_pen_strokes_is_refused_on_both_decode_paths(search_index):
+    """A checkerboard reaches the model and is refused by its calibrated verdict (200, no match,
+    its neighbours shown), the same whether it is light and decoded in its search batch or heavy
+    and decoded by a worker process."""
     board = ((np.indices((64, 64)) // 8).sum(axis=0) % 2 * 255).astype(np.uint8)
     small = png(board)
-    large = png(np.asarray(Image.fromarray(board).resize((1024, 1024))))
+    large = png(np.asarray(Image.fromarray(board).resize((1024, 1024), Image.Resampling.NEAREST)))
     assert len(small) <= pools.LIGHT_BYTES and Image.open(io.BytesIO(large)).width > 320
     with TestClient(create_app(search_index)) as client:
+        answers = []
         for data in (small, large):
             response = search(client, data)
             assert response.status_code == 200, response.text
-            answer = response.json()
-            assert (answer["match"], answer["reason"], answer["neighbors"]) == (
-                False, "not a digit", [])
+            answers.append(response.json())
+    for answer in answers:
+        assert answer["match"] is False and answer["predicted_label"] is None
+        assert answer["reason"] in ("not a digit", "unsure") and answer["neighbors"]
+    assert [a["neighbors"][0]["id"] for a in answers] == [answers[0]["neighbors"][0]["id"]] * 2
 
 
 def test_a_decode_over_its_budget_is_stopped(search_index, digits, costly_image, caplog,
