@@ -260,7 +260,9 @@ def _drawn_as_mnist(gray: np.ndarray) -> bool:
     array wherever it comes from; any other 28x28 picture goes the whole way."""
     margin = np.concatenate([gray[:MNIST_MARGIN].ravel(), gray[-MNIST_MARGIN:].ravel(),
                              gray[:, :MNIST_MARGIN].ravel(), gray[:, -MNIST_MARGIN:].ravel()])
-    return (float(np.percentile(margin, 90)) < INK_THRESHOLD / 4
+    # At most a tenth of the margin inked (counted, not a percentile: this runs on every digit
+    # added or queried, and np.percentile took most of its time).
+    return (np.count_nonzero(margin >= INK_THRESHOLD / 4) * 10 <= margin.size
             and float(gray.max()) > INK_THRESHOLD * 2)
 
 
