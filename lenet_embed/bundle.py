@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import json
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -50,6 +52,7 @@ import numpy as np
 
 from .errors import LenetEmbedError
 from .factory import AUTO, check_search_params, parse_factory
+from .files import open_regular, read_regular
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -127,7 +130,7 @@ def package_version() -> str:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
-    with open(path, "rb") as fh:
+    with open_regular(path, "the bundle's own file") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -614,7 +617,7 @@ def read_manifest(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Mani
     directory = Path(directory)
     path = directory / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, "the bundle's manifest").decode("utf-8")
     except FileNotFoundError:
         if not directory.exists():
             raise LenetEmbedError(
@@ -622,7 +625,12 @@ def read_manifest(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Mani
             ) from None
         raise LenetEmbedError(f"{directory}: no {MANIFEST}, so not an index bundle; "
                               f"{REBUILD}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LenetEmbedError(f"{directory}: a loop of symbolic links; point --index-dir at "
+                                  "the bundle's real folder") from None
+        raise LenetEmbedError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from None
+    except UnicodeDecodeError as exc:
         raise LenetEmbedError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from None
     return parse_manifest(text, str(path))
 
@@ -698,9 +706,12 @@ def check_size(directory: Path, name: str, entry: FileEntry) -> None:
     stat, whatever the file's size)."""
     path = directory / name
     try:
-        size = path.stat().st_size
+        found = path.stat()
     except FileNotFoundError:
         raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
+    if not stat.S_ISREG(found.st_mode):  # a FIFO or device would block the read that follows
+        raise LenetEmbedError(f"{path}: not a regular file; the bundle is damaged, {REBUILD}")
+    size = found.st_size
     if size != entry.bytes:
         raise LenetEmbedError(
             f"{path}: does not match {MANIFEST} (size: {size} bytes, not {entry.bytes}); the "
@@ -737,7 +748,7 @@ def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
             with _PARSED_LOCK:
                 digest = _HASHED.get((path, found.st_ino, found.st_size, found.st_mtime_ns))
             if digest is None:
-                with open(path, "rb") as fh:
+                with open_regular(path, "the bundle's own file") as fh:
                     found = os.fstat(fh.fileno())  # the identity of the bytes hashed
                     digest = hashlib.file_digest(fh, "sha256").hexdigest()
                 if found.st_size != entry.bytes:
@@ -763,7 +774,8 @@ def verify_files(directory: Path, files: dict[str, FileEntry]) -> None:
     reading takes, a sweep of their version cannot make one vanish; FileNotFoundError when one is
     already gone."""
     with contextlib.ExitStack() as stack:
-        handles = {name: stack.enter_context(open(directory / name, "rb")) for name in files}
+        handles = {name: stack.enter_context(open_regular(directory / name, "the bundle's own "
+                                                          "file")) for name in files}
         bad = [name for name, fh in handles.items()
                if os.fstat(fh.fileno()).st_size != files[name].bytes
                or hashlib.file_digest(fh, "sha256").hexdigest() != files[name].sha256]

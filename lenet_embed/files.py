@@ -65,6 +65,12 @@ def open_regular(path: str | os.PathLike[str], what: str = "a regular file",
         raise
 
 
+def read_regular(path: str | os.PathLike[str], what: str = "a regular file") -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`'s rules)."""
+    with open_regular(path, what) as fh:
+        return fh.read()
+
+
 def check_regular(path: str | os.PathLike[str], what: str = "a regular file") -> None:
     """Refuse ``path`` unless it is a regular file (or does not exist: the opener says so), for
     files a library opens by name itself (Keras's ``.keras`` files).

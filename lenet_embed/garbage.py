@@ -48,6 +48,7 @@ from .bundle import (
     Manifest,
 )
 from .errors import LenetEmbedError
+from .files import read_regular
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 # Names a version's record may list for removal: the layout's data files (as bundle.py allows
@@ -218,7 +219,7 @@ def remove_format_1(directory: Path) -> None:
 def is_format_1(directory: Path) -> bool:
     """Whether ``manifest.json`` is a manifest of the first bundle format."""
     try:
-        data = json.loads((directory / MANIFEST).read_bytes())
+        data = json.loads(read_regular(directory / MANIFEST))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format_version") == 1
@@ -335,7 +336,7 @@ def _named_files(path: Path) -> list[str] | None:
         with _NAMES_LOCK:
             if identity in _NAMES:
                 return _NAMES[identity]
-        files = json.loads(path.read_bytes()).get("files")
+        files = json.loads(read_regular(path)).get("files")
     except (OSError, ValueError, AttributeError):
         return None
     names = ([name for name in files if isinstance(name, str)] if isinstance(files, dict)

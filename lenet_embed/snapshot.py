@@ -58,6 +58,7 @@ from .bundle import (
     written_records,
 )
 from .errors import LenetEmbedError
+from .files import read_regular
 
 EncoderLoader = Callable[[Path, Path], Any]
 _READ_WHOLE_BYTES = 1 << 20  # unsealed segments up to this size are read, not mapped
@@ -189,7 +190,7 @@ def load_segment(directory: Path, manifest: Manifest, segment: Segment,
             ids = _mapped(where / IDS_FILE)
             labels = _mapped(where / LABELS_FILE)
             images = _mapped(where / IMAGES_FILE)
-            sources = (json.loads((where / SOURCES_FILE).read_text("utf-8"))
+            sources = (json.loads(read_regular(where / SOURCES_FILE).decode("utf-8"))
                        if segment.has_sources else None)
             index = _read_sealed_index(where / INDEX_FILE)
         else:

@@ -348,3 +348,39 @@ def test_service_refuses_a_label_over_int64_with_422(bundle_copy, digit_png):
                                                                "label": str(MAX_LABEL)})
         assert created.status_code == 201, created.text
         assert created.json()["label"] == MAX_LABEL
+
+
+def test_fifos_inside_a_bundle_never_block_a_reader_or_a_writer(run, bundle_copy, digit_png,
+                                                               no_hang):
+    """A bundle is input too: a FIFO where its manifest, a version record or a file the manifest
+    names should be is refused in one line (or, for a record the sweep reads, passed over), and
+    nothing blocks."""
+    # A superseded version's record replaced by a FIFO: the next writer's sweep passes it over.
+    os.mkfifo(bundle_copy / "versions" / "00000000.json")
+    ok(run("add", digit_png, "--label", "7", "--index-dir", bundle_copy, "--json"))
+    ok(run("compact", "--index-dir", bundle_copy))
+    # A file the manifest names: a load refuses it by its kind, before opening it.
+    named = next(p for p in (bundle_copy / "encoders").rglob("*.tflite"))
+    saved = named.read_bytes()
+    named.unlink()
+    os.mkfifo(named)
+    for args in (("info",), ("info", "--verify"), ("query", digit_png)):
+        line = one_line_error(run(*args, "--index-dir", bundle_copy))
+        assert f"{named}: not a regular file" in line, line
+    named.unlink()
+    named.write_bytes(saved)
+    # The manifest itself.
+    manifest = bundle_copy / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    for args in (("info",), ("query", digit_png), ("add", digit_png)):
+        line = one_line_error(run(*args, "--index-dir", bundle_copy))
+        assert f"{manifest}: not a regular file (a FIFO)" in line, line
+
+
+def test_a_symlink_loop_as_the_bundle_says_so(run, tmp_path, digit_png):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for args in (("info",), ("query", digit_png), ("add", digit_png)):
+        line = one_line_error(run(*args, "--index-dir", tmp_path / "a"))
+        assert "loop of symbolic links" in line, line
