@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from . import fonts as font_files
 from .errors import LenetEmbedError
 from .fonts import MissingFonts as MissingFonts  # raised here; training and build catch it
-from .preprocess import NoStrokes, to_mnist
+from .preprocess import to_mnist
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
 FONT_KINDS = ("letters", "symbols")  # drawn in matplotlib's fonts
@@ -158,9 +158,6 @@ def generate(split: str, count: int, seed: int = 0,
             try:
                 pixels.append(to_mnist(image))
                 reached.append(True)
-                break
-            except NoStrokes:
-                reached.append(False)
                 break
             except LenetEmbedError:
                 continue

@@ -181,12 +181,6 @@ def _shrink(pil: Image.Image) -> Image.Image:
 BLANK_CONTRAST = 16.0
 
 
-class NoStrokes(LenetEmbedError):
-    """An image answered "not a digit" without a search. Preprocessing no longer raises it (it
-    never decides what a digit is); the service's decode workers use it for pictures whose
-    embedding is all zero."""
-
-
 def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     """Return ``image`` as a (28, 28) float32 array in [0, 1], white ink on black.
 
@@ -194,8 +188,8 @@ def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     0..255 or float in 0..1). ``name`` names the image in errors (default: its path, or "image").
 
     The promise: this only *normalises*; it never decides what is a digit. Any picture whose
-    levels span at least :data:`BLANK_CONTRAST` comes back as a digit-form array with its
-    brightest pixel at 1, and "not a digit" is the calibrated model's answer (the bundle's
+    levels span at least :data:`BLANK_CONTRAST` comes back as a digit-form array with ink in
+    it, and "not a digit" is the calibrated model's answer (the bundle's
     out-of-distribution score), not this function's. Only a blank picture is refused. The steps,
     none of which assumes where the ink is:
 
@@ -226,7 +220,7 @@ def to_mnist(image: ImageLike, name: str | None = None) -> np.ndarray:
     if bright - faint < BLANK_CONTRAST:
         raise LenetEmbedError(f"{name}: no digit found (the image is blank); draw or crop a digit")
     if float(np.median(_border(gray))) > (faint + bright) / 2:
-        gray, bright = 255.0 - gray, 255.0 - faint
+        gray, faint, bright = 255.0 - gray, 255.0 - bright, 255.0 - faint
     # What the background leaves of the paper is its grain. Ink only ever lies above the
     # background, so what lies below it is grain alone: its root mean square is the grain's
     # spread (zero on clean paper and on smooth upscales), and NOISE_CUT of it is taken off.

@@ -28,7 +28,7 @@ from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest
 from .calibration import UNSEARCHED, Verdict, check_min_confidence, judge, verdict
 from .embed import Encoder, featureless, load_encoder
 from .errors import LenetEmbedError
-from .preprocess import ImageLike, NoStrokes, open_image, to_batch, to_mnist
+from .preprocess import ImageLike, open_image, to_batch, to_mnist
 from .snapshot import Snapshot, bundle_encoder, open_snapshot
 from .updates import Label, add_batch, label_codes, per_image
 from .updates import compact as compact_bundle
@@ -375,8 +375,8 @@ class SearchIndex:
         self.check_k(k, snapshot)
         items = [q if isinstance(q, Query) else Query(image=q) for q in queries]
         errors: dict[int, LenetEmbedError] = {}
-        # Answered "not a digit" without a search: preprocessing found no pen strokes, or the
-        # model no feature (an image's embedding all zero).
+        # Answered "not a digit" without a search: the model found no feature in the image (its
+        # embedding all zero).
         strokeless: list[int] = []
         pixels: dict[int, np.ndarray] = {}
         vectors = np.zeros((len(items), snapshot.dim), dtype=np.float32)
@@ -387,8 +387,6 @@ class SearchIndex:
                                                           snapshot.metric)[0]
                 else:
                     pixels[position] = item.pixels()
-            except NoStrokes:
-                strokeless.append(position)
             except LenetEmbedError as exc:
                 errors[position] = exc
         if pixels:

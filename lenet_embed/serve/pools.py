@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import LenetEmbedError
-from ..preprocess import MAX_PIXELS, ImageTooLarge, NoStrokes
+from ..preprocess import MAX_PIXELS, ImageTooLarge
 from ..search import Query
 from .errors import ApiError
 from .overload import RETRY_AFTER, OverloadLog, busy
@@ -75,18 +75,6 @@ class Decoded(Query):
     def pixels(self) -> np.ndarray:
         """The decoded pixels."""
         return self.image  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Strokeless(Query):
-    """A query whose (heavy) image holds no pen strokes once decoded: searching it answers
-    "not a digit", as for a light image (:meth:`SearchIndex.query` catches :class:`NoStrokes`)."""
-
-    message: str = ""
-
-    def pixels(self) -> np.ndarray:
-        """Never pixels: the reason it is not a digit."""
-        raise NoStrokes(self.message)
 
 
 class _Overran(ApiError):
@@ -178,8 +166,6 @@ class DecodePools:
                                      self._decode_heavy, query.title, data)
         except ImageTooLarge as exc:
             raise ApiError(413, str(exc)) from None
-        except NoStrokes as exc:
-            return Strokeless(name=query.title, message=str(exc))
         return Decoded(image=pixels, name=query.name)
 
     async def _run(self, lane: str, pool: ThreadPoolExecutor, slots: _Slots, job: Any,
@@ -332,7 +318,7 @@ class _Worker:
                 return value
             if status == "too_large":
                 raise ApiError(413, value)
-            raise (NoStrokes if status == "no_strokes" else LenetEmbedError)(value)
+            raise LenetEmbedError(value)
         self.stop()
         if "cpu" not in overrun:
             raise LenetEmbedError(f"{name}: not a readable image (its decoder failed); give a "
@@ -372,7 +358,7 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def _serve_decodes(connection: Connection, nice: int, memory: int) -> None:
     """A worker process's loop: a name and image bytes in, ``("ok", pixels)`` or a refusal
-    (``"too_large"``, ``"no_strokes"`` or ``"invalid"`` and the message) out, until the pipe
+    (``"too_large"`` or ``"invalid"`` and the message) out, until the pipe
     closes. Each decode may map ``memory`` more bytes."""
     _lower_priority(nice)
     _limit_memory(memory)
@@ -389,8 +375,6 @@ def _serve_decodes(connection: Connection, nice: int, memory: int) -> None:
             reply = ("ok", Query(image=data, name=name).pixels())
         except ImageTooLarge as exc:
             reply = ("too_large", str(exc))
-        except NoStrokes as exc:
-            reply = ("no_strokes", str(exc))
         except LenetEmbedError as exc:  # open_image reports running out of memory as unreadable
             reply = (("too_large", over) if isinstance(exc.__context__, MemoryError)
                      else ("invalid", str(exc)))
