@@ -224,7 +224,6 @@ def evaluation_nondigits(count: int = NONDIGITS_EVALUATED) -> NonDigits:
     preprocessing 3,000 pictures takes a while."""
     others = generate("eval", count, seed=0)
     others.pixels.setflags(write=False)
-    others.reached.setflags(write=False)
     return others
 
 
@@ -359,11 +358,9 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
                          for r in results])
 
     digit_scores = scores(digits)
-    # A picture preprocessing answers "not a digit" (no pen strokes) never reaches the model:
-    # it is rejected too.
-    other_scores = others.for_all(scores(rejects), np.inf)
+    other_scores = scores(rejects)
     answered = np.array([r.match for r in digits])
-    rejected = others.for_all([not r.match for r in rejects], True)
+    rejected = np.array([not r.match for r in rejects])
     kinds = np.array(others.kinds)
     figures = TrustFigures(
         ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),

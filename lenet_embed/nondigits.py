@@ -96,27 +96,17 @@ FONTS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
 
 @dataclass(frozen=True)
 class NonDigits:
-    """Generated pictures with the kind and style of each, whether each reaches the model
-    (``reached``: False for a picture preprocessing itself answers "not a digit", with no pen
-    strokes left once texture and noise are removed, e.g. most uniform noise), and the ones that
-    do as the encoder sees them (``pixels``: (reached.sum(), 28, 28) float32 from
-    :func:`~lenet_embed.preprocess.to_mnist`, in order)."""
+    """Generated pictures with the kind and style of each, and each as the encoder sees it
+    (``pixels``: (N, 28, 28) float32 from :func:`~lenet_embed.preprocess.to_mnist`, in order:
+    every picture reaches the model, which alone decides what is a digit)."""
 
     images: list[Image.Image]
     pixels: np.ndarray
     kinds: list[str]
     styles: list[str]
-    reached: np.ndarray
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def for_all(self, values: np.ndarray | list, fill: float | bool) -> np.ndarray:
-        """``values`` given for the pictures that reach the model, spread over all of them, with
-        ``fill`` for those preprocessing answered itself."""
-        spread = np.full(len(self), fill)
-        spread[self.reached] = values
-        return spread
 
 
 def fonts(split: str) -> list[Path]:
@@ -132,7 +122,7 @@ def generate(split: str, count: int, seed: int = 0,
     """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over ``kinds`` (all
     by default) and their styles; the same arguments always give the same pictures. A picture
     that preprocessing finds blank (an error, not an answer: a checkerboard whose border is all
-    ink) is drawn again; one it answers "not a digit" is kept, with ``reached`` False. Letters
+    ink) is drawn again. Letters
     and symbols need the split's fonts (:class:`MissingFonts` without them)."""
     if split not in SPLITS:
         raise LenetEmbedError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -143,7 +133,7 @@ def generate(split: str, count: int, seed: int = 0,
     families = _families(split) if set(kinds) & set(FONT_KINDS) else {}
     plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
             if fitted or split == "eval"]
-    images, pixels, drawn, styles, reached = [], [], [], [], []
+    images, pixels, drawn, styles = [], [], [], []
     for i in range(count):
         # Kinds take equal shares, then styles within a kind.
         kind = kinds[i % len(kinds)]
@@ -157,7 +147,6 @@ def generate(split: str, count: int, seed: int = 0,
             image = Image.fromarray(picture, mode="L")
             try:
                 pixels.append(to_mnist(image))
-                reached.append(True)
                 break
             except LenetEmbedError:
                 continue
@@ -165,7 +154,7 @@ def generate(split: str, count: int, seed: int = 0,
         drawn.append(kind)
         styles.append(style)
     return NonDigits(images, np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.float32),
-                     drawn, styles, np.array(reached, dtype=bool))
+                     drawn, styles)
 
 
 def _families(split: str) -> dict[str, dict[str, list[Path]]]:

@@ -108,10 +108,10 @@ def main() -> None:
         return out
 
     inside = scores(digits)
-    # Non-digits preprocessing answers itself (no pen strokes) never reach a score, nor do those
-    # whose embedding is all zero (queries answer them unsearched): rejected.
+    # Non-digits whose embedding is all zero never reach a score (queries answer them
+    # unsearched): rejected.
     blank = featureless(others)
-    outside = {name: others_set.for_all(np.where(blank, np.inf, values), np.inf)
+    outside = {name: np.where(blank, np.inf, values)
                for name, values in scores(others).items()}
     rows_out = []
     for name in inside:
@@ -131,8 +131,8 @@ def main() -> None:
         print(json.dumps({"scores": rows_out, "bundle": trust and trust.__dict__}, indent=2))
         return
     print(f"{len(digits)} test digits vs {len(others_set)} generated non-digits (eval split; "
-          f"{int(unseen.sum())} in styles never fitted on; {int((~others_set.reached).sum())} "
-          f"answered by preprocessing, no pen strokes; {int(blank.sum())} embedded to all zeros, "
+          f"{int(unseen.sum())} in styles never fitted on; "
+          f"{int(blank.sum())} embedded to all zeros, "
           "answered unsearched)")
     print(f"{'score':<34} {'AUROC':>7} {'FPR@95':>7} {'rej@99.5':>9} {'unseen':>7}")
     for row in rows_out:
