@@ -308,13 +308,18 @@ def fit_snapshot(snapshot: Snapshot, head: tuple[np.ndarray, np.ndarray] | None
     live = snapshot.live_rows()
     rows = sample_rows(snapshot.labels[live], live)
     vectors = snapshot.encoder.embed(scale_pixels(snapshot.images(rows)))
+    return fit_items(snapshot_search(snapshot), vectors, snapshot.ids[rows],
+                     snapshot.labels[rows], snapshot.encoder, head)
+
+
+def snapshot_search(snapshot: Snapshot) -> Search:
+    """A :data:`Search` over every live item of a loaded bundle version."""
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         distances, ids, labels, _ = snapshot.hits(prepare_vectors(queries, snapshot.metric), k)
         return distances, ids, labels
 
-    return fit_items(search, vectors, snapshot.ids[rows], snapshot.labels[rows],
-                     snapshot.encoder, head)
+    return search
 
 
 def load_head(model: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

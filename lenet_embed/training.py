@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._keras import keras, tensorflow
+from .augment import redrawn
 from .data import Dataset, load_mnist
 from .errors import LenetEmbedError
 from .model import NUM_CLASSES, build_lenet, encoder_of
@@ -60,6 +61,10 @@ class Recipe:
     # The fraction of each training batch degraded the ways scans go wrong (blur, a coarse
     # sensor grid, thicker or thinner strokes, paper texture; see _random_degradation); 0 = off.
     degrade: float = 0.0
+    # This many training digits (a random choice, fixed by the seed) are also redrawn as pictures
+    # users send and preprocessed as queries are (:mod:`.augment`); each epoch sees each of them
+    # as its picture or as it is, half and half; 0 = off.
+    redrawn: int = 0
     # Keep an exponential moving average of the weights with this momentum and end training with
     # it (Keras's ``use_ema``); 0 = off.
     ema: float = 0.0
@@ -117,8 +122,15 @@ RECIPES["outlier"] = replace(
     description="augmented, 24 epochs, a quarter of each batch degraded, with outlier exposure "
     "on 10,000 generated non-digits (weight 0.25), the last quarter of the epochs unaugmented",
 )
-# The default since 2026-11-26: it tells non-digits from digits (README "Answers you can trust").
-DEFAULT_RECIPE = "outlier"
+# Outlier exposure with 20,000 training digits also redrawn as pictures users send (thick and
+# thin strokes, coarse thumbnails, tight crops, faint ink, blur: :mod:`.augment`), each seen as
+# its picture half the time: what preprocessing cannot normalise, the model learns. The default.
+RECIPES["pictures"] = replace(
+    RECIPES["outlier"], name="pictures", redrawn=20_000,
+    description="outlier, with 20,000 training digits also redrawn as pictures users send and "
+    "preprocessed as queries are, each seen as its picture half the time",
+)
+DEFAULT_RECIPE = "pictures"
 
 
 @dataclass(frozen=True)
@@ -154,56 +166,85 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def _examples(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: bool
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What a pass over the data trains on: images, one-hot targets and sample weights, with
-    outlier exposure's non-digits (uniform targets) after the digits when training."""
+def _examples(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: bool,
+              seed: int | None = None) -> tuple[np.ndarray, ...]:
+    """What a pass over the data trains on: images, their alternates (the pictures of
+    :func:`redrawn_alternates`, or the images themselves), one-hot targets and sample weights,
+    with outlier exposure's non-digits (uniform targets) after the digits when training."""
     targets = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
     weights = np.ones(len(labels), dtype=np.float32)
+    alternates = images
+    if training and recipe.redrawn:
+        alternates = redrawn_alternates(images, recipe.redrawn, 0 if seed is None else seed)
     if training and recipe.outliers:
         # At most one drawn per OUTLIER_RATIO digits: a small training set is not swamped.
         outliers = outlier_images(min(recipe.outliers, -(-len(labels) // OUTLIER_RATIO)))
         images = np.concatenate([images, outliers])
+        alternates = np.concatenate([alternates, outliers])
         targets = np.concatenate([targets, np.full((len(outliers), NUM_CLASSES),
                                                    1.0 / NUM_CLASSES, dtype=np.float32)])
         weights = np.concatenate([weights, np.full(len(outliers), recipe.outlier_weight,
                                                    dtype=np.float32)])
-    return images, targets, weights
+    return images, alternates, targets, weights
+
+
+def redrawn_alternates(images: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A copy of ``images`` (uint8 (N, 28, 28)) in which ``count`` of them, chosen at random by
+    ``seed``, are redrawn as pictures and preprocessed (:func:`lenet_embed.augment.redrawn`)."""
+    rows = np.sort(np.random.default_rng([seed, 7]).permutation(len(images))[:count])
+    started = time.perf_counter()
+    alternates = images.copy()
+    alternates[rows] = redrawn(images[rows], seed)
+    log.info("redrew %d training digits as pictures in %.1f s", len(rows),
+             time.perf_counter() - started)
+    return alternates
 
 
 def training_phases(recipe: Recipe) -> list[tuple[Recipe, int, int]]:
     """The parts of a training run: ``(recipe as trained, first epoch, end epoch)``, epochs
     counted from 0, in order. The last ``clean_finish`` of the epochs (rounded, half up) train
-    without shift, rotation, zoom or degradation; the schedule runs on across the parts."""
+    without shift, rotation, zoom, degradation or redrawn pictures; the schedule runs on across
+    the parts."""
     clean = min(recipe.epochs, int(recipe.clean_finish * recipe.epochs + 0.5))
-    plain = replace(recipe, shift=0.0, rotation=0.0, zoom=0.0, degrade=0.0)
+    plain = replace(recipe, shift=0.0, rotation=0.0, zoom=0.0, degrade=0.0, redrawn=0)
     phases = [(recipe, 0, recipe.epochs - clean), (plain, recipe.epochs - clean, recipe.epochs)]
     return [(phase, first, end) for phase, first, end in phases if end > first]
 
 
-def _pipeline(examples: tuple[np.ndarray, np.ndarray, np.ndarray], recipe: Recipe,
-              training: bool, seed: int | None) -> Any:
+def _pipeline(examples: tuple[np.ndarray, ...], recipe: Recipe, training: bool,
+              seed: int | None) -> Any:
     tf = tensorflow()
     ds = tf.data.Dataset.from_tensor_slices(examples)
     augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom or recipe.degrade)
+    swapping = training and recipe.redrawn
     if training:
         # A buffer as long as the data: a full shuffle, non-digits included.
         ds = ds.shuffle(len(examples[0]), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(recipe.batch_size if training else 1024)
+    if not (augmenting or swapping):
+        ds = ds.map(lambda x, a, y, w: (_scaled(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
-    def prepare(x: Any, y: Any, w: Any) -> tuple[Any, Any, Any]:
-        return tf.cast(x, tf.float32)[..., None] / 255.0, y, w
+    def prepare(batch: tuple[Any, ...], pair: Any) -> tuple[Any, Any, Any]:
+        x, alternate, y, w = batch
+        swap_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
+        if swapping:  # each digit as its redrawn picture or as it is, half and half
+            coin = tf.random.stateless_uniform(tf.shape(x)[:1], seed=swap_seed) < 0.5
+            x = tf.where(coin[:, None, None], alternate, x)
+        x = _scaled(x)
+        return (_augment(x, augment_seed, recipe) if augmenting else x), y, w
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    if augmenting:
-        # One stateless random seed pair per batch: reproducible under --seed, new every epoch,
-        # and safe to run in parallel (Keras's stateful random layers are not).
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda batch, pair: (_augment(batch[0], pair, recipe), *batch[1:]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+    # One stateless random seed pair per batch: reproducible under --seed, new every epoch, and
+    # safe to run in parallel (Keras's stateful random layers are not).
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _scaled(x: Any) -> Any:
+    """A uint8 (B, 28, 28) batch as float32 (B, 28, 28, 1) in [0, 1]."""
+    tf = tensorflow()
+    return tf.cast(x, tf.float32)[..., None] / 255.0
 
 
 @functools.lru_cache(maxsize=2)
@@ -407,7 +448,7 @@ def train(
 
     images, labels = dataset.train.images, dataset.train.labels
     model = build_lenet(style, for_training=not stock_conv1)
-    examples = _examples(images, labels, chosen, True)
+    examples = _examples(images, labels, chosen, True, seed)
     # The schedule spans every step actually taken, outlier exposure's non-digits included.
     steps = -(-len(examples[0]) // chosen.batch_size)
     def compile_(network: Any) -> None:

@@ -66,7 +66,7 @@ def test_colour_is_rgb_and_fonts_come_from_a_package(files):
 
 
 def test_held_out_families_are_named():
-    assert set(HELD_OUT) == {"colour", "photo", "font"}
+    assert set(HELD_OUT) == {"colour", "font", "lined_paper"}
     assert all(FAMILIES[name].held_out for name in HELD_OUT)
 
 
@@ -80,3 +80,22 @@ def test_family_top1_counts_refusals_as_wrong(search_index, mnist, monkeypatch):
         replace(result, verdict=UNSEARCHED) for result in real(queries, k)])
     _, refused = family_top1(search_index, mnist.test, k=5, count=20)
     assert set(refused.values()) == {0.0}
+
+
+def _aspect(gray: np.ndarray) -> float:
+    ink = gray > 0.3 * gray.max()
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return (rows[-1] - rows[0] + 1) / (cols[-1] - cols[0] + 1)
+
+
+@pytest.mark.parametrize("name", ["loose_crop", "low_contrast", "colour"])
+def test_families_that_only_rescale_keep_the_digits_shape(name, test_digits, files):
+    """A picture family scales the digit without distorting it: the ink's aspect ratio is the
+    digit's (a square resize once turned every loose crop's "1" into a block)."""
+    digits, _ = test_digits
+    for digit, data in zip(digits, files[name], strict=True):
+        gray = np.asarray(_picture(data).convert("L"), dtype=np.float64)
+        if np.median(np.concatenate([gray[0], gray[-1]])) > 128:
+            gray = 255.0 - gray  # dark ink on light paper
+        gray = gray - np.median(gray)
+        assert _aspect(gray) == pytest.approx(_aspect(digit.astype(np.float64)), rel=0.2), name

@@ -330,3 +330,35 @@ def test_only_a_blank_picture_is_refused():
     faint = np.full((64, 64), 200, np.uint8)
     faint[20:44, 30:34] = 200 - int(BLANK_CONTRAST) - 8
     assert to_mnist(faint).max() == pytest.approx(1.0)
+
+
+def _with_shadow(digit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A digit dark on light paper at 3-6x, and the same page with a shadow's half-plane (its
+    edge anywhere near the middle, 60-85 % of the light) across it."""
+    scale = int(rng.integers(3, 7))
+    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale),
+                                                   Image.Resampling.BICUBIC), dtype=np.float64)
+    page = np.pad(255.0 - 0.85 * big, 10 * scale, constant_values=255.0)
+    height, width = page.shape
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    angle, edge = rng.uniform(0, 2 * np.pi), rng.uniform(-0.15, 0.15)
+    shadow = np.where(np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5) > edge,
+                      rng.uniform(0.6, 0.85), 1.0)
+    return page, page * shadow
+
+
+def test_a_shadow_across_the_page_is_mostly_not_ink(mnist):
+    """The background step's promise, measured on 40 drawn shadows: a plateau of another level
+    (a shadow's half-plane, wider than the opening) is background, so the digit comes out nearly
+    as it does without the shadow (its inked pixels overlap by 70 % or more) in at least 80 % of
+    them. (The background's bilinear edge leaves a faint band along the shadow's edge, which
+    now and then joins the crop: hence a rate, not every picture. A minimum filter instead of
+    the opening kept the digit in about half.)"""
+    rng = np.random.default_rng(20261207)
+    overlaps = []
+    for row in rng.choice(len(mnist.test), 40, replace=False):
+        plain, shaded = (to_mnist(page) > 0.3 for page in _with_shadow(mnist.test.images[row],
+                                                                          rng))
+        overlaps.append((plain & shaded).sum() / (plain | shaded).sum())
+    assert np.mean(np.array(overlaps) >= 0.7) >= 0.8
+    assert np.median(overlaps) >= 0.85

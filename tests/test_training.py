@@ -128,10 +128,11 @@ def test_training_phases_end_on_the_images_as_they_are():
     (moved, start, switch), (plain, again, end) = training_phases(recipe)
     assert (moved, start, end) == (recipe, 0, recipe.epochs) and switch == again
     assert end - switch == round(recipe.clean_finish * recipe.epochs) > 0
-    assert (plain.shift, plain.rotation, plain.zoom, plain.degrade) == (0, 0, 0, 0)
+    assert (plain.shift, plain.rotation, plain.zoom, plain.degrade, plain.redrawn) == (0,) * 5
     # Everything else, outlier exposure's non-digits included, is the recipe's own.
     assert dataclasses.replace(plain, shift=recipe.shift, rotation=recipe.rotation,
-                               zoom=recipe.zoom, degrade=recipe.degrade) == recipe
+                               zoom=recipe.zoom, degrade=recipe.degrade,
+                               redrawn=recipe.redrawn) == recipe
     # The fraction scales with the epochs actually trained, rounded half up.
     halved = dataclasses.replace(recipe, epochs=2, clean_finish=0.25)
     assert [(first, last) for _, first, last in training_phases(halved)] == [(0, 1), (1, 2)]
@@ -175,11 +176,11 @@ def test_package_level_train_is_the_function(first, quiet_env):
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
-def test_default_recipe_is_augmented_with_outlier_exposure():
+def test_default_recipe_is_augmented_with_outlier_exposure_and_pictures():
     from lenet_embed.training import DEFAULT_RECIPE
 
     recipe = RECIPES[DEFAULT_RECIPE]
-    assert DEFAULT_RECIPE == "outlier"
+    assert DEFAULT_RECIPE == "pictures" and recipe.redrawn == 20_000
     assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adamw", "cosine", 0.1)
     assert recipe.weight_decay > 0
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
@@ -249,6 +250,40 @@ def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     _, _, w_small = first_batch(60, True)
     few = int((w_small.numpy() == 0.5).sum())
     assert few == len(outlier_images(60 // OUTLIER_RATIO)) and 0 < few <= 60 // OUTLIER_RATIO
+
+
+def test_redrawn_digits_replace_their_originals_half_the_time(mnist):
+    """Recipe ``redrawn``: that many digits have a redrawn picture as their alternate, and each
+    batch shows about half of them as it; the other digits, and a pass without ``redrawn``
+    (the clean finish, evaluation), are always the images as they are."""
+    from dataclasses import replace
+
+    from lenet_embed.training import _examples, _pipeline
+
+    recipe = replace(RECIPES["seed"], redrawn=200, batch_size=300)
+    images, labels = mnist.train.images[:300], mnist.train.labels[:300]
+    examples = _examples(images, labels, recipe, True, seed=1)
+    alternates = examples[1]
+    changed = np.flatnonzero((alternates != images).any(axis=(1, 2)))
+    assert 150 < len(changed) <= 200  # (a redrawn picture may come back as its digit)
+    # The alternates are the redrawn pictures of their rows, the same for the same seed.
+    assert np.array_equal(alternates, _examples(images, labels, recipe, True, seed=1)[1])
+    pictures = [alternates[row] for row in changed]
+    x, y, _ = next(iter(_pipeline(examples, recipe, True, seed=1)))
+    x = np.round(x.numpy()[..., 0] * 255).astype(np.uint8)
+    originals = {image.tobytes() for image in images}
+    redrawn_pictures = {picture.tobytes() for picture in pictures}
+    shown_as_picture = 0
+    for row in x:
+        if row.tobytes() in originals:
+            continue  # a digit as it is
+        assert row.tobytes() in redrawn_pictures
+        shown_as_picture += 1
+    assert 0.3 * len(changed) < shown_as_picture < 0.7 * len(changed)
+    plain = replace(recipe, redrawn=0)
+    x_plain, _, _ = next(iter(_pipeline(examples, plain, True, seed=1)))
+    x_plain = np.round(x_plain.numpy()[..., 0] * 255).astype(np.uint8)
+    assert all(row.tobytes() in originals for row in x_plain)
 
 
 def test_random_degradation_is_seeded_and_changes_the_chosen_part(mnist):
