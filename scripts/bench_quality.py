@@ -62,7 +62,7 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
         if metric == "cosine":
             row["nn1_accuracy"] = round(figures.nn1_accuracy, 4)
             trust = figures.trust
-            if trust is not None:  # README "Answers you can trust"
+            if trust is not None:  # docs/guide/trust.md, docs/benchmarks.md
                 row["ece"] = round(trust.ece, 4)
                 row["ood_auroc"] = round(trust.auroc, 4)
                 row["ood_fpr95"] = round(trust.fpr_at_95_tpr, 4)

@@ -74,7 +74,7 @@ def test_real_digits_are_answered_with_high_confidence(search_index, mnist):
 
 def test_non_digits_are_refused_with_a_reason(search_index, mnist):
     # The session model saw one epoch of 5,000 digits, so it only tells noise and textures from
-    # digits part of the time; README "Answers you can trust" measures the default model.
+    # digits part of the time; docs/benchmarks.md measures the default model.
     pictures = generate("eval", 200, seed=0)
     # Every picture reaches the model (preprocessing only normalises): the calibrated score
     # refuses it, with its candidate and neighbours shown.

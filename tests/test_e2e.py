@@ -22,7 +22,7 @@ K = 5
 SEED = 1
 # The default recipe shortened (its cosine schedule decays over these epochs): the whole
 # pipeline on the real data within CI's time. The full recipe's figures (24 epochs) are
-# measured by scripts/bench_quality.py and given in README "Results".
+# measured by scripts/bench_quality.py and given in docs/benchmarks.md.
 EPOCHS = 6
 # Guards well inside what these epochs reach (measured 2026-11-26, seed 1: test accuracy 0.9920,
 # 1-NN 0.9907, MAP@R 0.9631, top-1 per degradation 0.971 to 0.995, ECE 0.0027, AUROC 0.9954,

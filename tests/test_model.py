@@ -58,7 +58,7 @@ def pixels(mnist) -> np.ndarray:
 @pytest.mark.parametrize("style", STYLES)
 def test_parameter_count(style):
     expected = _expected_parameter_count()
-    assert expected == 61_706  # the figure the README and the tutorial quote
+    assert expected == 61_706  # the figure the README, docs/index.md and the tutorial quote
     assert build_lenet(style).count_params() == expected
 
 
