@@ -54,12 +54,12 @@ from pathlib import Path
 
 import numpy as np
 from bench_service import ensure_bundle, multipart, png_bytes, serve_command
+from harness.running import HOST, running_service
 from PIL import Image, ImageDraw
 
 from lenet_embed import load_mnist
 from lenet_embed.cli import run_script
 from lenet_embed.errors import LenetEmbedError
-from lenet_embed.serve.running import HOST, running_service
 
 QUERIES = 200
 DEFAULT_MODEL = Path("models/lenet.keras")

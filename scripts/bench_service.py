@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness.running import HOST, running_service
 from PIL import Image
 
 from lenet_embed import SearchIndex, build_index, load_mnist, train
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset
-from lenet_embed.serve.running import HOST, running_service
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
 QUERIES = 200

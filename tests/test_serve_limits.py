@@ -34,7 +34,7 @@ from lenet_embed.serve import connections, create_app, pools
 from lenet_embed.serve.connections import GuardedHttpToolsProtocol
 from lenet_embed.serve.errors import install_error_handlers
 from lenet_embed.serve.middleware import RequestGuard
-from lenet_embed.serve.running import free_port, running_service
+from scripts.harness.running import free_port, running_service
 
 SERVE_LOGGER = "lenet_embed.serve"
 
