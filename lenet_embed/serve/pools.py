@@ -134,8 +134,11 @@ class DecodePools:
             return self._pool
 
     def start(self) -> None:
-        """Start the worker processes, so that the first heavy image does not wait for them."""
-        self._workers()
+        """Start the worker processes and have each decode a small image once, so that the
+        first heavy image waits neither for a process nor for its first decode."""
+        pool = self._workers()
+        for _ in range(HEAVY_WORKERS):
+            pool.schedule(_decode, (_WARM_UP_NAME, _warm_up_image(), time.monotonic(), 60.0))
 
     def stop(self) -> None:
         """Stop the worker processes (a later heavy image starts them again)."""
@@ -217,6 +220,19 @@ class DecodePools:
 
     def _report(self, kind: str, message: str) -> None:
         self._overload.refused(kind, message)
+
+
+_WARM_UP_NAME = "warm-up.png"
+
+
+@functools.cache
+def _warm_up_image() -> bytes:
+    """A small PNG with a stroke: what a worker decodes once when it starts."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[6:22, 13:15] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _is_light(data: bytes) -> bool:
