@@ -35,9 +35,11 @@ def nginx_binary() -> str | None:
         None)
 
 
-def render(listen_port: int, upstream_ports: list[int], folder: Path) -> Path:
+def render(listen_port: int, upstream_ports: list[int], folder: Path,
+           worker_connections: int = 1024) -> Path:
     """The shipped configuration for these ports, and a main configuration including it, in
-    ``folder``; returns the main configuration's path."""
+    ``folder``; returns the main configuration's path. Each of nginx's 2 workers holds at most
+    ``worker_connections`` connections (clients' and the service's)."""
     text = CONFIG.read_text()
     for line in (UPSTREAM_LINE, LISTEN_LINE):
         if text.count(line) != 1:
@@ -54,8 +56,9 @@ def render(listen_port: int, upstream_ports: list[int], folder: Path) -> Path:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     main = folder / "nginx.conf"
     main.write_text(
-        f"{user}worker_processes 2;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
-        "daemon off;\nevents {\n    worker_connections 1024;\n}\nhttp {\n"
+        f"{user}worker_processes 2;\nworker_rlimit_nofile {2 * worker_connections + 64};\n"
+        f"pid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+        f"daemon off;\nevents {{\n    worker_connections {worker_connections};\n}}\nhttp {{\n"
         f"    access_log {folder}/access.log;\n"
         f"    client_body_temp_path {temp['body']};\n    proxy_temp_path {temp['proxy']};\n"
         f"    fastcgi_temp_path {temp['fastcgi']};\n    uwsgi_temp_path {temp['uwsgi']};\n"
@@ -71,8 +74,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_nginx(upstream_ports: list[int], folder: Path, timeout: float = 20.0
-                  ) -> Iterator[str]:
+def running_nginx(upstream_ports: list[int], folder: Path, timeout: float = 20.0,
+                  worker_connections: int = 1024) -> Iterator[str]:
     """nginx with the shipped configuration in front of the services on ``upstream_ports``;
     yields its base URL once it accepts connections, and stops it when the block ends."""
     binary = nginx_binary()
@@ -80,7 +83,7 @@ def running_nginx(upstream_ports: list[int], folder: Path, timeout: float = 20.0
         raise LenetEmbedError("nginx is not installed; install it (Debian: apt-get install nginx)")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    main = render(port, upstream_ports, folder)
+    main = render(port, upstream_ports, folder, worker_connections)
     command = [binary, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(main)]
     check = subprocess.run([*command, "-t"], capture_output=True, text=True)
     if check.returncode != 0:
