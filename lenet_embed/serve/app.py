@@ -49,8 +49,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "Writes are disabled, or the request lacks the write token.",
         404: "No such item.",
         408: "The body did not arrive within 30 s.",
-        413: "Body over 5 MB, image over 16.8 megapixels (4096x4096), or an image that uses "
-             "the whole decode budget.",
+        413: "Body over 5 MB, image over 16.8 megapixels (4096x4096), or an image whose "
+             "decoding uses half the decode budget in CPU time.",
         415: "Body is neither multipart/form-data nor JSON.",
         422: "Invalid parameter, body, or image (e.g. blank or not an image).",
         503: "Busy: the decode pools are full or slow, or (writes) another process is writing "

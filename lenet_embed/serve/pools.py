@@ -15,7 +15,7 @@ An image takes one of two ways, chosen from its size and header:
 The worker processes are `pebble <https://pypi.org/project/Pebble/>`_'s ``ProcessPool``: unlike
 ``concurrent.futures.ProcessPoolExecutor`` it gives each task a timeout, stops the worker that
 overruns it and starts a new one, and a decoder that crashes takes only its worker down, which it
-also replaces (the standard pool breaks as a whole). Each decode is bounded three ways:
+also replaces (the standard pool breaks as a whole). Each decode is bounded four ways:
 
 - **waiting**: a decode that waited in the pool's queue longer than the budget is refused at
   once with 503 (the service is busy);
