@@ -17,14 +17,13 @@ other work on the machine weighs on all alike.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_service import WARMUP, ensure_bundle, multipart, over_http, png_bytes
+from bench_service import WARMUP, ensure_bundle, load_arguments, multipart, over_http, png_bytes
 from harness.running import HOST, running_service
 
 from lenet_embed import load_mnist
@@ -54,14 +53,7 @@ def commands(port: int) -> dict[str, list[str]]:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index-dir", default="index", type=Path)
-    parser.add_argument("--model", default="models/lenet.keras", type=Path)
-    parser.add_argument("--data", help="MNIST folder or mnist.npz")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("-k", type=int, default=5)
-    args = parser.parse_args()
+    args = load_arguments(__doc__, requests=2000).parse_args()
 
     dataset = load_mnist(args.data)
     pngs = [png_bytes(image) for image in dataset.test.images[:QUERIES]]

@@ -178,16 +178,23 @@ def over_http(server_pid: int, port: int, bodies: list[tuple[bytes, str]], label
     return figures, correct / n
 
 
-def main() -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_arguments(doc: str, requests: int) -> argparse.ArgumentParser:
+    """The arguments of a load benchmark: the bundle (or the model and data to build one), and
+    the searches to send."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--index-dir", default="index", type=Path)
     parser.add_argument("--model", default="models/lenet.keras", type=Path)
     parser.add_argument("--data", help="MNIST folder or mnist.npz")
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("-k", type=int, default=5)
+    return parser
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = load_arguments(__doc__, requests=3000)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--nginx", action="store_true",
                         help="also measure through nginx with deploy/nginx.conf")
     args = parser.parse_args()
