@@ -1,5 +1,6 @@
-"""The service's app under each ASGI server installed here: uvicorn (what ``lenet-embed serve``
-runs), hypercorn and granian, one worker each, the same searches sent to each.
+"""The service's app under each ASGI server installed here (uvicorn, hypercorn, granian).
+
+uvicorn is what ``lenet-embed serve`` runs; each server gets one worker and the same searches.
 
     python scripts/bench_servers.py [--index-dir index] [--model models/lenet.keras]
         [--data PATH] [--requests 2000] [--clients 8] [-k 5]
