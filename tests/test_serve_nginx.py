@@ -182,3 +182,35 @@ def test_idle_slow_and_silent_connections_are_cut_off_and_never_reach_the_servic
             assert time.monotonic() - begun < HEADER_TIMEOUT + 8
         finally:
             stop.set()
+
+
+def test_nginx_shares_requests_among_several_services(lenet_embed_cmd, bundle_dir, digit,
+                                                      tmp_path):
+    """Two services behind one nginx (the upstream block listing both, as the configuration's
+    header describes for several processes): concurrent clients' searches are shared between
+    them by their requests in progress, each service's own /metrics counting its part."""
+    def command(port: int) -> list[str]:
+        return [*lenet_embed_cmd, "serve", "--index-dir", str(bundle_dir), "--port", str(port)]
+
+    with running_service(command, tmp_path / "a.log") as first, \
+            running_service(command, tmp_path / "b.log") as second, \
+            running_nginx([first.port, second.port], tmp_path / "nginx") as url:
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=30) as session:
+                for i in range(10):
+                    response = session.post("/v1/search?k=3", files={"file": (f"{i}.png", digit)})
+                    assert response.status_code == 200
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        counted = 'lenet_embed_http_requests_total{method="POST",route="/v1/search",status="200"}'
+        shares = []
+        for service in (first, second):
+            text = httpx.get(f"{service.url}/metrics", timeout=10).text
+            line = next((line for line in text.splitlines() if line.startswith(counted)), None)
+            shares.append(0.0 if line is None else float(line.split()[-1]))
+    assert sum(shares) == 40, shares
+    assert min(shares) >= 8, shares
