@@ -184,7 +184,7 @@ class DecodePools:
                                          "or JPEG of at most 1024x1024 px") from None
             raise LenetEmbedError(f"{query.title}: not a readable image (its decoder failed); "
                                   "give a PNG, JPEG, BMP or GIF file") from None
-        except OSError as exc:  # no worker process could be started (out of processes, memory)
+        except (OSError, RuntimeError) as exc:  # no worker could be started, the pool broke
             self._report("decode worker", f"decode worker unavailable: {exc}")
             raise busy("the service cannot decode this image now; retry in a moment") from None
         if status == "ok":
