@@ -22,9 +22,9 @@ and memory budget, so they never hold up other searches. The service is HTTP on 
 uvicorn with its public settings (a cap on concurrent connections, a keep-alive timeout, its own
 worker processes), and, wherever others can reach it, nginx in front with the shipped
 ``deploy/nginx.conf``, which cuts off idle and slow connections, oversized headers and connection
-floods. Each request is logged as one INFO line (method, path, status,
-milliseconds) on the ``lenet_embed.serve`` logger, its control characters escaped; overload as at
-most one WARNING per kind every 10 seconds. Answers name no folder of the server's disk (sources
+floods. Each request is logged as one INFO line (method, path, status, milliseconds) on the
+``lenet_embed.serve`` logger, its control characters escaped; overload as at most one WARNING per
+kind every 10 seconds. Answers name no folder of the server's disk (sources
 relative to the images folder the bundle was built from, unless ``serve --show-sources``); a
 request repeating ``Host`` (or another header the service reads once) is refused with 400.
 
