@@ -677,8 +677,9 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
               help="Enable POST/DELETE /v1/items for requests with 'Authorization: Bearer "
               "<token>', the token being this file's first line (or $LENET_EMBED_WRITE_TOKEN).")
 @click.option("--max-connections", type=click.IntRange(1, 1_000_000), default=1000,
-              show_default=True, help="Open connections per server process; beyond it the "
-              "oldest idle ones are closed (bounded by the open-file limit).")
+              show_default=True, help="Connections and requests a server process takes at once; "
+              "beyond it new requests get 503 (bounded by the open-file limit). Against idle and "
+              "slow connections, put nginx in front (deploy/nginx.conf).")
 @click.option("--decode-timeout", type=click.FloatRange(0.1, 60), default=2.0,
               show_default=True, help="Seconds an uploaded image may take to decode (and to "
               "wait for a decoder); over it the request gets 503, or 413 if the image itself "

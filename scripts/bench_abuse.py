@@ -3,9 +3,13 @@ image the service accepts, and while 20,000 idle connections are held open.
 
     python scripts/bench_abuse.py [--index-dir index] [--model models/lenet.keras] [--data PATH]
         [--clients 8] [--heavy-clients 4] [--idle 20000] [--seconds 10] [--rounds 3] [--quick]
+        [--no-nginx]
 
-Starts the service on 127.0.0.1 (a subprocess on a free port, default limits) and runs, in one
-run, three phases whose figures it prints side by side:
+Starts the service on 127.0.0.1 (a subprocess on a free port, default limits) with nginx in front
+of it (the shipped ``deploy/nginx.conf``, as a deployment others can reach runs it: the protection
+against idle and slow connections is nginx's), sends every client's traffic to nginx, and runs, in
+one run, three phases whose figures it prints side by side (``--no-nginx``: straight to the
+service, which alone keeps idle connections open and answers 503 beyond ``--max-connections``):
 
 1. quiet: ``--clients`` normal clients, each sending single-image searches (multipart PNG uploads
    of MNIST test digits) one after another on a keep-alive connection: the baseline;
@@ -54,12 +58,13 @@ from pathlib import Path
 
 import numpy as np
 from bench_service import ensure_bundle, multipart, png_bytes, serve_command
+from harness.nginx import running_nginx
+from harness.running import HOST, running_service
 from PIL import Image, ImageDraw
 
 from lenet_embed import load_mnist
 from lenet_embed.cli import run_script
 from lenet_embed.errors import LenetEmbedError
-from lenet_embed.serve.running import HOST, running_service
 
 QUERIES = 200
 DEFAULT_MODEL = Path("models/lenet.keras")
@@ -451,6 +456,8 @@ def main() -> int:
                         help="quiet and heavy rounds, taken in turns")
     parser.add_argument("--quick", action="store_true",
                         help="one round of 5 s, 5,000 idle connections, a smaller JPEG 2000")
+    parser.add_argument("--no-nginx", dest="nginx", action="store_false",
+                        help="send the traffic straight to the service, without nginx")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.idle, args.rounds = min(args.seconds, 5.0), min(args.idle, 5000), 1
@@ -475,8 +482,13 @@ def main() -> int:
         bundle = ensure_bundle(args.index_dir, args.model or DEFAULT_MODEL, dataset, Path(tmp))
         log_path = Path(tmp) / "serve.log"
         phases = {name: Phase() for name in ("quiet", "heavy", "idle")}
-        with running_service(lambda port: serve_command(bundle, port, 1), log_path) as service:
+        with running_service(lambda port: serve_command(bundle, port, 1), log_path) as service, \
+                contextlib.ExitStack() as stack:
             port = service.port
+            if args.nginx:  # room for the flood, the clients and nginx's own to the service
+                url = stack.enter_context(running_nginx(
+                    [service.port], Path(tmp) / "nginx", worker_connections=args.idle + 2048))
+                port = int(url.rsplit(":", 1)[1])
             load_before = os.getloadavg()[0]
             run_clients(port, [(args.clients, bodies, Tally(), 10.0, False)], WARMUP_SECONDS)
             # Quiet and heavy rounds in turns, ABBA (quiet, heavy, heavy, quiet, ...), so that
@@ -497,7 +509,8 @@ def report(args: argparse.Namespace, phases: dict[str, Phase], decode: dict, hea
     figures = {name: phase.normal.figures(phase.seconds) for name, phase in phases.items()}
     quiet = figures["quiet"]
     print(f"\nmachine: {os.cpu_count()} cores, load average {load_before:.1f} -> "
-          f"{load_after:.1f}; service: lenet-embed serve, 1 worker, default limits; quiet and "
+          f"{load_after:.1f}; service: lenet-embed serve, 1 worker, default limits"
+          f"{', behind nginx (deploy/nginx.conf)' if args.nginx else ', no nginx'}; quiet and "
           f"heavy: {args.rounds} round(s) of {args.seconds:g} s each, in turns; flood: "
           f"{idle_seconds(args):g} s (connections opened in the first three quarters)")
     print(f"heaviest accepted image: {heavy_what}; decoding it in-process costs "

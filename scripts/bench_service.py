@@ -1,7 +1,7 @@
 """Load benchmark of ``lenet-embed serve``: HTTP searches per second against in-process searches.
 
     python scripts/bench_service.py [--index-dir index] [--model models/lenet.keras]
-        [--data PATH] [--requests 3000] [--clients 8] [--workers 1] [-k 5]
+        [--data PATH] [--requests 3000] [--clients 8] [--workers 1] [-k 5] [--nginx]
 
 Starts the service on 127.0.0.1 (a subprocess on a free port), sends ``--requests`` single-image
 searches (multipart PNG uploads of MNIST test digits, as ``curl -F file=@digit.png`` does) on
@@ -10,7 +10,9 @@ p50/p99 latency next to the same searches made in-process through ``SearchIndex`
 PNG, preprocess, embed, search; one thread, one FAISS thread), so the HTTP overhead reads as a
 ratio. It also prints the service's CPU time per request (Linux ``/proc``) and the load average,
 because other work on the machine moves the other figures. Target on two cores: >= 1,000
-requests/s with p99 <= 20 ms (issue 10). Exits 1 when it is missed.
+requests/s with p99 <= 20 ms (issue 10). Exits 1 when it is missed. ``--nginx`` also sends the
+same searches through nginx with the shipped ``deploy/nginx.conf`` in front of the service (one
+more row; its CPU column counts the service only).
 
 ``--index-dir`` must hold a bundle; when it does not, a Flat bundle of the 60,000 MNIST training
 digits is built into a temporary folder from ``--model``, or from a one-epoch ``seed`` model
@@ -30,12 +32,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness.nginx import running_nginx
+from harness.running import HOST, running_service
 from PIL import Image
 
 from lenet_embed import SearchIndex, build_index, load_mnist, train
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset
-from lenet_embed.serve.running import HOST, running_service
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
 QUERIES = 200
@@ -175,16 +178,25 @@ def over_http(server_pid: int, port: int, bodies: list[tuple[bytes, str]], label
     return figures, correct / n
 
 
-def main() -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_arguments(doc: str, requests: int) -> argparse.ArgumentParser:
+    """The arguments of a load benchmark: the bundle (or the model and data to build one), and
+    the searches to send."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--index-dir", default="index", type=Path)
     parser.add_argument("--model", default="models/lenet.keras", type=Path)
     parser.add_argument("--data", help="MNIST folder or mnist.npz")
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("-k", type=int, default=5)
+    return parser
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = load_arguments(__doc__, requests=3000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--nginx", action="store_true",
+                        help="also measure through nginx with deploy/nginx.conf")
     args = parser.parse_args()
 
     dataset = load_mnist(args.data)
@@ -203,6 +215,11 @@ def main() -> None:
             served, accuracy = over_http(service.process.pid, service.port, bodies, labels,
                                          args.requests, args.clients, args.k)
             load_after = os.getloadavg()[0]
+            proxied = None
+            if args.nginx:
+                with running_nginx([service.port], Path(tmp) / "nginx") as url:
+                    proxied, _ = over_http(service.process.pid, int(url.rsplit(":", 1)[1]),
+                                           bodies, labels, args.requests, args.clients, args.k)
 
     met = served["rps"] >= TARGET_RPS and served["p99"] <= TARGET_P99_MS
     print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} -> {load_after:.1f} "
@@ -215,6 +232,9 @@ def main() -> None:
           f"{baseline['p50']:.2f} | {baseline['p99']:.2f} |")
     print(f"| HTTP `POST /v1/search` (multipart PNG), {args.workers} worker(s) | {args.clients} | "
           f"{served['rps']:,.0f} | {served['p50']:.2f} | {served['p99']:.2f} |")
+    if proxied is not None:
+        print(f"| the same through nginx (`deploy/nginx.conf`) | {args.clients} | "
+              f"{proxied['rps']:,.0f} | {proxied['p50']:.2f} | {proxied['p99']:.2f} |")
     print(f"\nHTTP / in-process throughput: {served['rps'] / baseline['rps']:.2f}x; the service "
           f"spent {served['cpu_ms']:.2f} ms of CPU per request (in-process: "
           f"{1000 / baseline['rps']:.2f} ms of wall time per search); this client spent "

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness.running import HOST, health, running_service
 from PIL import Image
 
 import lenet_embed.search
@@ -64,7 +65,6 @@ from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist, t
 from lenet_embed.ann import set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
-from lenet_embed.serve.running import HOST, health, running_service
 from lenet_embed.updates import MERGE_FACTOR, _tier
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))

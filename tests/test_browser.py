@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lenet_embed.serve.running import running_service
+from scripts.harness.running import running_service
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Root, no network, no GPU: nothing may reach out or need a sandbox.

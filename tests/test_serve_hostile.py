@@ -31,8 +31,8 @@ from lenet_embed.search import SearchIndex
 from lenet_embed.serve import create_app
 from lenet_embed.serve.auth import read_token, write_problem
 from lenet_embed.serve.exposure import ESCAPED_LOGGERS, escape, shown_source
-from lenet_embed.serve.running import free_port
 from lenet_embed.writer import BundleWriter, WriterLock
+from scripts.harness.running import free_port
 
 
 def unescape(text: str) -> str:

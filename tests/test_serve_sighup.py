@@ -11,7 +11,7 @@ import httpx
 from test_serve import version_at, wait_for
 
 from lenet_embed.search import SearchIndex
-from lenet_embed.serve.running import running_service
+from scripts.harness.running import running_service
 
 THREADS = 8
 REQUESTS = 2000

@@ -29,7 +29,7 @@ from .batcher import SearchBatcher
 from .decode import read_item, read_query
 from .errors import ApiError, install_error_handlers
 from .exposure import escape_log_lines, shown_source, without_paths
-from .fastpath import SearchFastPath
+from .metrics import ServiceMetrics
 from .middleware import MAX_BODY_BYTES, RequestGuard
 from .pools import DECODE_TIMEOUT, DecodePools
 from .reload import RELOAD_INTERVAL, Reloader
@@ -49,8 +49,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "Writes are disabled, or the request lacks the write token.",
         404: "No such item.",
         408: "The body did not arrive within 30 s.",
-        413: "Body over 5 MB, image over 16.8 megapixels (4096x4096), or an image that uses "
-             "the whole decode budget.",
+        413: "Body over 5 MB, image over 16.8 megapixels (4096x4096), or an image whose "
+             "decoding uses half the decode budget in CPU time.",
         415: "Body is neither multipart/form-data nor JSON.",
         422: "Invalid parameter, body, or image (e.g. blank or not an image).",
         503: "Busy: the decode pools are full or slow, or (writes) another process is writing "
@@ -80,8 +80,9 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
                reload_interval: float | None = None,
                allowed_hosts: list[str] | None = None,
                decode_timeout: float = DECODE_TIMEOUT, show_sources: bool = False) -> ASGIApp:
-    """The service for a loaded index: an ASGI app (FastAPI behind :class:`RequestGuard` and
-    :class:`SearchFastPath`). ``threads`` caps FAISS's threads in each search.
+    """The service for a loaded index: an ASGI app (FastAPI behind :class:`RequestGuard`).
+    ``threads`` caps FAISS's threads in each search; ``GET /metrics`` gives the service's
+    figures in the Prometheus text format (see :mod:`.metrics`).
 
     Requests, not threads, are the service's parallelism: the searches of concurrent requests run
     batched on the event loop (see :mod:`.batcher`); ``serve --workers N`` runs N processes. With a
@@ -106,6 +107,7 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     body_model = search_body_model(dim)
     batcher = SearchBatcher(index, threads)
     pools = DecodePools(decode_timeout)
+    metrics = ServiceMetrics(index)
     interval = RELOAD_INTERVAL if reload_interval is None else reload_interval
 
     @asynccontextmanager
@@ -152,6 +154,15 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         snapshot = index.snapshot
         return {"status": "ok", "count": len(snapshot), "version": snapshot.manifest.version}
 
+    @app.get("/metrics", response_class=Response, tags=["service"],
+             responses={200: {"content": {"text/plain": {}},
+                              "description": "Prometheus text format."}})
+    def prometheus_metrics() -> Response:
+        """Requests and latency by route and status, refusals by kind, the index version and its
+        live items, in the Prometheus text format."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/info", response_model=Info, tags=["search"])
     def info() -> dict[str, Any]:
         """What the loaded bundle holds: size, metric, FAISS factory, data set, encoder."""
@@ -191,7 +202,6 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
     ) -> JSONResponse:
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
-        # Plain requests are answered by SearchFastPath; this route takes the rest.
         index.check_k(k)
         pools.check_room(request.headers.get("content-length"))
         result = (await answer(await read_query(request, body_model), k)).judged(min_confidence)
@@ -264,11 +274,10 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
             raise ApiError(404, f"no item with id {item_id}")
         return Response(status_code=204)
 
-    # In front of FastAPI, not inside it as middleware: every request passes the guard, and a
-    # plain search is answered before FastAPI's own layers (see .fastpath).
-    fast = SearchFastPath(app, search=answer, body_model=body_model, max_k=MAX_K,
-                          default_k=DEFAULT_K)
-    return RequestGuard(fast, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts)
+    # In front of FastAPI, not inside it as middleware: every request passes the guard, even
+    # one FastAPI's own layers refuse.
+    return RequestGuard(app, max_body=MAX_BODY_BYTES, allowed_hosts=allowed_hosts,
+                        metrics=metrics)
 
 
 def _sources_shown(result: QueryResult, index: SearchIndex) -> QueryResult:

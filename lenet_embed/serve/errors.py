@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 from ..errors import LenetEmbedError
 from ..preprocess import ImageTooLarge
 from .exposure import without_paths
+from .metrics import note_refusal
 from .wire import validation_message
 
 log = logging.getLogger(__package__)
@@ -24,11 +25,14 @@ CLIENT_GONE = "the client closed the connection before sending the whole request
 class ApiError(Exception):
     """A request the service refuses: an HTTP status and a one-line message for the client."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        # The refusal's kind in the service's metrics (None: named after the status).
+        self.kind = kind
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None
@@ -50,9 +54,12 @@ def refusal(exc: ApiError | LenetEmbedError) -> JSONResponse:
     ``Retry-After``), or a :class:`LenetEmbedError` about the request's image or values (413 for
     an image over the decode budget, which is refused from its header, else 422)."""
     if isinstance(exc, ApiError):
+        note_refusal(exc.kind)
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return error_response(exc.status, exc.message, headers)
-    return error_response(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
+    too_large = isinstance(exc, ImageTooLarge)
+    note_refusal("too_large" if too_large else "bad_image")
+    return error_response(413 if too_large else 422, str(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

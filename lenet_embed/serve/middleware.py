@@ -1,5 +1,6 @@
 """ASGI middleware in front of the app: the request-body limits (size and time), the one-line
-access log, security headers on every response, and the allowed ``Host`` names."""
+access log and the request metrics, security headers on every response, and the allowed ``Host``
+names."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from typing import Any
 
 from .errors import ApiError, error_response, internal_error, refusal
+from .metrics import ServiceMetrics, begin_request, note_refusal
 
 log = logging.getLogger(__package__)
 
@@ -36,13 +38,15 @@ class RequestGuard:
     """ASGI middleware: refuses a request that repeats one of :data:`SINGLE_HEADERS` (400) or
     whose ``Host`` is not in ``allowed_hosts`` (400; None allows any),
     refuses bodies over the limit (413) or still incomplete ``body_timeout`` seconds after the
-    request started (408), adds :data:`SECURITY_HEADERS` to every response and logs one line
-    per request."""
+    request started (408), adds :data:`SECURITY_HEADERS` to every response, logs one line
+    per request and counts it in ``metrics`` (see :mod:`.metrics`)."""
 
     def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES,
                  allowed_hosts: list[str] | None = None,
-                 body_timeout: float = BODY_TIMEOUT) -> None:
+                 body_timeout: float = BODY_TIMEOUT,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
         self.max_body = max_body
         self.body_timeout = body_timeout
         self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
@@ -53,6 +57,7 @@ class RequestGuard:
             return
         started = time.perf_counter()
         status = 500
+        refused = begin_request()
         too_large = f"request body over {self.max_body // (1024 * 1024)} MB"
 
         async def counting_receive() -> dict[str, Any]:
@@ -91,6 +96,7 @@ class RequestGuard:
                                           "send it once")(scope, receive, status_send)
                 return
             if self.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
+                note_refusal("host")
                 await error_response(400, "this service does not answer for that Host name; "
                                           "its operator can allow it with --allowed-host"
                                      )(scope, receive, status_send)
@@ -118,8 +124,10 @@ class RequestGuard:
         finally:
             query = scope.get("query_string", b"").decode("latin-1")
             path = scope["path"] + (f"?{query}" if query else "")
-            elapsed = (time.perf_counter() - started) * 1000
-            log.info("%s %s %d %.1f ms", scope["method"], path, status, elapsed)
+            elapsed = time.perf_counter() - started
+            log.info("%s %s %d %.1f ms", scope["method"], path, status, elapsed * 1000)
+            if self.metrics is not None:
+                self.metrics.observe(scope, status, elapsed, refused)
 
     def _host_allowed(self, host: bytes | None) -> bool:
         if host is None:

@@ -4,22 +4,32 @@ up other searches.
 
 An image takes one of two ways, chosen from its size and header:
 
-- **light**: a PNG, JPEG, GIF, BMP, WebP or TIFF file of at most 64 KB and 320x320 pixels (on
-  two cores a 28x28 digit costs about 0.4 ms, the page's 280x280 canvas about 4 ms, the worst
-  light image under 10 ms): decoded in its search batch, where the other queries wait for it at
-  most that long. (A pool of threads for them cost more than the decoding: 0.7 ms of CPU a
-  request in thread hand-offs, a fifth of the service's throughput.)
+- **light**: a PNG, JPEG, GIF, BMP, WebP or TIFF file of at most 64 KB and 320x320 pixels (a
+  28x28 digit costs about 0.4 ms, the page's 280x280 canvas about 4 ms, the worst light image
+  under 10 ms): decoded in its search batch, where the other queries wait for it at most that
+  long.
 - **heavy**: anything else (a 4096x4096 PNG costs 0.2-0.7 s, a 4096x4096 JPEG 2000 up to 6 s of
-  CPU and 600 MB): decoded by worker processes at the lowest CPU priority, so they get the CPU
-  that searches and the rest of the machine leave idle. A decode that overruns the time budget
-  is killed with its process (a thread could not be stopped), and a decoder that crashes takes
-  only its worker down. At most :data:`HEAVY_WORKERS` decode at once, each within
-  :data:`DECODE_MEMORY` (beyond it, 413), which bounds their memory.
+  CPU and 600 MB): decoded by a pool of worker processes at the lowest CPU priority, so they get
+  the CPU that searches and the rest of the machine leave idle.
 
-The heavy pool is bounded. A request that finds it full, or waits in it longer than the budget,
-is refused at once with 503 and ``Retry-After``, logged at most once per interval
-(:class:`.overload.OverloadLog`). A heavy decode still running at the end of the budget is 413
-when it had the CPU for at least half of it (the image itself is too costly), else 503.
+The worker processes are `pebble <https://pypi.org/project/Pebble/>`_'s ``ProcessPool``: unlike
+``concurrent.futures.ProcessPoolExecutor`` it gives each task a timeout, stops the worker that
+overruns it and starts a new one, and a decoder that crashes takes only its worker down, which it
+also replaces (the standard pool breaks as a whole). Each decode is bounded four ways:
+
+- **waiting**: a decode that waited in the pool's queue longer than the budget is refused at
+  once with 503 (the service is busy);
+- **CPU**: a decode may use half the budget in CPU seconds; the kernel ends the worker beyond it
+  (``ITIMER_PROF``, whose signal's default action ends the process): 413, the image itself is too
+  costly;
+- **wall time**: a decode still running at the end of the budget (it waited for a core) is
+  stopped with its worker: 503;
+- **memory**: each worker may map :data:`DECODE_MEMORY` more than it maps when idle (beyond it,
+  413), so at most :data:`HEAVY_WORKERS` decodes bound the pool's memory.
+
+The pool is bounded: a request that finds :data:`HEAVY_WORKERS` + :data:`HEAVY_QUEUE` heavy images
+decoding or waiting is refused at once with 503 and ``Retry-After``. Every kind of overload is
+logged at most once per interval (:class:`.overload.OverloadLog`).
 """
 
 from __future__ import annotations
@@ -30,19 +40,19 @@ import functools
 import io
 import multiprocessing
 import os
-import queue
+import signal
 import struct
 import threading
 import time
 import warnings
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pebble import ProcessExpired, ProcessPool
 from PIL import Image
 
 from ..errors import LenetEmbedError
@@ -56,6 +66,9 @@ LIGHT_BYTES = 64 * 1024
 LIGHT_PIXELS = 320 * 320
 LIGHT_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"})
 HEAVY_WORKERS, HEAVY_QUEUE = 2, 4
+# The share of the budget a decode may spend in CPU seconds; the rest is left for waiting for a
+# core (the workers run at the lowest priority).
+CPU_SHARE = 0.5
 # Heavy decodes get the CPU nothing else wants: a core that searches (or other work on the
 # machine) keep busy goes to them about 1.5 % of the time; an idle one, all of the time.
 HEAVY_NICE = 19
@@ -77,16 +90,8 @@ class Decoded(Query):
         return self.image  # type: ignore[return-value]
 
 
-class _Overran(ApiError):
-    """A heavy decode killed at the end of its budget (413 or 503)."""
-
-
-class _NoWorker(ApiError):
-    """No worker process could be started (503)."""
-
-
 class _Slots:
-    """Places in a pool, running or waiting; :meth:`take` never blocks."""
+    """Places in the pool, running or waiting; :meth:`take` never blocks."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -116,42 +121,39 @@ class DecodePools:
     def __init__(self, budget: float = DECODE_TIMEOUT) -> None:
         self.budget = budget
         self._overload = OverloadLog()
-        # One thread per worker process: a thread takes a worker, sends it the image, waits.
-        self._heavy = ThreadPoolExecutor(HEAVY_WORKERS,
-                                         thread_name_prefix="lenet-embed-decode-heavy")
-        self._heavy_slots = _Slots(HEAVY_WORKERS + HEAVY_QUEUE)
-        self._all_workers = [_Worker() for _ in range(HEAVY_WORKERS)]
-        self._workers: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        for worker in self._all_workers:
-            self._workers.put(worker)
-        # Worker processes end with the pools, even those of an app never shut down.
-        weakref.finalize(self, _stop_all, self._all_workers)
+        self._slots = _Slots(HEAVY_WORKERS + HEAVY_QUEUE)
+        self._pool: ProcessPool | None = None
+        self._lock = threading.Lock()
+
+    def _workers(self) -> ProcessPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPool(max_workers=HEAVY_WORKERS, initializer=_prepare_worker,
+                                         initargs=(HEAVY_NICE, DECODE_MEMORY),
+                                         context=_context())
+            return self._pool
 
     def start(self) -> None:
-        """Start the worker processes in the background, so that the first heavy image does not
-        wait for them."""
-        threading.Thread(target=self._start_workers, name="lenet-embed-decode-start",
-                         daemon=True).start()
-
-    def _start_workers(self) -> None:
+        """Start the worker processes and have each decode a small image once, so that the
+        first heavy image waits neither for a process nor for its first decode."""
+        pool = self._workers()
         for _ in range(HEAVY_WORKERS):
-            worker = self._workers.get()
-            try:
-                with contextlib.suppress(Exception):  # the first heavy image will say why
-                    worker.ready(self.budget)
-            finally:
-                self._workers.put(worker)
+            pool.schedule(_decode, (_WARM_UP_NAME, _warm_up_image(), time.monotonic(), 60.0))
 
     def stop(self) -> None:
         """Stop the worker processes (a later heavy image starts them again)."""
-        _stop_all(self._all_workers)
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            pool.join(timeout=10)
 
     def check_room(self, content_length: str | None) -> None:
-        """Refuse (503) a request whose body surely holds a heavy image while the heavy pool is
-        full, before the body is read."""
+        """Refuse (503) a request whose body surely holds a heavy image while the pool is full,
+        before the body is read."""
         if (content_length is not None and content_length.isdigit()
-                and int(content_length) > SURELY_HEAVY_BODY and self._heavy_slots.full):
-            self._refuse("heavy", self._heavy_slots)
+                and int(content_length) > SURELY_HEAVY_BODY and self._slots.full):
+            self._refuse_full()
 
     async def prepare(self, query: Query) -> Query:
         """``query`` with its image decoded when it is a heavy image file (as a
@@ -161,61 +163,76 @@ class DecodePools:
         data = query.image
         if not isinstance(data, bytes) or (len(data) <= LIGHT_BYTES and _is_light(data)):
             return query
+        if not self._slots.take():
+            self._refuse_full()
         try:
-            pixels = await self._run("heavy", self._heavy, self._heavy_slots,
-                                     self._decode_heavy, query.title, data)
-        except ImageTooLarge as exc:
-            raise ApiError(413, str(exc)) from None
-        return Decoded(image=pixels, name=query.name)
-
-    async def _run(self, lane: str, pool: ThreadPoolExecutor, slots: _Slots, job: Any,
-                   name: str, data: bytes) -> Any:
-        if not slots.take():
-            self._refuse(lane, slots)
-        try:
-            future: Future[Any] = pool.submit(job, name, data, time.monotonic())
+            future = self._schedule(query.title, data)
         except BaseException:
-            slots.give()
+            self._slots.give()
             raise
-        # The place is freed when the job ends (or is cancelled before it starts, when its
-        # client hangs up), not when this request stops waiting for it.
-        future.add_done_callback(slots.give)
-        return await asyncio.wrap_future(future)
-
-    def _refuse(self, lane: str, slots: _Slots) -> None:
-        self._overload.refused(
-            f"{lane} decode queue",
-            f"decode queue full: {slots.size} {lane} images decoding or waiting; "
-            "answering 503 with Retry-After")
-        raise busy("the service is busy decoding other images; retry in a moment")
-
-    def _check_wait(self, lane: str, queued_at: float) -> None:
-        waited = time.monotonic() - queued_at
-        if waited > self.budget:
-            self._overload.refused(
-                f"{lane} decode wait",
-                f"decode queue slow: a {lane} image waited {waited:.1f} s (budget "
-                f"{self.budget:g} s); answering 503 with Retry-After")
+        # The place is freed when the decode ends, not when this request stops waiting for it.
+        future.add_done_callback(self._slots.give)
+        try:
+            status, value = await asyncio.wrap_future(future)
+        except FutureTimeout:
+            raise self._overran(503, "the service is busy: decoding this image took over "
+                                     f"{self.budget:g} s; retry in a moment") from None
+        except ProcessExpired as exc:
+            if exc.exitcode == -signal.SIGPROF:  # its CPU budget ran out
+                raise self._overran(413, f"{query.title}: decoding this image takes over "
+                                         f"{self.budget:g} s; send a smaller image, e.g. a PNG "
+                                         "or JPEG of at most 1024x1024 px") from None
+            raise LenetEmbedError(f"{query.title}: not a readable image (its decoder failed); "
+                                  "give a PNG, JPEG, BMP or GIF file") from None
+        except (OSError, RuntimeError) as exc:  # no worker could be started, the pool broke
+            self._report("decode worker", f"decode worker unavailable: {exc}")
+            raise busy("the service cannot decode this image now; retry in a moment") from None
+        if status == "ok":
+            return Decoded(image=value, name=query.name)
+        if status == "late":
+            self._report("heavy decode wait",
+                         f"decode queue slow: a heavy image waited {value:.1f} s (budget "
+                         f"{self.budget:g} s); answering 503 with Retry-After")
             raise busy(f"the service is busy: this image waited over {self.budget:g} s to be "
                        "decoded; retry in a moment")
+        if status == "too_large":
+            raise ApiError(413, value)
+        raise LenetEmbedError(value)
 
-    def _decode_heavy(self, name: str, data: bytes, queued_at: float) -> np.ndarray:
-        """In a heavy thread: the pixels, decoded by a worker process within the budget."""
-        self._check_wait("heavy", queued_at)
-        worker = self._workers.get()  # there are as many workers as threads: never waits
-        try:
-            return worker.decode(name, data, self.budget)
-        except _Overran as exc:
-            self._overload.refused(
-                "heavy decode budget",
-                f"decode budget overrun: a heavy image was still decoding after "
-                f"{self.budget:g} s; its worker was killed and the request answered {exc.status}")
-            raise
-        except _NoWorker as exc:
-            self._overload.refused("decode worker", f"decode worker unavailable: {exc.__cause__}")
-            raise
-        finally:
-            self._workers.put(worker)
+    def _schedule(self, name: str, data: bytes) -> Future[tuple[str, Any]]:
+        """Send one image to the worker processes."""
+        return self._workers().schedule(_decode, (name, data, time.monotonic(), self.budget),
+                                        timeout=self.budget)
+
+    def _overran(self, status: int, message: str) -> ApiError:
+        self._report("heavy decode budget",
+                     f"decode budget overrun: a heavy image was still decoding after "
+                     f"{self.budget:g} s; its worker was stopped and the request answered "
+                     f"{status}")
+        return ApiError(status, message, retry_after=RETRY_AFTER if status == 503 else None,
+                        kind="decode_timeout")
+
+    def _refuse_full(self) -> None:
+        self._report("heavy decode queue",
+                     f"decode queue full: {self._slots.size} heavy images decoding or waiting; "
+                     "answering 503 with Retry-After")
+        raise busy("the service is busy decoding other images; retry in a moment")
+
+    def _report(self, kind: str, message: str) -> None:
+        self._overload.refused(kind, message)
+
+
+_WARM_UP_NAME = "warm-up.png"
+
+
+@functools.cache
+def _warm_up_image() -> bytes:
+    """A small PNG with a stroke: what a worker decodes once when it starts."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[6:22, 13:15] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _is_light(data: bytes) -> bool:
@@ -239,103 +256,6 @@ def _light(image_format: str | None, pixels: int) -> bool:
     return (image_format in LIGHT_FORMATS and pixels <= LIGHT_PIXELS) or pixels > MAX_PIXELS
 
 
-class _Worker:
-    """One decode worker process, started when needed, killed when a decode overruns."""
-
-    def __init__(self) -> None:
-        self._process: Any = None
-        self._connection: Connection | None = None
-        self._dying: Any = None
-
-    def ready(self, patience: float) -> Connection:
-        """The pipe to a running worker process, started now if there is none. A killed one
-        must have exited first (waiting up to ``patience`` seconds), so that the memory of at
-        most one decode per worker is in use at any time."""
-        if self._process is not None and self._process.is_alive():
-            assert self._connection is not None
-            return self._connection
-        self.stop()
-        if self._dying is not None:
-            self._dying.join(patience)
-            if self._dying.exitcode is None:
-                raise OSError("the previous decoder process has not exited yet")
-            self._dying = None
-        context = _context()
-        parent, child = context.Pipe()
-        process = context.Process(target=_serve_decodes, args=(child, HEAVY_NICE, DECODE_MEMORY),
-                                  name="lenet-embed-decode", daemon=True)
-        process.start()
-        child.close()
-        self._process, self._connection = process, parent
-        return parent
-
-    def stop(self) -> None:
-        """Kill the worker process, if any, without waiting for it to exit (at the lowest
-        priority that can take seconds; :meth:`ready` waits for it)."""
-        process, connection = self._process, self._connection
-        self._process = self._connection = None
-        if connection is not None:
-            connection.close()
-        if process is not None:
-            with contextlib.suppress(OSError, ValueError):
-                process.kill()
-            self._dying = process
-
-    def decode(self, name: str, data: bytes, budget: float) -> np.ndarray:
-        """The pixels of an image file, or its refusal; the worker is killed when it has not
-        answered within ``budget`` seconds."""
-        try:
-            connection = self.ready(budget)
-        except (OSError, RuntimeError, EOFError) as exc:  # out of processes, memory, files
-            raise _NoWorker(503, "the service cannot decode this image now; retry in a moment",
-                            retry_after=RETRY_AFTER) from exc
-        process = self._process
-        cpu_before = _cpu_seconds(process.pid)
-        overrun: dict[str, float | None] = {}
-
-        def kill() -> None:
-            # Its CPU time is read before it dies: did it decode all along, or wait for a core?
-            cpu_now = _cpu_seconds(process.pid)
-            overrun["cpu"] = None if None in (cpu_before, cpu_now) else cpu_now - cpu_before
-            with contextlib.suppress(OSError):
-                process.kill()
-
-        # A timer, not a timeout on the pipe: sending a large file can block too.
-        watchdog = threading.Timer(budget, kill)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            connection.send(name)
-            connection.send_bytes(data)
-            reply = connection.recv()
-        except (OSError, EOFError):  # killed by the watchdog, or the decoder crashed
-            reply = None
-        finally:
-            watchdog.cancel()
-        if reply is not None:
-            status, value = reply
-            if status == "ok":
-                return value
-            if status == "too_large":
-                raise ApiError(413, value)
-            raise LenetEmbedError(value)
-        self.stop()
-        if "cpu" not in overrun:
-            raise LenetEmbedError(f"{name}: not a readable image (its decoder failed); give a "
-                                  "PNG, JPEG, BMP or GIF file")
-        cpu = overrun["cpu"]
-        if cpu is not None and cpu >= budget / 2:
-            raise _Overran(413, f"{name}: decoding this image takes over {budget:g} s; send a "
-                                "smaller image, e.g. a PNG or JPEG of at most 1024x1024 px")
-        raise _Overran(503, f"the service is busy: decoding this image took over {budget:g} s; "
-                            "retry in a moment", retry_after=RETRY_AFTER)
-
-
-def _stop_all(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.stop()
-
-
 @functools.cache
 def _context() -> Any:
     """How worker processes start: forked from a server process that has imported this module
@@ -347,45 +267,46 @@ def _context() -> Any:
     return context
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """The CPU seconds a process has used (Linux ``/proc``; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+# ---------------------------------------------------------------------- in the worker processes
+
+_MEMORY = DECODE_MEMORY
 
 
-def _serve_decodes(connection: Connection, nice: int, memory: int) -> None:
-    """A worker process's loop: a name and image bytes in, ``("ok", pixels)`` or a refusal
-    (``"too_large"`` or ``"invalid"`` and the message) out, until the pipe
-    closes. Each decode may map ``memory`` more bytes."""
+def _prepare_worker(nice: int, memory: int) -> None:
+    """A worker process's set-up: the lowest priority, a memory bound, no core files, and
+    SIGPROF's default action (ending the process) for the CPU budget."""
+    global _MEMORY
+    _MEMORY = memory
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)
     _lower_priority(nice)
     _limit_memory(memory)
-    while True:
-        try:
-            name = connection.recv()
-            data = connection.recv_bytes()
-        except (EOFError, OSError):
-            return
-        over = (f"{name}: decoding this image needs over {memory // 2**20} MB of memory; send a "
-                "smaller image")
-        reply: tuple[str, Any]
-        try:
-            reply = ("ok", Query(image=data, name=name).pixels())
-        except ImageTooLarge as exc:
-            reply = ("too_large", str(exc))
-        except LenetEmbedError as exc:  # open_image reports running out of memory as unreadable
-            reply = (("too_large", over) if isinstance(exc.__context__, MemoryError)
-                     else ("invalid", str(exc)))
-        except MemoryError:
-            reply = ("too_large", over)
-        connection.send(reply)
+
+
+def _decode(name: str, data: bytes, queued_at: float, budget: float) -> tuple[str, Any]:
+    """In a worker: ``("ok", pixels)``, ``("late", seconds waited)``, or a refusal
+    (``"too_large"`` or ``"invalid"`` and the message)."""
+    waited = time.monotonic() - queued_at  # CLOCK_MONOTONIC is one clock for every process
+    if waited > budget:
+        return "late", waited
+    over = (f"{name}: decoding this image needs over {_MEMORY // 2**20} MB of memory; send a "
+            "smaller image")
+    signal.setitimer(signal.ITIMER_PROF, budget * CPU_SHARE)
+    try:
+        return "ok", Query(image=data, name=name).pixels()
+    except ImageTooLarge as exc:
+        return "too_large", str(exc)
+    except LenetEmbedError as exc:  # open_image reports running out of memory as unreadable
+        return (("too_large", over) if isinstance(exc.__context__, MemoryError)
+                else ("invalid", str(exc)))
+    except MemoryError:
+        return "too_large", over
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 def _limit_memory(memory: int) -> None:
     """Let this process map at most ``memory`` bytes beyond what it maps now (Linux), and leave
-    no core file when it is killed."""
+    no core file when it is ended."""
     with contextlib.suppress(ImportError, ValueError, OSError, IndexError):
         import resource
 

@@ -1,4 +1,11 @@
-"""Running the service: the worker configuration, logging, uvicorn's app factory and ``serve``."""
+"""Running the service: the worker configuration, logging, uvicorn's app factory and ``serve``.
+
+The service runs in uvicorn with uvicorn's public settings only: a cap on concurrent connections
+and requests (``limit_concurrency``: beyond it uvicorn answers 503), a keep-alive timeout, the
+listen backlog, and uvicorn's own worker processes for ``--workers N``. What protects a service
+that others can reach against idle and slow connections, header floods and connection floods is
+nginx in front of it, with the configuration the project ships (``deploy/nginx.conf``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,7 @@ from ..errors import LenetEmbedError
 from ..search import SearchIndex
 from .app import create_app
 from .auth import read_token, write_problem
-from .connections import (
-    HEADER_TIMEOUT,
-    RESERVED_FILES,
-    quiet_repeated_warnings,
-    raise_open_file_limit,
-)
+from .metrics import MULTIPROCESS_ENV
 from .pools import DECODE_TIMEOUT
 
 log = logging.getLogger(__package__)
@@ -36,11 +40,9 @@ log = logging.getLogger(__package__)
 CONFIG_ENV = "LENET_EMBED_SERVE_CONFIG"
 # What uvicorn's worker processes import; the package re-exports app_from_env under this name.
 _APP_FACTORY = "lenet_embed.serve:app_from_env"
-# uvicorn's httptools protocol with the connection cap and header limits (see .connections).
-_PROTOCOL = "lenet_embed.serve.connections:GuardedHttpToolsProtocol"
-# Worker processes' event loop: uvloop sharing connections fairly among them (see .accept).
-_FAIR_LOOP = "lenet_embed.serve.accept:FairLoop"
 MAX_CONNECTIONS = 1000
+# Open files a server process needs besides its connections: the bundle's files, pipes, logs.
+RESERVED_FILES = 128
 # Connections the kernel queues before the server accepts them (uvicorn's default; Linux caps
 # it at net.core.somaxconn).
 BACKLOG = 2048
@@ -156,10 +158,12 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     restarted, so no request or connection is dropped). Requests whose ``Host`` is not among
     :func:`allowed_hosts` (with ``allowed_host`` added) are refused.
 
-    Each process keeps at most ``max_connections`` connections open (closing idle ones first,
-    see :mod:`.connections`; bounded by its open-file limit, which is raised to the hard limit
-    first) and gives each uploaded image ``decode_timeout`` seconds to decode (see
-    :mod:`.pools`). Answers name no server folder unless ``show_sources`` (see :mod:`.exposure`).
+    Each process answers at most ``max_connections`` connections and requests at once
+    (uvicorn's ``limit_concurrency``: beyond it, 503; bounded by its open-file limit, which is
+    raised to the hard limit first) and gives each uploaded image ``decode_timeout`` seconds to
+    decode (see :mod:`.pools`). Answers name no server folder unless ``show_sources`` (see
+    :mod:`.exposure`). With ``workers`` > 1, ``GET /metrics`` adds up every worker's figures
+    (see :mod:`.metrics`).
     """
     import uvicorn
 
@@ -171,7 +175,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         log.info("writes enabled (POST/DELETE /v1/items need the token)")
     hosts = allowed_hosts(host, allowed_host)
     if not is_loopback(host):
-        log.warning("listening on %s: anyone who can reach this machine can search this index%s",
+        log.warning("listening on %s: anyone who can reach this machine can search this index%s; "
+                    "put nginx in front (deploy/nginx.conf) against slow and idle connections",
                     host, "" if token else " (writes stay off without a write token)")
     log.info("answering for Host: %s", "any" if hosts is None else ", ".join(hosts))
     connections = _connection_limit(max_connections)
@@ -181,11 +186,10 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     options: dict[str, Any] = {"host": host, "port": port, "access_log": False,
                                "proxy_headers": False,
                                "log_level": "info", "timeout_graceful_shutdown": 5,
-                               "http": _PROTOCOL, "limit_concurrency": connections,
+                               "limit_concurrency": connections,
                                "backlog": BACKLOG, "timeout_keep_alive": KEEP_ALIVE}
-    log.info("limits per process: %d connections, request headers within %g s, keep-alive %d s, "
-             "image decoding within %g s", connections, HEADER_TIMEOUT, KEEP_ALIVE,
-             decode_timeout)
+    log.info("limits per process: %d connections, keep-alive %d s, image decoding within %g s",
+             connections, KEEP_ALIVE, decode_timeout)
     log.info("serving %s (%d items) on http://%s:%d with %d worker(s)",
              index.path, len(index), host, port, workers)
     if workers == 1:
@@ -204,6 +208,29 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
         show_sources=show_sources,
     )
     os.environ[CONFIG_ENV] = config.to_json()
+    with _metrics_folder():
+        _run_workers(options, workers)
+
+
+@contextlib.contextmanager
+def _metrics_folder() -> Any:
+    """``$PROMETHEUS_MULTIPROC_DIR`` for the workers' metrics: the caller's, or a new folder
+    removed at the end (prometheus-client's multiprocess mode, see :mod:`.metrics`)."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="lenet-embed-metrics-")
+    os.environ[MULTIPROCESS_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_workers(options: dict[str, Any], workers: int) -> None:
+    """uvicorn's worker processes on one listening socket, until interrupted."""
+    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     # What uvicorn.run does for workers, plus TCP_NODELAY: uvicorn makes this socket without
@@ -212,8 +239,7 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, workers
     # A new worker loads the bundle before it answers uvicorn's health check: on a busy machine
     # that takes longer than uvicorn's 5 s, after which a SIGHUP restart is given up (the old
     # worker serves meanwhile, so waiting longer costs nothing).
-    # Each worker takes its fair share of new connections (see .accept).
-    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers, loop=_worker_loop(),
+    server_config = uvicorn.Config(_APP_FACTORY, factory=True, workers=workers,
                                    timeout_worker_healthcheck=WORKER_READY_SECONDS, **options)
     sock = server_config.bind_socket()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -237,16 +263,6 @@ def _reload_workers(signum: int, frame: object) -> None:
                 os.kill(worker.pid, signal.SIGHUP)
 
 
-def _worker_loop() -> str:
-    """uvicorn's ``loop`` setting for worker processes: :class:`.accept.FairLoop` where uvloop is
-    installed (``uvicorn[standard]`` brings it, except on Windows), else uvicorn's choice."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the platform
-        return "auto"
-    return _FAIR_LOOP
-
-
 def _connection_limit(wanted: int) -> int:
     """``wanted`` connections per process, or fewer when the open-file limit (raised to its hard
     limit first; worker processes inherit it) leaves no room for them."""
@@ -257,3 +273,49 @@ def _connection_limit(wanted: int) -> int:
     log.warning("--max-connections %d does not fit the open-file limit of %d (ulimit -n); "
                 "using %d", wanted, open_files, allowed)
     return allowed
+
+
+def raise_open_file_limit() -> int | None:
+    """Lift this process's soft limit on open files to its hard limit; the new soft limit (None
+    where there is none to read)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def quiet_repeated_warnings() -> None:
+    """Let each of uvicorn's warnings through at most once per interval: it warns once per
+    malformed or unsupported request, and once per request beyond its concurrency limit, which
+    a flood would turn into a flood of lines."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(known, _RepeatFilter) for known in logger.filters):
+        logger.addFilter(_RepeatFilter())
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets a warning through at most once per interval."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = str(record.msg)
+        now = record.created
+        last = self._last.get(message)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[message] = now
+        return True

@@ -1,5 +1,8 @@
 """The service in a subprocess, as the benchmarks and the tests run it: started on a free loopback
-port, waited for until ``/healthz`` answers, stopped as Ctrl-C stops it."""
+port, waited for until ``/healthz`` answers, stopped as Ctrl-C stops it.
+
+A helper of the benchmarks (``from harness.running import ...``, as they run from ``scripts/``)
+and of the tests (``from scripts.harness.running import ...``), not part of the package."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from ..errors import LenetEmbedError
+from lenet_embed.errors import LenetEmbedError
 
 HOST = "127.0.0.1"
 # How long a stopped service has to finish what it is doing before it is killed.
