@@ -236,7 +236,8 @@ def litert_flatbuffer(model: Any, workdir: Path) -> bytes:
         archive.track(model)
         archive.add_endpoint(
             "serve", functools.partial(model.__call__, training=False),
-            input_signature=[tf.TensorSpec(model.input.shape, model.input.dtype)])
+            input_signature=[tf.TensorSpec(model.input.shape, model.input.dtype,
+                                           name=model.input.name)])
         archive.write_out(str(workdir), verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(workdir))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
