@@ -14,21 +14,19 @@ manifest again (``snapshot.open_snapshot``). Readers never take the lock.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import secrets
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import faiss
 import numpy as np
 
-from . import garbage
+from . import durable, garbage
 from .bundle import (
     FileEntry,
     Manifest,
@@ -38,7 +36,6 @@ from .bundle import (
     remember_manifest,
     row_dtype,
 )
-from .data import read_rows
 from .errors import LenetEmbedError
 from .layout import (
     DELETIONS_DIR,
@@ -74,98 +71,9 @@ _SWEEP_EVERY = 16
 # 150-370 ms (the disk here takes ~0.2 ms an unlink). Builds, compactions and explicit sweeps
 # remove everything at once.
 SWEEP_LIMIT = 8
-_SERIAL_FSYNCS = 3  # files flushed one after another, not from threads (see _fsync_all)
-# Bytes of an array saved at a time: the images of a million digits may be memory-mapped from the
-# data set's file, and are then read (and hashed, and written) 64 MB at a time, never copied whole.
-_SAVE_CHUNK_BYTES = 64 << 20
-
-
 def now_iso() -> str:
     """The current UTC time, ISO 8601 to the millisecond."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_all(fds: list[int]) -> None:
-    """``fsync`` every descriptor. Many (a build's, a compaction's files) go all at once from
-    threads of their own, so the disk writes them together. An add's three (its segment, the
-    segments folder, the staged manifest) go one after the other: measured as fast (0.9 against
-    1.2 ms), and without starting threads and waking their caller at every add, wake-ups that
-    preempted readers on the other core (bench_updates figure 3)."""
-    if len(fds) <= _SERIAL_FSYNCS:
-        for fd in fds:
-            os.fsync(fd)
-        return
-    errors: list[OSError] = []
-
-    def flush(fd: int) -> None:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=flush, args=(fd,)) for fd in fds[1:]]
-    for thread in threads:
-        thread.start()
-    if fds:
-        flush(fds[0])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
-class _HashingFile:
-    """A write-only file object that hashes what passes through it (so nothing is read back)."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh = fh
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.digest.update(view)
-        self.size += len(view)
-        return self.fh.write(view)
-
-
-def _write_file(path: Path, write: Any) -> tuple[FileEntry, int]:
-    """Create ``path`` (it must not exist) and fill it with ``write(file)``; return its entry and
-    a descriptor of it, open for the commit to flush it to disk."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with open(fd, "wb", closefd=False) as fh:
-            hashing = _HashingFile(fh)
-            write(hashing)
-    except BaseException:
-        os.close(fd)
-        raise
-    return FileEntry(bytes=hashing.size, sha256=hashing.digest.hexdigest()), fd
-
-
-def _save_npy(fh: Any, array: np.ndarray, dtype: np.dtype,
-              on_rows: Callable[[int], None] | None = None) -> None:
-    """Write ``array`` as ``dtype`` in ``.npy`` format, the same bytes as ``np.save``, a chunk of
-    rows at a time; ``on_rows(done)`` after each chunk."""
-    np.lib.format.write_array_header_1_0(fh, {
-        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-        "shape": array.shape,
-    })
-    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * dtype.itemsize)
-    step = max(1, _SAVE_CHUNK_BYTES // row_bytes)
-    for start in range(0, len(array), step):
-        fh.write(np.ascontiguousarray(read_rows(array, start, start + step), dtype=dtype))
-        if on_rows is not None:
-            on_rows(min(start + step, len(array)))
-
 
 
 def _disk_error(exc: BaseException) -> OSError | None:
@@ -292,7 +200,7 @@ class BundleWriter:
     def _new_file(self, path: Path, write: Any) -> FileEntry:
         """Write a file of the next version; the commit flushes it."""
         self._intend(path)
-        entry, fd = _write_file(path, write)
+        entry, fd = durable.write_new(path, write)
         self._unflushed[path] = fd
         return entry
 
@@ -300,9 +208,7 @@ class BundleWriter:
         """The entry of a file of the next version that a library wrote; the commit flushes it."""
         fd = os.open(path, os.O_RDONLY)
         self._unflushed[path] = fd
-        with open(fd, "rb", closefd=False) as fh:
-            return FileEntry(bytes=os.fstat(fd).st_size,
-                             sha256=hashlib.file_digest(fh, "sha256").hexdigest())
+        return durable.entry_of(fd)
 
     def _flush_later(self, folder: Path) -> None:
         """Have the commit flush ``folder``, where this writer created files or folders."""
@@ -366,7 +272,7 @@ class BundleWriter:
         for name, (array, dtype) in arrays.items():
             track = on_rows if name == IMAGES_FILE else None
             files[segment.file(name)] = self._new_file(
-                folder / name, lambda fh, a=array, d=dtype, t=track: _save_npy(fh, a, d, t))
+                folder / name, lambda fh, a=array, d=dtype, t=track: durable.save_npy(fh, a, d, t))
         if has_sources:
             text = _json_bytes(list(sources or []))
             files[segment.file(SOURCES_FILE)] = self._new_file(
@@ -492,7 +398,7 @@ class BundleWriter:
         # finds every one of them that survived and removes it.
         os.fsync(self.lock.fd)
         # Every new file and folder, and the staged manifest, flushed at once before the rename.
-        _fsync_all(list(self._unflushed.values()))
+        durable.fsync_all(list(self._unflushed.values()))
         self._close_unflushed()
         # The version's record serves cleaning up only, so its name is not flushed: lost in a
         # power failure, the sweep treats that version's files as unused, which they are by then.
@@ -505,7 +411,7 @@ class BundleWriter:
             record.unlink(missing_ok=True)
             os.link(staged, record)
         os.replace(staged, self.directory / MANIFEST)
-        _fsync_dir(self.directory)
+        durable.fsync_dir(self.directory)
         self.current = remember_manifest(text, manifest)
         if manifest.operation in ("build", "compact"):
             forget_version(self.directory)  # its segments are gone: let their mappings go
