@@ -118,7 +118,7 @@ FileName = Annotated[StrictStr, _matching(DATA_NAME, "a name inside the bundle")
 Sha256 = Annotated[StrictStr, _matching(r"[0-9a-f]{64}", "a sha256 in hex")]
 EncoderFolder = Annotated[StrictStr, _matching(rf"{ENCODERS_DIR}/{PART}",
                                                "a folder under encoders/")]
-_STRICT = ConfigDict(extra="forbid")
+_CLOSED = ConfigDict(extra="forbid")  # no field beyond those of the model
 
 
 @functools.cache
@@ -130,7 +130,7 @@ def package_version() -> str:
         return "unknown"
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class FileEntry:
     """A file a manifest names: its size and sha256."""
 
@@ -138,7 +138,7 @@ class FileEntry:
     sha256: Sha256
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class Segment:
     """An immutable set of rows: their vectors, ids, labels, images (and sources). A sealed
     segment (from a build or a compaction) is a folder of arrays and its FAISS index; an unsealed
@@ -168,7 +168,7 @@ class Segment:
         return [self.file(name) for name in names]
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class Store:
     """Where a bundle's items live when not in its own segments: a Milvus collection
     (:mod:`.milvus`). ``uri`` is a server address or a Milvus Lite file relative to the bundle;
@@ -180,7 +180,7 @@ class Store:
     index: StrictStr
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class LogisticModel:
     """A logistic model over named features: log-odds = sum(weights * (x - mean) / scale) +
     bias (:mod:`.calibration` defines the features)."""
@@ -198,7 +198,7 @@ class LogisticModel:
         return self
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class Calibration:
     """What turns a query's ``k`` nearest neighbours into a confidence and a verdict
     (:mod:`.calibration` fits and applies it; index/README.md documents the fields).
@@ -279,7 +279,7 @@ def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     return np.dtype(fields)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=_CLOSED)
 class Manifest:
     """One version of a bundle: what it holds, how it is searched, and every file it consists of.
 

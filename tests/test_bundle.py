@@ -50,6 +50,7 @@ from lenet_embed.bundle import (
     FileEntry,
     Manifest,
     Segment,
+    parse_manifest,
     read_manifest,
     row_dtype,
     sealed_json,
@@ -122,6 +123,51 @@ def test_manifest_fields(built, bundle_dir, bundle_data):
     assert set(on_disk) == {f.name for f in fields(Manifest)}
     assert (bundle_dir / VERSIONS_DIR / "00000001.json").read_text() == (
         bundle_dir / MANIFEST).read_text()
+
+
+# A value of the wrong type or out of range, where it is, and the one line that says so.
+TYPED_REFUSALS = {
+    "a bool for a count": (("segments", 0, "rows"), True,
+                           "segments.0.rows: input should be a valid integer"),
+    "a string for a number": (("calibration", "min_confidence"), "0.5",
+                              "calibration.min_confidence: input should be a valid number"),
+    "beyond int64": (("next_id",), 2**63,
+                     "next_id: input should be less than or equal to 9223372036854775807"),
+    "not finite": (("calibration", "ood", "bias"), float("nan"),
+                   "calibration.ood.bias: input should be a finite number"),
+    "an unknown feature": (("calibration", "ood", "features", 0), "bogus",
+                           "calibration: calibration feature 'bogus' is not one of"),
+    "an unknown field": (("segments", 0, "extra"), 1, "segments.0.extra: unexpected keyword"),
+    "a string for a list": (("segments",), "segments/x", "segments: input should be a valid list"),
+}
+
+
+@pytest.mark.parametrize("case", TYPED_REFUSALS.values(), ids=TYPED_REFUSALS)
+def test_a_typed_refusal_names_where_and_what(bundle_dir, case):
+    """pydantic's ValidationError becomes one line naming the manifest, where the value is and
+    what is wrong; a value of the right type is not converted (a whole number where a real one
+    is wanted is that number)."""
+    path, value, expected = case
+    data = json.loads((bundle_dir / MANIFEST).read_text())
+    data.pop(SEAL)
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(LenetEmbedError) as caught:
+        parse_manifest(sealed_json(data), "edited.json")
+    message = str(caught.value)
+    assert message.startswith(f"edited.json: malformed manifest ({expected}")
+    assert "\n" not in message and message.endswith("rebuild it with `lenet-embed build-index`")
+
+
+def test_whole_numbers_are_reals_where_reals_are_wanted(bundle_dir):
+    data = json.loads((bundle_dir / MANIFEST).read_text())
+    data.pop(SEAL)
+    data["calibration"]["min_confidence"] = 1
+    manifest = parse_manifest(sealed_json(data), "edited.json")
+    assert manifest.calibration.min_confidence == 1.0
+    assert isinstance(manifest.calibration.min_confidence, float)
 
 
 def test_file_list_covers_exactly_the_structure(bundle_dir):
