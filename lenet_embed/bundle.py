@@ -1,100 +1,88 @@
-"""The on-disk index bundle: the one place its format is defined (documented in index/README.md).
-
-A bundle is a folder that changes only by **commits**. Every commit (a build, an add, a remove, a
-compaction) writes new files under names never used before, then makes a new ``manifest.json``
-current with one ``os.replace``; files are never modified after they are written. A reader reads
-``manifest.json`` once and opens only what that version names, so it sees one version from start
-to end. Layout::
-
-    manifest.json                    the current version (the commit point)
-    versions/00000007.json           the manifests of recent versions (kept while readers may
-                                     still be opening their files)
-    segments/<segment>/vectors.npy   a sealed segment: float32 (n, dim), as indexed
-                       ids.npy       int64 (n,), strictly increasing, never reused
-                       labels.npy    int64 (n,), -1 = no label, else a digit or a class code
-                       images.npy    uint8 (n, 28, 28), the digits as the encoder saw them
-                       sources.json  optional: the source path of each row (or null)
-                       index.faiss   the FAISS index of the rows
-    segments/<segment>.npy           an unsealed segment (from add): the same, one record a row
-    encoders/<fingerprint>/encoder.keras, encoder.tflite
-    deletions/<name>.npy             int64, sorted: ids removed since the last compaction
-    .lock                            the writer lock (``flock``)
-    .tmp/                            writers' scratch space, emptied by the next writer
+"""What a bundle's manifest holds, defined once: typed models with every invariant readers rely
+on, parsed by pydantic (the layout on disk is :mod:`.layout`, the checksums :mod:`.seal`).
 
 Everything a manifest names is listed in its ``files`` with size and sha256; the names must stay
-inside the bundle and cover exactly the files the manifest's structure needs. The manifest carries
-the sha256 of its own body (``manifest_sha256``), so a torn or edited manifest is refused.
+inside the bundle and cover exactly the files the manifest's structure needs. Every whole number
+is an int64 (versions, counts, ids and sizes end up in int64 arrays or in FAISS), every real
+number finite, the calibration's features a closed set and its head a matrix that reads the
+bundle's embeddings, the FAISS factory one of the grammar of :mod:`.factory`. A manifest that
+breaks any of this cannot be made, neither read from disk nor built in memory for a commit: the
+models validate when constructed (``dataclasses.replace`` too), and a reader is handed nothing
+it needs to check again.
 
-Loading costs O(files), not O(data): a load checks the manifest's own checksum and each file's
-size, and memory-maps the data; the sha256 of every file is computed once, when it is written,
-and compared by ``lenet-embed info --verify`` (:func:`verify_file`).
+Why pydantic: its validation runs in compiled code (pydantic-core) and says where a value is
+wrong, which :func:`malformed` turns into one line; its dataclasses keep ``dataclasses.replace``,
+with which every operation makes the next version; and the service already used it (FastAPI).
+msgspec would parse faster still, but would be one more dependency for a file read once a
+version.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import errno
 import functools
-import hashlib
 import json
 import os
 import re
-import stat
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
+from . import layout
 from .errors import LenetEmbedError
 from .factory import AUTO, check_search_params, parse_factory
-from .files import open_regular, read_regular
+from .files import read_regular
+from .layout import (
+    DATA_NAME,
+    DEFAULT_INDEX_DIR,
+    ENCODER_FILE,
+    ENCODERS_DIR,
+    INDEX_FILE,
+    LITERT_FILE,
+    MANIFEST,
+    PART,
+    REBUILD,
+    SEGMENT_FILES,
+    SEGMENTS_DIR,
+    SOURCES_FILE,
+)
+from .seal import SEAL, canonical, check_seal, sealed, sealed_json, some
+from .seal import check_size as check_size
+from .seal import damaged as damaged
+from .seal import sha256_file as sha256_file
+from .seal import verify_file as verify_file
+from .seal import verify_files as verify_files
+from .seal import verify_files_once as verify_files_once
+from .written import remember_records as remember_records
+from .written import written_records as written_records
+
+
+def __getattr__(name: str) -> Any:
+    """The names of the layout (:mod:`.layout`), importable from here as before."""
+    if name.isupper() and hasattr(layout, name):
+        return getattr(layout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-# The key under which a manifest stores the sha256 of the rest of it.
-SEAL = "manifest_sha256"
-VERSIONS_DIR = "versions"
-SEGMENTS_DIR = "segments"
-ENCODERS_DIR = "encoders"
-DELETIONS_DIR = "deletions"
-LOCK_FILE = ".lock"
-# A commit's manifest is written under this name in the bundle, then renamed to manifest.json.
-STAGED_PREFIX = ".manifest.json.new-"
-SCRATCH_DIR = ".tmp"
-# Files of one segment.
-VECTORS_FILE = "vectors.npy"
-IDS_FILE = "ids.npy"
-LABELS_FILE = "labels.npy"
-IMAGES_FILE = "images.npy"
-SOURCES_FILE = "sources.json"
-INDEX_FILE = "index.faiss"
-SEGMENT_FILES = (VECTORS_FILE, IDS_FILE, LABELS_FILE, IMAGES_FILE)
-# Files of the encoder.
-ENCODER_FILE = "encoder.keras"
-LITERT_FILE = "encoder.tflite"
-DEFAULT_INDEX_DIR = Path("index")
-# Everything a bundle folder may hold besides the user's own files.
-LAYOUT = frozenset({MANIFEST, VERSIONS_DIR, SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, LOCK_FILE,
-                    SCRATCH_DIR})
-# Files of the first bundle format (one flat folder), removed when a build replaces such a bundle.
-FORMAT_1_FILES = frozenset({"index.faiss", "labels.npy", "ids.npy", "images.npy", "sources.json",
-                            "encoder.keras", "encoder.tflite"})
-# Files that may sit in a folder that is not yet a bundle and stay there (the repository's
-# index/README.md documents the format).
-KEPT_FILES = frozenset({"README.md", ".gitignore", ".gitkeep"})
-REBUILD = "rebuild it with `lenet-embed build-index`"
-# A name a manifest may use: a file in a segment or encoder folder, or a deletions file.
-_NAME = re.compile(
-    rf"({SEGMENTS_DIR}|{ENCODERS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
-    rf"|({SEGMENTS_DIR}|{DELETIONS_DIR})/[A-Za-z0-9][A-Za-z0-9_.-]*\.npy"
-)
-_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Every whole number a manifest holds (versions, counts, ids, sizes) is stored in int64 arrays or
 # handed to FAISS and numpy as one: larger ones overflowed deep inside (OverflowError).
 INT64_MAX = (1 << 63) - 1
@@ -105,18 +93,32 @@ MAX_CALIBRATION_K = 1024
 # neighbours alone (PLAIN) or also from the classifier head's logits (HEAD, only with a head).
 PLAIN_FEATURES = ("log_d1", "log_dk", "agree")
 HEAD_FEATURES = ("energy", "msp", "log_1_minus_msp", "head_agrees")
-# Manifests recently parsed or committed, by their text: a writer that commits many times in a
-# row reads back what it wrote, and a reader refreshing reads the same text again and again.
-_PARSED: OrderedDict[str, Manifest] = OrderedDict()
-_PARSED_KEPT = 8
-_PARSED_LOCK = threading.Lock()  # for both caches: the service refreshes from several threads
-# Unsealed segments this process wrote lately, by path, with the identity of the file written
-# (inode, size, mtime): reading one back (to merge it, to refresh after its commit) takes the
-# records from memory, exactly the bytes hashed as they were written, unless the file was since
-# replaced or rewritten. Kept up to this many bytes of records.
-_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
-_WRITTEN_BYTES = 8 << 20
-_written_total = 0
+
+# The types of a manifest's values. JSON gives ints, floats, strings, bools, lists and objects:
+# none is converted into another (a "3" is no number, a true no 1), but a whole number where a
+# real one is wanted is that real number.
+Whole = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Real = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+def _matching(pattern: str, what: str) -> AfterValidator:
+    """A check that a string is all of ``pattern``, saying that it is not ``what``."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise ValueError(f"{value[:60]!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+Name = Annotated[StrictStr, _matching(PART, "a name inside the bundle")]
+FileName = Annotated[StrictStr, _matching(DATA_NAME, "a name inside the bundle")]
+Sha256 = Annotated[StrictStr, _matching(r"[0-9a-f]{64}", "a sha256 in hex")]
+EncoderFolder = Annotated[StrictStr, _matching(rf"{ENCODERS_DIR}/{PART}",
+                                               "a folder under encoders/")]
+_CLOSED = ConfigDict(extra="forbid")  # no field beyond those of the model
 
 
 @functools.cache
@@ -128,30 +130,24 @@ def package_version() -> str:
         return "unknown"
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    with open_regular(path, "the bundle's own file") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class FileEntry:
     """A file a manifest names: its size and sha256."""
 
-    bytes: int
-    sha256: str
+    bytes: Whole
+    sha256: Sha256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class Segment:
     """An immutable set of rows: their vectors, ids, labels, images (and sources). A sealed
     segment (from a build or a compaction) is a folder of arrays and its FAISS index; an unsealed
     one (from ``add``) is a single ``.npy`` file of :func:`row_dtype` records, searched exactly."""
 
-    name: str
-    rows: int
-    sealed: bool
-    has_sources: bool = False
+    name: Name
+    rows: Whole
+    sealed: StrictBool
+    has_sources: StrictBool = False
 
     @property
     def entry(self) -> str:
@@ -172,31 +168,37 @@ class Segment:
         return [self.file(name) for name in names]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class Store:
     """Where a bundle's items live when not in its own segments: a Milvus collection
     (:mod:`.milvus`). ``uri`` is a server address or a Milvus Lite file relative to the bundle;
     ``index`` is the Milvus index type."""
 
-    kind: str
-    uri: str
-    collection: str
-    index: str
+    kind: Literal["milvus"]
+    uri: StrictStr
+    collection: Name
+    index: StrictStr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class LogisticModel:
     """A logistic model over named features: log-odds = sum(weights * (x - mean) / scale) +
     bias (:mod:`.calibration` defines the features)."""
 
-    features: list[str]
-    mean: list[float]
-    scale: list[float]
-    weights: list[float]
-    bias: float
+    features: list[StrictStr]
+    mean: list[Real]
+    scale: list[Annotated[Real, Field(gt=0)]]
+    weights: list[Real]
+    bias: Real
+
+    @model_validator(mode="after")
+    def _one_number_per_feature(self) -> LogisticModel:
+        if not len(self.mean) == len(self.scale) == len(self.weights) == len(self.features):
+            raise ValueError("a calibration model needs one mean, scale and weight per feature")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class Calibration:
     """What turns a query's ``k`` nearest neighbours into a confidence and a verdict
     (:mod:`.calibration` fits and applies it; index/README.md documents the fields).
@@ -210,28 +212,44 @@ class Calibration:
     on.
     """
 
-    k: int
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_CALIBRATION_K)]
     ood: LogisticModel
     confidence: LogisticModel
-    ood_thresholds: dict[str, float]
-    default_keep: str
-    min_confidence: float
-    head_weights: list[list[float]] | None
-    head_bias: list[float] | None
-    fitted_on: dict[str, int]
+    ood_thresholds: dict[StrictStr, Real]
+    default_keep: StrictStr
+    min_confidence: Annotated[Real, Field(ge=0, le=1)]
+    head_weights: Annotated[list[list[Real]], Field(min_length=1)] | None
+    head_bias: Annotated[list[Real], Field(min_length=1)] | None
+    fitted_on: dict[StrictStr, Whole]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Calibration:
+        if self.default_keep not in self.ood_thresholds:
+            raise ValueError("calibration default_keep must be one of its ood_thresholds")
+        if (self.head_weights is None) != (self.head_bias is None):
+            raise ValueError("calibration head needs both weights and bias")
+        if self.head_weights is not None and any(
+                len(row) != len(self.head_bias or ()) for row in self.head_weights):
+            raise ValueError("calibration head must be a matrix with one column per bias")
+        allowed = PLAIN_FEATURES + (HEAD_FEATURES if self.head_weights else ())
+        for model in (self.ood, self.confidence):
+            unknown = [name for name in model.features if name not in allowed]
+            if unknown:
+                raise ValueError(f"calibration feature {unknown[0][:40]!r} is not one of "
+                                 f"{', '.join(allowed)}")
+        return self
 
     @functools.cached_property
     def json_data(self) -> dict[str, Any]:
-        """The calibration as JSON-ready data, made once: every commit writes it again, and
-        converting the classifier head (840 numbers) took most of a single add's CPU time.
+        """The calibration as JSON-ready data, made once: every commit writes it again.
         Shared: read it, never change it."""
-        return asdict(self)
+        return _CALIBRATION.dump_python(self)
 
     @functools.cached_property
     def canonical_json(self) -> str:
         """:attr:`json_data` as canonical JSON, made once: serialising the head's numbers took
         a fifth of a single add's time, at every commit."""
-        return _canonical(self.json_data)
+        return canonical(self.json_data)
 
     @functools.cached_property
     def head_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -250,80 +268,6 @@ class Calibration:
         """The OOD score threshold in force."""
         return self.ood_thresholds[self.default_keep]
 
-    @classmethod
-    def from_dict(cls, data: Any) -> Calibration:
-        """Parse and check a manifest's ``calibration``; TypeError/ValueError when malformed."""
-        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
-            raise TypeError("malformed calibration")
-        values = dict(data)
-        values["ood"] = _logistic(data["ood"])
-        values["confidence"] = _logistic(data["confidence"])
-        calibration = cls(**values)
-        if not _whole(calibration.k, 1, MAX_CALIBRATION_K):
-            raise ValueError(f"calibration k must be a whole number in 1..{MAX_CALIBRATION_K}")
-        thresholds = calibration.ood_thresholds
-        if not (isinstance(thresholds, dict) and isinstance(calibration.default_keep, str)
-                and calibration.default_keep in thresholds
-                and all(_finite(v) for v in thresholds.values())):
-            raise ValueError("calibration thresholds must map operating points to numbers, "
-                             "the default among them")
-        if not (_finite(calibration.min_confidence) and 0 <= calibration.min_confidence <= 1):
-            raise ValueError("calibration min_confidence must be between 0 and 1")
-        if (calibration.head_weights is None) != (calibration.head_bias is None):
-            raise ValueError("calibration head needs both weights and bias")
-        if calibration.head_weights is not None:
-            _check_head(calibration.head_weights, calibration.head_bias)
-        for model in (calibration.ood, calibration.confidence):
-            allowed = PLAIN_FEATURES + (HEAD_FEATURES if calibration.head_weights else ())
-            unknown = [name for name in model.features if name not in allowed]
-            if unknown:
-                raise ValueError(f"calibration feature {unknown[0][:40]!r} is not one of "
-                                 f"{', '.join(allowed)}")
-        if not (isinstance(calibration.fitted_on, dict)
-                and all(_whole(v) for v in calibration.fitted_on.values())):
-            raise ValueError("calibration fitted_on must map names to whole numbers")
-        return calibration
-
-    def check_dim(self, dim: int) -> None:
-        """Refuse a classifier head that does not read ``dim``-d embeddings (ValueError)."""
-        if self.head_weights is not None and len(self.head_weights) != dim:
-            raise ValueError(f"calibration head must have {dim} rows of weights, one per "
-                             "embedding dimension")
-
-
-def _finite(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and bool(np.isfinite(value)))
-
-
-def _whole(value: Any, low: int = 0, high: float = INT64_MAX) -> bool:
-    """Whether ``value`` is a whole number (not a bool) in ``low..high``."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _check_head(weights: Any, bias: Any) -> None:
-    """A classifier head: a list of rows of the same length as ``bias``, all finite numbers."""
-    if not (isinstance(weights, list) and isinstance(bias, list) and bias and weights
-            and all(_finite(b) for b in bias)
-            and all(isinstance(row, list) and len(row) == len(bias)
-                    and all(_finite(w) for w in row) for row in weights)):
-        raise ValueError("calibration head must be a matrix of finite weights with one column "
-                         "per bias")
-
-
-def _logistic(data: Any) -> LogisticModel:
-    if not isinstance(data, dict) or set(data) != {f.name for f in fields(LogisticModel)}:
-        raise TypeError("malformed calibration model")
-    model = LogisticModel(**data)
-    lists = (model.mean, model.scale, model.weights)
-    if not (isinstance(model.features, list) and all(isinstance(f, str) for f in model.features)
-            and all(isinstance(v, list) and len(v) == len(model.features)
-                    and all(_finite(x) for x in v) for v in lists)
-            and _finite(model.bias) and all(x > 0 for x in model.scale)):
-        raise ValueError("a calibration model needs one finite mean, scale (> 0) and weight "
-                         "per feature")
-    return model
-
 
 def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     """The record of one row in an unsealed segment's single ``.npy`` file (``source_chars`` > 0
@@ -335,38 +279,80 @@ def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     return np.dtype(fields)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CLOSED)
 class Manifest:
     """One version of a bundle: what it holds, how it is searched, and every file it consists of.
 
     ``count`` is the number of live items, ``rows`` the number stored (live + removed, until a
     compaction drops the removed ones). ``next_id`` is the id the next added item gets: ids are
-    never reused.
+    never reused, and every stored one is below it (the load checks the stored ids against it).
     """
 
-    version: int
-    operation: str
-    created_at: str
-    committed_at: str
-    lenet_embed_version: str
-    dim: int
-    metric: str
-    factory: str
-    search_params: dict[str, float]
-    dataset: dict[str, Any]
-    classes: list[str]
-    encoder: str
+    version: Whole
+    operation: StrictStr
+    created_at: StrictStr
+    committed_at: StrictStr
+    lenet_embed_version: StrictStr
+    dim: Annotated[StrictInt, Field(ge=1, le=MAX_DIM)]
+    metric: Literal["cosine", "l2"]
+    factory: StrictStr
+    search_params: dict[StrictStr, Any]  # checked against the factory: factory.py
+    dataset: dict[StrictStr, Any]
+    classes: list[StrictStr]
+    encoder: EncoderFolder
     segments: list[Segment]
-    deletions: str | None
-    count: int
-    rows: int
-    next_id: int
-    files: dict[str, FileEntry]
-    format_version: int = FORMAT_VERSION
-    target_recall: float | None = None
+    deletions: StrictStr | None
+    count: Whole
+    rows: Whole
+    next_id: Whole
+    files: dict[FileName, FileEntry]
+    format_version: Whole = FORMAT_VERSION
+    target_recall: Annotated[Real, Field(gt=0, le=1)] | None = None
     store: Store | None = None
-    factory_reason: str | None = None
+    factory_reason: StrictStr | None = None
     calibration: Calibration | None = None
+
+    @model_validator(mode="after")
+    def _searchable(self) -> Manifest:
+        # The factory is parsed before FAISS ever sees it (a compaction builds it again); a
+        # bundle whose items are in Milvus may name none ("auto").
+        if not (self.store is not None and self.factory == AUTO):
+            check_search_params(self.search_params, parse_factory(self.factory, self.dim))
+        elif self.search_params:
+            raise ValueError("search_params need a factory")
+        if self.calibration is not None and self.calibration.head_weights is not None \
+                and len(self.calibration.head_weights) != self.dim:
+            raise ValueError(f"calibration head must have {self.dim} rows of weights, one per "
+                             "embedding dimension")
+        return self
+
+    @model_validator(mode="after")
+    def _counted(self) -> Manifest:
+        if self.store is not None:
+            if self.segments or self.deletions is not None or self.rows != self.count:
+                raise ValueError("a bundle whose items are in Milvus has no segments")
+        elif self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
+            raise ValueError("count and rows disagree with the segments")
+        if (self.deletions is None) != (self.count == self.rows):
+            raise ValueError("removed rows need a deletions file, and only they")
+        if self.rows > self.next_id:
+            raise ValueError("next_id must be above every id, so at least rows")
+        return self
+
+    @model_validator(mode="after")
+    def _listed(self) -> Manifest:
+        if len({s.name for s in self.segments}) != len(self.segments):
+            raise ValueError("two segments share a name")
+        needed = self.required_files()
+        if set(self.files) != needed:
+            extra = sorted(set(self.files) - needed)
+            lacking = sorted(needed - set(self.files))
+            raise ValueError(
+                "its file list does not match its contents"
+                + (f"; unlisted: {some(lacking)}" if lacking else "")
+                + (f"; not needed: {some(extra)}" if extra else "")
+            )
+        return self
 
     @property
     def deleted(self) -> int:
@@ -404,212 +390,65 @@ class Manifest:
         return needed
 
     def next(self, operation: str, **changes: Any) -> Manifest:
-        """The manifest of the version after this one, with ``changes`` applied."""
+        """The manifest of the version after this one, with ``changes`` applied (checked like
+        every manifest: a pydantic ``ValidationError`` when it breaks an invariant)."""
         return replace(self, version=self.version + 1, operation=operation,
                        lenet_embed_version=package_version(), **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as JSON-ready data (new containers, as ``asdict`` makes, but built
-        directly: this runs at every commit), except the calibration's, which is shared
-        (:attr:`Calibration.json_data`)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data.update(
-            search_params=dict(self.search_params), dataset=copy.deepcopy(self.dataset),
-            classes=list(self.classes),
-            segments=[{"name": s.name, "rows": s.rows, "sealed": s.sealed,
-                       "has_sources": s.has_sources} for s in self.segments],
-            files={name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()},
-            store=None if self.store is None else asdict(self.store),
-            calibration=None if self.calibration is None else self.calibration.json_data,
-        )
+        """The manifest as JSON-ready data (new containers), except the calibration's, which is
+        shared (:attr:`Calibration.json_data`)."""
+        data = _MANIFEST.dump_python(self, exclude={"calibration"})
+        data["calibration"] = None if self.calibration is None else self.calibration.json_data
         return data
 
-    @classmethod
-    def from_dict(cls, data: Any, where: str, text: str | None = None) -> Manifest:
-        """Parse and check a manifest; ``where`` names it in errors; ``text``, the JSON it was
-        parsed from, if known."""
-        if not isinstance(data, dict):
-            raise LenetEmbedError(f"{where}: not a manifest; {REBUILD}")
-        found = data.get("format_version")
-        if found != FORMAT_VERSION:
-            raise LenetEmbedError(
-                f"{where}: bundle format {found} is not supported by this lenet-embed "
-                f"(format {FORMAT_VERSION}); {REBUILD}"
-            )
-        _check_seal(data, where, text)
-        names = {f.name for f in fields(cls)}
-        optional = {"format_version", "target_recall", "store", "factory_reason", "calibration"}
-        missing = sorted(names - optional - set(data))
-        if missing:
-            raise LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
-        values = {name: data[name] for name in names if name in data}
-        try:
-            values["segments"] = [_segment(item) for item in data["segments"]]
-            if data.get("store") is not None:
-                values["store"] = Store(**_typed(data["store"], {
-                    "kind": str, "uri": str, "collection": str, "index": str}))
-            if data.get("calibration") is not None:
-                values["calibration"] = Calibration.from_dict(data["calibration"])
-            values["files"] = {
-                name: FileEntry(**_typed(entry, {"bytes": int, "sha256": str}))
-                for name, entry in _typed_dict(data["files"]).items()
-            }
-            manifest = cls(**values)
-            manifest.check()
-        except (TypeError, ValueError) as exc:
-            raise malformed(where, exc) from None
-        return manifest
 
-    def check(self) -> None:
-        """Types, ranges and the file list, so that no reader needs to check them again; a
-        ValueError or TypeError says what is wrong."""
-        ints = ("version", "dim", "count", "rows", "next_id", "format_version")
-        strs = ("operation", "created_at", "committed_at", "lenet_embed_version", "metric",
-                "factory", "encoder")
-        for name in ints:
-            value = getattr(self, name)
-            if not _whole(value, high=float("inf")):
-                raise ValueError(f"{name} must be a whole number >= 0")
-            if value > INT64_MAX:
-                raise ValueError(f"{name} must be at most {INT64_MAX}")
-        for name in strs:
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string")
-        if self.metric not in ("cosine", "l2"):
-            raise ValueError(f"unknown metric {self.metric!r}")
-        if not 1 <= self.dim <= MAX_DIM:
-            raise ValueError(f"dim must be in 1..{MAX_DIM}")
-        if not isinstance(self.dataset, dict):
-            raise ValueError("dataset must be an object")
-        # The factory is parsed before FAISS ever sees it (a compaction builds it again); a
-        # bundle whose items are in Milvus may name none ("auto").
-        if not (self.store is not None and self.factory == AUTO):
-            check_search_params(self.search_params, parse_factory(self.factory, self.dim))
-        elif self.search_params:
-            raise ValueError("search_params need a factory")
-        if not isinstance(self.classes, list) or not all(isinstance(c, str) for c in self.classes):
-            raise ValueError("classes must be a list of strings")
-        if not (isinstance(self.deletions, str) or self.deletions is None):
-            raise ValueError("deletions must be a file name or null")
-        if self.target_recall is not None and not (_finite(self.target_recall)
-                                                   and 0 < self.target_recall <= 1):
-            raise ValueError("target_recall must be a number in (0, 1] or null")
-        if not (isinstance(self.factory_reason, str) or self.factory_reason is None):
-            raise ValueError("factory_reason must be a string or null")
-        if self.store is not None:
-            if self.store.kind != "milvus" or not _FOLDER_NAME.fullmatch(self.store.collection):
-                raise ValueError("store must be a Milvus collection")
-            if self.segments or self.deletions is not None or self.rows != self.count:
-                raise ValueError("a bundle whose items are in Milvus has no segments")
-        elif self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
-            raise ValueError("count and rows disagree with the segments")
-        if (self.deletions is None) != (self.count == self.rows):
-            raise ValueError("removed rows need a deletions file, and only they")
-        # Ids are distinct, >= 0 and below next_id (the load checks the stored ones against it).
-        if self.rows > self.next_id:
-            raise ValueError("next_id must be above every id, so at least rows")
-        if self.calibration is not None:
-            self.calibration.check_dim(self.dim)
-        if len({s.name for s in self.segments}) != len(self.segments):
-            raise ValueError("two segments share a name")
-        folder = self.encoder.removeprefix(f"{ENCODERS_DIR}/")
-        if folder == self.encoder or not _FOLDER_NAME.fullmatch(folder):
-            raise ValueError("the encoder must be a folder under encoders/")
-        for segment in self.segments:
-            if not _FOLDER_NAME.fullmatch(segment.name):
-                raise ValueError(f"segment {segment.name!r} is not a name inside the bundle")
-        for name, entry in self.files.items():
-            if not _NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a name inside the bundle")
-            if not (_whole(entry.bytes) and _SHA256.fullmatch(entry.sha256)):
-                raise ValueError(f"{name!r} needs a size in 0..{INT64_MAX} and a sha256")
-        needed = self.required_files()
-        if set(self.files) != needed:
-            extra = sorted(set(self.files) - needed)
-            lacking = sorted(needed - set(self.files))
-            raise ValueError(
-                "its file list does not match its contents"
-                + (f"; unlisted: {_some(lacking)}" if lacking else "")
-                + (f"; not needed: {_some(extra)}" if extra else "")
-            )
+_CALIBRATION = TypeAdapter(Calibration)
+_MANIFEST = TypeAdapter(Manifest)
+
+
+def from_dict(data: Any, where: str, text: str | None = None) -> Manifest:
+    """Check and parse a manifest's JSON data; ``where`` names it in errors; ``text``, the JSON
+    it was parsed from, if known (its seal is then checked on it as it is)."""
+    if not isinstance(data, dict):
+        raise LenetEmbedError(f"{where}: not a manifest; {REBUILD}")
+    found = data.get("format_version")
+    if found != FORMAT_VERSION:
+        raise LenetEmbedError(
+            f"{where}: bundle format {str(found)[:20]} is not supported by this lenet-embed "
+            f"(format {FORMAT_VERSION}); {REBUILD}"
+        )
+    check_seal(data, where, text)
+    try:
+        return _MANIFEST.validate_python({k: v for k, v in data.items() if k != SEAL})
+    except ValidationError as exc:
+        raise malformed(where, exc) from None
 
 
 def malformed(where: str, problem: Exception) -> LenetEmbedError:
-    """The one-line error for a manifest that is not what readers accept."""
-    return LenetEmbedError(f"{where}: malformed manifest ({problem}); {REBUILD}")
+    """The one-line error for a manifest that is not what readers accept: for a pydantic
+    ``ValidationError``, where its first error is and what it says."""
+    if not isinstance(problem, ValidationError):
+        return LenetEmbedError(f"{where}: malformed manifest ({problem}); {REBUILD}")
+    errors = problem.errors(include_url=False, include_input=False, include_context=False)
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    if missing:
+        return LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
+    first = errors[0]
+    message = first["msg"].removeprefix("Value error, ")
+    where_in = first["loc"]
+    if "[key]" in where_in:  # a key of an object: the message names it
+        where_in = where_in[:where_in.index("[key]") - 1]
+    place = ".".join(str(part)[:40] for part in where_in)
+    message = f"{place}: {message[:1].lower()}{message[1:]}" if place else message
+    return LenetEmbedError(f"{where}: malformed manifest ({message[:300]}); {REBUILD}")
 
 
-_SLOT = "\0calibration\0"  # stands in for the calibration's text while a manifest is serialised
-
-
-def _canonical(body: Any) -> str:
-    """A manifest body's canonical JSON (sorted keys, no spaces, ASCII): what its seal hashes,
-    so that the layout of the text does not matter but every value does."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _seal(canonical: str) -> str:
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
-
-
-def _check_seal(data: dict[str, Any], where: str, text: str | None = None) -> None:
-    """Refuse a manifest whose body does not match its ``manifest_sha256`` (a manifest written
-    before lenet-embed sealed them has none, and is taken as it is).
-
-    A text as :func:`sealed_json` writes it is checked as it is: serialising the parsed body
-    again (the calibration's numbers above all) cost a reader a millisecond per new version."""
-    if SEAL not in data:
-        return
-    if text is not None and isinstance(data[SEAL], str):
-        tail = f',"{SEAL}":"{data[SEAL]}"}}\n'
-        if text.endswith(tail) and _seal(text[:-len(tail)] + "}") == data[SEAL]:
-            return
-    body = {key: value for key, value in data.items() if key != SEAL}
-    if data[SEAL] != _seal(_canonical(body)):
-        raise LenetEmbedError(f"{where}: does not match its own checksum ({SEAL}): the manifest "
-                              f"was edited or damaged; {REBUILD}")
-
-
-def sealed_json(body: dict[str, Any]) -> str:
-    """A manifest's body as the JSON text written to disk, with its ``manifest_sha256``: the
-    canonical text itself with the seal appended, so a commit serialises its manifest once."""
-    return _sealed(_canonical(body))
-
-
-def _sealed(canonical: str) -> str:
-    return f'{canonical[:-1]},"{SEAL}":"{_seal(canonical)}"}}\n'
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _typed_dict(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TypeError("files must be an object")
-    return value
-
-
-def _typed(value: Any, kinds: dict[str, type]) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != set(kinds):
-        raise TypeError(f"expected an object with {', '.join(kinds)}")
-    for key, kind in kinds.items():
-        if not isinstance(value[key], kind) or isinstance(value[key], bool):
-            raise TypeError(f"{key} must be {kind.__name__}")
-    return value
-
-
-def _segment(value: Any) -> Segment:
-    kinds = {"name": str, "rows": int, "sealed": bool, "has_sources": bool}
-    if not isinstance(value, dict) or set(value) != set(kinds):
-        raise TypeError("malformed segment entry")
-    for key, kind in kinds.items():
-        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
-            raise TypeError(f"segment {key} must be {kind.__name__}")
-    if not _whole(value["rows"]):
-        raise ValueError(f"segment rows must be in 0..{INT64_MAX}")
-    return Segment(**value)
+# Manifests recently parsed or committed, by their text: a writer that commits many times in a
+# row reads back what it wrote, and a reader refreshing reads the same text again and again.
+_PARSED: OrderedDict[str, Manifest] = OrderedDict()
+_PARSED_KEPT = 8
+_PARSED_LOCK = threading.Lock()  # the service refreshes from several threads
 
 
 def read_manifest(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR) -> Manifest:
@@ -645,9 +484,9 @@ def parse_manifest(text: str, where: str) -> Manifest:
             return cached
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise LenetEmbedError(f"{where}: unreadable manifest ({exc}); {REBUILD}") from None
-    return remember_manifest(text, Manifest.from_dict(data, where, text))
+    return remember_manifest(text, from_dict(data, where, text))
 
 
 def remember_manifest(text: str, manifest: Manifest) -> Manifest:
@@ -660,33 +499,7 @@ def remember_manifest(text: str, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def _identity(path: str) -> tuple[int, int, int]:
-    found = os.stat(path)
-    return found.st_ino, found.st_size, found.st_mtime_ns
-
-
-def remember_records(path: Path, records: np.ndarray) -> None:
-    """Note that the unsealed segment file ``path``, just written and flushed, holds
-    ``records``."""
-    if records.nbytes > _WRITTEN_BYTES:
-        return
-    global _written_total
-    records.setflags(write=False)
-    with _PARSED_LOCK:
-        _WRITTEN[str(path)] = (_identity(str(path)), records)
-        _written_total += records.nbytes
-        while _written_total > _WRITTEN_BYTES:
-            _written_total -= _WRITTEN.popitem(last=False)[1][1].nbytes
-
-
-def written_records(path: Path) -> np.ndarray | None:
-    """The records of an unsealed segment file this process wrote lately and that is unchanged
-    since, else None (FileNotFoundError when the file is gone)."""
-    with _PARSED_LOCK:
-        kept = _WRITTEN.get(str(path))
-    if kept is None or _identity(str(path)) != kept[0]:
-        return None
-    return kept[1]
+_SLOT = "\0calibration\0"  # stands in for the calibration's text while a manifest is serialised
 
 
 def manifest_json(manifest: Manifest) -> str:
@@ -697,118 +510,5 @@ def manifest_json(manifest: Manifest) -> str:
         return sealed_json(body)
     body["calibration"] = _SLOT
     # The slot is the first occurrence: "calibration" sorts first, and no name holds a NUL.
-    canonical = _canonical(body).replace(_canonical(_SLOT), manifest.calibration.canonical_json, 1)
-    return _sealed(canonical)
-
-
-def check_size(directory: Path, name: str, entry: FileEntry) -> None:
-    """Check that a file a manifest names is there with its size: what every load checks (a
-    stat, whatever the file's size)."""
-    path = directory / name
-    try:
-        found = path.stat()
-    except FileNotFoundError:
-        raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
-    if not stat.S_ISREG(found.st_mode):  # a FIFO or device would block the read that follows
-        raise LenetEmbedError(f"{path}: not a regular file; the bundle is damaged, {REBUILD}")
-    size = found.st_size
-    if size != entry.bytes:
-        raise LenetEmbedError(
-            f"{path}: does not match {MANIFEST} (size: {size} bytes, not {entry.bytes}); the "
-            f"bundle is damaged, {REBUILD}"
-        )
-
-
-def verify_file(directory: Path, name: str, entry: FileEntry) -> None:
-    """Check one file a manifest names against its size and sha256 (reads all of it)."""
-    check_size(directory, name, entry)
-    if sha256_file(directory / name) != entry.sha256:
-        raise damaged([name], directory)
-
-
-# Files whose bytes this process hashed, by identity (path, inode, size, mtime), and the sha256
-# found: files never change once written, so a writer checking the version it commits on top of
-# hashes each file once, not at every commit (a rewrite in place changes the mtime).
-_HASHED: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
-_HASHED_KEPT = 20_000
-
-
-def verify_files_once(directory: Path, files: dict[str, FileEntry]) -> None:
-    """:func:`verify_file` of every file of ``files``, each hashed once per process as long as
-    its identity (path, inode, size, mtime) stays the same; one error naming the files that
-    differ, one line for a file missing or of the wrong size."""
-    bad = []
-    base = str(directory)
-    for name, entry in files.items():
-        path = os.path.join(base, name)  # strings, not Paths: this runs at every commit
-        try:
-            found = os.stat(path)
-            if found.st_size != entry.bytes:
-                check_size(directory, name, entry)  # says how it differs
-            with _PARSED_LOCK:
-                digest = _HASHED.get((path, found.st_ino, found.st_size, found.st_mtime_ns))
-            if digest is None:
-                with open_regular(path, "the bundle's own file") as fh:
-                    found = os.fstat(fh.fileno())  # the identity of the bytes hashed
-                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
-                if found.st_size != entry.bytes:
-                    check_size(directory, name, entry)
-                with _PARSED_LOCK:
-                    _HASHED[(path, found.st_ino, found.st_size, found.st_mtime_ns)] = digest
-                    while len(_HASHED) > _HASHED_KEPT:
-                        _HASHED.popitem(last=False)
-        except FileNotFoundError:
-            raise LenetEmbedError(f"{path}: missing from the bundle; {REBUILD}") from None
-        except OSError as exc:
-            raise LenetEmbedError(f"{path}: unreadable ({exc.strerror or exc}); {REBUILD}"
-                                  ) from None
-        if digest != entry.sha256:
-            bad.append(name)
-    if bad:
-        raise damaged(bad, directory)
-
-
-def verify_files(directory: Path, files: dict[str, FileEntry]) -> None:
-    """Compare every file of ``files`` with its size and sha256 (reads them all) and raise one
-    error naming those that differ. All are opened before any is read, so that however long the
-    reading takes, a sweep of their version cannot make one vanish; FileNotFoundError when one is
-    already gone."""
-    with contextlib.ExitStack() as stack:
-        handles = {name: stack.enter_context(open_regular(directory / name, "the bundle's own "
-                                                          "file")) for name in files}
-        bad = [name for name, fh in handles.items()
-               if os.fstat(fh.fileno()).st_size != files[name].bytes
-               or hashlib.file_digest(fh, "sha256").hexdigest() != files[name].sha256]
-    if bad:
-        raise damaged(bad, directory)
-
-
-def damaged(names: list[str], directory: Path) -> LenetEmbedError:
-    """The one-line error for files whose bytes do not match their checksums."""
-    others = f"; neither do {_some(names[1:])}" if len(names) > 1 else ""
-    return LenetEmbedError(
-        f"{directory / names[0]}: does not match {MANIFEST} (checksum){others}; the bundle is "
-        f"damaged, {REBUILD}"
-    )
-
-
-@dataclass
-class Contents:
-    """What a bundle folder holds, sorted: our layout, files of format 1, and the user's own."""
-
-    ours: list[Path] = field(default_factory=list)
-    format_1: list[Path] = field(default_factory=list)
-    foreign: list[Path] = field(default_factory=list)
-
-
-def contents(directory: Path) -> Contents:
-    """Sort the entries of a bundle folder (or of a folder about to become one)."""
-    found = Contents()
-    for entry in sorted(directory.iterdir()):
-        if entry.name in LAYOUT or entry.name.startswith(STAGED_PREFIX):
-            found.ours.append(entry)
-        elif entry.name in FORMAT_1_FILES:
-            found.format_1.append(entry)
-        else:
-            found.foreign.append(entry)
-    return found
+    text = canonical(body).replace(canonical(_SLOT), manifest.calibration.canonical_json, 1)
+    return sealed(text)

@@ -36,7 +36,7 @@ from .ann import prepare_vectors
 from .bundle import DEFAULT_INDEX_DIR, Calibration, LogisticModel, Manifest
 from .embed import load_encoder
 from .errors import LenetEmbedError
-from .garbage import check_writable
+from .lock import check_writable
 from .metrics import majority
 from .model import find_layer
 from .nondigits import generate

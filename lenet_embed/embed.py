@@ -219,7 +219,28 @@ def load_encoder(keras_path: Path, litert_path: Path, backend: str = "auto",
     return KerasEncoder.load(keras_path)
 
 
-def export_litert(model: Any, path: Path) -> None:
-    """Export a Keras encoder to a LiteRT flatbuffer at ``path``."""
+def litert_flatbuffer(model: Any, workdir: Path) -> bytes:
+    """A Keras encoder exported to LiteRT (the bytes of an ``encoder.tflite``), its SavedModel
+    staged in the folder ``workdir`` (which must not exist yet).
+
+    This is the path ``model.export(format="litert")`` takes (a Keras ``ExportArchive``, then
+    TensorFlow's ``TFLiteConverter.from_saved_model``), through their public APIs, so that the
+    SavedModel goes where the caller says instead of the system's temp folder."""
+    import functools
+
+    import keras
+    import tensorflow as tf
+
     with contextlib.redirect_stdout(sys.stderr), native_stderr_silenced():
-        model.export(str(path), format="litert", verbose=False)
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            "serve", functools.partial(model.__call__, training=False),
+            input_signature=[tf.TensorSpec(model.input.shape, model.input.dtype,
+                                           name=model.input.name)])
+        archive.write_out(str(workdir), verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(workdir))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                               tf.lite.OpsSet.SELECT_TF_OPS]
+        converter.experimental_enable_resource_variables = True
+        return converter.convert()

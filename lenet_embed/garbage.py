@@ -8,7 +8,7 @@ bundle's own records name it as written by lenet-embed:
   period names; then the folders of those files, with ``rmdir`` (so only when empty), then the
   record itself;
 - what a writer killed before its commit left: exactly the names it wrote into its intent journal
-  (the lock file, see :class:`lenet_embed.writer.WriterLock`) before creating them, when the
+  (the lock file, see :mod:`lenet_embed.lock`) before creating them, when the
   current version does not name them; the one folder ever removed with its contents is the
   scratch folder under ``.tmp/`` that such a writer created for the libraries it ran.
 
@@ -23,7 +23,6 @@ touches.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -35,35 +34,31 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import (
+from .bundle import Manifest
+from .errors import LenetEmbedError
+from .files import read_regular
+from .layout import (
+    DATA_NAME,
     DELETIONS_DIR,
     ENCODERS_DIR,
-    FORMAT_1_FILES,
     LOCK_FILE,
     MANIFEST,
+    PART,
     SCRATCH_DIR,
     SEGMENTS_DIR,
     STAGED_PREFIX,
     VERSIONS_DIR,
-    Manifest,
 )
-from .errors import LenetEmbedError
-from .files import read_regular
+from .lock import journal_on_disk as journal_on_disk
 
-_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-# Names a version's record may list for removal: the layout's data files (as bundle.py allows
-# them in a manifest's ``files``).
-_DATA_NAME = re.compile(
-    rf"({SEGMENTS_DIR}|{ENCODERS_DIR})/{_PART}/{_PART}|({SEGMENTS_DIR}|{DELETIONS_DIR})/{_PART}\.npy")
+# Names a version's record may list for removal: the layout's data files (as a manifest may list
+# them in its ``files``).
+_DATA_NAME = re.compile(DATA_NAME)
 # Names a writer may journal before creating them: data files and their folders, a version's
 # record, a staged manifest, a scratch folder.
 _JOURNAL_NAME = re.compile(
-    rf"{_DATA_NAME.pattern}|({SEGMENTS_DIR}|{ENCODERS_DIR})/{_PART}|{VERSIONS_DIR}/\d{{8}}\.json"
-    rf"|{re.escape(STAGED_PREFIX)}[0-9a-f]+|{re.escape(SCRATCH_DIR)}/{_PART}")
-# The lock file's first line (``busy <pid>`` or ``idle <pid>``), then the intent journal, of at
-# most JOURNAL_MAX bytes in all (a build journals about 15 names).
-LOCK_RECORD = 32
-JOURNAL_MAX = 1 << 20
+    rf"{_DATA_NAME.pattern}|({SEGMENTS_DIR}|{ENCODERS_DIR})/{PART}|{VERSIONS_DIR}/\d{{8}}\.json"
+    rf"|{re.escape(STAGED_PREFIX)}[0-9a-f]+|{re.escape(SCRATCH_DIR)}/{PART}")
 _RECORD_NAME = re.compile(r"(\d{8})\.json")
 # The parts of a bundle a writer writes into or removes from: none may be a symbolic link.
 _PARTS = (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, VERSIONS_DIR, SCRATCH_DIR, MANIFEST)
@@ -76,26 +71,6 @@ _PENDING_LOCK = threading.Lock()
 _NAMES: dict[tuple[str, int, int, int], list[str] | None] = {}  # see _named_files
 _NAMES_LOCK = threading.Lock()
 _NAMES_KEPT = 20_000
-
-
-def journal_on_disk(directory: Path) -> list[str]:
-    """The intent journal as a reader sees it, without the lock: what a writer at work is
-    creating, or what a killed one left (the lock file then still says ``busy``)."""
-    try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return []
-    try:
-        data = os.read(fd, JOURNAL_MAX)
-    finally:
-        os.close(fd)
-    return parse_journal(data) if data.startswith(b"busy ") else []
-
-
-def parse_journal(data: bytes) -> list[str]:
-    """The names of the journal in the lock file's bytes ``data``."""
-    text = data[LOCK_RECORD:].decode("ascii", "replace")
-    return [line for line in text.split("\n") if line]
 
 
 def journal_name(name: str) -> bool:
@@ -207,22 +182,6 @@ def remove_scratch(directory: Path, name: str) -> None:
     """Remove this writer's own scratch folder (``.tmp/<name>``), and ``.tmp`` if then empty."""
     _remove_tree(directory / name)
     _rmdir(directory / SCRATCH_DIR)
-
-
-def remove_format_1(directory: Path) -> None:
-    """Remove the flat files of the first bundle format, once a build has replaced a bundle of
-    that format (the caller checked that ``manifest.json`` was one: :func:`is_format_1`)."""
-    for name in FORMAT_1_FILES:
-        _unlink(directory / name)
-
-
-def is_format_1(directory: Path) -> bool:
-    """Whether ``manifest.json`` is a manifest of the first bundle format."""
-    try:
-        data = json.loads(read_regular(directory / MANIFEST))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format_version") == 1
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -408,41 +367,3 @@ def survey(directory: Path, current: Manifest, journal: Iterable[str]) -> Survey
             else:
                 unknown.append(relative)
     return Survey(sum(size for _, _, size in seen), sorted(reclaimable), sorted(unknown))
-
-
-def check_writable(directory: Path) -> None:
-    """Refuse, in one line, a bundle folder a writer could not write to (a read-only file
-    system, no permission, a loop of links) before any work is done for the write. A folder
-    that does not exist yet passes (a build creates it)."""
-    try:
-        os.stat(directory)
-    except FileNotFoundError:
-        if os.path.islink(directory):
-            raise LenetEmbedError(f"{directory}: is a symbolic link to nothing; give a real "
-                                  "folder as --index-dir") from None
-        return
-    except OSError as exc:
-        raise disk_error(directory / LOCK_FILE, exc) from None
-    if os.path.isdir(directory) and not os.access(directory, os.W_OK):
-        code = errno.EROFS if os.statvfs(directory).f_flag & os.ST_RDONLY else errno.EACCES
-        raise disk_error(directory / LOCK_FILE, OSError(code, os.strerror(code)))
-
-
-def disk_error(path: Path, exc: OSError) -> LenetEmbedError:
-    """The one-line error for a bundle a writer cannot open for writing."""
-    directory = path.parent
-    if exc.errno == errno.EROFS:
-        return LenetEmbedError(f"{directory}: is on a read-only file system, so lenet-embed "
-                               "cannot write to this bundle (searching it works); copy it to a "
-                               "writable folder or mount it read-write")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return LenetEmbedError(f"{directory}: no permission to write to this bundle ({path.name}"
-                               "); run as its owner or make the folder writable")
-    if exc.errno == errno.ELOOP:
-        if os.path.islink(path):
-            return LenetEmbedError(f"{path}: is a symbolic link; lenet-embed writes only to a "
-                                   "bundle whose files are its own: remove the link")
-        return LenetEmbedError(f"{directory}: a loop of symbolic links; give a real folder as "
-                               "--index-dir")
-    return LenetEmbedError(f"{directory}: cannot open the bundle for writing ({exc.strerror or exc}"
-                           "); give a folder you can write to as --index-dir")

@@ -1,7 +1,7 @@
 """The on-disk bundle, format 2: the manifest and its file list, the layout on disk, commits that
-leave the folder (and anyone's files in it) in place, bundles of format 1, and every kind of
-damage: detected on load (sizes, shapes, the manifest's own checksum), or by `info --verify`
-(a changed byte inside a file)."""
+leave the folder (and anyone's files in it) in place, a bundle of format 1 (refused, rebuilt in
+place), and every kind of damage: detected on load (sizes, shapes, the manifest's own
+checksum), or by `info --verify` (a changed byte inside a file)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from cli_checks import ok, one_line_error
 from PIL import Image
+from pydantic import ValidationError
 
 from lenet_embed import LenetEmbedError, SearchIndex, build_index
 from lenet_embed import writer as writer_module
@@ -32,7 +33,6 @@ from lenet_embed.bundle import (
     DELETIONS_DIR,
     ENCODER_FILE,
     ENCODERS_DIR,
-    FORMAT_1_FILES,
     FORMAT_VERSION,
     IDS_FILE,
     IMAGES_FILE,
@@ -50,7 +50,7 @@ from lenet_embed.bundle import (
     FileEntry,
     Manifest,
     Segment,
-    contents,
+    parse_manifest,
     read_manifest,
     row_dtype,
     sealed_json,
@@ -59,7 +59,7 @@ from lenet_embed.calibration import UNCALIBRATED
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.preprocess import scale_pixels
 from lenet_embed.snapshot import inspect_bundle
-from lenet_embed.writer import BundleWriter
+from lenet_embed.writer import BundleWriter, contents
 
 SMALL_N = 60
 
@@ -123,6 +123,51 @@ def test_manifest_fields(built, bundle_dir, bundle_data):
     assert set(on_disk) == {f.name for f in fields(Manifest)}
     assert (bundle_dir / VERSIONS_DIR / "00000001.json").read_text() == (
         bundle_dir / MANIFEST).read_text()
+
+
+# A value of the wrong type or out of range, where it is, and the one line that says so.
+TYPED_REFUSALS = {
+    "a bool for a count": (("segments", 0, "rows"), True,
+                           "segments.0.rows: input should be a valid integer"),
+    "a string for a number": (("calibration", "min_confidence"), "0.5",
+                              "calibration.min_confidence: input should be a valid number"),
+    "beyond int64": (("next_id",), 2**63,
+                     "next_id: input should be less than or equal to 9223372036854775807"),
+    "not finite": (("calibration", "ood", "bias"), float("nan"),
+                   "calibration.ood.bias: input should be a finite number"),
+    "an unknown feature": (("calibration", "ood", "features", 0), "bogus",
+                           "calibration: calibration feature 'bogus' is not one of"),
+    "an unknown field": (("segments", 0, "extra"), 1, "segments.0.extra: unexpected keyword"),
+    "a string for a list": (("segments",), "segments/x", "segments: input should be a valid list"),
+}
+
+
+@pytest.mark.parametrize("case", TYPED_REFUSALS.values(), ids=TYPED_REFUSALS)
+def test_a_typed_refusal_names_where_and_what(bundle_dir, case):
+    """pydantic's ValidationError becomes one line naming the manifest, where the value is and
+    what is wrong; a value of the right type is not converted (a whole number where a real one
+    is wanted is that number)."""
+    path, value, expected = case
+    data = json.loads((bundle_dir / MANIFEST).read_text())
+    data.pop(SEAL)
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(LenetEmbedError) as caught:
+        parse_manifest(sealed_json(data), "edited.json")
+    message = str(caught.value)
+    assert message.startswith(f"edited.json: malformed manifest ({expected}")
+    assert "\n" not in message and message.endswith("rebuild it with `lenet-embed build-index`")
+
+
+def test_whole_numbers_are_reals_where_reals_are_wanted(bundle_dir):
+    data = json.loads((bundle_dir / MANIFEST).read_text())
+    data.pop(SEAL)
+    data["calibration"]["min_confidence"] = 1
+    manifest = parse_manifest(sealed_json(data), "edited.json")
+    assert manifest.calibration.min_confidence == 1.0
+    assert isinstance(manifest.calibration.min_confidence, float)
 
 
 def test_file_list_covers_exactly_the_structure(bundle_dir):
@@ -393,8 +438,8 @@ def test_writer_commit_round_trip(bundle_copy, bundle_data, search_index):
             writer.commit(replace(manifest, version=7))
         unlisted = dict(manifest.files)
         del unlisted[segment.file(SOURCES_FILE)]
-        with pytest.raises(LenetEmbedError, match="file list does not match"):
-            writer.commit(replace(manifest, files=unlisted))
+        with pytest.raises(ValidationError, match="file list does not match"):
+            replace(manifest, files=unlisted)  # such a manifest cannot even be made
         assert read_manifest(bundle_copy).version == 1
         committed = writer.commit(manifest)
     assert committed == read_manifest(bundle_copy) and committed.version == 2
@@ -482,6 +527,9 @@ def _format_1_bundle(directory: Path, source: Path, bundle_data) -> None:
 
 def test_a_format_1_bundle_asks_for_a_rebuild_and_build_index_replaces_it(
         run, bundle_dir, bundle_data, trained, tmp_path, tiny_idx_dir):
+    """Format 1 is not read (a format that lived a few hours): every command but a build asks
+    for a rebuild, and a build writes a bundle of format 2 beside the old flat files, which it
+    leaves alone (``info`` lists them as files the bundle does not use)."""
     target = tmp_path / "index"
     _format_1_bundle(target, bundle_dir, bundle_data)
     before = _listing(target)
@@ -501,14 +549,15 @@ def test_a_format_1_bundle_asks_for_a_rebuild_and_build_index_replaces_it(
 
     ok(run("build-index", "--data", tiny_idx_dir, "--model", trained.model, "--index-dir",
            target))
+    old = {name: data for name, data in before.items() if name != MANIFEST}
+    assert {name: (target / name).read_bytes() for name in old} == old
     names = {p.name for p in target.iterdir()}
-    assert not names & FORMAT_1_FILES  # the old flat files are gone
-    assert names - LAYOUT == {"README.md"}
-    assert (target / "README.md").read_text() == "docs\n"
+    assert names - LAYOUT == set(old)
     manifest = read_manifest(target)
     assert (manifest.format_version, manifest.version, manifest.count) == (2, 1, 600)
     assert _files_on_disk(target) == set(manifest.files)
     assert len(SearchIndex.load(target).search(png, k=3)[0]) == 3
+    assert set(inspect_bundle(target).unknown_files) == set(old)
 
 
 # --------------------------------------------------------------------------- damage on load
@@ -749,12 +798,12 @@ def _outside_entry(name: str):
 
 def _segment_outside(d: Path) -> str:
     _edit_manifest(d, lambda data: data["segments"][1].update(name="../../x"))
-    return "segment '../../x' is not a name inside the bundle"
+    return "segments.1.name: '../../x' is not a name inside the bundle"
 
 
 def _encoder_outside(d: Path) -> str:
     _edit_manifest(d, lambda data: data.update(encoder="encoders/../../models"))
-    return "the encoder must be a folder under encoders/"
+    return "encoder: 'encoders/../../models' is not a folder under encoders/"
 
 
 def _sealed_flag_flipped(d: Path) -> str:
@@ -805,17 +854,17 @@ def _future_format(d: Path) -> str:
 
 def _files_not_an_object(d: Path) -> str:
     _edit_manifest(d, lambda data: data.update(files=sorted(data["files"])))
-    return f"{d / MANIFEST}: malformed manifest (files must be an object)"
+    return f"{d / MANIFEST}: malformed manifest (files: input should be a valid dictionary)"
 
 
 def _count_a_string(d: Path) -> str:
     _edit_manifest(d, lambda data: data.update(count=str(data["count"])))
-    return "malformed manifest (count must be a whole number >= 0)"
+    return "malformed manifest (count: input should be a valid integer)"
 
 
 def _unknown_metric(d: Path) -> str:
     _edit_manifest(d, lambda data: data.update(metric="manhattan"))
-    return "unknown metric 'manhattan'"
+    return "malformed manifest (metric: input should be 'cosine' or 'l2')"
 
 
 # Files a load reads whole, so it checks them whole: the encoder (a constant size) and the
@@ -949,8 +998,8 @@ def test_info_never_reads_outside_the_bundle(rich, lenet_embed_cmd, quiet_env, n
                           capture_output=True, text=True, env=quiet_env, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        f"Error: {rich / MANIFEST}: malformed manifest ({name!r} is not a name inside the "
-        "bundle); rebuild it with `lenet-embed build-index`"]
+        f"Error: {rich / MANIFEST}: malformed manifest (files: {name!r} is not a name inside "
+        "the bundle); rebuild it with `lenet-embed build-index`"]
 
 
 def test_vectors_on_disk_are_prepared(rich_bundle):

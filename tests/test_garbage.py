@@ -182,8 +182,7 @@ def test_what_a_killed_writer_created_is_removed_and_nothing_else(bundle_copy):
     _, files = writer.new_segment(vectors=vectors, ids=ids, labels=np.full(4, -1),
                                   images=images)
     writer.new_deletions(np.array([1, 2]))
-    with writer.scratch_tempdir() as scratch:
-        (scratch / "asset").write_bytes(b"x" * 100)
+    (writer.scratch() / "asset").write_bytes(b"x" * 100)
     writer._close_unflushed()
     os.close(writer.lock.fd)  # killed: the kernel drops the flock, nothing else happens
     left = set(_files(bundle_copy)) - _live(bundle_copy) - set(PLANTED)

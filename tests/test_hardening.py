@@ -773,11 +773,11 @@ def test_disk_full_during_compact(run, bundle_copy, mnist, tmpfs, free_kb, fails
                                   monkeypatch):
     """`compact` on a full disk, failing while writing the arrays or, after 2.2 MB of them, the
     FAISS index: one line, exit 1, the bundle intact."""
-    import lenet_embed.writer
+    import lenet_embed.durable
     from lenet_embed.updates import remove
 
     failed: list[str] = []
-    real = lenet_embed.writer._write_file
+    real = lenet_embed.durable.write_new
 
     def spy(path, write):
         try:
@@ -786,7 +786,7 @@ def test_disk_full_during_compact(run, bundle_copy, mnist, tmpfs, free_kb, fails
             failed.append(Path(path).name)
             raise
 
-    monkeypatch.setattr(lenet_embed.writer, "_write_file", spy)
+    monkeypatch.setattr(lenet_embed.durable, "write_new", spy)
     remove(bundle_copy, [1, 2, 3])  # something to compact
     bundle = tmpfs(free_kb * 1024, bundle_copy)
     before, answers = _files(bundle), _answers(bundle, mnist)
