@@ -39,6 +39,7 @@ from .errors import LenetEmbedError
 from .garbage import check_writable
 from .metrics import majority
 from .model import find_layer
+from .model_choice import shipped_head_for
 from .nondigits import generate
 from .preprocess import scale_pixels
 from .snapshot import Snapshot, open_snapshot
@@ -333,7 +334,8 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
               timeout: float = DEFAULT_LOCK_TIMEOUT) -> Manifest:
     """Fit the calibration of the bundle in ``directory`` again and commit it as a new version
     (e.g. after ``add``); return the manifest committed. ``head`` is the classifier head
-    (:func:`load_head`); by default the one the current calibration keeps, if any.
+    (:func:`load_head`); by default the one the current calibration keeps, else the shipped
+    default model's when the bundle's encoder is the shipped one, else none.
 
     The fit (a minute or two) reads one version as any reader does, without the writer's lock,
     so adds and removes go on meanwhile; only the commit takes the lock. Items committed during
@@ -347,6 +349,8 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
                               "bundle that holds its items (the default --store faiss)")
     if head is None and fitted.calibration is not None:
         head = fitted.calibration.head_arrays
+    if head is None:
+        head = shipped_head_for(fitted.encoder_sha256)
     calibration = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
