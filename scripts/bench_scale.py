@@ -12,15 +12,15 @@ For each size N (60,000 is MNIST's training split itself; other sizes are made o
 - ``ivfpq``: ``--factory IVF<4 sqrt N>,PQ42`` tuned to recall 0.9 (42 bytes a vector, not 336),
 - ``milvus``: ``--store milvus`` into a Milvus Lite file, index of the FLAT family;
 
-``lenet-embed build-index`` runs under ``/usr/bin/time`` (wall time, peak RSS) with ``--model``
-(default: none, so the shipped default model) and each ``--backends`` entry as its
-``--backend``: ``keras,litert`` builds every bundle twice, embedding with Keras (what every build
-did before the default model shipped with its LiteRT export) and with LiteRT, and prints each
-LiteRT build time beside the Keras one of the same run. Then a fresh
-process measures: load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test
-digits' vectors, one ``search_vectors`` call each on one thread, k=10, after 100 warm-up
-queries), batch QPS (10,000 test vectors in one ``search_vectors_arrays`` call, two threads)
-and recall@10 against the Flat bundle of the same N. Bundle size is the folder's (and the
+``lenet-embed build-index`` runs under ``/usr/bin/time`` (wall time, processor time, peak RSS)
+with ``--model`` (default: none, so the shipped default model) and each ``--backends`` entry as
+its ``--backend``: ``keras,litert`` builds every bundle twice, embedding with Keras (as every
+build did before the default model shipped with its LiteRT export) and with LiteRT, and prints
+each LiteRT build time beside the Keras one of the same run. Then a fresh process measures:
+load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test digits' vectors, one
+``search_vectors`` call each on one thread, k=10, after 100 warm-up queries), batch QPS (10,000
+test vectors in one ``search_vectors_arrays`` call, two threads) and recall@10 against the Flat
+bundle of the same N. Bundle size is the folder's (and the
 Milvus Lite file's) bytes on disk. Prints a Markdown table and writes ``--png``: build time,
 peak RSS, load time and p50 against N, log-log.
 """
@@ -112,15 +112,20 @@ def _build_args(store: str, n: int, bundle: Path) -> list[str]:
     return ["--store", "milvus", "--milvus-uri", str(bundle.with_suffix(".db"))]
 
 
-def _timed(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` under /usr/bin/time: (wall seconds, peak RSS in GB)."""
-    done = subprocess.run(["/usr/bin/time", "-f", "@@ %e %M", *command], capture_output=True,
-                          text=True)
+def _timed(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command`` under /usr/bin/time: (wall seconds, processor seconds, peak RSS in GB).
+
+    Processor time (user + system, every thread) is the work done: a machine that lends its cores
+    to others stretches the wall-clock time of the same build, not its processor time."""
+    done = subprocess.run(["/usr/bin/time", "-f", "@@ %e %U %S %M", *command],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise LenetEmbedError(f"{' '.join(command[:3])}... failed: "
                               f"{done.stderr.strip().splitlines()[-1:]}")
-    wall, rss_kb = re.findall(r"@@ ([\d.]+) (\d+)", done.stderr)[-1]
-    return float(wall), int(rss_kb) * 1024 / 1e9  # GNU time reports KiB
+    wall, user, system, rss_kb = re.findall(r"@@ ([\d.]+) ([\d.]+) ([\d.]+) (\d+)",
+                                            done.stderr)[-1]
+    # GNU time reports KiB
+    return float(wall), float(user) + float(system), int(rss_kb) * 1024 / 1e9
 
 
 def measure(n: int, store: str, backend: str, args: argparse.Namespace) -> dict[str, object]:
@@ -134,7 +139,7 @@ def measure(n: int, store: str, backend: str, args: argparse.Namespace) -> dict[
     command = [*CLI, "build-index", "--data", str(data), *model, "--backend", backend,
                "--index-dir", str(bundle), *_build_args(store, n, bundle)]
     print(f"N={n} {store} ({backend}): building", flush=True)
-    wall, rss = _timed(command)
+    wall, cpu, rss = _timed(command)
     exact = work / f"n{n}-flat-{backend}" / "ids.npy"
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(bundle), "" if store == "flat" else str(exact),
@@ -150,20 +155,22 @@ def measure(n: int, store: str, backend: str, args: argparse.Namespace) -> dict[
         (bundle.parent / "ids.npy").replace(exact)
     manifest = json.loads((bundle / "manifest.json").read_text())
     return {"n": n, "store": store, "backend": backend, "factory": manifest["factory"],
-            "search_params": manifest["search_params"], "build_s": wall, "peak_rss_gb": rss,
+            "search_params": manifest["search_params"], "build_s": wall, "build_cpu_s": cpu,
+            "peak_rss_gb": rss,
             "bytes": _size(bundle) + (_size(bundle.with_suffix(".db"))
                                       if store == "milvus" else 0), **figures}
 
 
 def table(rows: list[dict[str, object]]) -> str:
     """The results as a Markdown table."""
-    lines = ["| N | store | embedding | index | build s | build vs keras | peak RSS GB | size MB "
-             "| load ms | p50 ms | p99 ms | batch QPS | recall@10 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | store | embedding | index | build s | vs keras | build processor s "
+             "| vs keras | peak RSS GB | size MB | load ms | p50 ms | p99 ms | batch QPS "
+             "| recall@10 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['n']:,} | {r['store']} | {r['backend']} | {r['factory']} | {r['build_s']:.0f} "
-            f"| {r.get('build_vs_keras', '-')} | "
+            f"| {r.get('build_vs_keras', '-')} | {r['build_cpu_s']:.0f} "
+            f"| {r.get('build_cpu_vs_keras', '-')} | "
             f"{r['peak_rss_gb']:.2f} | {r['bytes'] / 1e6:.0f} | {1e3 * r['load_s']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['batch_qps']:,.0f} | "
             f"{r['recall_at_10']:.3f} |")
@@ -233,8 +240,9 @@ def main() -> None:
                 baseline = [r for r in rows[:-1] if (r["n"], r["store"], r["backend"])
                             == (n, store, "keras")]
                 if baseline and backend != "keras":
-                    rows[-1]["build_vs_keras"] = (
-                        f"{rows[-1]['build_s'] / baseline[0]['build_s']:.2f}x")
+                    for key in ("build_s", "build_cpu_s"):
+                        rows[-1][key.replace("_s", "_vs_keras")] = (
+                            f"{rows[-1][key] / baseline[0][key]:.2f}x")
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
