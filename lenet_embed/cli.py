@@ -548,6 +548,7 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
 
     With --verify, every file is read and compared with its checksum.
     """
+    from .model_choice import is_shipped_encoder
     from .snapshot import inspect_bundle
 
     report = inspect_bundle(index_dir, verify=verify)
@@ -583,7 +584,8 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         "created": m.created_at,
         "lenet-embed": m.lenet_embed_version,
         "size on disk": f"{report.bytes} bytes",
-        "encoder sha256": m.encoder_sha256,
+        "encoder sha256": m.encoder_sha256 + (" (the shipped default model)"
+                                              if is_shipped_encoder(m.encoder_sha256) else ""),
         "checks": ("ok (the bundle loads; every file matches its checksum, every row checked)"
                    if report.verified else
                    "ok (the bundle loads; every file has its size; `info --verify` also compares "

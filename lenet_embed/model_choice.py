@@ -170,12 +170,18 @@ def shipped_model() -> ModelFolder:
     return ModelFolder.open(SHIPPED_DIR)
 
 
+def is_shipped_encoder(encoder_sha256: str) -> bool:
+    """Whether a bundle's encoder (its sha256) is the shipped default model's, by its card."""
+    try:
+        card = json.loads((SHIPPED_DIR / CARD_FILE).read_text(encoding="utf-8"))
+        return card["files"][KERAS_FILE]["sha256"] == encoder_sha256
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def shipped_head_for(encoder_sha256: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The shipped model's head if a bundle's encoder (its sha256) is the shipped encoder."""
-    if not (SHIPPED_DIR / CARD_FILE).is_file():
-        return None
-    shipped = shipped_model()
-    return shipped.head() if shipped.encoder_sha256 == encoder_sha256 else None
+    return shipped_model().head() if is_shipped_encoder(encoder_sha256) else None
 
 
 # Spot figures: what a model folder's card promises on slices of MNIST small enough to check in
