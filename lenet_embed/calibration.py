@@ -39,7 +39,7 @@ from .errors import LenetEmbedError
 from .garbage import check_writable
 from .metrics import majority
 from .model import find_layer
-from .model_choice import shipped_head_for
+from .model_choice import ModelFolder, shipped_head_for
 from .nondigits import generate
 from .preprocess import scale_pixels
 from .snapshot import Snapshot, open_snapshot
@@ -319,8 +319,12 @@ def fit_snapshot(snapshot: Snapshot, head: tuple[np.ndarray, np.ndarray] | None
 
 
 def load_head(model: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The head of the classifier saved at ``model``; an error when it has none."""
+    """The head of the classifier saved at ``model`` (a ``.keras`` file, or a model folder such
+    as the shipped default's, read without TensorFlow); an error when it has none."""
     from .model import load_classifier
+
+    if Path(model).is_dir():
+        return ModelFolder.open(model).head()
 
     head = classifier_head(load_classifier(str(model)))
     if head is None:

@@ -493,9 +493,10 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 @main.command()
 @_INDEX_DIR
 @_MILVUS_URI
-@click.option("--model", type=click.Path(exists=True, dir_okay=False), help="The classifier "
-              "(.keras) the bundle's encoder was cut from, whose head some scores use "
-              "[default: the head the bundle keeps, if any].")
+@click.option("--model", type=click.Path(exists=True), help="The classifier (.keras, or a "
+              "model folder) the bundle's encoder was cut from, whose head some scores use "
+              "[default: the head the bundle keeps, else the shipped default model's if the "
+              "bundle's encoder is the shipped one].")
 @_WAIT
 @_JSON
 def calibrate(index_dir: str, model: str | None, wait: float, as_json: bool) -> None:
