@@ -3,7 +3,9 @@
     python scripts/build_default_model.py [--data PATH] [--out lenet_embed/default_model]
         [--work /tmp/lenet-embed-default-model]
 
-One command, deterministic at its seed: trains the default recipe (``lenet_embed.training``'s
+One command, deterministic at its seed (the same weights, head and LiteRT file on this machine;
+``encoder.keras`` also records the moment it was saved, so its sha256 changes with every run,
+and the card with it): trains the default recipe (``lenet_embed.training``'s
 ``DEFAULT_RECIPE``) at the default seed on the MNIST training split, exactly as
 ``lenet-embed train`` does, then writes the model folder that :mod:`lenet_embed.model_choice`
 reads: the Keras encoder, its LiteRT export, the classifier head the calibration uses, and the
