@@ -32,12 +32,12 @@ from .ann import (
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, Segment, package_version
 from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
-from .embed import KerasEncoder
+from .embed import BACKENDS, Encoder, KerasEncoder, load_encoder
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
+from .model_choice import ModelChoice, choose_model
 from .nondigits import MissingFonts
 from .preprocess import scale_pixels, to_uint8
-from .training import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, train
 from .writer import BundleWriter, check_folder, now_iso
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ class BuildResult:
     manifest: Manifest
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    model: str = ""  # which model embedded, and why that one
 
     def summary(self) -> dict[str, Any]:
-        """The figures worth printing: count, dim, metric, factory, version, seconds, path."""
+        """The figures worth printing: count, dim, metric, factory, version, seconds, path, and
+        the model."""
         m = self.manifest
         return {
             "index_dir": self.path,
@@ -75,21 +77,49 @@ class BuildResult:
             "skipped": len(self.skipped),
             "search_params": dict(m.search_params),
             "factory_reason": m.factory_reason,
+            "model": self.model,
         }
 
 
-def _load_model(model: str | os.PathLike[str] | None, data: Any) -> Any:
-    """The Keras classifier (or encoder) at ``model``, training one with the default recipe if
-    it is missing."""
-    path = Path(model) if model is not None else DEFAULT_MODEL_PATH
-    if not path.exists():
-        if model is not None:
-            raise LenetEmbedError(
-                f"{path}: no such model; train one with `lenet-embed train --out {path}`"
-            )
-        log.info("no model at %s: training one with the %r recipe first", path, DEFAULT_RECIPE)
-        train(data=data, out=path)
-    return load_classifier(str(path))
+@dataclass(frozen=True)
+class _Model:
+    """What a build takes from its model: the encoder to embed with, the classifier head the
+    calibration scores with, and the encoder to copy into the bundle (a model folder's files,
+    or a Keras model saved and exported by the writer)."""
+
+    choice: ModelChoice
+    encoder: Encoder
+    head: tuple[np.ndarray, np.ndarray] | None
+    keras_encoder: Any = None
+
+    def save(self, writer: BundleWriter) -> tuple[str, dict[str, Any]]:
+        """Write the encoder into the bundle's next version."""
+        folder = self.choice.folder
+        if folder is not None:
+            return writer.copy_encoder(folder.keras_path, folder.litert_path)
+        return writer.new_encoder(self.keras_encoder)
+
+
+def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int | None
+                ) -> _Model:
+    """The model :func:`lenet_embed.model_choice.choose_model` picks, loaded: a model folder's
+    encoder runs on LiteRT where it can (``backend``), without TensorFlow; a ``.keras`` file
+    needs TensorFlow and embeds with Keras."""
+    if backend not in BACKENDS:
+        raise LenetEmbedError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    choice = choose_model(model)
+    if choice.folder is not None:
+        encoder = load_encoder(choice.folder.keras_path, choice.folder.litert_path, backend,
+                               threads)
+        return _Model(choice, encoder, choice.folder.head())
+    if backend == "litert":
+        raise LenetEmbedError(f"cannot use LiteRT: {choice.path} is a Keras model (a model "
+                              "folder has the LiteRT export); use --backend auto or keras")
+    keras("build-index")  # a .keras file needs it
+    classifier = load_classifier(str(choice.path))
+    keras_encoder = encoder_of(classifier)
+    return _Model(choice, KerasEncoder(keras_encoder), classifier_head(classifier),
+                  keras_encoder)
 
 
 def build_index(
@@ -105,19 +135,23 @@ def build_index(
     on_progress: StageProgress | None = None,
     milvus_uri: str | None = None,
     milvus_token: str | None = None,
+    backend: str = "auto",
 ) -> BuildResult:
     """Embed a data set and write a self-contained index bundle to ``index_dir``.
 
     By default the 60,000 MNIST training images are indexed (ids = their positions in the training
     set). With ``images`` every image file under that folder is indexed instead, labelled by its
-    subfolder. ``model`` is a classifier or encoder ``.keras`` file; when it is None and
-    ``models/lenet.keras`` does not exist, one is trained first. ``factory`` is ``auto`` (chosen
-    from the count, the dimension and ``memory_budget``, bytes or a size such as ``"2GB"``; see
+    subfolder. ``model`` is a classifier or encoder ``.keras`` file or a model folder (see
+    :mod:`lenet_embed.model_choice`); when it is None, ``models/lenet.keras`` if it exists, else
+    the default model that ships with the package, which needs no TensorFlow: its encoder embeds
+    on LiteRT, or with ``backend="keras"`` on Keras (LiteRT is ``"litert"``, or ``"auto"`` where
+    ai-edge-litert is installed). ``factory`` is ``auto`` (chosen from the count, the dimension
+    and ``memory_budget``, bytes or a size such as ``"2GB"``; see
     :func:`lenet_embed.ann.choose_index`) or a FAISS ``index_factory`` string that
     :func:`lenet_embed.factory.parse_factory` accepts (checked before FAISS sees it). An approximate
     index's search parameter is tuned to ``target_recall`` (recall@10 against exact search) on
     held-out queries (the test split; for ``images``, a sample of the indexed items) and stored in
-    the manifest with the reason for the choice. ``threads`` caps FAISS's threads.
+    the manifest with the reason for the choice. ``threads`` caps FAISS's and LiteRT's threads.
 
     Memory stays bounded whatever the count: images are embedded and written a chunk at a time
     (from a memory-mapped IDX file they are never all in memory); only the vectors (336 MB a
@@ -136,7 +170,6 @@ def build_index(
     check_target_recall(target_recall)
     budget = parse_size(memory_budget)
     check_folder(Path(index_dir))
-    keras("build-index")  # embedding needs it: say so before reading any data
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None
@@ -150,16 +183,14 @@ def build_index(
         stored = to_uint8(pixels)
         classes, sources, skipped = folder.classes, folder.sources, folder.skipped
         description = {"kind": "images", "root": str(images), "skipped": len(skipped)}
-        classifier = _load_model(model, data)
     else:
         dataset = load_mnist(data)
-        classifier = _load_model(model, dataset)
         stored, labels = dataset.train.images, dataset.train.labels
         pixels = stored  # scaled a chunk at a time by _embed
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
         held_out = dataset.test.images[:TUNING_QUERIES]
-    encoder_model = encoder_of(classifier)
-    encoder = KerasEncoder(encoder_model)
+    loaded = _load_model(model, backend, threads)  # after the data: its errors come first
+    encoder = loaded.encoder
     vectors = _embed(encoder, pixels, report)
     count = len(vectors)
 
@@ -193,7 +224,7 @@ def build_index(
             calibration = _calibration(
                 built.index.search if built is not None else
                 lambda queries, k: exact_scores(vectors, queries, metric, k),
-                sample, labels, metric, encoder, classifier_head(classifier))
+                sample, labels, metric, encoder, loaded.head)
         except (CannotCalibrate, MissingFonts) as exc:
             _no_calibration(exc)
     report("calibrating", 1, 1)
@@ -201,7 +232,7 @@ def build_index(
     report("writing", 0, count)
     with BundleWriter(index_dir, replacing=True) as writer:
         replaced = writer.current
-        encoder_folder, encoder_files = writer.new_encoder(encoder_model)
+        encoder_folder, encoder_files = loaded.save(writer)
         segments: list[Segment] = []
         store = None
         if built is None:
@@ -237,7 +268,7 @@ def build_index(
         ))
     milvus.drop_replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
-    return BuildResult(str(index_dir), manifest, seconds, skipped)
+    return BuildResult(str(index_dir), manifest, seconds, skipped, loaded.choice.describe())
 
 
 def _calibration_sample(vectors: np.ndarray, labels: np.ndarray
@@ -258,7 +289,7 @@ def _no_calibration(reason: Exception) -> None:
 
 def _calibration(search_scores: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
                  sample: tuple[np.ndarray, np.ndarray], labels: np.ndarray, metric: str,
-                 encoder: KerasEncoder, head: tuple[np.ndarray, np.ndarray] | None
+                 encoder: Encoder, head: tuple[np.ndarray, np.ndarray] | None
                  ) -> Calibration:
     """Fit the new bundle's calibration (:mod:`.calibration`) on the ``sample`` of rows and
     their raw vectors; ``search_scores(prepared queries, k)`` gives FAISS's (scores, rows) over
@@ -277,7 +308,7 @@ def _ignore(stage: str, done: int, total: int) -> None:
     """The progress callback of a build nobody watches."""
 
 
-def _embed(encoder: KerasEncoder, pixels: np.ndarray, report: StageProgress) -> np.ndarray:
+def _embed(encoder: Encoder, pixels: np.ndarray, report: StageProgress) -> np.ndarray:
     """The (N, dim) float32 embeddings of ``pixels`` (uint8 bytes, scaled a chunk at a time, or
     floats in [0, 1]), reporting each chunk as the "embedding" stage."""
     count = len(pixels)

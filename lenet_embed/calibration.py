@@ -39,6 +39,7 @@ from .errors import LenetEmbedError
 from .lock import check_writable
 from .metrics import majority
 from .model import find_layer
+from .model_choice import ModelFolder, shipped_head_for
 from .nondigits import generate
 from .preprocess import scale_pixels
 from .snapshot import Snapshot, open_snapshot
@@ -323,8 +324,12 @@ def snapshot_search(snapshot: Snapshot) -> Search:
 
 
 def load_head(model: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The head of the classifier saved at ``model``; an error when it has none."""
+    """The head of the classifier saved at ``model`` (a ``.keras`` file, or a model folder such
+    as the shipped default's, read without TensorFlow); an error when it has none."""
     from .model import load_classifier
+
+    if Path(model).is_dir():
+        return ModelFolder.open(model).head()
 
     head = classifier_head(load_classifier(str(model)))
     if head is None:
@@ -338,7 +343,8 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
               timeout: float = DEFAULT_LOCK_TIMEOUT) -> Manifest:
     """Fit the calibration of the bundle in ``directory`` again and commit it as a new version
     (e.g. after ``add``); return the manifest committed. ``head`` is the classifier head
-    (:func:`load_head`); by default the one the current calibration keeps, if any.
+    (:func:`load_head`); by default the one the current calibration keeps, else the shipped
+    default model's when the bundle's encoder is the shipped one, else none.
 
     The fit (a minute or two) reads one version as any reader does, without the writer's lock,
     so adds and removes go on meanwhile; only the commit takes the lock. Items committed during
@@ -352,6 +358,8 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
                               "bundle that holds its items (the default --store faiss)")
     if head is None and fitted.calibration is not None:
         head = fitted.calibration.head_arrays
+    if head is None:
+        head = shipped_head_for(fitted.encoder_sha256)
     calibration = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()

@@ -147,8 +147,9 @@ def _load_index(index_dir: str, ef_search: int | None, nprobe: int | None,
 def main(verbose: bool) -> None:
     """Similarity search for digit images: LeNet-5 84-d embeddings in a FAISS index.
 
-    Typical use: `lenet-embed build-index` (trains a model first if none exists), then
-    `lenet-embed query digit.png`. `lenet-embed samples DIR` writes test digits to try.
+    Typical use: `lenet-embed build-index` (with the default model that ships with lenet-embed,
+    or yours from `lenet-embed train`), then `lenet-embed query digit.png`.
+    `lenet-embed samples DIR` writes test digits to try.
     """
     _quiet.set_verbose(verbose)
     _setup_logging(verbose)
@@ -190,8 +191,9 @@ def train(data: str | None, recipe: str, style: str, epochs: int | None,
 @click.option("--data", type=click.Path(), help=DATA_HELP)
 @click.option("--images", type=click.Path(), help="Index your own pictures instead: every image "
               "under this folder, labelled by its subfolder's name.")
-@click.option("--model", type=click.Path(), help="Classifier or encoder .keras file "
-              "[default: models/lenet.keras, trained first if missing].")
+@click.option("--model", type=click.Path(), help="Classifier or encoder .keras file (needs "
+              "TensorFlow), or a model folder [default: models/lenet.keras if it exists, else "
+              "the default model shipped with lenet-embed].")
 @click.option("--index-dir", type=click.Path(), default="index", show_default=True,
               help="Bundle folder to write (replaced atomically).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine",
@@ -218,11 +220,14 @@ def train(data: str | None, recipe: str, style: str, epochs: int | None,
 @click.option("--milvus-token-file", type=click.Path(dir_okay=False),
               help="With --store milvus: a file whose first line is the server's token "
               "(or set $LENET_EMBED_MILVUS_TOKEN, which later commands read too).")
+@click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
+              show_default=True, help="Encoder runner for a model folder (the shipped default); "
+              "auto = LiteRT when available. A .keras model embeds with Keras.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
                 metric: str, factory: str, target_recall: float, memory_budget: str,
                 threads: int | None, store: str, milvus_uri: str | None,
-                milvus_token_file: str | None, as_json: bool) -> None:
+                milvus_token_file: str | None, backend: str, as_json: bool) -> None:
     """Embed a data set (default: the 60,000 MNIST training digits) into an index bundle."""
     from .build import build_index as run_build
     from .progress import StageBars
@@ -243,7 +248,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
                            metric=metric, factory=factory, target_recall=target_recall,
                            memory_budget=memory_budget, threads=threads, on_progress=progress,
-                           milvus_uri=milvus_uri, milvus_token=token)
+                           milvus_uri=milvus_uri, milvus_token=token, backend=backend)
     finally:
         progress.close()
     summary = result.summary()
@@ -257,6 +262,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
                f"metric {summary['metric']}, factory {summary['factory']}{tuned}, "
                f"{summary['seconds']:.1f} s")
     click.echo(f"index: {summary['factory_reason']}")
+    click.echo(f"model: {summary['model']}")
 
 
 def _neighbor_table(neighbors: Sequence[Any]) -> str:
@@ -487,9 +493,10 @@ def compact(index_dir: str, wait: float, as_json: bool) -> None:
 @main.command()
 @_INDEX_DIR
 @_MILVUS_URI
-@click.option("--model", type=click.Path(exists=True, dir_okay=False), help="The classifier "
-              "(.keras) the bundle's encoder was cut from, whose head some scores use "
-              "[default: the head the bundle keeps, if any].")
+@click.option("--model", type=click.Path(exists=True), help="The classifier (.keras, or a "
+              "model folder) the bundle's encoder was cut from, whose head some scores use "
+              "[default: the head the bundle keeps, else the shipped default model's if the "
+              "bundle's encoder is the shipped one].")
 @_WAIT
 @_JSON
 def calibrate(index_dir: str, model: str | None, wait: float, as_json: bool) -> None:
@@ -542,6 +549,7 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
 
     With --verify, every file is read and compared with its checksum.
     """
+    from .model_choice import is_shipped_encoder
     from .snapshot import inspect_bundle
 
     report = inspect_bundle(index_dir, verify=verify)
@@ -577,7 +585,8 @@ def info(index_dir: str, verify: bool, as_json: bool) -> None:
         "created": m.created_at,
         "lenet-embed": m.lenet_embed_version,
         "size on disk": f"{report.bytes} bytes",
-        "encoder sha256": m.encoder_sha256,
+        "encoder sha256": m.encoder_sha256 + (" (the shipped default model)"
+                                              if is_shipped_encoder(m.encoder_sha256) else ""),
         "checks": ("ok (the bundle loads; every file matches its checksum, every row checked)"
                    if report.verified else
                    "ok (the bundle loads; every file has its size; `info --verify` also compares "

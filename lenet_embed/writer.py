@@ -336,6 +336,21 @@ class BundleWriter:
         self._flush_later(folder.parent)
         return relative, files
 
+    def copy_encoder(self, keras_file: Path, litert_file: Path
+                     ) -> tuple[str, dict[str, FileEntry]]:
+        """Copy an encoder's two files as they are (a model folder's, such as the shipped
+        default's; no TensorFlow needed); return the folder and its entries."""
+        folder = self._new_folder(ENCODERS_DIR, "e")
+        relative = f"{ENCODERS_DIR}/{folder.name}"
+        files = {}
+        for name, source in ((ENCODER_FILE, keras_file), (LITERT_FILE, litert_file)):
+            content = source.read_bytes()
+            files[f"{relative}/{name}"] = self._new_file(folder / name,
+                                                         lambda fh, c=content: fh.write(c))
+        self._flush_later(folder)
+        self._flush_later(folder.parent)
+        return relative, files
+
     def new_deletions(self, ids: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
         """Write the sorted list of removed ids; return its name and entry."""
         folder = self.directory / DELETIONS_DIR

@@ -1,8 +1,8 @@
 """Scale benchmark: what a bundle costs as it grows, for several index choices, on one machine.
 
-    python scripts/bench_scale.py [--model models/lenet.keras] [--sizes 60000,1000000]
+    python scripts/bench_scale.py [--model PATH] [--sizes 60000,1000000]
         [--data PATH] [--work /tmp/lenet-embed-scale] [--stores flat,auto,ivfpq,milvus]
-        [--png scale.png]
+        [--backends litert] [--png scale.png]
 
 For each size N (60,000 is MNIST's training split itself; other sizes are made once with
 ``scripts/make_digits.py N`` into ``--work`` and kept for the next run) and each store:
@@ -12,11 +12,15 @@ For each size N (60,000 is MNIST's training split itself; other sizes are made o
 - ``ivfpq``: ``--factory IVF<4 sqrt N>,PQ42`` tuned to recall 0.9 (42 bytes a vector, not 336),
 - ``milvus``: ``--store milvus`` into a Milvus Lite file, index of the FLAT family;
 
-``lenet-embed build-index`` runs under ``/usr/bin/time`` (wall time, peak RSS), then a fresh
-process measures: load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test
-digits' vectors, one ``search_vectors`` call each on one thread, k=10, after 100 warm-up
-queries), batch QPS (10,000 test vectors in one ``search_vectors_arrays`` call, two threads)
-and recall@10 against the Flat bundle of the same N. Bundle size is the folder's (and the
+``lenet-embed build-index`` runs under ``/usr/bin/time`` (wall time, processor time, peak RSS)
+with ``--model`` (default: none, so the shipped default model) and each ``--backends`` entry as
+its ``--backend``: ``keras,litert`` builds every bundle twice, embedding with Keras (as every
+build did before the default model shipped with its LiteRT export) and with LiteRT, and prints
+each LiteRT build time beside the Keras one of the same run. Then a fresh process measures:
+load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test digits' vectors, one
+``search_vectors`` call each on one thread, k=10, after 100 warm-up queries), batch QPS (10,000
+test vectors in one ``search_vectors_arrays`` call, two threads) and recall@10 against the Flat
+bundle of the same N. Bundle size is the folder's (and the
 Milvus Lite file's) bytes on disk. Prints a Markdown table and writes ``--png``: build time,
 peak RSS, load time and p50 against N, log-log.
 """
@@ -40,6 +44,7 @@ from lenet_embed.milvus import URI_ENV
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lenet_embed"]
 STORES = ("flat", "auto", "ivfpq", "milvus")
+BACKENDS = ("keras", "litert")
 K = 10
 
 # Runs in a fresh process: argv = bundle, exact-ids.npy (or ""), out.npy for its ids.
@@ -107,29 +112,35 @@ def _build_args(store: str, n: int, bundle: Path) -> list[str]:
     return ["--store", "milvus", "--milvus-uri", str(bundle.with_suffix(".db"))]
 
 
-def _timed(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` under /usr/bin/time: (wall seconds, peak RSS in GB)."""
-    done = subprocess.run(["/usr/bin/time", "-f", "@@ %e %M", *command], capture_output=True,
-                          text=True)
+def _timed(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command`` under /usr/bin/time: (wall seconds, processor seconds, peak RSS in GB).
+
+    Processor time (user + system, every thread) is the work done: a machine that lends its cores
+    to others stretches the wall-clock time of the same build, not its processor time."""
+    done = subprocess.run(["/usr/bin/time", "-f", "@@ %e %U %S %M", *command],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise LenetEmbedError(f"{' '.join(command[:3])}... failed: "
                               f"{done.stderr.strip().splitlines()[-1:]}")
-    wall, rss_kb = re.findall(r"@@ ([\d.]+) (\d+)", done.stderr)[-1]
-    return float(wall), int(rss_kb) * 1024 / 1e9  # GNU time reports KiB
+    wall, user, system, rss_kb = re.findall(r"@@ ([\d.]+) ([\d.]+) ([\d.]+) (\d+)",
+                                            done.stderr)[-1]
+    # GNU time reports KiB
+    return float(wall), float(user) + float(system), int(rss_kb) * 1024 / 1e9
 
 
-def measure(n: int, store: str, args: argparse.Namespace) -> dict[str, object]:
+def measure(n: int, store: str, backend: str, args: argparse.Namespace) -> dict[str, object]:
     """Build one bundle and measure it."""
     work: Path = args.work
-    bundle = work / f"n{n}-{store}" / "index"
+    bundle = work / f"n{n}-{store}-{backend}" / "index"
     shutil.rmtree(bundle.parent, ignore_errors=True)
     bundle.parent.mkdir(parents=True)
     data = _data_for(n, args.data, work)
-    command = [*CLI, "build-index", "--data", str(data), "--model",
-               str(args.model), "--index-dir", str(bundle), *_build_args(store, n, bundle)]
-    print(f"N={n} {store}: building", flush=True)
-    wall, rss = _timed(command)
-    exact = work / f"n{n}-flat" / "ids.npy"
+    model = ["--model", str(args.model)] if args.model else []
+    command = [*CLI, "build-index", "--data", str(data), *model, "--backend", backend,
+               "--index-dir", str(bundle), *_build_args(store, n, bundle)]
+    print(f"N={n} {store} ({backend}): building", flush=True)
+    wall, cpu, rss = _timed(command)
+    exact = work / f"n{n}-flat-{backend}" / "ids.npy"
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(bundle), "" if store == "flat" else str(exact),
          str(bundle.parent / "ids.npy"), str(args.data)],
@@ -143,19 +154,23 @@ def measure(n: int, store: str, args: argparse.Namespace) -> dict[str, object]:
         figures["recall_at_10"] = 1.0
         (bundle.parent / "ids.npy").replace(exact)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    return {"n": n, "store": store, "factory": manifest["factory"],
-            "search_params": manifest["search_params"], "build_s": wall, "peak_rss_gb": rss,
+    return {"n": n, "store": store, "backend": backend, "factory": manifest["factory"],
+            "search_params": manifest["search_params"], "build_s": wall, "build_cpu_s": cpu,
+            "peak_rss_gb": rss,
             "bytes": _size(bundle) + (_size(bundle.with_suffix(".db"))
                                       if store == "milvus" else 0), **figures}
 
 
 def table(rows: list[dict[str, object]]) -> str:
     """The results as a Markdown table."""
-    lines = ["| N | store | index | build s | peak RSS GB | size MB | load ms | p50 ms | p99 ms "
-             "| batch QPS | recall@10 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | store | embedding | index | build s | vs keras | build processor s "
+             "| vs keras | peak RSS GB | size MB | load ms | p50 ms | p99 ms | batch QPS "
+             "| recall@10 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['n']:,} | {r['store']} | {r['factory']} | {r['build_s']:.0f} | "
+            f"| {r['n']:,} | {r['store']} | {r['backend']} | {r['factory']} | {r['build_s']:.0f} "
+            f"| {r.get('build_vs_keras', '-')} | {r['build_cpu_s']:.0f} "
+            f"| {r.get('build_cpu_vs_keras', '-')} | "
             f"{r['peak_rss_gb']:.2f} | {r['bytes'] / 1e6:.0f} | {1e3 * r['load_s']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['batch_qps']:,.0f} | "
             f"{r['recall_at_10']:.3f} |")
@@ -176,9 +191,12 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(16, 4))
     for axis, (key, title) in zip(axes, panels, strict=True):
         for store in STORES:
-            points = sorted((r["n"], r[key]) for r in rows if r["store"] == store)
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=store)
+            for backend in BACKENDS:
+                points = sorted((r["n"], r[key]) for r in rows
+                                if r["store"] == store and r["backend"] == backend)
+                if points:
+                    axis.plot(*zip(*points, strict=True), marker="o",
+                              label=f"{store} ({backend})")
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_title(title)
@@ -191,27 +209,41 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
 def main() -> None:
     """Parse the options and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("models/lenet.keras"))
+    parser.add_argument("--model", type=Path, help="a .keras model or a model folder "
+                        "(default: the shipped default model)")
     parser.add_argument("--data", type=Path, default=Path(
         os.environ.get("LENET_EMBED_MNIST", REPO.parent / "shared" / "data" / "mnist")))
     parser.add_argument("--sizes", default="60000,1000000")
     parser.add_argument("--stores", default=",".join(STORES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/lenet-embed-scale"))
+    parser.add_argument("--backends", default="litert",
+                        help="build-index --backend for every bundle, comma-separated: "
+                        "keras,litert compares the two")
     parser.add_argument("--png", type=Path, default=Path("scale.png"))
     args = parser.parse_args()
     stores = [s for s in args.stores.split(",") if s]
     if "flat" not in stores or not set(stores) <= set(STORES):
         raise LenetEmbedError(f"--stores: a list from {', '.join(STORES)}, with flat (the "
                               "baseline of recall)")
+    backends = [b for b in args.backends.split(",") if b]
+    if not backends or not set(backends) <= set(BACKENDS):
+        raise LenetEmbedError(f"--backends: a list from {', '.join(BACKENDS)}")
     load_mnist(args.data)  # one line naming the folder when MNIST is not there
-    if not args.model.exists():
+    if args.model is not None and not args.model.exists():
         raise LenetEmbedError(f"{args.model}: no such model; train one with `lenet-embed train`")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         for store in stores:
-            rows.append(measure(n, store, args))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            for backend in backends:
+                rows.append(measure(n, store, backend, args))
+                baseline = [r for r in rows[:-1] if (r["n"], r["store"], r["backend"])
+                            == (n, store, "keras")]
+                if baseline and backend != "keras":
+                    for key in ("build_s", "build_cpu_s"):
+                        rows[-1][key.replace("_s", "_vs_keras")] = (
+                            f"{rows[-1][key] / baseline[0][key]:.2f}x")
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
     plot(rows, args.png)

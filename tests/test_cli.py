@@ -109,7 +109,8 @@ def test_build_index_json_human_and_info(run, tiny_idx_dir, trained, tmp_path):
     assert re.fullmatch(rf"wrote {re.escape(str(index_dir))}: {count} vectors, dim 84, "
                         r"metric l2, factory Flat, \d+\.\d s\n"
                         rf"index: {count} vectors x 84 d: Flat \(exact search is fast up to "
-                        r"10000 vectors; [\d.]+ KB within the 2 GB budget\)\n", result.stdout)
+                        r"10000 vectors; [\d.]+ KB within the 2 GB budget\)\n"
+                        rf"model: {re.escape(str(trained.model))} \(--model\)\n", result.stdout)
 
     manifest = read_manifest(index_dir)
     assert (manifest.version, manifest.operation, manifest.metric) == (2, "build", "l2")

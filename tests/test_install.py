@@ -1,5 +1,6 @@
-"""The base install (no ``train`` extra): everything but training and building works on a bundle
-without TensorFlow or Keras, and what needs them says in one line what to install.
+"""The base install (no ``train`` extra): everything but training (and building with a Keras
+model of your own) works without TensorFlow or Keras, and what needs them says in one line what
+to install. Building with the shipped default model: tests/test_default_model.py.
 
 Each check runs in a subprocess whose import system refuses ``tensorflow`` and ``keras`` as an
 install without them would (``ModuleNotFoundError``) and records every attempt, so a test also
@@ -161,13 +162,15 @@ def _one_line(err: str) -> str:
 
 @pytest.mark.parametrize("command", [
     ["train", "--epochs", 1, "--out", "models/lenet.keras"],
-    ["build-index", "--index-dir", "index"],
+    ["build-index", "--model", "MODEL", "--index-dir", "index"],
 ])
-def test_train_and_build_index_say_what_to_install(command, bundle_copy, mnist_path, tmp_path):
-    # build-index over an existing bundle: refused before anything on disk is touched.
+def test_train_and_build_index_say_what_to_install(command, bundle_copy, mnist_path, trained,
+                                                   tmp_path):
+    # build-index with a Keras model (the shipped default needs no TensorFlow) over an existing
+    # bundle: refused before anything on disk is touched.
     args = [str(a) for a in command]
     if command[0] == "build-index":
-        args[-1] = str(bundle_copy)
+        args[2], args[-1] = str(trained.model), str(bundle_copy)
     version = read_manifest(bundle_copy).version
     work = tmp_path / "cwd"
     work.mkdir()
@@ -206,7 +209,7 @@ def test_missing_litert_and_tensorflow_is_one_line(bundle_dir, pngs):
 API = NO_TENSORFLOW + """
 from lenet_embed import LenetEmbedError, SearchIndex, build_index
 
-bundle, png = sys.argv[1], sys.argv[2]
+bundle, png, data, model = sys.argv[1:5]
 index = SearchIndex(bundle)
 print(json.dumps([n.id for n in index.search(png, k=5)[0]]))
 print(json.dumps([n.id for n in index.query([png], k=5)[0].neighbors]))
@@ -218,14 +221,15 @@ refreshed = other.refresh()
 print(json.dumps({"added": added, "top_after_add": top_after_add, "refreshed": refreshed,
                   "top_after_remove": other.search(png, k=1)[0][0].id, "tried": list(tried)}))
 try:
-    build_index(data=bundle, index_dir=bundle + "-rebuilt")
+    build_index(data=data, model=model, index_dir=bundle + "-rebuilt")
 except LenetEmbedError as exc:
     print(json.dumps(str(exc)))
 """
 
 
-def test_search_index_without_tensorflow(bundle_copy, pngs, with_tensorflow):
-    status, out, err, report = _run(API, bundle_copy, pngs[0])
+def test_search_index_without_tensorflow(bundle_copy, pngs, with_tensorflow, mnist_path,
+                                        trained):
+    status, out, err, report = _run(API, bundle_copy, pngs[0], mnist_path, trained.model)
     assert status == 0, err
     searched, queried, updates, refused = map(json.loads, out.splitlines())
     expected = [n.id for n in with_tensorflow.search(pngs[0], k=5)[0]]
