@@ -15,7 +15,7 @@ For each size N (60,000 is MNIST's training split itself; other sizes are made o
 ``lenet-embed build-index`` runs under ``/usr/bin/time`` (wall time, peak RSS), then a fresh
 process measures: load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test
 digits' vectors, one ``search_vectors`` call each on one thread, k=10, after 100 warm-up
-queries), batch QPS (10,000 test vectors in one ``search_vectors_arrays`` call, two threads)
+queries), batch QPS (10,000 test vectors in one ``search_vectors`` call, two threads)
 and recall@10 against the Flat bundle of the same N. Bundle size is the folder's (and the
 Milvus Lite file's) bytes on disk. Prints a Markdown table and writes ``--png``: build time,
 peak RSS, load time and p50 against N, log-log.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from lenet_embed import LenetEmbedError, load_mnist
 from lenet_embed.cli import run_script
-from lenet_embed.milvus import URI_ENV
+from lenet_embed.store.milvus import URI_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lenet_embed"]
@@ -63,7 +63,7 @@ for vector in queries[:1000]:
     single.append(time.perf_counter() - start)
 set_threads(2)
 start = time.perf_counter()
-ids = index.search_vectors_arrays(queries, k=10).ids
+ids = index.search_vectors(queries, k=10).ids
 batch = time.perf_counter() - start
 np.save(sys.argv[3], ids)
 recall = None

@@ -65,7 +65,7 @@ from lenet_embed.ann import set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.serve.running import HOST, health, running_service
-from lenet_embed.updates import MERGE_FACTOR, _tier
+from lenet_embed.store.faiss import MERGE_FACTOR, _tier
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
 DEFAULT_MODEL = Path("models/lenet.keras")

@@ -1,10 +1,11 @@
-"""One version of a bundle, loaded and searchable: :class:`Snapshot`.
+"""The bundle's own segments, searched with FAISS: the default store (:class:`FaissSnapshot`
+reads, :data:`FAISS` writes, :class:`FaissBuild` builds).
 
-A snapshot holds everything one manifest names (segments, removed ids, the encoder), checked
-against it, and never changes; a newer version is a new snapshot that shares the unchanged
+A snapshot holds everything one manifest names (segments, removed ids), checked against it, and
+never changes; a newer version is a new snapshot that shares the unchanged
 segments with the old one. Opening one costs O(files), not O(rows): the segments' files are
-checked for their sizes and memory-mapped, not read (:func:`inspect_bundle` with ``verify``
-compares every checksum); only the small files read whole (encoder, removed ids) are hashed.
+checked for their sizes and memory-mapped, not read (``info --verify`` compares every
+checksum); only the small files read whole (encoder, removed ids) are hashed.
 Searching combines the segments:
 
 - a sealed segment is searched with its own FAISS index. Removed rows are masked with an
@@ -19,6 +20,13 @@ Searching combines the segments:
   their live rows, as Milvus searches its growing segments.
 
 Rows are numbered across segments in manifest order; ids are strictly increasing in that order.
+
+Writes (inside the writer's session): an add writes a new unsealed segment, merged with the
+newest ones as in a size-tiered LSM tree (see :func:`_merged_with`): for any sequence of add
+sizes, the ``n`` rows in unsealed segments are in at most ``3 * (floor(log4(n)) + 1)`` of them,
+and each row is rewritten at most ``floor(log4(n))`` times. A removal writes the removed ids;
+``compact`` rebuilds everything live into one sealed segment with the bundle's FAISS factory and
+forgets removed rows.
 """
 
 from __future__ import annotations
@@ -26,20 +34,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import threading
 import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
-from . import garbage
-from .ann import SEARCH_PARAMETERS, apply_search_params, faiss_metric, to_distances
-from .bundle import (
+from ..ann import (
+    SEARCH_PARAMETERS,
+    apply_search_params,
+    build_tuned_index,
+    faiss_metric,
+    make_index,
+    needs_training,
+    to_distances,
+)
+from ..bundle import (
     IDS_FILE,
     IMAGES_FILE,
     INDEX_FILE,
@@ -47,22 +61,26 @@ from .bundle import (
     REBUILD,
     SOURCES_FILE,
     VECTORS_FILE,
+    FileEntry,
     Manifest,
     Segment,
     check_size,
-    read_manifest,
     row_dtype,
     verify_file,
-    verify_files,
-    verify_files_once,
     written_records,
 )
-from .errors import LenetEmbedError
-from .files import read_regular
+from ..errors import LenetEmbedError
+from ..files import read_regular
+from . import Backend, Build, Changes, Found, Progress, Snapshot, Vanished
 
-EncoderLoader = Callable[[Path, Path], Any]
+if TYPE_CHECKING:
+    from ..ann import TunedIndex
+    from ..writer import BundleWriter
+
 _READ_WHOLE_BYTES = 1 << 20  # unsealed segments up to this size are read, not mapped
-_ATTEMPTS = 8
+# Unsealed segments are merged MERGE_FACTOR at a time, once that many of a size class pile up
+# (and a size class spans a factor of MERGE_FACTOR in rows: see _tier).
+MERGE_FACTOR = 4
 # A filtered search is replaced by exact search over the live rows once it would compare this
 # many times as many rows as there are live ones: the exact index holds a copy of the live
 # vectors, worth it only when it is much faster.
@@ -75,10 +93,6 @@ _HNSW_ROWS_PER_NEIGHBOUR = 3
 # What numpy raises for a ``.npy`` file it cannot parse: its header is a Python literal, so a
 # damaged one fails in the tokenizer or the parser, not only with a ValueError.
 _UNREADABLE = (OSError, ValueError, SyntaxError, tokenize.TokenError, EOFError, MemoryError)
-
-
-class _Vanished(Exception):
-    """A file of the version being opened disappeared (a newer version replaced it)."""
 
 
 @dataclass
@@ -162,7 +176,7 @@ def _opening(directory: Path, manifest: Manifest, segment: Segment,
     try:
         yield where
     except FileNotFoundError:
-        raise _Vanished from None
+        raise Vanished from None
     except _UNREADABLE as exc:
         raise LenetEmbedError(f"{where}: unreadable segment ({_first_line(exc)}); the bundle is "
                               f"damaged, {REBUILD} or restore it") from None
@@ -220,19 +234,14 @@ def segment_ids(directory: Path, manifest: Manifest, segment: Segment) -> np.nda
     return ids
 
 
-class Snapshot:
-    """One loaded version of a bundle; read-only, so threads may share it."""
+class FaissSnapshot(Snapshot):
+    """One loaded version of a bundle that keeps its items in its own segments."""
 
     def __init__(self, directory: Path, manifest: Manifest, segments: list[LoadedSegment],
                  deleted_ids: np.ndarray, encoder: Any,
                  search_params: dict[str, int] | None = None) -> None:
-        self.directory = directory
-        self.manifest = manifest
+        super().__init__(directory, manifest, encoder, search_params)
         self.segments = segments
-        self.encoder = encoder
-        self.metric = manifest.metric
-        self.dim = manifest.dim
-        self.search_params = dict(search_params or {})
         sizes = [s.info.rows for s in segments]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         # One segment (a fresh build, a compaction) is used as it is mapped: nothing is read.
@@ -258,15 +267,6 @@ class Snapshot:
 
     # ----------------------------------------------------------------------- lookups
 
-    def __len__(self) -> int:
-        """The number of live items."""
-        return self.manifest.count
-
-    @property
-    def identity(self) -> tuple[int, str]:
-        """What tells two versions apart, even across a rebuild that restarts numbering."""
-        return self.manifest.version, self.manifest.committed_at
-
     def row_of(self, item_id: int) -> int | None:
         """The row of a live item, or None: a binary search of the ids, which are strictly
         increasing (log2(n) probes, 24 at ten million; no table to build at load)."""
@@ -280,10 +280,22 @@ class Snapshot:
         row = self.row_of(item_id)
         return None if row is None else self.image(row)
 
-    def label_of(self, item_id: int) -> int | str | None:
-        """The label of a live item as the user knows it (None also when there is no item)."""
+    def label_code_of(self, item_id: int) -> int | None:
+        """The stored label code of a live item, or None."""
         row = self.row_of(item_id)
-        return None if row is None else self.label_name(int(self.labels[row]))
+        return None if row is None else int(self.labels[row])
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and label codes of every live item, in id order."""
+        live = self.live_rows()
+        return self.ids[live], self.labels[live]
+
+    def images_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored digits of live items: uint8 (len(ids), 28, 28)."""
+        rows, found = find_sorted(self.ids, np.asarray(ids, dtype=np.int64))
+        if not (found.all() and self.live[rows].all()):
+            raise LenetEmbedError(f"{self.directory}: no live item with some of these ids")
+        return self.images(rows)
 
     def check_contents(self) -> None:
         """The checks that read every row: ids strictly increasing, labels among the classes."""
@@ -308,16 +320,6 @@ class Snapshot:
         """The source path of a row, if it was recorded."""
         segment, local = self._locate(row)
         return segment.sources[local] if segment.sources is not None else None
-
-    def label_name(self, code: int) -> int | str | None:
-        """A stored label code as the user knows it: the digit, the folder name, or None."""
-        classes = self.manifest.classes
-        # A load does not read every label: say so when one is wrong.
-        if classes and code >= len(classes):
-            raise LenetEmbedError(f"{self.directory}: label {code} names a class the manifest "
-                                  "does not list; the bundle is damaged, check it with "
-                                  "`lenet-embed info --verify`")
-        return self.manifest.label_name(code)
 
     def live_rows(self) -> np.ndarray:
         """The rows of live items, in id order."""
@@ -407,8 +409,7 @@ class Snapshot:
             rows = np.take_along_axis(rows, order, axis=1)
         return _pad(distances, rows, k)
 
-    def hits(self, vectors: np.ndarray, k: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]] | None]:
+    def hits(self, vectors: np.ndarray, k: int) -> Found:
         """:meth:`search` as what the rows hold: distances, ids and label codes (n, k; -1 ids
         and labels pad) and, when the bundle records any, the rows' sources."""
         distances, rows = self.search(vectors, k)
@@ -418,7 +419,7 @@ class Snapshot:
         labels = np.where(missing, -1, self.labels[safe]) if len(self.ids) else rows
         sources = ([[self.source(row) for row in found if row >= 0] for found in rows.tolist()]
                    if self.has_sources else None)
-        return distances, ids, labels, sources
+        return Found(distances, ids, labels, sources)
 
     def _as_rows(self, scores: np.ndarray, local: np.ndarray, rows: np.ndarray | int
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -542,84 +543,6 @@ def _filtered_search(index: Any, selector: Any, live_fraction: float, k: int
     return params, effort
 
 
-# --------------------------------------------------------------------------- opening
-
-def open_snapshot(directory: str | os.PathLike[str], load_encoder: EncoderLoader,
-                  previous: Snapshot | None = None,
-                  search_params: dict[str, int] | None = None,
-                  committed: Manifest | None = None) -> Snapshot:
-    """Load the current version of the bundle in ``directory`` (or ``committed``, a version
-    this process has just committed, without reading the manifest again).
-
-    Segments and the encoder that ``previous`` already holds are reused, not read again. When a
-    commit by another process removes a file while it is being opened, the manifest is read again:
-    readers never wait for writers and never see a mix of two versions.
-    """
-    directory = Path(directory)
-    for _ in range(_ATTEMPTS):
-        manifest, committed = committed or read_manifest(directory), None
-        if previous is not None and previous.identity == (manifest.version,
-                                                          manifest.committed_at):
-            return previous
-        try:
-            return _load(directory, manifest, load_encoder, previous, search_params)
-        except _Vanished:
-            continue
-        except LenetEmbedError:
-            if _current_identity(directory) != (manifest.version, manifest.committed_at):
-                continue  # a newer version replaced what we were checking
-            raise
-    raise _changed(directory)
-
-
-def _changed(directory: Path) -> LenetEmbedError:
-    return LenetEmbedError(f"{directory}: the bundle changed {_ATTEMPTS} times while it was being "
-                           "opened; try again")
-
-
-# The version each bundle was last checked at by check_version in this process: the next check
-# loads only what changed since, as a reader refreshing does.
-_CHECKED: dict[str, Snapshot] = {}
-_CHECKED_LOCK = threading.Lock()
-_CHECKED_KEPT = 4
-
-
-def check_version(directory: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Refuse (one line naming the file) a version that a reader could not load, or whose files
-    differ from their checksums: what a writer checks before it commits on top of ``manifest``.
-
-    Every file is compared with its size and sha256, each hashed once per process as long as
-    it is unchanged (:func:`lenet_embed.bundle.verify_files_once`); then the version is loaded
-    by the reader's own load (:func:`open_snapshot`, the encoder's files checked but not
-    loaded): ``.npy`` headers parse, FAISS indexes read, removed ids agree with the count, ids
-    stay below ``next_id``. The last version checked is kept, so the next check loads only the
-    segments that are new (:func:`forget_version` lets its files go)."""
-    directory = Path(directory)
-    verify_files_once(directory, manifest.files)
-    if manifest.store is not None:
-        return  # the items are in Milvus: loading would connect to it
-    key = str(directory.resolve())
-    with _CHECKED_LOCK:
-        previous = _CHECKED.pop(key, None)
-    snapshot = open_snapshot(directory, _no_encoder, previous=previous, committed=manifest)
-    with _CHECKED_LOCK:
-        _CHECKED[key] = snapshot
-        while len(_CHECKED) > _CHECKED_KEPT:
-            del _CHECKED[next(iter(_CHECKED))]
-
-
-def forget_version(directory: str | os.PathLike[str]) -> None:
-    """Drop what :func:`check_version` keeps of a bundle (its memory maps of segments that a
-    compaction or a build has just replaced)."""
-    with _CHECKED_LOCK:
-        _CHECKED.pop(str(Path(directory).resolve()), None)
-
-
-def _no_encoder(keras_path: Path, litert_path: Path) -> None:
-    """An encoder loader for checks: the files are checked, the model is not needed."""
-    return None
-
-
 def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
     """The ids removed in this version (sorted), checked against the manifest. The file is read
     whole, so its checksum is checked too: it costs as much as the reading."""
@@ -630,7 +553,7 @@ def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
     try:
         deleted = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise _Vanished from None
+        raise Vanished from None
     except _UNREADABLE as exc:
         raise LenetEmbedError(f"{path}: unreadable ({_first_line(exc)}); the bundle is damaged, "
                               f"{REBUILD} or restore it") from None
@@ -639,125 +562,209 @@ def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
     return deleted
 
 
-def bundle_encoder(directory: Path, manifest: Manifest, load_encoder: EncoderLoader) -> Any:
-    """Check the two encoder files of ``manifest`` (their checksums: the loaders read them whole,
-    and their size does not grow with the data) and load the encoder with ``load_encoder``."""
-    for name in (manifest.encoder_path, manifest.litert_path):
-        verify_file(directory, name, manifest.files[name])
-    try:
-        return load_encoder(directory / manifest.encoder_path, directory / manifest.litert_path)
-    except FileNotFoundError:
-        raise _Vanished from None
 
 
-def _current_identity(directory: Path) -> tuple[int, str] | None:
-    try:
-        manifest = read_manifest(directory)
-    except LenetEmbedError:
-        return None
-    return manifest.version, manifest.committed_at
+# --------------------------------------------------------------------------- the backend
 
+class _Faiss(Backend):
+    """The writes of a bundle that keeps its items in its own segments."""
 
-def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
-          previous: Snapshot | None, search_params: dict[str, int] | None) -> Snapshot:
-    reusable: dict[str, LoadedSegment] = {}
-    if previous is not None:
-        old_files = previous.manifest.files
-        for segment in previous.segments:
-            if all(old_files.get(f) == manifest.files.get(f) for f in segment.info.files()):
-                reusable[segment.info.name] = segment
-    segments = [
-        reusable.get(segment.name) or load_segment(directory, manifest, segment)
-        for segment in manifest.segments
-    ]
-    deleted = read_deletions(directory, manifest)
-    if previous is not None and previous.manifest.encoder_sha256 == manifest.encoder_sha256:
-        encoder = previous.encoder
-    else:
-        encoder = bundle_encoder(directory, manifest, load_encoder)
-    params = {**{k: int(v) for k, v in manifest.search_params.items()
-                 if k in SEARCH_PARAMETERS}, **(search_params or {})}
-    if manifest.store is not None:
-        from .milvus import MilvusSnapshot  # pymilvus only for bundles that use it
+    def open(self, directory: Path, manifest: Manifest, encoder: Any,
+             search_params: dict[str, int], previous: Snapshot | None) -> FaissSnapshot:
+        """Load the segments of ``manifest``, reusing those ``previous`` holds unchanged."""
+        reusable: dict[str, LoadedSegment] = {}
+        if isinstance(previous, FaissSnapshot):
+            old_files = previous.manifest.files
+            for segment in previous.segments:
+                if all(old_files.get(f) == manifest.files.get(f) for f in segment.info.files()):
+                    reusable[segment.info.name] = segment
+        segments = [
+            reusable.get(segment.name) or load_segment(directory, manifest, segment)
+            for segment in manifest.segments
+        ]
+        deleted = read_deletions(directory, manifest)
+        return FaissSnapshot(directory, manifest, segments, deleted, encoder, search_params)
 
-        return MilvusSnapshot(directory, manifest, encoder, params)  # type: ignore[return-value]
-    return Snapshot(directory, manifest, segments, deleted, encoder, params)
+    def add(self, writer: BundleWriter, current: Manifest, ids: np.ndarray, vectors: np.ndarray,
+            labels: np.ndarray, images: np.ndarray, sources: list[str | None] | None) -> Changes:
+        """Write the new rows as one unsealed segment, together with the newest segments they
+        are merged with (so that a merge writes, and flushes, one file instead of two)."""
+        merged = _merged_with(current.segments, len(ids))
+        split = len(current.segments) - merged
+        kept, old = current.segments[:split], current.segments[split:]
+        files = dict(current.files)
+        if old:
+            loaded = [load_segment(writer.directory, current, s, verify=True) for s in old]
+            if sources is not None or any(s.sources is not None for s in loaded):
+                sources = [source for s in loaded
+                           for source in (s.sources or [None] * s.info.rows)] + (
+                    sources or [None] * len(ids))
+            vectors = np.concatenate([*(s.vectors for s in loaded), vectors])
+            ids = np.concatenate([*(s.ids for s in loaded), ids])
+            labels = np.concatenate([*(s.labels for s in loaded), labels])
+            images = np.concatenate([*(s.images for s in loaded), images])
+            for segment in old:
+                for name in segment.files():
+                    del files[name]
+        segment, written = writer.new_segment(vectors=vectors, ids=ids, labels=labels,
+                                              images=images, sources=sources)
+        return {"segments": [*kept, segment], "files": {**files, **written}}
 
+    def remove(self, writer: BundleWriter, current: Manifest, ids: np.ndarray
+               ) -> tuple[np.ndarray, Changes | None]:
+        """Record the live ones among ``ids`` as removed (a new list of removed ids)."""
+        stored = np.zeros(len(ids), dtype=bool)
+        for segment in current.segments:
+            stored |= find_sorted(segment_ids(writer.directory, current, segment), ids)[1]
+        deleted = read_deletions(writer.directory, current)
+        gone = ids[stored & ~np.isin(ids, deleted)]
+        if len(gone) == 0:
+            return gone, None
+        name, files = writer.new_deletions(np.concatenate([deleted, gone]))
+        kept = {k: v for k, v in current.files.items() if k != current.deletions}
+        return gone, {"deletions": name, "files": {**kept, **files},
+                      "count": current.count - len(gone)}
 
-# `info` suggests `compact` from this share of removed rows on: a search of a segment with a share
-# d removed does 1 / (1 - d) times the work (its effort is scaled to keep its recall), 1.5x at a
-# third; scripts/bench_removed.py measured HNSW at 50 % removed 1.5-2x slower than compacted.
-COMPACT_HINT_SHARE = 1 / 3
-
-
-@dataclass(frozen=True)
-class BundleReport:
-    """What ``lenet-embed info`` shows: the manifest of a bundle that loaded, and its sizes."""
-
-    manifest: Manifest
-    bytes: int
-    # What ``compact`` frees: the removed rows' share of the segments plus ``old_files_bytes``.
-    reclaimable_bytes: int
-    verified: bool
-    # Files on disk the current version does not use: those a cleanup removes (superseded
-    # versions', a killed writer's), and those it never touches (the user's), by name.
-    old_files_bytes: int = 0
-    unknown_files: tuple[str, ...] = ()
-
-    @property
-    def sealed(self) -> int:
-        """Segments with a FAISS index of their own."""
-        return sum(segment.sealed for segment in self.manifest.segments)
-
-    @property
-    def compaction_hint(self) -> str | None:
-        """"N % of rows removed: `lenet-embed compact` restores search speed" once at least
-        :data:`COMPACT_HINT_SHARE` of the stored rows are removed ones, else None."""
-        share = self.manifest.deleted / max(self.manifest.rows, 1)
-        if self.manifest.deleted == 0 or share < COMPACT_HINT_SHARE:
+    def compact(self, writer: BundleWriter, current: Manifest) -> Changes | None:
+        """Rebuild every live item into one sealed segment with the bundle's FAISS factory."""
+        unsealed = sum(not s.sealed for s in current.segments)
+        if current.deleted == 0 and unsealed == 0 and len(current.segments) <= 1:
             return None
-        return (f"{round(share * 100)} % of rows removed: `lenet-embed compact` restores search "
-                "speed")
+        loaded = [load_segment(writer.directory, current, s, verify=True)
+                  for s in current.segments]
+        deleted = read_deletions(writer.directory, current)
+        rows = [np.flatnonzero(~np.isin(s.ids, deleted)) for s in loaded]
+        vectors = (np.concatenate([np.asarray(s.vectors)[r] for s, r in zip(loaded, rows,
+                                                                            strict=True)])
+                   if loaded else np.zeros((0, current.dim), np.float32))
+        segments: list[Segment] = []
+        files = {k: v for k, v in current.files.items()
+                 if k in (current.encoder_path, current.litert_path)}
+        changes: Changes = {}
+        if len(vectors):
+            index, changes = _sealed_index(vectors, current)
+            segment, segment_files = _write_rows(writer, loaded, rows, index=index,
+                                                 vectors=vectors)
+            segments, files = [segment], {**files, **segment_files}
+        return {"segments": segments, "files": files, "deletions": None, "rows": current.count,
+                **changes}
 
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest, plus the figures ``info`` prints."""
-        return {**self.manifest.to_dict(), "deleted": self.manifest.deleted, "bytes": self.bytes,
-                "reclaimable_bytes": self.reclaimable_bytes,
-                "old_files_bytes": self.old_files_bytes, "unknown_files": list(self.unknown_files),
-                "checks": "ok", "verified": self.verified, "compaction_hint": self.compaction_hint}
+
+FAISS = _Faiss()
 
 
-def inspect_bundle(directory: str | os.PathLike[str], verify: bool = False) -> BundleReport:
-    """Load the current version as a search would (sizes checked, the LiteRT encoder opened where
-    ai-edge-litert is installed) and report on it. ``verify`` also compares every file with its
-    sha256 and checks every row (ids in order, labels among the classes): it reads the whole
-    bundle, and names the files that are damaged."""
-    from .embed import LiteRTEncoder, litert_available
+class FaissBuild(Build):
+    """A build into the bundle's own segments: one sealed segment with a tuned FAISS index."""
 
-    def check_encoder(keras_path: Path, litert_path: Path) -> None:
-        if litert_available():
-            LiteRTEncoder(litert_path, threads=1)
+    def index(self, vectors: np.ndarray, metric: str, factory: str, target_recall: float,
+              budget: int, held_out: Callable[[], np.ndarray], on_progress: Progress
+              ) -> TunedIndex:
+        """The tuned index (:func:`~..ann.build_tuned_index`), its search parameters applied."""
+        built = build_tuned_index(vectors, metric, factory, target_recall, budget, held_out,
+                                  on_progress=on_progress)
+        apply_search_params(built.index, {name: int(value) for name, value
+                                          in built.search_params.items()
+                                          if name in SEARCH_PARAMETERS})
+        return built
 
-    directory = Path(directory)
-    for _ in range(_ATTEMPTS):
-        snapshot = open_snapshot(directory, check_encoder)
-        manifest = snapshot.manifest
-        if manifest.store is not None:
-            snapshot.check_count()  # type: ignore[attr-defined]
-        if verify:
-            try:
-                verify_files(directory, manifest.files)
-            except FileNotFoundError as exc:
-                if _current_identity(directory) != snapshot.identity:
-                    continue  # a newer version was committed and this one's files swept
-                raise LenetEmbedError(f"{exc.filename}: missing from the bundle; {REBUILD}"
-                                      ) from None
-            snapshot.check_contents()
-        total = sum(entry.bytes for entry in manifest.files.values())
-        per_row = sum(entry.bytes for name, entry in manifest.files.items()
-                      if name.startswith("segments/")) / max(manifest.rows, 1)
-        found = garbage.survey(directory, manifest, garbage.journal_on_disk(directory))
-        return BundleReport(manifest, total,
-                            int(per_row * manifest.deleted) + found.reclaimable_bytes, verify,
-                            found.reclaimable_bytes, tuple(found.unknown))
-    raise _changed(directory)
+    def scores(self, built: TunedIndex, vectors: np.ndarray, metric: str
+               ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+        """The tuned index's own search: the calibration sees what queries will."""
+        return built.index.search  # type: ignore[no-any-return]
+
+    def fields(self, built: TunedIndex, factory: str) -> Changes:
+        """The factory chosen, its tuned parameters and why."""
+        return {"factory": built.factory, "search_params": built.search_params,
+                "target_recall": built.target_recall, "factory_reason": built.reason}
+
+    def write(self, writer: BundleWriter, built: TunedIndex, ids: np.ndarray,
+              vectors: np.ndarray, labels: np.ndarray, images: np.ndarray,
+              sources: list[str] | None, factory: str, metric: str,
+              on_progress: Progress) -> Changes:
+        """One sealed segment holding every item and the index."""
+        segment, files = writer.new_segment(vectors=vectors, ids=ids, labels=labels,
+                                            images=images, sources=sources, index=built.index,
+                                            on_progress=on_progress)
+        return {"segments": [segment], "files": files, "store": None}
+
+
+# --------------------------------------------------------------------------- writes' helpers
+
+def _tier(rows: int) -> int:
+    """A segment's size class: rows in [1, 4) are tier 0, [4, 16) tier 1, and so on."""
+    return (max(rows, 1).bit_length() - 1) // 2
+
+
+def _merged_with(segments: list[Segment], rows: int) -> int:
+    """How many of the newest ``segments`` a new unsealed segment of ``rows`` rows is merged
+    with at once (the newest first: the merged segment takes their place).
+
+    The promise: the unsealed segments after the last sealed one, oldest first, never rise in
+    tier (:func:`_tier`) and hold fewer than MERGE_FACTOR of any tier. With tiers 0 to
+    floor(log4(n)) for ``n`` unsealed rows, that is at most ``3 * (floor(log4(n)) + 1)``
+    segments, whatever the sizes of the adds were (1,000 alternating adds of 4 and 1 images
+    leave 9, where merging only four of a tier left 1,000). Each add restores it by merging the
+    new segment, always the newest, with
+
+    - its predecessor while that one is of a lower tier (a large add pulls in the small
+      segments before it, so no small segment is left stranded behind a larger one), then
+    - the MERGE_FACTOR - 1 before it when none of them is of a higher tier (a tier collision:
+      four of tier t make one of tier t + 1, the carry of a base-4 counter),
+
+    until neither applies. A row that is rewritten always lands in a segment of a higher tier
+    than the one it left, so it is rewritten at most floor(log4(n)) times. (Segments left by an
+    older, unbounded policy are merged in as they are met; ``compact`` clears them at once.)
+    """
+    older: list[int] = []
+    for segment in reversed(segments):
+        if segment.sealed:
+            break
+        older.append(segment.rows)
+    older.reverse()
+    size, merged = rows, 0
+    while merged < len(older):
+        rest = older[:len(older) - merged]
+        if _tier(rest[-1]) < _tier(size):
+            take = 1
+        elif (len(rest) >= MERGE_FACTOR - 1
+              and all(_tier(r) <= _tier(size) for r in rest[1 - MERGE_FACTOR:])):
+            take = MERGE_FACTOR - 1
+        else:
+            break
+        size += sum(rest[-take:])
+        merged += take
+    return merged
+
+
+def _write_rows(writer: BundleWriter, loaded: list[LoadedSegment], rows: list[np.ndarray],
+                index: Any = None, vectors: np.ndarray | None = None
+                ) -> tuple[Segment, dict[str, FileEntry]]:
+    """One new segment holding the given rows of ``loaded`` segments, in order."""
+    def gather(field: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(s, field))[r] for s, r in zip(loaded, rows,
+                                                                            strict=True)])
+    sources: list[str | None] | None = None
+    if any(s.sources is not None for s in loaded):
+        sources = []
+        for segment, chosen in zip(loaded, rows, strict=True):
+            sources.extend(segment.sources[i] if segment.sources else None for i in chosen)
+    return writer.new_segment(
+        vectors=gather("vectors") if vectors is None else vectors,
+        ids=gather("ids"), labels=gather("labels"), images=gather("images"),
+        sources=sources, index=index,
+    )
+
+
+def _sealed_index(vectors: np.ndarray, manifest: Manifest) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index ``compact`` seals the live rows in, with the bundle's factory; and the
+    manifest's new search fields when there are too few rows left to train it (an IVF bundle
+    with fewer live items than lists): then an exact Flat index, and the reason says why."""
+    try:
+        return make_index(vectors, manifest.metric, manifest.factory), {}
+    except LenetEmbedError:
+        if not needs_training(manifest.factory, manifest.metric, manifest.dim):
+            raise
+    reason = (f"compact: {len(vectors)} live items are too few to train {manifest.factory}; "
+              "Flat (exact search) instead")
+    return make_index(vectors, manifest.metric, "Flat"), {
+        "factory": "Flat", "search_params": {}, "target_recall": None, "factory_reason": reason}
