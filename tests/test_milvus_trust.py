@@ -27,7 +27,7 @@ pytest.importorskip("milvus_lite")
 
 from lenet_embed import LenetEmbedError, build_index  # noqa: E402
 from lenet_embed.bundle import MANIFEST, SEAL, read_manifest, sealed_json  # noqa: E402
-from lenet_embed.store import milvus  # noqa: E402
+from lenet_embed.store import kept_in_folder, milvus  # noqa: E402
 from lenet_embed.store.milvus import TOKEN_ENV, URI_ENV, allow_uri, allowed_uri  # noqa: E402
 
 TOKEN = "root:s3cret-token-of-the-operator"
@@ -254,6 +254,8 @@ def lite_inside(trained, bundle_data, tmp_path_factory) -> Path:
 def test_info_verify_on_a_milvus_lite_bundle(lite_inside, run, no_names):
     manifest = read_manifest(lite_inside)
     assert manifest.store.uri == "digits.db"
+    # The file is the bundle's own (a rebuild into the folder keeps it), not the user's.
+    assert kept_in_folder(manifest) == {"digits.db"}
     result = run("info", "--verify", "--index-dir", lite_inside)
     assert result.exit_code == 0, result.output
     assert "every file matches its checksum" in result.output and "300 live" in result.output

@@ -182,6 +182,11 @@ class Backend(ABC):
         """After a build replaced ``old`` (a version of this store) with ``new``: let go of what
         ``old`` kept outside the bundle."""
 
+    def kept_in_folder(self, manifest: Manifest) -> set[str]:
+        """Names directly in the bundle's folder that the store keeps there besides the
+        bundle's own files (none, but for an external store's local file)."""
+        return set()
+
     # Whether a writer loads the version it commits on top of, as its check that a reader can
     # (beyond every file's checksum): not when loading it would connect to a database.
     checked_by_loading = True
@@ -204,6 +209,12 @@ def _backend(store: Store | None) -> Backend:
 
         return FAISS
     return _milvus_backend().Milvus()
+
+
+def kept_in_folder(manifest: Manifest) -> set[str]:
+    """Names directly in the bundle's folder that its store keeps there (a build into the folder
+    must not refuse them as the user's files)."""
+    return backend_of(manifest).kept_in_folder(manifest)
 
 
 def replaced(directory: Path, old: Manifest | None, new: Manifest) -> None:

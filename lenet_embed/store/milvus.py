@@ -652,6 +652,12 @@ class Milvus(Backend):
             store.compact()
         return None
 
+    def kept_in_folder(self, manifest: Manifest) -> set[str]:
+        """A Milvus Lite file kept directly in the bundle's folder (where it needs no naming to
+        be read): the bundle's own."""
+        uri = manifest.store.uri if manifest.store is not None else ""
+        return {uri} if uri and not is_server(uri) and "/" not in uri else set()
+
     def replaced(self, directory: Path, old: Manifest, new: Manifest) -> None:
         """Drop the collection the replaced version used (:func:`drop_replaced`)."""
         drop_replaced(directory, old, new)
