@@ -79,7 +79,10 @@ class Results:
     labels: np.ndarray
     distances: np.ndarray
     sources: list[list[str | None]] | None = None
-    label_name: Callable[[int], int | str | None] = field(default=int, repr=False)
+    # Names a label code (the bundle's own, SearchIndex.label_name); by default a code is its
+    # own name and -1 none.
+    label_name: Callable[[int], int | str | None] = field(default=lambda code: None if code < 0
+                                                          else code, repr=False)
 
     def __len__(self) -> int:
         """The number of queries."""
