@@ -465,6 +465,10 @@ class SearchIndex:
         # k was checked against the live items, and a snapshot returns k live items whenever
         # there are k; an external store's index may return fewer (-1 ids pad them).
         found = snapshot.hits(prepare_vectors(vectors, snapshot.metric), k)
+        if found.labels.size:
+            # A load does not read every label: one the manifest's classes do not name is an
+            # error of this search, not of the first use of its neighbours.
+            snapshot.label_name(int(found.labels.max()))
         return Results(found.ids, found.labels, found.distances, found.sources,
                        snapshot.label_name)
 
