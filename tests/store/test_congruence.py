@@ -10,6 +10,7 @@ stores wrong in the same way fail too.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,15 @@ def _scenario(index_dir: Path, queries: np.ndarray, added: np.ndarray) -> dict[s
                             "calibration": committed.calibration.json_data,
                             "query": [r.to_dict() for r in index.query(list(queries), k=K)]}
 
-    result = CliRunner().invoke(main, ["info", "--verify", "--json", "--index-dir",
-                                       str(index_dir)])
+    # The CLI sets up the package's logger: put it back (a module fixture runs outside the
+    # per-test restore of tests/conftest.py, and later tests count their log records).
+    logger = logging.getLogger("lenet_embed")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        result = CliRunner().invoke(main, ["info", "--verify", "--json", "--index-dir",
+                                           str(index_dir)])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     answers["info"] = {key: report[key] for key in ("count", "deleted", "next_id", "checks",
