@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "SearchIndex": "search",
     "Neighbor": "search",
+    "Results": "search",
     "Hits": "search",
     "majority_label": "search",
     "Query": "search",

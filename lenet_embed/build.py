@@ -12,24 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from . import milvus
+from . import store as stores
 from ._keras import keras
 from .ann import (
     AUTO,
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TARGET_RECALL,
-    SEARCH_PARAMETERS,
-    apply_search_params,
-    build_tuned_index,
     check_factory,
     check_target_recall,
-    exact_scores,
     parse_size,
     prepare_vectors,
     set_threads,
     to_distances,
 )
-from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, Segment, package_version
+from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, package_version
 from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import BACKENDS, Encoder, KerasEncoder, load_encoder
@@ -133,8 +129,8 @@ def build_index(
     memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     threads: int | None = None,
     on_progress: StageProgress | None = None,
-    milvus_uri: str | None = None,
-    milvus_token: str | None = None,
+    store_uri: str | None = None,
+    store_token: str | None = None,
     backend: str = "auto",
 ) -> BuildResult:
     """Embed a data set and write a self-contained index bundle to ``index_dir``.
@@ -158,9 +154,9 @@ def build_index(
     million) and the index are held. ``on_progress(stage, done, total)`` is called as each stage
     (one of ``STAGES``) advances.
 
-    With ``milvus_uri`` (a Milvus Lite file or a server address; ``milvus_token`` when it needs
-    one) the items go into a new Milvus collection with an index of the factory's family, and the
-    bundle keeps the manifest and the encoder.
+    With ``store_uri`` (an external vector store's address, see :mod:`.store`; ``store_token``
+    when it needs one) the items go into a new collection there with an index of the factory's
+    family, and the bundle keeps the manifest and the encoder.
     """
     report = on_progress or _ignore
     if threads is not None:
@@ -170,6 +166,7 @@ def build_index(
     check_target_recall(target_recall)
     budget = parse_size(memory_budget)
     check_folder(Path(index_dir))
+    target = stores.build_target(index_dir, store_uri, store_token)
     started = time.perf_counter()
     classes: list[str] = []
     sources: list[str] | None = None
@@ -206,25 +203,15 @@ def build_index(
     sample = _calibration_sample(vectors, labels)
     for start in range(0, count, CHUNK):
         vectors[start : start + CHUNK] = prepare_vectors(vectors[start : start + CHUNK], metric)
-    built = None
-    if milvus_uri is None:
-        report("indexing", 0, count)
-        built = build_tuned_index(vectors, metric, factory, target_recall, budget,
-                                  held_out_queries,
-                                  on_progress=lambda done, total: report("indexing", done, total))
-        apply_search_params(built.index, {name: int(value) for name, value
-                                          in built.search_params.items()
-                                          if name in SEARCH_PARAMETERS})
+    report("indexing", 0, count)
+    built = target.index(vectors, metric, factory, target_recall, budget, held_out_queries,
+                         lambda done, total: report("indexing", done, total))
     report("calibrating", 0, 1)
     calibration = None
     if sample is not None:
         try:
-            # Milvus's collection is written later: its calibration searches the same vectors
-            # exactly (what a tuned Milvus index approximates), with no copy of them.
-            calibration = _calibration(
-                built.index.search if built is not None else
-                lambda queries, k: exact_scores(vectors, queries, metric, k),
-                sample, labels, metric, encoder, loaded.head)
+            calibration = _calibration(target.scores(built, vectors, metric), sample, labels,
+                                       metric, encoder, loaded.head)
         except (CannotCalibrate, MissingFonts) as exc:
             _no_calibration(exc)
     report("calibrating", 1, 1)
@@ -233,40 +220,18 @@ def build_index(
     with BundleWriter(index_dir, replacing=True) as writer:
         replaced = writer.current
         encoder_folder, encoder_files = loaded.save(writer)
-        segments: list[Segment] = []
-        store = None
-        if built is None:
-            store, collection = milvus.new_collection(writer.directory, milvus_uri,
-                                                      writer.next_version, metric,
-                                                      vectors.shape[1], factory, milvus_token)
-            try:
-                collection.insert(ids, vectors, labels, stored, sources,
-                                  on_progress=lambda done, total: report("writing", done, total))
-            except BaseException:
-                collection.drop()
-                raise
-            segment_files = {}
-        else:
-            segment, segment_files = writer.new_segment(
-                vectors=vectors, ids=ids, labels=labels, images=stored, sources=sources,
-                index=built.index,
-                on_progress=lambda done, total: report("writing", done, total),
-            )
-            segments = [segment]
+        items = target.write(writer, built, ids, vectors, labels, stored, sources, factory,
+                             metric, lambda done, total: report("writing", done, total))
         now = now_iso()
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
             lenet_embed_version=package_version(), dim=int(vectors.shape[1]), metric=metric,
-            factory=built.factory if built else factory,
-            search_params=built.search_params if built else {}, dataset=description,
-            classes=list(classes), encoder=encoder_folder, segments=segments, deletions=None,
-            count=len(labels), rows=len(labels), next_id=len(labels),
-            files={**encoder_files, **segment_files},
-            target_recall=built.target_recall if built else None,
-            factory_reason=built.reason if built else None, store=store,
-            calibration=calibration,
+            dataset=description, classes=list(classes), encoder=encoder_folder,
+            deletions=None, count=len(labels), rows=len(labels), next_id=len(labels),
+            calibration=calibration, **target.fields(built, factory),
+            **{**items, "files": {**encoder_files, **items["files"]}},
         ))
-    milvus.drop_replaced(Path(index_dir), replaced, manifest)
+    stores.replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
     return BuildResult(str(index_dir), manifest, seconds, skipped, loaded.choice.describe())
 

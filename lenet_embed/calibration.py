@@ -306,19 +306,19 @@ def fit_snapshot(snapshot: Snapshot, head: tuple[np.ndarray, np.ndarray] | None
                  ) -> Calibration:
     """:func:`fit_items` for a loaded bundle version; the sampled items' stored images are
     embedded again, so that the head sees raw embeddings."""
-    live = snapshot.live_rows()
-    rows = sample_rows(snapshot.labels[live], live)
-    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images(rows)))
-    return fit_items(snapshot_search(snapshot), vectors, snapshot.ids[rows],
-                     snapshot.labels[rows], snapshot.encoder, head)
+    ids, labels = snapshot.labelled()
+    rows = sample_rows(labels, np.arange(len(ids)))
+    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images_of(ids[rows])))
+    return fit_items(snapshot_search(snapshot), vectors, ids[rows], labels[rows],
+                     snapshot.encoder, head)
 
 
 def snapshot_search(snapshot: Snapshot) -> Search:
     """A :data:`Search` over every live item of a loaded bundle version."""
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        distances, ids, labels, _ = snapshot.hits(prepare_vectors(queries, snapshot.metric), k)
-        return distances, ids, labels
+        found = snapshot.hits(prepare_vectors(queries, snapshot.metric), k)
+        return found.distances, found.ids, found.labels
 
     return search
 
@@ -353,9 +353,6 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     check_writable(Path(directory))  # before the fit, not a minute later at the commit
     snapshot = open_snapshot(directory, load_encoder)
     fitted = snapshot.manifest
-    if fitted.store is not None:
-        raise LenetEmbedError(f"{directory}: its items are in Milvus; calibration needs a "
-                              "bundle that holds its items (the default --store faiss)")
     if head is None and fitted.calibration is not None:
         head = fitted.calibration.head_arrays
     if head is None:
@@ -363,7 +360,7 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
     calibration = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
-        if current.encoder_sha256 != fitted.encoder_sha256 or current.store is not None:
+        if (current.encoder_sha256, current.store) != (fitted.encoder_sha256, fitted.store):
             raise LenetEmbedError(f"{directory}: the bundle was rebuilt while it was being "
                                   "calibrated; run `lenet-embed calibrate` again")
         return writer.commit(current.next("calibrate", calibration=calibration))

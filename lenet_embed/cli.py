@@ -91,7 +91,7 @@ def _allow_milvus(ctx: click.Context, param: click.Parameter, uris: tuple[str, .
     if uris:
         import os
 
-        from .milvus import URI_ENV, allow_uri
+        from .store.milvus import URI_ENV, allow_uri
 
         named = [os.environ.get(URI_ENV, "")]
         for uri in uris:
@@ -234,13 +234,9 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
 
     if (store == "milvus") != (milvus_uri is not None):
         raise click.UsageError("--store milvus and --milvus-uri go together")
-    if milvus_uri is not None:
-        from .milvus import allow_uri
-
-        allow_uri(milvus_uri)  # a malformed URI is refused before the embedding, not after
     token = None
     if milvus_token_file is not None:
-        from .milvus import token_from_file
+        from .store.milvus import token_from_file
 
         token = token_from_file(milvus_token_file)
     progress = StageBars()
@@ -248,7 +244,7 @@ def build_index(data: str | None, images: str | None, model: str | None, index_d
         result = run_build(data=data, images=images, model=model, index_dir=index_dir,
                            metric=metric, factory=factory, target_recall=target_recall,
                            memory_budget=memory_budget, threads=threads, on_progress=progress,
-                           milvus_uri=milvus_uri, milvus_token=token, backend=backend)
+                           store_uri=milvus_uri, store_token=token, backend=backend)
     finally:
         progress.close()
     summary = result.summary()

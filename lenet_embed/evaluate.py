@@ -134,10 +134,10 @@ def _time_single_queries(index: SearchIndex, pixels: np.ndarray, vectors: np.nda
     search_only, with_embedding = [], []
     for i in range(n):
         started = time.perf_counter()
-        index.search_vectors(vectors[i : i + 1], k)
+        index.search_vectors(vectors[i : i + 1], k).neighbors()  # as a caller gets them
         search_only.append(time.perf_counter() - started)
         started = time.perf_counter()
-        index.search(pixels[i], k)
+        index.search(pixels[i], k).neighbors()
         with_embedding.append(time.perf_counter() - started)
     p50, p99 = _percentiles_ms(search_only)
     e50, e99 = _percentiles_ms(with_embedding)
@@ -243,17 +243,13 @@ def evaluate(
         index = SearchIndex.load(index)
     snapshot = index.snapshot
     index_dir = index.path
-    if index.manifest.store is not None:
-        raise LenetEmbedError(f"{index_dir}: its items are in Milvus; evaluate works on a bundle "
-                              "that holds its vectors (build one with the default --store faiss)")
     dataset = load_mnist(data)
     index.check_k(k, snapshot)
-    rows_live = snapshot.live_rows()
-    labels = snapshot.labels[rows_live]
+    ids, labels = snapshot.labelled()
     if (
         len(labels) != len(dataset.train)
         or not np.array_equal(labels, dataset.train.labels)
-        or not np.array_equal(snapshot.images(rows_live), dataset.train.images)
+        or not np.array_equal(snapshot.images_of(ids), dataset.train.images)
     ):
         raise LenetEmbedError(
             f"{index_dir}: the bundle was not built from the training split of {dataset.source}; "
@@ -275,10 +271,10 @@ def evaluate(
     r_precision, map_at_r = r_precision_and_map_at_r(retrieved, test_labels, relevant)
 
     started = time.perf_counter()
-    _, index_rows = snapshot.search(prepare_vectors(queries, index.metric), k)
+    found = snapshot.hits(prepare_vectors(queries, index.metric), k)
     search_seconds = time.perf_counter() - started
-    # Rows of the bundle as positions among its live items (those the exact search ranks).
-    index_rows = np.searchsorted(rows_live, index_rows)
+    # The items found as positions among the live items (those the exact search ranks).
+    index_rows = np.searchsorted(ids, found.ids)
 
     approximate = snapshot.manifest.factory != "Flat"
     degraded_queries, degraded = degraded_top1(index, indexed, labels, dataset.test, k)
@@ -394,7 +390,7 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str],
     out.mkdir(parents=True, exist_ok=True)
     details = evaluation.details
     snapshot = index.snapshot
-    labels = snapshot.labels[snapshot.live_rows()]
+    labels = snapshot.labelled()[1]
     test_labels, rows = details["test_labels"], details["rows"]
     predicted = labels[rows[:, 0]]
     n_classes = int(max(labels.max(), test_labels.max())) + 1

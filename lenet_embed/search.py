@@ -4,20 +4,26 @@ Distances are "smaller is nearer": cosine distance (1 - cos) for the ``cosine`` 
 vectors are L2-normalised and FAISS ranks by inner product; Euclidean distance (not squared) for
 ``l2``.
 
-A :class:`SearchIndex` serves one version of its bundle at a time (a :class:`Snapshot`); every
-call works on the version that was current when it started, so a commit by another process never
-mixes into a search. :meth:`SearchIndex.refresh` picks up newer versions; the write methods commit
+A :class:`SearchIndex` is a facade over one bundle: it serves one version at a time (a
+:class:`~.store.Snapshot`, whatever store holds the items); every call works on the version that
+was current when it started, so a commit by another process never mixes into a search.
+:meth:`SearchIndex.refresh` picks up newer versions; the write methods (:mod:`.updates`) commit
 one and refresh.
+
+Every search (:meth:`SearchIndex.search` of images, :meth:`SearchIndex.search_vectors` of
+embeddings, and :meth:`SearchIndex.query` under them in the CLI and the service) runs one search
+and answers with :class:`Results`: ids, labels and distances as (n, k) arrays, the neighbours as
+:class:`Neighbor` objects only when they are asked for.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ from .embed import Encoder, featureless, load_encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, open_image, to_batch, to_mnist
 from .snapshot import Snapshot, bundle_encoder, open_snapshot
-from .updates import Label, add_batch, label_codes, per_image
+from .updates import GroupCommit, Label, per_image
 from .updates import compact as compact_bundle
 from .updates import remove as remove_items
 from .writer import DEFAULT_LOCK_TIMEOUT
@@ -53,22 +59,68 @@ class Neighbor:
                 "source": self.source}
 
 
-@dataclass(frozen=True)
-class Hits:
-    """The ``k`` nearest neighbours of ``n`` queries as three (n, k) arrays, nearest first.
+@dataclass(frozen=True, eq=False)
+class Results:
+    """The ``k`` nearest neighbours of ``n`` queries, nearest first: what every search returns.
 
-    ``ids``: int64 stable item ids. ``labels``: int64 label codes, the digit itself in a bundle of
-    digits, a position in the bundle's class names in a bundle built from named folders
-    (:meth:`SearchIndex.label_name` turns a code into its name), -1 for an unlabelled item.
-    ``distances``: float32, smaller is nearer (as :class:`Neighbor`).
+    As arrays, for batch work: ``ids`` (int64 stable item ids), ``labels`` (int64 label codes: the
+    digit itself in a bundle of digits, a position in the bundle's class names in a bundle built
+    from named folders, -1 for an unlabelled item; :meth:`SearchIndex.label_name` names a code)
+    and ``distances`` (float32, smaller is nearer), all (n, k); ``sources``, each query's source
+    paths (None when the bundle records none). A bundle with fewer than ``k`` items found pads a
+    row with -1 ids.
+
+    As objects, on demand: :meth:`neighbors` (one list of :class:`Neighbor` per query, made on
+    first use); indexing and iterating the results go through it, so ``results[0][0].label`` is
+    the label of the first query's nearest neighbour.
     """
 
     ids: np.ndarray
     labels: np.ndarray
     distances: np.ndarray
+    sources: list[list[str | None]] | None = None
+    # Names a label code (the bundle's own, SearchIndex.label_name); by default a code is its
+    # own name and -1 none.
+    label_name: Callable[[int], int | str | None] = field(default=lambda code: None if code < 0
+                                                          else code, repr=False)
 
     def __len__(self) -> int:
+        """The number of queries."""
         return len(self.ids)
+
+    def __getitem__(self, query: int) -> list[Neighbor]:
+        """The neighbours of one query."""
+        return self.neighbors()[query]
+
+    def __iter__(self) -> Iterator[list[Neighbor]]:
+        """The neighbours of each query."""
+        return iter(self.neighbors())
+
+    def neighbors(self) -> list[list[Neighbor]]:
+        """One list of :class:`Neighbor` per query (without the padding)."""
+        return self._neighbors
+
+    @functools.cached_property
+    def _neighbors(self) -> list[list[Neighbor]]:
+        # Python lists once, not numpy scalars per neighbour: this loop is the objects' whole cost.
+        names = {code: self.label_name(code) for code in np.unique(self.labels).tolist()}
+        sources = self.sources
+        results = []
+        for query, (id_list, label_list, distance_list) in enumerate(zip(
+                self.ids.tolist(), self.labels.tolist(), self.distances.tolist(), strict=True)):
+            neighbors = []
+            for rank, (item_id, label, distance) in enumerate(
+                    zip(id_list, label_list, distance_list, strict=True), start=1):
+                if item_id < 0:
+                    break
+                source = sources[query][rank - 1] if sources is not None else None
+                neighbors.append(Neighbor(rank, item_id, names[label], distance, source))
+            results.append(neighbors)
+        return results
+
+
+# The name of the arrays-only result type before :class:`Results` answered every search.
+Hits = Results
 
 
 def majority_label(neighbors: list[Neighbor]) -> int | str | None:
@@ -180,17 +232,6 @@ class QueryResult:
         }
 
 
-@dataclass
-class _PendingAdd:
-    """One :meth:`SearchIndex.add` call waiting for its commit, and then what came of it."""
-
-    batch: np.ndarray
-    labels: list[Label]
-    sources: list[str | None] | None
-    ids: np.ndarray | None = None
-    error: BaseException | None = None
-
-
 class SearchIndex:
     """A bundle and its encoder: embed images, find their nearest neighbours, add and remove.
 
@@ -208,9 +249,7 @@ class SearchIndex:
         self.overrides = dict(search_params or {})
         self.lock_timeout = lock_timeout
         self._refreshing = threading.Lock()
-        self._committing = threading.Lock()  # held by the thread committing the waiting adds
-        self._waiting_lock = threading.Lock()
-        self._waiting: list[_PendingAdd] = []
+        self._adds = GroupCommit(self.path, lock_timeout)
         self._loaded = open_snapshot(self.path, self._load_encoder, None, self.overrides)
         # The newest version this object committed and has not switched to yet: switching (about
         # a millisecond per commit) waits for the first read, so a process that only writes
@@ -332,34 +371,18 @@ class SearchIndex:
         """Preprocess ``images`` to the MNIST convention and embed them: (N, 84) float32."""
         return self._snapshot.encoder.embed(to_batch(images))
 
-    def search(self, images: ImageLike | list[ImageLike], k: int = 5) -> list[list[Neighbor]]:
+    def search(self, images: ImageLike | list[ImageLike], k: int = 5) -> Results:
         """The ``k`` nearest neighbours of each image (path, PIL image, array or batch)."""
-        return self._neighbors(*self._embedded(images, k), k)
+        snapshot = self._snapshot
+        self.check_k(k, snapshot)
+        return self._search(snapshot, snapshot.encoder.embed(to_batch(images)), k)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
+    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> Results:
         """The ``k`` nearest neighbours of each embedding vector, shape (N, 84) or (84,)."""
-        return self._neighbors(*self._checked(vectors, k), k)
-
-    def search_arrays(self, images: ImageLike | list[ImageLike], k: int = 5) -> Hits:
-        """:meth:`search` for batch work: ids, labels and distances as (N, k) arrays."""
-        return self._hits(*self._embedded(images, k), k)[0]
-
-    def search_vectors_arrays(self, vectors: np.ndarray, k: int = 5) -> Hits:
-        """:meth:`search_vectors` for batch work: ids, labels and distances as (N, k) arrays."""
-        return self._hits(*self._checked(vectors, k), k)[0]
-
-    def _embedded(self, images: ImageLike | list[ImageLike], k: int
-                  ) -> tuple[Snapshot, np.ndarray]:
-        """The version in use and the embeddings of ``images``, once ``k`` is checked."""
         snapshot = self._snapshot
         self.check_k(k, snapshot)
-        return snapshot, snapshot.encoder.embed(to_batch(images))
-
-    def _checked(self, vectors: np.ndarray, k: int) -> tuple[Snapshot, np.ndarray]:
-        """The version in use and ``vectors`` checked against it, once ``k`` is checked."""
-        snapshot = self._snapshot
-        self.check_k(k, snapshot)
-        return snapshot, self._check_vectors(vectors, snapshot.dim, snapshot.metric)
+        return self._search(snapshot, self._check_vectors(vectors, snapshot.dim,
+                                                          snapshot.metric), k)
 
     def query(self, queries: Sequence[Query | ImageLike], k: int = 5,
               min_confidence: float | None = None) -> list[QueryResult]:
@@ -406,10 +429,10 @@ class SearchIndex:
         # Calibration judges its own k neighbours, whatever k the caller wants shown.
         searched = max(k, calibration.k) if calibration else k
         searched = min(searched, len(snapshot))
-        hits, sources = self._hits(snapshot, vectors[answered], searched)
+        hits = self._search(snapshot, vectors[answered], searched)
         predicted, verdicts = judge(calibration, hits.distances, hits.labels, vectors[answered],
                                     min_confidence)
-        found = self._as_neighbors(snapshot, hits, sources)
+        found = hits.neighbors()
         for row, position in enumerate(answered):
             results[position] = replace(
                 results[position], neighbors=found[row][:k],
@@ -437,39 +460,17 @@ class SearchIndex:
         return array
 
     @staticmethod
-    def _hits(snapshot: Snapshot, vectors: np.ndarray, k: int
-              ) -> tuple[Hits, list[list[str | None]] | None]:
-        """The one search every method runs: checked vectors in, :class:`Hits` (and the
-        neighbours' source paths, when the bundle records any) out."""
+    def _search(snapshot: Snapshot, vectors: np.ndarray, k: int) -> Results:
+        """The one search every method runs: checked vectors in, :class:`Results` out."""
         # k was checked against the live items, and a snapshot returns k live items whenever
-        # there are k; a Milvus index may return fewer (-1 ids pad them).
-        distances, ids, labels, sources = snapshot.hits(
-            prepare_vectors(vectors, snapshot.metric), k)
-        return Hits(ids, labels, distances), sources
-
-    def _neighbors(self, snapshot: Snapshot, vectors: np.ndarray, k: int
-                   ) -> list[list[Neighbor]]:
-        """:meth:`_hits` as one list of :class:`Neighbor` per query."""
-        return self._as_neighbors(snapshot, *self._hits(snapshot, vectors, k))
-
-    @staticmethod
-    def _as_neighbors(snapshot: Snapshot, hits: Hits, sources: list[list[str | None]] | None
-                      ) -> list[list[Neighbor]]:
-        """:class:`Hits` as one list of :class:`Neighbor` per query."""
-        # Python lists once, not numpy scalars per neighbour: this loop is the objects' whole cost.
-        names = {code: snapshot.label_name(code) for code in np.unique(hits.labels).tolist()}
-        results = []
-        for query, (id_list, label_list, distance_list) in enumerate(zip(
-                hits.ids.tolist(), hits.labels.tolist(), hits.distances.tolist(), strict=True)):
-            neighbors = []
-            for rank, (item_id, label, distance) in enumerate(
-                    zip(id_list, label_list, distance_list, strict=True), start=1):
-                if item_id < 0:
-                    break
-                source = sources[query][rank - 1] if sources is not None else None
-                neighbors.append(Neighbor(rank, item_id, names[label], distance, source))
-            results.append(neighbors)
-        return results
+        # there are k; an external store's index may return fewer (-1 ids pad them).
+        found = snapshot.hits(prepare_vectors(vectors, snapshot.metric), k)
+        if found.labels.size:
+            # A load does not read every label: one the manifest's classes do not name is an
+            # error of this search, not of the first use of its neighbours.
+            snapshot.label_name(int(found.labels.max()))
+        return Results(found.ids, found.labels, found.distances, found.sources,
+                       snapshot.label_name)
 
     def item_image(self, item_id: int) -> np.ndarray:
         """The indexed digit with this id, as the encoder saw it: uint8 (28, 28)."""
@@ -493,54 +494,17 @@ class SearchIndex:
         The images are embedded with the bundle's own encoder; ids are never reused.
 
         Calls from several threads (the service's ``POST /v1/items``) that arrive while a commit
-        is being made join the next one: one commit, and one set of fsyncs, for all of them; each
-        returns once that commit is on disk.
+        is being made join the next one (:class:`~.updates.GroupCommit`): one commit, and one set
+        of fsyncs, for all of them; each returns once that commit is on disk.
         """
         batch = to_batch(images)
-        pending = _PendingAdd(batch, per_image(labels, len(batch)),
-                              list(sources) if sources is not None else None)
-        if len(pending.labels) != len(batch) or (pending.sources is not None
-                                                 and len(pending.sources) != len(batch)):
-            raise LenetEmbedError("give one label (and source) per image")
-        if len(batch) == 0:
-            raise LenetEmbedError("nothing to add: give at least one image")
-        label_codes(pending.labels, self._loaded.manifest)  # a bad label fails its own call only
-        with self._waiting_lock:
-            self._waiting.append(pending)
-        led = False
-        with self._committing:
-            if pending.ids is None and pending.error is None:  # no one committed it meanwhile
-                with self._waiting_lock:
-                    group, self._waiting = self._waiting, []
-                self._commit_adds(group)
-                led = True
-        if pending.error is not None:
-            if led:
-                raise pending.error
-            raise copy.copy(pending.error) from None  # an exception of its own to each thread
-        assert pending.ids is not None
-        return pending.ids
+        return self._adds.add(batch, per_image(labels, len(batch)),
+                              list(sources) if sources is not None else None,
+                              encoder=self._encoder_for, loaded=self._loaded_manifest,
+                              committed=self._committed)
 
-    def _commit_adds(self, group: list[_PendingAdd]) -> None:
-        """Commit the adds of ``group`` in one commit and switch to the version it made."""
-        sources = None
-        if any(pending.sources is not None for pending in group):
-            sources = [source for pending in group
-                       for source in (pending.sources or [None] * len(pending.batch))]
-        try:
-            ids, committed = add_batch(
-                self.path, np.concatenate([pending.batch for pending in group]),
-                [label for pending in group for label in pending.labels], sources,
-                encoder=self._encoder_for, timeout=self.lock_timeout,
-                manifest=self._loaded.manifest)
-        except BaseException as exc:
-            for pending in group:
-                pending.error = exc
-            return
-        start = 0
-        for pending in group:
-            pending.ids, start = ids[start:start + len(pending.batch)], start + len(pending.batch)
-        self._committed(committed)
+    def _loaded_manifest(self) -> Manifest:
+        return self._loaded.manifest
 
     def _encoder_for(self, manifest: Manifest) -> Encoder:
         """The encoder in use when ``manifest`` names it, else the one it names, loaded."""

@@ -2,46 +2,33 @@
 
 These take vectors that are already embedded; :meth:`lenet_embed.SearchIndex.add` embeds images
 with the bundle's own encoder and calls :func:`add_vectors`. Every function holds the bundle's
-writer lock for the length of its commit.
-
-Added items go into a new unsealed segment, searched exactly. So that a stream of small adds does
-not pile up segments, unsealed segments are merged as in a size-tiered LSM tree (see
-:func:`_merged_with`): for any sequence of add sizes, the ``n`` rows in unsealed segments are in
-at most ``3 * (floor(log4(n)) + 1)`` of them, and each row is rewritten at most ``floor(log4(n))``
-times. ``compact`` rebuilds everything live into one sealed segment with the
-bundle's FAISS factory and forgets removed rows.
+writer lock for the length of its commit: it checks what it is given, has the bundle's store
+(:mod:`.store`) write the items, and commits the manifest the store's changes make. Ids come
+from the manifest, so they are never reused.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import garbage, milvus
-from .ann import make_index, needs_training, prepare_vectors
-from .bundle import (
-    INT64_MAX,
-    FileEntry,
-    Manifest,
-    Segment,
-    read_manifest,
-)
+from . import garbage
+from .ann import prepare_vectors
+from .bundle import INT64_MAX, Manifest, read_manifest
 from .embed import Encoder
 from .errors import LenetEmbedError
 from .preprocess import ImageLike, to_batch, to_uint8
-from .snapshot import LoadedSegment, find_sorted, load_segment, read_deletions, segment_ids
+from .store import backend_of
 from .writer import DEFAULT_LOCK_TIMEOUT, GRACE_SECONDS, BundleWriter
 
 Label = int | str | None
-# Unsealed segments are merged MERGE_FACTOR at a time, once that many of a size class pile up
-# (and a size class spans a factor of MERGE_FACTOR in rows: see _tier).
-MERGE_FACTOR = 4
 
 
 class EncoderChanged(LenetEmbedError):
@@ -96,6 +83,86 @@ def _as_number(label: Label) -> int | None:
     return None
 
 
+@dataclass
+class _PendingAdd:
+    """One :meth:`GroupCommit.add` call waiting for its commit, and then what came of it."""
+
+    batch: np.ndarray
+    labels: list[Label]
+    sources: list[str | None] | None
+    ids: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Adds of preprocessed batches to the bundle in ``directory`` from many threads, committed
+    in groups: calls that arrive while a commit is being made join the next one (one commit, and
+    one set of fsyncs, for all of them); each returns once the commit holding it is on disk.
+
+    It holds no reference to its caller (the callbacks come with each call), so that a reader
+    owning one is freed, and lets its memory maps go, as soon as it is dropped."""
+
+    def __init__(self, directory: str | os.PathLike[str],
+                 timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        self.directory = directory
+        self.timeout = timeout
+        self._committing = threading.Lock()  # held by the thread committing the waiting adds
+        self._waiting_lock = threading.Lock()
+        self._waiting: list[_PendingAdd] = []
+
+    def add(self, batch: np.ndarray, labels: list[Label], sources: list[str | None] | None, *,
+            encoder: Callable[[Manifest], Encoder], loaded: Callable[[], Manifest],
+            committed: Callable[[Manifest], None]) -> np.ndarray:
+        """Add ``batch`` ((N, 28, 28) float32) with one label (and source) per image in the next
+        commit; return the new ids.
+
+        ``encoder(manifest)`` gives the encoder a manifest names; ``loaded()`` the manifest the
+        caller has loaded (a commit on top of another encoder embeds again); ``committed`` is
+        told of the version committed (by the thread that commits the group)."""
+        pending = _PendingAdd(batch, labels, sources)
+        if len(labels) != len(batch) or (sources is not None and len(sources) != len(batch)):
+            raise LenetEmbedError("give one label (and source) per image")
+        if len(batch) == 0:
+            raise LenetEmbedError("nothing to add: give at least one image")
+        label_codes(labels, loaded())  # a bad label fails its own call only
+        with self._waiting_lock:
+            self._waiting.append(pending)
+        led = False
+        with self._committing:
+            if pending.ids is None and pending.error is None:  # no one committed it meanwhile
+                with self._waiting_lock:
+                    group, self._waiting = self._waiting, []
+                self._commit(group, encoder, loaded, committed)
+                led = True
+        if pending.error is not None:
+            if led:
+                raise pending.error
+            raise copy.copy(pending.error) from None  # an exception of its own to each thread
+        assert pending.ids is not None
+        return pending.ids
+
+    def _commit(self, group: list[_PendingAdd], encoder: Callable[[Manifest], Encoder],
+                loaded: Callable[[], Manifest], committed: Callable[[Manifest], None]) -> None:
+        """Commit the adds of ``group`` in one commit."""
+        sources = None
+        if any(pending.sources is not None for pending in group):
+            sources = [source for pending in group
+                       for source in (pending.sources or [None] * len(pending.batch))]
+        try:
+            ids, manifest = add_batch(
+                self.directory, np.concatenate([pending.batch for pending in group]),
+                [label for pending in group for label in pending.labels], sources,
+                encoder=encoder, timeout=self.timeout, manifest=loaded())
+        except BaseException as exc:
+            for pending in group:
+                pending.error = exc
+            return
+        start = 0
+        for pending in group:
+            pending.ids, start = ids[start:start + len(pending.batch)], start + len(pending.batch)
+        committed(manifest)
+
+
 def _as_ids(ids: list[int] | np.ndarray) -> np.ndarray:
     """Item ids as a sorted int64 array without repeats; one line for one that is not a whole
     number within int64 (no id is, so nothing could match it)."""
@@ -144,18 +211,11 @@ def add_vectors(
             raise LenetEmbedError(f"{directory}: no ids left to give {count} new items "
                                   f"(next_id {current.next_id}); rebuild the bundle")
         ids = np.arange(current.next_id, current.next_id + count, dtype=np.int64)
-        segments, new_files = current.segments, current.files
-        live = current.count + count
-        if current.store is not None:
-            live = milvus.add_rows(writer.directory, current, ids, vectors, codes, images,
-                                   sources)
-        else:
-            segments, new_files = _append_segment(writer, current, vectors, ids, codes, images,
-                                                  sources)
-        manifest = current.next(
-            "add", classes=classes, segments=segments, files=new_files,
-            count=live, rows=current.rows + count, next_id=current.next_id + count,
-        )
+        changes = backend_of(current).add(writer, current, ids, vectors, codes, images,
+                                          sources)
+        manifest = current.next("add", **{
+            "classes": classes, "count": current.count + count, "rows": current.rows + count,
+            "next_id": current.next_id + count, **changes})
         return ids, writer.commit(manifest)
 
 
@@ -217,128 +277,17 @@ def add_batch(
     raise AssertionError("unreachable")
 
 
-def _tier(rows: int) -> int:
-    """A segment's size class: rows in [1, 4) are tier 0, [4, 16) tier 1, and so on."""
-    return (max(rows, 1).bit_length() - 1) // 2
-
-
-def _merged_with(segments: list[Segment], rows: int) -> int:
-    """How many of the newest ``segments`` a new unsealed segment of ``rows`` rows is merged
-    with at once (the newest first: the merged segment takes their place).
-
-    The promise: the unsealed segments after the last sealed one, oldest first, never rise in
-    tier (:func:`_tier`) and hold fewer than MERGE_FACTOR of any tier. With tiers 0 to
-    floor(log4(n)) for ``n`` unsealed rows, that is at most ``3 * (floor(log4(n)) + 1)``
-    segments, whatever the sizes of the adds were (1,000 alternating adds of 4 and 1 images
-    leave 9, where merging only four of a tier left 1,000). Each add restores it by merging the
-    new segment, always the newest, with
-
-    - its predecessor while that one is of a lower tier (a large add pulls in the small
-      segments before it, so no small segment is left stranded behind a larger one), then
-    - the MERGE_FACTOR - 1 before it when none of them is of a higher tier (a tier collision:
-      four of tier t make one of tier t + 1, the carry of a base-4 counter),
-
-    until neither applies. A row that is rewritten always lands in a segment of a higher tier
-    than the one it left, so it is rewritten at most floor(log4(n)) times. (Segments left by an
-    older, unbounded policy are merged in as they are met; ``compact`` clears them at once.)
-    """
-    older: list[int] = []
-    for segment in reversed(segments):
-        if segment.sealed:
-            break
-        older.append(segment.rows)
-    older.reverse()
-    size, merged = rows, 0
-    while merged < len(older):
-        rest = older[:len(older) - merged]
-        if _tier(rest[-1]) < _tier(size):
-            take = 1
-        elif (len(rest) >= MERGE_FACTOR - 1
-              and all(_tier(r) <= _tier(size) for r in rest[1 - MERGE_FACTOR:])):
-            take = MERGE_FACTOR - 1
-        else:
-            break
-        size += sum(rest[-take:])
-        merged += take
-    return merged
-
-
-def _append_segment(writer: BundleWriter, current: Manifest, vectors: np.ndarray,
-                    ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
-                    sources: list[str | None] | None
-                    ) -> tuple[list[Segment], dict[str, FileEntry]]:
-    """Write the new rows as one unsealed segment, together with the newest segments they are
-    merged with (so that a merge writes, and flushes, one file instead of two); return the new
-    segment list and file list."""
-    merged = _merged_with(current.segments, len(ids))
-    split = len(current.segments) - merged
-    kept, old = current.segments[:split], current.segments[split:]
-    files = dict(current.files)
-    if old:
-        loaded = [load_segment(writer.directory, current, s, verify=True) for s in old]
-        if sources is not None or any(s.sources is not None for s in loaded):
-            sources = [source for s in loaded
-                       for source in (s.sources or [None] * s.info.rows)] + (
-                sources or [None] * len(ids))
-        vectors = np.concatenate([*(s.vectors for s in loaded), vectors])
-        ids = np.concatenate([*(s.ids for s in loaded), ids])
-        labels = np.concatenate([*(s.labels for s in loaded), labels])
-        images = np.concatenate([*(s.images for s in loaded), images])
-        for segment in old:
-            for name in segment.files():
-                del files[name]
-    segment, written = writer.new_segment(vectors=vectors, ids=ids, labels=labels,
-                                          images=images, sources=sources)
-    return [*kept, segment], {**files, **written}
-
-
-def _write_rows(writer: BundleWriter, loaded: list[LoadedSegment], rows: list[np.ndarray],
-                index: Any = None, vectors: np.ndarray | None = None
-                ) -> tuple[Segment, dict[str, FileEntry]]:
-    """One new segment holding the given rows of ``loaded`` segments, in order."""
-    def gather(field: str) -> np.ndarray:
-        return np.concatenate([np.asarray(getattr(s, field))[r] for s, r in zip(loaded, rows,
-                                                                            strict=True)])
-    sources: list[str | None] | None = None
-    if any(s.sources is not None for s in loaded):
-        sources = []
-        for segment, chosen in zip(loaded, rows, strict=True):
-            sources.extend(segment.sources[i] if segment.sources else None for i in chosen)
-    return writer.new_segment(
-        vectors=gather("vectors") if vectors is None else vectors,
-        ids=gather("ids"), labels=gather("labels"), images=gather("images"),
-        sources=sources, index=index,
-    )
-
-
 def remove(directory: str | os.PathLike[str], ids: list[int] | np.ndarray,
                timeout: float = DEFAULT_LOCK_TIMEOUT) -> tuple[Removal, Manifest]:
     """Remove live items by id in one commit (none when no id is live)."""
     wanted = _as_ids(ids)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
-        if current.store is not None:
-            gone, live = milvus.remove_rows(writer.directory, current, wanted)
-            missing = [int(i) for i in np.setdiff1d(wanted, gone)]
-            if len(gone) == 0 and live == current.count:
-                return Removal(0, missing), current
-            manifest = current.next("remove", count=live,
-                                    rows=current.rows - (current.count - live))
-            return Removal(len(gone), missing), writer.commit(manifest)
-        stored = np.zeros(len(wanted), dtype=bool)
-        for segment in current.segments:
-            stored |= find_sorted(segment_ids(writer.directory, current, segment), wanted)[1]
-        deleted = read_deletions(writer.directory, current)
-        present = stored & ~np.isin(wanted, deleted)
-        missing = [int(i) for i in wanted[~present]]
-        hits = wanted[present]
-        if len(hits) == 0:
-            return Removal(0, missing), current
-        name, files = writer.new_deletions(np.concatenate([deleted, hits]))
-        new_files = {k: v for k, v in current.files.items() if k != current.deletions}
-        manifest = current.next("remove", deletions=name, files={**new_files, **files},
-                                count=current.count - len(hits))
-        return Removal(len(hits), missing), writer.commit(manifest)
+        gone, changes = backend_of(current).remove(writer, current, wanted)
+        removal = Removal(len(gone), [int(i) for i in np.setdiff1d(wanted, gone)])
+        if changes is None:
+            return removal, current
+        return removal, writer.commit(current.next("remove", **changes))
 
 
 def reclaim(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT) -> int:
@@ -357,47 +306,12 @@ def reclaim(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIM
 
 def compact(directory: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT
             ) -> tuple[Manifest, Manifest]:
-    """Rebuild every live item into one sealed segment with the bundle's FAISS factory, dropping
-    removed rows; return the manifests before and after. Ids stay as they are."""
+    """Drop removed items for good (a bundle's own segments: every live item rebuilt into one
+    sealed segment with the bundle's FAISS factory); return the manifests before and after. Ids
+    stay as they are."""
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
-        if current.store is not None:
-            milvus.compact(writer.directory, current)
+        changes = backend_of(current).compact(writer, current)
+        if changes is None:
             return current, current
-        unsealed = sum(not s.sealed for s in current.segments)
-        if current.deleted == 0 and unsealed == 0 and len(current.segments) <= 1:
-            return current, current
-        loaded = [load_segment(writer.directory, current, s, verify=True)
-                  for s in current.segments]
-        deleted = read_deletions(writer.directory, current)
-        rows = [np.flatnonzero(~np.isin(s.ids, deleted)) for s in loaded]
-        vectors = (np.concatenate([np.asarray(s.vectors)[r] for s, r in zip(loaded, rows,
-                                                                            strict=True)])
-                   if loaded else np.zeros((0, current.dim), np.float32))
-        segments: list[Segment] = []
-        files = {k: v for k, v in current.files.items()
-                 if k in (current.encoder_path, current.litert_path)}
-        changes: dict[str, Any] = {}
-        if len(vectors):
-            index, changes = _sealed_index(vectors, current)
-            segment, segment_files = _write_rows(writer, loaded, rows, index=index,
-                                                 vectors=vectors)
-            segments, files = [segment], {**files, **segment_files}
-        manifest = current.next("compact", segments=segments, files=files, deletions=None,
-                                rows=current.count, **changes)
-        return current, writer.commit(manifest)
-
-
-def _sealed_index(vectors: np.ndarray, manifest: Manifest) -> tuple[Any, dict[str, Any]]:
-    """The FAISS index ``compact`` seals the live rows in, with the bundle's factory; and the
-    manifest's new search fields when there are too few rows left to train it (an IVF bundle
-    with fewer live items than lists): then an exact Flat index, and the reason says why."""
-    try:
-        return make_index(vectors, manifest.metric, manifest.factory), {}
-    except LenetEmbedError:
-        if not needs_training(manifest.factory, manifest.metric, manifest.dim):
-            raise
-    reason = (f"compact: {len(vectors)} live items are too few to train {manifest.factory}; "
-              "Flat (exact search) instead")
-    return make_index(vectors, manifest.metric, "Flat"), {
-        "factory": "Flat", "search_params": {}, "target_recall": None, "factory_reason": reason}
+        return current, writer.commit(current.next("compact", **changes))

@@ -10,7 +10,7 @@ over the live items, two ways in the same run:
 
 - baseline: today's method before this change, the sealed index searched with an
   ``IDSelectorBitmap`` at its tuned ``efSearch`` (IVF: ``nprobe`` scaled by the live share);
-- new: ``SearchIndex.search_vectors_arrays``, what the package does now.
+- new: ``SearchIndex.search_vectors``, what the package does now.
 
 Each also gets its search time per query (one thread, the queries in one batch), beside the time
 of the same queries on a compacted copy at that share: how much ``compact`` would win back. Missing
@@ -37,7 +37,7 @@ from lenet_embed.ann import exact_search, prepare_vectors, set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.metrics import recall_at_k
-from lenet_embed.snapshot import Snapshot
+from lenet_embed.store.faiss import FaissSnapshot as Snapshot
 
 K = 10
 SHARES = (0.0, 0.5, 0.7, 0.9, 0.95)
@@ -97,13 +97,13 @@ def measure(bundle: Path, scratch: Path, queries: np.ndarray, shares: tuple[floa
         live = snapshot.live_rows()
         exact = live[exact_search(snapshot.vectors(live), vectors, snapshot.metric, K)]
         old, old_seconds = timed(lambda s=snapshot: baseline_search(s, vectors, K))
-        new, new_seconds = timed(lambda: index.search_vectors_arrays(vectors, K).ids)
+        new, new_seconds = timed(lambda: index.search_vectors(vectors, K).ids)
         new_rows = np.searchsorted(snapshot.ids, new)
         copy = scratch / f"compacted-{share}"
         shutil.copytree(bundle, copy)
         compacted = SearchIndex.load(copy, threads=1)
         compacted.compact()
-        _, compact_seconds = timed(lambda c=compacted: c.search_vectors_arrays(vectors, K))
+        _, compact_seconds = timed(lambda c=compacted: c.search_vectors(vectors, K))
         shutil.rmtree(copy)
         per_query = 1000 / len(vectors)
         rows.append({"share": share, "live": len(live),

@@ -19,7 +19,7 @@ build did before the default model shipped with its LiteRT export) and with Lite
 each LiteRT build time beside the Keras one of the same run. Then a fresh process measures:
 load time (``SearchIndex.load``), single-query p50/p99 (1,000 MNIST test digits' vectors, one
 ``search_vectors`` call each on one thread, k=10, after 100 warm-up queries), batch QPS (10,000
-test vectors in one ``search_vectors_arrays`` call, two threads) and recall@10 against the Flat
+test vectors in one ``search_vectors`` call, two threads) and recall@10 against the Flat
 bundle of the same N. Bundle size is the folder's (and the
 Milvus Lite file's) bytes on disk. Prints a Markdown table and writes ``--png``: build time,
 peak RSS, load time and p50 against N, log-log.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from lenet_embed import LenetEmbedError, load_mnist
 from lenet_embed.cli import run_script
-from lenet_embed.milvus import URI_ENV
+from lenet_embed.store.milvus import URI_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lenet_embed"]
@@ -64,11 +64,11 @@ for vector in queries[:100]:
 single = []
 for vector in queries[:1000]:
     start = time.perf_counter()
-    index.search_vectors(vector, k=10)
+    index.search_vectors(vector, k=10).neighbors()  # the objects, as `search_vectors` made them
     single.append(time.perf_counter() - start)
 set_threads(2)
 start = time.perf_counter()
-ids = index.search_vectors_arrays(queries, k=10).ids
+ids = index.search_vectors(queries, k=10).ids
 batch = time.perf_counter() - start
 np.save(sys.argv[3], ids)
 recall = None

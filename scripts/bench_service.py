@@ -90,7 +90,7 @@ def summary(latencies_s: list[float], seconds: float) -> dict[str, float]:
 def in_process(index: SearchIndex, pngs: list[bytes], n: int, k: int) -> dict[str, float]:
     """The same searches through ``SearchIndex``, one after another in this thread."""
     def one(i: int) -> None:
-        index.search(Image.open(io.BytesIO(pngs[i % len(pngs)])), k=k)
+        index.search(Image.open(io.BytesIO(pngs[i % len(pngs)])), k=k).neighbors()
 
     for i in range(WARMUP):
         one(i)

@@ -11,14 +11,14 @@ each figure sits next to its baseline and the target it must meet:
   ``auto`` bundle vs the Flat bundle and vs Keras ``predict`` on one image: p50 <= 0.5 ms and
   >= 50x faster than Keras, with recall@10 >= 0.995 against exact search on the 10,000 test
   digits (and on the 5,000 of them the build did not tune on);
-- where that time goes: preprocessing, embedding, the search (``search_arrays``) and the result
+- where that time goes: preprocessing, embedding, the search (``search_vectors``) and the result
   objects, each timed alone;
 - exact search of one query over 10,000 and 60,000 vectors (FAISS alone): why ``auto`` keeps
   Flat up to 10,000 vectors;
 - embedding 10,000 images (LiteRT) vs Keras ``predict(batch_size=1024)``: >= 1.0x;
 - batch search of the 10,000 test vectors, k=10, on each bundle: raw FAISS QPS (prepared queries
-  straight into the index) beside the API's arrays (``search_vectors_arrays``, >= 0.8x raw) and
-  objects (``search_vectors``, reported); the auto index vs Flat exact: >= 5x;
+  straight into the index) beside the API's arrays (``search_vectors``, >= 0.8x raw) and
+  objects (its ``neighbors()``, reported); the auto index vs Flat exact: >= 5x;
 - ``build-index`` on 60,000 digits with an existing model, both bundles: seconds (reported).
 
 The model is trained first (default recipe) when ``--model`` does not exist. Exits 1 when a target
@@ -131,7 +131,7 @@ def main() -> None:
         vectors = flat.encoder.embed(test_pixels)
         indexed = np.asarray(flat.snapshot.segments[0].vectors)
         exact = exact_search(indexed, vectors, "cosine", 10)
-        found = auto.search_vectors_arrays(vectors, k=10).ids  # ids are rows in a fresh build
+        found = auto.search_vectors(vectors, k=10).ids  # ids are rows in a fresh build
         recall = recall_at_k(found, exact, 10)
         untuned = recall_at_k(found[TUNING_QUERIES:], exact[TUNING_QUERIES:], 10)
 
@@ -156,9 +156,11 @@ def main() -> None:
         stages = {
             "preprocess (decode, to MNIST)": lambda: to_batch(one_png),
             "embed (LiteRT)": lambda: auto.encoder.embed(pixels),
-            "search (`search_vectors_arrays`)": lambda: auto.search_vectors_arrays(one_vector, 5),
-            "search + result objects (`search_vectors`)": lambda: auto.search_vectors(one_vector,
-                                                                                      5),
+            # Titles kept from before Results (scripts/compare.py joins rows by them): arrays
+            # are `search_vectors` now, the objects its `neighbors()`.
+            "search (`search_vectors_arrays`)": lambda: auto.search_vectors(one_vector, 5),
+            "search + result objects (`search_vectors`)": lambda: auto.search_vectors(
+                one_vector, 5).neighbors(),
         }
         for stage, call in stages.items():
             rows.append((f"  stage: {stage}", f"{latency_ms(call, 2000)[0]:.3f} ms", "-",
@@ -197,9 +199,9 @@ def main() -> None:
             raw = len(vectors) / best_seconds(lambda i=faiss_index: i.search(prepared, 10),
                                               args.repeats)
             arrays = len(vectors) / best_seconds(
-                lambda i=index: i.search_vectors_arrays(vectors, 10), args.repeats)
-            objects = len(vectors) / best_seconds(
                 lambda i=index: i.search_vectors(vectors, 10), args.repeats)
+            objects = len(vectors) / best_seconds(
+                lambda i=index: i.search_vectors(vectors, 10).neighbors(), args.repeats)
             qps[label] = raw
             title = name if label == "auto" else "Flat"
             rows.append((f"batch QPS, 10,000 queries, k=10, {title}: API arrays "

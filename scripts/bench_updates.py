@@ -65,7 +65,7 @@ from lenet_embed import LenetEmbedError, SearchIndex, build_index, load_mnist, t
 from lenet_embed.ann import set_threads
 from lenet_embed.cli import run_script
 from lenet_embed.data import Dataset, LabeledImages
-from lenet_embed.updates import MERGE_FACTOR, _tier
+from lenet_embed.store.faiss import MERGE_FACTOR, _tier
 
 CLI = str(Path(sys.executable).with_name("lenet-embed"))
 DEFAULT_MODEL = Path("models/lenet.keras")
@@ -245,7 +245,7 @@ def single_adds(index: SearchIndex, queries: np.ndarray, digits: np.ndarray, lab
     for i in range(plan.searches):
         query = queries[i % len(queries)]
         started = time.perf_counter()
-        index.search(query, k=K)
+        index.search(query, k=K).neighbors()
         searches.append(time.perf_counter() - started)
         started = time.perf_counter()
         index.embed(query)
@@ -381,7 +381,7 @@ def search_loop(index: SearchIndex, queries: np.ndarray, seconds: float, into: L
             into.refreshes.append(time.perf_counter() - now)
             next_refresh += REFRESH_EVERY
         begun = time.perf_counter()
-        index.search(queries[i % len(queries)], k=K)
+        index.search(queries[i % len(queries)], k=K).neighbors()
         into.latencies.append(time.perf_counter() - begun)
         i += 1
     into.seconds += time.perf_counter() - started

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -37,7 +38,7 @@ from lenet_embed import LenetEmbedError, build_index, load_mnist
 from lenet_embed.bundle import package_version
 from lenet_embed.calibration import classifier_head
 from lenet_embed.cli import run_script
-from lenet_embed.embed import KerasEncoder, LiteRTEncoder, export_litert
+from lenet_embed.embed import KerasEncoder, LiteRTEncoder, litert_flatbuffer
 from lenet_embed.evaluate import evaluate
 from lenet_embed.model import encoder_of, load_classifier
 from lenet_embed.model_choice import (
@@ -98,7 +99,8 @@ def export(model: Path, out: Path) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     (out / CARD_FILE).unlink(missing_ok=True)  # the folder is not a model until its card is
     encoder.save(out / KERAS_FILE)
-    export_litert(encoder, out / LITERT_FILE)
+    with tempfile.TemporaryDirectory(dir=out.parent) as staging:
+        (out / LITERT_FILE).write_bytes(litert_flatbuffer(encoder, Path(staging) / "litert"))
     write_head(out / HEAD_FILE, *head)
     return encoder
 

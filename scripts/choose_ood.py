@@ -52,13 +52,13 @@ def main() -> None:
 
     snapshot = open_snapshot(args.index_dir, load_encoder)
     head = load_head(args.model)
-    live = snapshot.live_rows()
-    rows = sample_rows(snapshot.labels[live], live)
-    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images(rows)))
+    ids, labels = snapshot.labelled()
+    rows = sample_rows(labels, np.arange(len(ids)))
+    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images_of(ids[rows])))
     search = snapshot_search(snapshot)
     drawn = generate("fit", args.nondigits, SEED)
     others = snapshot.encoder.embed(drawn.pixels)
-    data = held_out(search, vectors, snapshot.ids[rows], snapshot.labels[rows], others, head)
+    data = held_out(search, vectors, ids[rows], labels[rows], others, head)
     kinds = np.array(drawn.kinds)
     half = np.arange(len(rows)) % 2 == 0
     print(f"{len(rows)} items (half fit, half threshold), {len(kinds)} fit-split non-digits, "

@@ -32,11 +32,11 @@ from lenet_embed.data import load_image_folder, load_mnist, read_idx
 from lenet_embed.errors import LenetEmbedError
 from lenet_embed.files import NotRegularFile, open_regular
 from lenet_embed.labels import MAX_LABEL, BadLabel, check_label
-from lenet_embed.milvus import token_from_file
 from lenet_embed.model import load_classifier
 from lenet_embed.preprocess import open_image, to_mnist
 from lenet_embed.search import SearchIndex
 from lenet_embed.serve import create_app
+from lenet_embed.store.milvus import token_from_file
 from lenet_embed.writer import WriterLock
 
 TOKEN = "test-token-0123456789abcdef"

@@ -1,8 +1,8 @@
 """The merge policy of unsealed segments is bounded for any sequence of add sizes.
 
-The promise (:func:`lenet_embed.updates._merged_with`): the ``n`` rows in unsealed segments are in
-at most ``3 * (floor(log4(n)) + 1)`` segments, oldest first their tiers never rise and no tier
-holds four, and each row is rewritten at most ``floor(log4(n))`` times.
+The promise (:func:`lenet_embed.store.faiss._merged_with`): the ``n`` rows in unsealed segments
+are in at most ``3 * (floor(log4(n)) + 1)`` segments, oldest first their tiers never rise and no
+tier holds four, and each row is rewritten at most ``floor(log4(n))`` times.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lenet_embed import SearchIndex
 from lenet_embed.bundle import Segment
-from lenet_embed.updates import MERGE_FACTOR, _merged_with, _tier
+from lenet_embed.store.faiss import MERGE_FACTOR, _merged_with, _tier
 
 
 def bound(rows: int) -> int:
@@ -106,7 +106,7 @@ def test_a_real_bundle_under_alternating_adds_stays_small_and_exact(bundle_copy,
     ids = np.concatenate(added)
     assert np.array_equal(ids, np.arange(2000, 2250))
     fresh = SearchIndex.load(bundle_copy)
-    found = fresh.search_vectors_arrays(fresh.embed(images), k=1)
+    found = fresh.search_vectors(fresh.embed(images), k=1)
     assert np.array_equal(found.ids[:, 0], ids)
     assert np.array_equal(found.labels[:, 0], labels)
     assert len(fresh) == 2250

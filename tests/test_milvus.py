@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _compare import close
 from PIL import Image
 
 pytest.importorskip("pymilvus")
@@ -22,8 +23,8 @@ pytest.importorskip("milvus_lite")
 
 from lenet_embed import LenetEmbedError, SearchIndex, build_index  # noqa: E402
 from lenet_embed.bundle import read_manifest  # noqa: E402
-from lenet_embed.milvus import index_type, open_store  # noqa: E402
 from lenet_embed.snapshot import inspect_bundle  # noqa: E402
+from lenet_embed.store.milvus import index_type, open_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def lite_bundle(trained, bundle_data, tmp_path_factory) -> Path:
     """The session's 2,000 digits, built into a Milvus Lite file beside the bundle."""
     root = tmp_path_factory.mktemp("milvus-lite")
     build_index(data=bundle_data, model=trained.model, index_dir=root / "index",
-                milvus_uri=str(root / "digits.db"), factory="Flat")
+                store_uri=str(root / "digits.db"), factory="Flat")
     return root / "index"
 
 
@@ -89,17 +90,6 @@ def test_answers_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
     assert np.array_equal(milvus.item_image(item), search_index.item_image(item))
 
 
-def _close(ours: object, theirs: object) -> bool:
-    """Equal JSON data, numbers within a relative 1e-4 (what the solver's tolerance leaves)."""
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        return ours.keys() == theirs.keys() and all(_close(ours[k], theirs[k]) for k in ours)
-    if isinstance(ours, list) and isinstance(theirs, list):
-        return len(ours) == len(theirs) and all(map(_close, ours, theirs))
-    if isinstance(ours, float) or isinstance(theirs, float):
-        return bool(np.isclose(ours, theirs, rtol=1e-4, atol=1e-9))
-    return ours == theirs
-
-
 def test_answers_are_calibrated_like_the_faiss_bundle(lite_bundle, search_index, bundle_data):
     """A Milvus bundle is calibrated at build time too (on exact searches of the same vectors):
     the same confidence and verdicts as the FAISS bundle of the same items."""
@@ -110,7 +100,7 @@ def test_answers_are_calibrated_like_the_faiss_bundle(lite_bundle, search_index,
     assert calibration is not None and calibration.head_weights is not None
     # The same fit up to rounding: the two engines sum the distances in their own order (the
     # FAISS bundle's with as many threads as earlier tests left), and the fit amplifies it.
-    assert _close(calibration.json_data, search_index.manifest.calibration.json_data)
+    assert close(calibration.json_data, search_index.manifest.calibration.json_data)
     digits = list(_test_digits(bundle_data))
     queries = digits + list(generate("eval", 30, seed=5).images)
     ours, theirs = milvus.query(queries, k=5), search_index.query(queries, k=5)
@@ -162,7 +152,7 @@ def test_a_removal_killed_before_its_commit_is_counted_by_the_next_write(
         trained, bundle_data, tmp_path, caplog):
     bundle = tmp_path / "index"
     build_index(data=bundle_data, model=trained.model, index_dir=bundle,
-                milvus_uri=str(tmp_path / "digits.db"), factory="Flat")
+                store_uri=str(tmp_path / "digits.db"), factory="Flat")
     manifest = read_manifest(bundle)
     store = open_store(bundle, manifest)
     store.delete(np.array([5, 6]))  # applied in Milvus; the writer died before its commit
@@ -192,7 +182,7 @@ def test_cli_query_info_add_remove(lite_bundle, bundle_data, run, tmp_path):
     assert "Milvus collection lenet_embed_v1_" in result.output and "2000 live" in result.output
     result = run("evaluate", "--index-dir", lite_bundle)
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and "its items are in Milvus" in result.output
+    assert result.output.count("\n") == 1 and "not built from the training split" in result.output
 
 
 def test_a_second_process_gets_one_line_while_the_file_is_open(lite_bundle, lenet_embed_cmd,
@@ -212,7 +202,7 @@ def test_server_over_grpc(milvus_server, trained, bundle_data, search_index, tmp
                           lenet_embed_cmd):
     bundle = tmp_path / "index"
     build_index(data=bundle_data, model=trained.model, index_dir=bundle,
-                milvus_uri=milvus_server)  # the default factory, auto: Milvus's AUTOINDEX
+                store_uri=milvus_server)  # the default factory, auto: Milvus's AUTOINDEX
     manifest = read_manifest(bundle)
     assert manifest.store.uri == milvus_server and manifest.store.index == "AUTOINDEX"
     index = SearchIndex.load(bundle)
@@ -233,7 +223,7 @@ def test_server_over_grpc(milvus_server, trained, bundle_data, search_index, tmp
     # A rebuild makes a new collection and drops the old one.
     old = manifest.store.collection
     build_index(data=bundle_data.head(500, 10), model=trained.model, index_dir=bundle,
-                milvus_uri=milvus_server)
+                store_uri=milvus_server)
     from pymilvus import MilvusClient
 
     names = MilvusClient(uri=milvus_server).list_collections()
@@ -246,7 +236,7 @@ def test_unreachable_server_is_one_line(trained, bundle_data, tmp_path):
         port = probe.getsockname()[1]
     with pytest.raises(LenetEmbedError, match="cannot reach Milvus at http://127.0.0.1"):
         build_index(data=bundle_data.head(100, 10), model=trained.model,
-                    index_dir=tmp_path / "index", milvus_uri=f"http://127.0.0.1:{port}")
+                    index_dir=tmp_path / "index", store_uri=f"http://127.0.0.1:{port}")
     assert not (tmp_path / "index" / "manifest.json").exists()
 
 

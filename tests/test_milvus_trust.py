@@ -25,9 +25,10 @@ from PIL import Image
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from lenet_embed import LenetEmbedError, build_index, milvus  # noqa: E402
+from lenet_embed import LenetEmbedError, build_index  # noqa: E402
 from lenet_embed.bundle import MANIFEST, SEAL, read_manifest, sealed_json  # noqa: E402
-from lenet_embed.milvus import TOKEN_ENV, URI_ENV, allow_uri, allowed_uri  # noqa: E402
+from lenet_embed.store import kept_in_folder, milvus  # noqa: E402
+from lenet_embed.store.milvus import TOKEN_ENV, URI_ENV, allow_uri, allowed_uri  # noqa: E402
 
 TOKEN = "root:s3cret-token-of-the-operator"
 
@@ -156,7 +157,8 @@ def test_the_server_the_operator_names_is_connected(bundle_copy, listener, run, 
     line = _one_line(run("info", "--index-dir", bundle_copy, "--milvus-uri", listener.uri))
     assert f"cannot reach Milvus at {listener.uri}" in line
     assert listener.connections > connections
-    check = ("import sys; from pathlib import Path; from lenet_embed.milvus import allowed_uri; "
+    check = ("import sys; from pathlib import Path; "
+             "from lenet_embed.store.milvus import allowed_uri; "
              "print(allowed_uri(sys.argv[1], Path(sys.argv[2])))")
     done = subprocess.run([sys.executable, "-c", check, listener.uri, str(bundle_copy)],
                           capture_output=True, text=True, timeout=120)
@@ -245,13 +247,15 @@ def lite_inside(trained, bundle_data, tmp_path_factory) -> Path:
     """300 digits in a Milvus Lite file inside the bundle's own folder: no naming needed."""
     bundle = tmp_path_factory.mktemp("milvus-inside") / "index"
     build_index(data=bundle_data.head(300, 10), model=trained.model, index_dir=bundle,
-                milvus_uri=str(bundle / "digits.db"), factory="Flat")
+                store_uri=str(bundle / "digits.db"), factory="Flat")
     return bundle
 
 
 def test_info_verify_on_a_milvus_lite_bundle(lite_inside, run, no_names):
     manifest = read_manifest(lite_inside)
     assert manifest.store.uri == "digits.db"
+    # The file is the bundle's own (a rebuild into the folder keeps it), not the user's.
+    assert kept_in_folder(manifest) == {"digits.db"}
     result = run("info", "--verify", "--index-dir", lite_inside)
     assert result.exit_code == 0, result.output
     assert "every file matches its checksum" in result.output and "300 live" in result.output
@@ -281,7 +285,7 @@ def test_a_bundle_keeping_its_lite_file_inside_is_rebuilt_there(lite_inside, tra
                                                                  bundle_data, no_names):
     old = read_manifest(lite_inside).store.collection
     build_index(data=bundle_data.head(200, 10), model=trained.model, index_dir=lite_inside,
-                milvus_uri=str(lite_inside / "digits.db"), factory="Flat")
+                store_uri=str(lite_inside / "digits.db"), factory="Flat")
     manifest = read_manifest(lite_inside)
     assert manifest.store.uri == "digits.db" and manifest.count == 200
     store = milvus.open_store(lite_inside, manifest)

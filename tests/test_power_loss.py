@@ -32,7 +32,8 @@ from lenet_embed import SearchIndex, build_index, inspect_bundle
 from lenet_embed.bundle import MANIFEST, parse_manifest, read_manifest
 from lenet_embed.calibration import calibrate
 from lenet_embed.errors import LenetEmbedError
-from lenet_embed.updates import MERGE_FACTOR, add_vectors, compact, remove
+from lenet_embed.store.faiss import MERGE_FACTOR
+from lenet_embed.updates import add_vectors, compact, remove
 from lenet_embed.writer import BundleWriter, check_folder
 
 BUNDLE = "index"  # the bundle's folder inside the recorded world

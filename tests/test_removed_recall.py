@@ -1,6 +1,6 @@
 """Search keeps its recall as items are removed, whatever the index type.
 
-The promise (:func:`lenet_embed.snapshot._filtered_search`): a sealed segment with a share of its
+The promise (:func:`lenet_embed.store.faiss._filtered_search`): a sealed segment with a share of its
 rows removed is searched with its effort (HNSW's efSearch, IVF's nprobe) scaled by 1 / (live
 share), or exactly over its live rows once that is cheaper, so recall@10 against exact search over
 the live items stays >= 0.99 (measured here on real MNIST embeddings, up to 95 % removed).
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from lenet_embed import SearchIndex, build_index
-from lenet_embed import snapshot as snapshot_module
 from lenet_embed.ann import exact_search, prepare_vectors, search_parameter
 from lenet_embed.data import Dataset
 from lenet_embed.metrics import recall_at_k
 from lenet_embed.snapshot import inspect_bundle
+from lenet_embed.store import faiss as snapshot_module
 
 K = 10
 ITEMS = 6_000
@@ -47,7 +47,7 @@ def live_recall(index: SearchIndex, vectors: np.ndarray) -> float:
     snapshot = index.snapshot
     live = snapshot.live_rows()
     exact = live[exact_search(snapshot.vectors(live), vectors, snapshot.metric, K)]
-    found = np.searchsorted(snapshot.ids, index.search_vectors_arrays(vectors, K).ids)
+    found = np.searchsorted(snapshot.ids, index.search_vectors(vectors, K).ids)
     return recall_at_k(found, exact, K)
 
 
@@ -100,15 +100,15 @@ def test_the_exact_index_of_live_rows_is_shared_by_later_versions(bundle_copy, m
     index = SearchIndex.load(bundle_copy)
     index.remove(range(0, 2000, 2))  # half removed: Flat searches the live rows exactly
     vectors = index.embed(mnist.test.images[:5])
-    first = index.search_vectors_arrays(vectors, K)
+    first = index.search_vectors(vectors, K)
     cached = index.snapshot.segments[0].live_index
     assert cached is not None and np.all(first.ids % 2 == 1)
     index.add(mnist.test.images[5])  # a new version, the sealed segment unchanged
-    again = index.search_vectors_arrays(vectors, K)
+    again = index.search_vectors(vectors, K)
     assert index.snapshot.segments[0].live_index is cached  # not copied again
     assert np.all((again.ids % 2 == 1) | (again.ids == 2000))
     index.remove([1])  # other removed rows: a new exact index
-    index.search_vectors_arrays(vectors, K)
+    index.search_vectors(vectors, K)
     assert index.snapshot.segments[0].live_index is not cached
 
 

@@ -12,6 +12,7 @@ from lenet_embed import (
     Hits,
     LenetEmbedError,
     Neighbor,
+    Results,
     SearchIndex,
     build_index,
     majority_label,
@@ -259,7 +260,8 @@ def test_make_index_rejects_bad_settings(indexed_embeddings):
 # ------------------------------------------------------------------------------- arrays
 
 
-def _assert_hits_match(hits: Hits, results: list[list[Neighbor]], index: SearchIndex, k: int):
+def _assert_hits_match(hits: Results, results: list[list[Neighbor]], index: SearchIndex,
+                       k: int):
     assert hits.ids.shape == hits.labels.shape == hits.distances.shape == (len(results), k)
     assert (hits.ids.dtype, hits.labels.dtype, hits.distances.dtype) == (
         np.int64, np.int64, np.float32)
@@ -273,30 +275,33 @@ def _assert_hits_match(hits: Hits, results: list[list[Neighbor]], index: SearchI
 
 def test_arrays_are_the_objects_values(search_index, l2_index, queries, bundle_data):
     for index in (search_index, l2_index):
-        hits = index.search_arrays(queries, k=K)
-        _assert_hits_match(hits, index.search(queries, k=K), index, K)
+        hits = index.search(queries, k=K)
+        assert isinstance(hits, Results) and Hits is Results  # the name before Results
+        _assert_hits_match(hits, hits.neighbors(), index, K)
+        # Indexing and iterating are the objects, made once.
+        assert list(hits) == hits.neighbors() and hits[2] is hits.neighbors()[2]
         assert np.array_equal(hits.labels, bundle_data.train.labels[hits.ids])  # ids = rows here
         vectors = index.embed(queries)
-        by_vector = index.search_vectors_arrays(vectors, k=K)
-        _assert_hits_match(by_vector, index.search_vectors(vectors, k=K), index, K)
+        by_vector = index.search_vectors(vectors, k=K)
+        _assert_hits_match(by_vector, by_vector.neighbors(), index, K)
         assert np.array_equal(by_vector.ids, hits.ids)
-    (single,) = search_index.search_vectors_arrays(search_index.embed(queries[:1])[0], k=3).ids
+    (single,) = search_index.search_vectors(search_index.embed(queries[:1])[0], k=3).ids
     assert single.tolist() == _ids(search_index.search(queries[0], k=3))[0]
 
 
 def test_arrays_of_a_folder_bundle_hold_class_codes(picture_bundle, mnist):
     _, _, index = picture_bundle
     tests = mnist.test.images[np.flatnonzero(mnist.test.labels <= 1)[:6]]
-    hits = index.search_arrays(tests, k=4)
-    _assert_hits_match(hits, index.search(tests, k=4), index, 4)
+    hits = index.search(tests, k=4)
+    _assert_hits_match(hits, hits.neighbors(), index, 4)
     assert set(hits.labels.ravel().tolist()) <= {-1, 0, 1}  # codes into ["one", "zero"]
 
 
 def test_arrays_check_their_input_like_the_objects(search_index, queries):
     vector = search_index.embed(queries[:1])
     with pytest.raises(LenetEmbedError, match="k must be between 1 and"):
-        search_index.search_arrays(queries[0], k=0)
+        search_index.search(queries[0], k=0)
     with pytest.raises(LenetEmbedError, match="k must be between 1 and"):
-        search_index.search_vectors_arrays(vector, k=len(search_index) + 1)
+        search_index.search_vectors(vector, k=len(search_index) + 1)
     with pytest.raises(LenetEmbedError, match="84"):
-        search_index.search_vectors_arrays(vector[:, :80], k=3)
+        search_index.search_vectors(vector[:, :80], k=3)

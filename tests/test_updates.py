@@ -160,11 +160,11 @@ def test_adds_from_threads_during_a_commit_share_the_next_one(bundle_copy, new_d
         found[i] = index.add(images[i], labels=int(labels[i])).tolist()
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
-    with index._committing:
+    with index._adds._committing:
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60
-        while len(index._waiting) < 8:
+        while len(index._adds._waiting) < 8:
             assert time.monotonic() < deadline, "the adds did not all arrive"
             time.sleep(0.01)
     for thread in threads:
@@ -179,7 +179,7 @@ def test_adds_from_threads_during_a_commit_share_the_next_one(bundle_copy, new_d
         assert (top.id, top.label) == (ids[0], int(labels[i]))
     with pytest.raises(LenetEmbedError, match="label 'x'"):
         index.add(images[0], labels="x")  # refused alone, before it could join a commit
-    assert not index._waiting and read_manifest(bundle_copy).version == manifest.version
+    assert not index._adds._waiting and read_manifest(bundle_copy).version == manifest.version
 
 
 def test_ids_are_never_reused(bundle_copy, bundle_data, new_digits):

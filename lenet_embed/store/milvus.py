@@ -1,4 +1,6 @@
-"""Items kept in a Milvus collection instead of the bundle's own segments: :class:`MilvusStore`.
+"""Items kept in a Milvus collection instead of the bundle's own segments: the second store
+(:class:`MilvusSnapshot` reads, :class:`Milvus` writes, :class:`MilvusBuild` builds), over one
+connection, :class:`MilvusStore`.
 
 A bundle built with ``--store milvus`` still holds its manifest and its encoder; the manifest's
 ``store`` names the Milvus deployment and the collection that holds the items (id, vector,
@@ -11,7 +13,7 @@ label, image, source). The same ``MilvusClient`` API reaches every deployment:
 
 A bundle may come from anyone, so what its manifest names is not trusted (:func:`allowed_uri`,
 checked before every connection): a Milvus server is used only when the operator named it
-(``--milvus-uri``, :func:`allow_uri`, ``build_index(milvus_uri=...)`` or
+(``--milvus-uri``, :func:`allow_uri`, ``build_index(store_uri=...)`` or
 ``$LENET_EMBED_MILVUS_URI``), so the token never goes to a host a bundle chose; a Milvus Lite
 file only inside the bundle's folder, or where the operator named it. Reads never create a
 Milvus Lite file.
@@ -20,11 +22,16 @@ Milvus makes an insert or a delete visible by itself (the collection is created 
 consistency); the bundle's manifest, committed after it under the writer lock, keeps the count
 and the next id, so ids are still never reused. Rows that a killed writer inserted but never
 committed (ids at or above the manifest's ``next_id``) are deleted by the next writer.
+
+Each snapshot holds its connection and hands it on to the next version it is refreshed to; each
+write connects for the length of its commit (a Milvus Lite file runs once in a process, however
+many clients it has).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import logging
 import os
@@ -33,15 +40,20 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from ._quiet import is_verbose
-from .bundle import MANIFEST, REBUILD, Manifest, Store
-from .errors import LenetEmbedError
-from .files import open_regular
+from .._quiet import is_verbose
+from ..ann import exact_scores
+from ..bundle import MANIFEST, REBUILD, Manifest, Store
+from ..errors import LenetEmbedError
+from ..files import open_regular
+from . import Backend, Build, Changes, Found, Progress, Snapshot
+
+if TYPE_CHECKING:
+    from ..writer import BundleWriter
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +146,7 @@ def _named_form(uri: str) -> str:
 def allow_uri(uri: str) -> str:
     """Name a Milvus deployment this process may connect to (and send its token to) when a
     bundle's manifest names it: a server URI, or a Milvus Lite file (relative to the working
-    folder). ``--milvus-uri`` and ``build_index(milvus_uri=...)`` call it. Returns the URI in
+    folder). ``--milvus-uri`` and ``build_index(store_uri=...)`` call it. Returns the URI in
     its checked form; a URI that does not parse strictly is a :class:`LenetEmbedError`."""
     try:
         form = _named_form(uri)
@@ -477,72 +489,77 @@ def index_type(factory: str) -> str:
     return "AUTOINDEX"
 
 
-_OPEN: dict[tuple[str, str], MilvusStore] = {}
-_OPEN_LOCK = threading.Lock()
-
-
 def open_store(directory: Path, manifest: Manifest, token: str | None = None) -> MilvusStore:
-    """The store a manifest names, once :func:`allowed_uri` allows it, connected once per
-    process (a Milvus Lite file admits one process, and one client in it)."""
+    """A new connection to the collection a manifest names, once :func:`allowed_uri` allows it,
+    loaded for searching."""
     ref = manifest.store
     if ref is None:
         raise LenetEmbedError(f"{directory}: this bundle keeps its items itself, not in Milvus")
-    uri = allowed_uri(ref.uri, directory)
-    with _OPEN_LOCK:
-        store = _OPEN.get((uri, ref.collection))
-        if store is None:
-            store = MilvusStore(uri, ref.collection, manifest.metric, manifest.dim, token)
-            store.load()
-            _OPEN[(uri, ref.collection)] = store
+    store = MilvusStore(allowed_uri(ref.uri, directory), ref.collection, manifest.metric,
+                        manifest.dim, token)
+    store.load()
     return store
 
 
-class MilvusSnapshot:
+class MilvusSnapshot(Snapshot):
     """One version of a bundle whose items are in Milvus: its manifest and encoder, and the
-    collection. Milvus shows every committed write at once, so searches see the newest items;
-    the manifest's version says which commits this process has taken in."""
+    collection. Milvus shows every committed write at once, so searches see only the ids below
+    the manifest's ``next_id`` (what this version committed; a writer's newer rows are not)."""
+
+    has_sources = True
 
     def __init__(self, directory: Path, manifest: Manifest, encoder: Any,
-                 search_params: dict[str, int] | None = None) -> None:
-        self.directory = directory
-        self.manifest = manifest
-        self.encoder = encoder
-        self.metric = manifest.metric
-        self.dim = manifest.dim
-        self.search_params = dict(search_params or {})
-        self.has_sources = True
-        self.segments: list[Any] = []  # the items are in Milvus, none in the bundle
-        self.store = open_store(directory, manifest)
+                 search_params: dict[str, int] | None, store: MilvusStore) -> None:
+        super().__init__(directory, manifest, encoder, search_params)
+        self.store = store
 
-    def __len__(self) -> int:
-        """The number of live items."""
-        return self.manifest.count
-
-    @property
-    def identity(self) -> tuple[int, str]:
-        """What tells two versions apart."""
-        return self.manifest.version, self.manifest.committed_at
-
-    def label_name(self, code: int) -> int | str | None:
-        """A stored label code as the user knows it."""
-        return self.manifest.label_name(code)
-
-    def hits(self, vectors: np.ndarray, k: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str | None]]]:
+    def hits(self, vectors: np.ndarray, k: int) -> Found:
         """Distances, ids and label codes (n, k) of the nearest items, and their sources."""
         ef = max(MIN_EF, k, int(self.search_params.get("efSearch", 0)))
-        return self.store.search(vectors, k, {"ef": ef, "nprobe": int(
-            self.search_params.get("nprobe", 16))}, below=self.manifest.next_id)
+        return Found(*self.store.search(vectors, k, {"ef": ef, "nprobe": int(
+            self.search_params.get("nprobe", 16))}, below=self.manifest.next_id))
 
     def image_of(self, item_id: int) -> np.ndarray | None:
         """The stored digit of an item, or None."""
+        if not 0 <= item_id < self.manifest.next_id:
+            return None
         return self.store.image(item_id)
 
-    def label_of(self, item_id: int) -> int | str | None:
-        """The label of an item as the user knows it (None also when there is no item)."""
+    def label_code_of(self, item_id: int) -> int | None:
+        """The stored label code of an item, or None."""
+        if not 0 <= item_id < self.manifest.next_id:
+            return None
         rows = self.store.get([item_id], ["label"])
-        return self.label_name(int(rows[0]["label"])) if rows else None
+        return int(rows[0]["label"]) if rows else None
 
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and label codes of every committed item, in id order."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for rows in self.store.batches(f"id < {self.manifest.next_id}", ["id", "label"]):
+            ids.extend(int(row["id"]) for row in rows)
+            labels.extend(int(row["label"]) for row in rows)
+        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+        return (np.asarray(ids, dtype=np.int64)[order],
+                np.asarray(labels, dtype=np.int64)[order])
+
+    def images_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored digits of items: uint8 (len(ids), 28, 28)."""
+        wanted = np.asarray(ids, dtype=np.int64).tolist()
+        found: dict[int, Any] = {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = [i for i in wanted[start:start + _BATCH] if 0 <= i < self.manifest.next_id]
+            found.update((int(row["id"]), row["image"])
+                         for row in self.store.get(chunk, ["id", "image"]))
+        out = np.empty((len(wanted), 28, 28), dtype=np.uint8)
+        for position, item_id in enumerate(wanted):
+            image = _decode_image(found.get(item_id))
+            if image is None:
+                raise LenetEmbedError(f"{self.directory}: Milvus collection "
+                                      f"{self.store.collection} has no digit for item "
+                                      f"{item_id}; {REBUILD_MILVUS}")
+            out[position] = image
+        return out
     def check_count(self) -> None:
         """Check that the collection holds the items the manifest counts. Fewer is what a
         removal killed before its commit leaves (a warning: the next write puts the count
@@ -589,6 +606,113 @@ class MilvusSnapshot:
 # --------------------------------------------------------------------------- writes
 # Each runs inside the bundle's writer session, so ids come from one manifest at a time.
 
+class Milvus(Backend):
+    """The writes of a bundle whose items are in a Milvus collection."""
+
+    checked_by_loading = False  # loading a version connects to Milvus
+
+    def open(self, directory: Path, manifest: Manifest, encoder: Any,
+             search_params: dict[str, int], previous: Snapshot | None) -> MilvusSnapshot:
+        """The version ``manifest``, over the connection of ``previous`` when it has the same
+        collection (else a new one)."""
+        if (isinstance(previous, MilvusSnapshot) and previous.manifest.store == manifest.store
+                and previous.directory == directory):
+            store = previous.store
+        else:
+            store = open_store(directory, manifest)
+        return MilvusSnapshot(directory, manifest, encoder, search_params, store)
+
+    def add(self, writer: BundleWriter, current: Manifest, ids: np.ndarray, vectors: np.ndarray,
+            labels: np.ndarray, images: np.ndarray, sources: list[str | None] | None) -> Changes:
+        """Insert rows with new ids (from ``current.next_id``), counting what the next version
+        holds. Rows at or above that id are a writer's that never committed (killed, or its
+        commit failed): they go first."""
+        with _connected(writer.directory, current) as store:
+            store.delete_from(current.next_id)
+            store.insert(ids, vectors, labels, images, sources)
+            return {"count": store.count(f"id < {int(ids[-1]) + 1}")}
+
+    def remove(self, writer: BundleWriter, current: Manifest, ids: np.ndarray
+               ) -> tuple[np.ndarray, Changes | None]:
+        """Delete the committed items among ``ids``.
+
+        Milvus and the manifest cannot change in one step: a writer killed between the two
+        leaves its removal applied but the manifest's count stale (searches are right; ``info``
+        warns). Counting what the collection holds here puts the next commit right."""
+        with _connected(writer.directory, current) as store:
+            gone = store.delete(ids[ids < current.next_id])
+            live = store.count(f"id < {current.next_id}")
+        if len(gone) == 0 and live == current.count:
+            return gone, None
+        return gone, {"count": live, "rows": current.rows - (current.count - live)}
+
+    def compact(self, writer: BundleWriter, current: Manifest) -> Changes | None:
+        """Have Milvus drop deleted rows (it compacts in the background): nothing to commit."""
+        with _connected(writer.directory, current) as store:
+            store.compact()
+        return None
+
+    def kept_in_folder(self, manifest: Manifest) -> set[str]:
+        """A Milvus Lite file kept directly in the bundle's folder (where it needs no naming to
+        be read): the bundle's own."""
+        uri = manifest.store.uri if manifest.store is not None else ""
+        return {uri} if uri and not is_server(uri) and "/" not in uri else set()
+
+    def replaced(self, directory: Path, old: Manifest, new: Manifest) -> None:
+        """Drop the collection the replaced version used (:func:`drop_replaced`)."""
+        drop_replaced(directory, old, new)
+
+
+@contextlib.contextmanager
+def _connected(directory: Path, manifest: Manifest) -> Iterator[MilvusStore]:
+    """A connection to the collection of ``manifest`` for one write, closed after it."""
+    store = open_store(directory, manifest)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+class MilvusBuild(Build):
+    """A build into a new collection of the Milvus at ``uri`` (the operator names it, so the
+    bundle's later commands may connect to it)."""
+
+    def __init__(self, directory: Path, uri: str, token: str | None) -> None:
+        allow_uri(uri)  # a malformed URI is refused before the embedding, not after
+        self.directory, self.uri, self.token = directory, uri, token
+
+    def index(self, vectors: np.ndarray, metric: str, factory: str, target_recall: float,
+              budget: int, held_out: Callable[[], np.ndarray], on_progress: Progress) -> None:
+        """None: Milvus builds and tunes its own index, of the factory's family."""
+        return None
+
+    def scores(self, built: None, vectors: np.ndarray, metric: str
+               ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+        """Exact search of the same vectors (what a tuned Milvus index approximates), with no
+        copy of them: the collection is written after the calibration."""
+        return lambda queries, k: exact_scores(vectors, queries, metric, k)
+
+    def fields(self, built: None, factory: str) -> Changes:
+        """The factory asked for; Milvus keeps its own search parameters."""
+        return {"factory": factory, "search_params": {}, "target_recall": None,
+                "factory_reason": None}
+
+    def write(self, writer: BundleWriter, built: None, ids: np.ndarray, vectors: np.ndarray,
+              labels: np.ndarray, images: np.ndarray, sources: list[str] | None,
+              factory: str, metric: str, on_progress: Progress) -> Changes:
+        """Insert every item into a new collection (dropped again if the insert fails)."""
+        ref, collection = new_collection(writer.directory, self.uri, writer.next_version,
+                                         metric, vectors.shape[1], factory, self.token)
+        try:
+            collection.insert(ids, vectors, labels, images, sources, on_progress=on_progress)
+        except BaseException:
+            collection.drop()
+            raise
+        finally:
+            collection.close()
+        return {"segments": [], "files": {}, "store": ref}
+
+
 def new_collection(directory: Path, uri: str, version: int, metric: str, dim: int,
                    factory: str, token: str | None = None) -> tuple[Store, MilvusStore]:
     """Create an empty collection for a build of the bundle in ``directory``; its name is new
@@ -602,36 +726,6 @@ def new_collection(directory: Path, uri: str, version: int, metric: str, dim: in
     return ref, store
 
 
-def add_rows(directory: Path, current: Manifest, ids: np.ndarray, vectors: np.ndarray,
-             labels: np.ndarray, images: np.ndarray,
-             sources: Sequence[str | None] | None) -> int:
-    """Insert rows with new ids (from ``current.next_id``); return the number of items the
-    next version holds. Rows at or above that id are a writer's that never committed (killed,
-    or its commit failed): they go first."""
-    store = open_store(directory, current)
-    store.delete_from(current.next_id)
-    store.insert(ids, vectors, labels, images, sources)
-    return store.count(f"id < {int(ids[-1]) + 1}")
-
-
-def remove_rows(directory: Path, current: Manifest, ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """Delete the committed items among ``ids``; return the ids that were there and the
-    number of items the next version holds.
-
-    Milvus and the manifest cannot change in one step: a writer killed between the two leaves
-    its removal applied but the manifest's count stale (searches are right; ``info`` warns).
-    Counting what the collection holds here puts the next commit right.
-    """
-    store = open_store(directory, current)
-    gone = store.delete(ids[ids < current.next_id])
-    return gone, store.count(f"id < {current.next_id}")
-
-
-def compact(directory: Path, current: Manifest) -> None:
-    """Have Milvus drop deleted rows (it compacts in the background)."""
-    open_store(directory, current).compact()
-
-
 def drop_replaced(directory: Path, old: Manifest | None, new: Manifest) -> None:
     """After a rebuild, drop the collection the previous version used (when it was in Milvus
     and is not the new one's)."""
@@ -642,6 +736,8 @@ def drop_replaced(directory: Path, old: Manifest | None, new: Manifest) -> None:
     except LenetEmbedError as exc:  # the previous manifest's Milvus is not one to connect to
         log.warning("%s; its collection %s is left there", exc, old.store.collection)
         return
-    with _OPEN_LOCK:
-        store = _OPEN.pop((uri, old.store.collection), None)
-    (store or MilvusStore(uri, old.store.collection, old.metric, old.dim)).drop()
+    store = MilvusStore(uri, old.store.collection, old.metric, old.dim)
+    try:
+        store.drop()
+    finally:
+        store.close()
