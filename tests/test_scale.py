@@ -128,10 +128,10 @@ def test_streaming_build_matches_a_build_from_arrays(digits_dir, trained, tmp_pa
     same vectors and the same images.npy (byte for byte what ``np.save`` writes) as a build from
     the same digits held in memory, and the vectors are the encoder's, normalised."""
     import lenet_embed.build
-    import lenet_embed.writer
+    import lenet_embed.durable
 
     monkeypatch.setattr(lenet_embed.build, "CHUNK", 96)
-    monkeypatch.setattr(lenet_embed.writer, "_SAVE_CHUNK_BYTES", 100 * 784)
+    monkeypatch.setattr(lenet_embed.durable, "_SAVE_CHUNK_BYTES", 100 * 784)
     progress: list[tuple[str, int, int]] = []
     streamed = build_index(data=digits_dir, model=trained.model, index_dir=tmp_path / "streamed",
                            on_progress=lambda *step: progress.append(step))
@@ -139,7 +139,7 @@ def test_streaming_build_matches_a_build_from_arrays(digits_dir, trained, tmp_pa
     in_memory = Dataset(LabeledImages(np.array(loaded.train.images), loaded.train.labels),
                         loaded.test, "arrays")
     monkeypatch.setattr(lenet_embed.build, "CHUNK", 1 << 20)
-    monkeypatch.setattr(lenet_embed.writer, "_SAVE_CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr(lenet_embed.durable, "_SAVE_CHUNK_BYTES", 1 << 30)
     whole = build_index(data=in_memory, model=trained.model, index_dir=tmp_path / "whole")
 
     def segment_file(result, name):
