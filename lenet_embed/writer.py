@@ -465,9 +465,10 @@ def check_folder(directory: Path) -> None:
                               "--index-dir")
     found = contents(directory)
     is_bundle = _holds_a_bundle(directory)
-    lite = _lite_folder(directory) if is_bundle else None
+    kept = _kept_by_store(directory) if is_bundle else set()
     strangers = [p for p in found.foreign
-                 if not (p.is_file() and (is_bundle or p.name in KEPT_FILES)) and p.name != lite]
+                 if not (p.is_file() and (is_bundle or p.name in KEPT_FILES))
+                 and p.name not in kept]
     if not is_bundle:
         # Named like a bundle's but no bundle's: a build would replace manifest.json.
         strangers += [p for p in found.ours if p.name == MANIFEST]
@@ -495,14 +496,15 @@ def contents(directory: Path) -> Contents:
     return found
 
 
-def _lite_folder(directory: Path) -> str | None:
-    """The Milvus Lite file the bundle's current manifest keeps directly in its folder (where
-    a bundle's Milvus Lite file needs no naming to be read), if any: the bundle's own."""
+def _kept_by_store(directory: Path) -> set[str]:
+    """The names the current manifest's store keeps directly in the bundle's folder (an
+    external store's local file), which are the bundle's own, not the user's."""
+    from . import store
+
     try:
-        store = read_manifest(directory).store
+        return store.kept_in_folder(read_manifest(directory))
     except LenetEmbedError:
-        return None
-    return store.uri if store is not None and "/" not in store.uri else None
+        return set()
 
 
 def _holds_a_bundle(directory: Path) -> bool:
