@@ -171,8 +171,8 @@ class Segment:
 @dataclass(frozen=True, config=_CLOSED)
 class Store:
     """Where a bundle's items live when not in its own segments: a Milvus collection
-    (:mod:`lenet_embed.store.milvus`). ``uri`` is a server address or a Milvus Lite file relative to the bundle;
-    ``index`` is the Milvus index type."""
+    (:mod:`lenet_embed.store.milvus`). ``uri`` is a server address or a Milvus Lite file
+    relative to the bundle; ``index`` is the Milvus index type."""
 
     kind: Literal["milvus"]
     uri: StrictStr

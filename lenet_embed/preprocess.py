@@ -89,7 +89,8 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     except Exception as exc:
         # Pillow's plugins fail on damaged files in many ways: OSError (UnidentifiedImageError),
         # SyntaxError, ValueError, EOFError, MemoryError, but also TypeError, KeyError,
-        # struct.error... (tests/test_hardening.py fuzzes them). The file is not readable.
+        # struct.error... (tests/integration/test_hardening.py fuzzes them). The file is not
+        # readable.
         raise LenetEmbedError(
             f"{name}: not a readable image ({exc.__class__.__name__}); "
             "give a PNG, JPEG, BMP or GIF file"

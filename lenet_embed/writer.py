@@ -388,7 +388,7 @@ class BundleWriter:
         folders, their entries, the staged manifest and (for a build that created it) the
         bundle's folder are flushed before the rename, the bundle's folder after it. A power
         failure before that last flush leaves the previous version, one after it the new one
-        (``tests/test_power_loss.py``)."""
+        (``tests/integration/test_power_loss.py``)."""
         if manifest.version != self.next_version:
             raise ValueError("a commit must carry the next version number")
         if self.current is not None and not self.replacing:

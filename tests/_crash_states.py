@@ -1,5 +1,5 @@
 """Crash states of a power failure, generated from a recorded run (in the manner of ALICE,
-Pillai et al., OSDI 2014), for ``tests/test_power_loss.py``.
+Pillai et al., OSDI 2014), for ``tests/integration/test_power_loss.py``.
 
 A :class:`Recorder` watches a folder (the "world") while a real operation runs in this process:
 it wraps ``os.fsync`` and ``os.fdatasync`` and, at every call on something inside the world,

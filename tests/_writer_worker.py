@@ -1,5 +1,5 @@
-"""The subprocess side of ``tests/test_durability.py``: writers that get killed, a writer that
-keeps committing while readers load, and those readers.
+"""The subprocess side of ``tests/integration/test_durability.py``: writers that get killed, a
+writer that keeps committing while readers load, and those readers.
 
 Run as ``python tests/_writer_worker.py MODE ARGS...``. Every line printed on stdout is one JSON
 object, flushed at once, so a parent that kills the process still reads every line that was

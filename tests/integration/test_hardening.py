@@ -61,7 +61,7 @@ from lenet_embed.fonts import font_file
 from lenet_embed.preprocess import WORK_SIDE, ImageTooLarge, open_image, to_mnist
 from lenet_embed.search import Query
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FUZZ_EXAMPLES = int(os.environ.get("LENET_EMBED_FUZZ_EXAMPLES", "2000"))
 # Per case: CPU time of the decoding thread (the work done), and wall time with room for a busy
 # machine's scheduling (a hang, e.g. waiting on I/O, still fails).

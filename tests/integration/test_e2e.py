@@ -31,7 +31,7 @@ ACCURACY_GUARD = 0.985
 MAP_GUARD = 0.94
 DEGRADED_GUARD = 0.95
 FONT_GUARD = 0.95
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

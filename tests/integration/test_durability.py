@@ -43,7 +43,7 @@ from lenet_embed.ann import prepare_vectors
 from lenet_embed.data import Dataset, LabeledImages
 from lenet_embed.updates import add_vectors
 
-WORKER = Path(__file__).with_name("_writer_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "_writer_worker.py"
 SEED = 20240611
 LAYOUT = {"manifest.json", "versions", "segments", "encoders", "deletions", ".lock"}
 VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
