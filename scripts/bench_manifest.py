@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lenet_embed.cli import run_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
@@ -122,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
