@@ -26,6 +26,7 @@ from lenet_embed.calibration import (
     sample_rows,
     snapshot_search,
 )
+from lenet_embed.cli import run_script
 from lenet_embed.embed import load_encoder
 from lenet_embed.nondigits import KINDS, generate
 from lenet_embed.preprocess import scale_pixels
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lenet_embed.cli import run_script
 from lenet_embed.data import load_mnist
 from lenet_embed.families import FAMILIES, HELD_OUT, family_files
 from lenet_embed.fonts import font_dir
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
