@@ -58,7 +58,7 @@ def redraw(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     values = np.asarray(picture, dtype=np.float64)
     rows, cols = _ink_rows_cols(values)
     if len(rows) == 0:
-        return np.asarray(Image.fromarray(digit), dtype=np.float64)
+        return digit.astype(np.float64)
     if rng.random() < TIGHT_SHARE:
         cut = rng.integers(-scale, scale + 1, size=4)
     else:
@@ -69,7 +69,7 @@ def redraw(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     left, right = max(0, cols[0] + pad - cut[2]), cols[-1] + pad + cut[3] + 1
     values = values[top:bottom, left:right]
     if values.size == 0 or values.max() <= 0:
-        return np.asarray(Image.fromarray(digit), dtype=np.float64)
+        return digit.astype(np.float64)
     coarse = rng.random() < GRID_SHARE
     if coarse:
         cells = int(rng.integers(6, 15))

@@ -214,23 +214,29 @@ def training_phases(recipe: Recipe) -> list[tuple[Recipe, int, int]]:
 def _pipeline(examples: tuple[np.ndarray, ...], recipe: Recipe, training: bool,
               seed: int | None) -> Any:
     tf = tensorflow()
-    ds = tf.data.Dataset.from_tensor_slices(examples)
     augmenting = training and (recipe.shift or recipe.rotation or recipe.zoom or recipe.degrade)
     swapping = training and recipe.redrawn
+    # The alternates are read only when swapping: other passes (the clean finish, evaluation)
+    # slice the images alone, not a second copy of them.
+    images, alternates, *rest = examples
+    ds = tf.data.Dataset.from_tensor_slices((images, alternates, *rest) if swapping
+                                            else (images, *rest))
     if training:
         # A buffer as long as the data: a full shuffle, non-digits included.
         ds = ds.shuffle(len(examples[0]), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(recipe.batch_size if training else 1024)
     if not (augmenting or swapping):
-        ds = ds.map(lambda x, a, y, w: (_scaled(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y, w: (_scaled(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def prepare(batch: tuple[Any, ...], pair: Any) -> tuple[Any, Any, Any]:
-        x, alternate, y, w = batch
+        x, *y_w = batch
         swap_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
         if swapping:  # each digit as its redrawn picture or as it is, half and half
+            alternate, *y_w = y_w
             coin = tf.random.stateless_uniform(tf.shape(x)[:1], seed=swap_seed) < 0.5
             x = tf.where(coin[:, None, None], alternate, x)
+        y, w = y_w
         x = _scaled(x)
         return (_augment(x, augment_seed, recipe) if augmenting else x), y, w
 
