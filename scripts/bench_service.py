@@ -2,6 +2,7 @@
 
     python scripts/bench_service.py [--index-dir index] [--model models/lenet.keras]
         [--data PATH] [--requests 3000] [--clients 8] [--workers 1] [-k 5] [--nginx]
+        [--upstreams 1]
 
 Starts the service on 127.0.0.1 (a subprocess on a free port), sends ``--requests`` single-image
 searches (multipart PNG uploads of MNIST test digits, as ``curl -F file=@digit.png`` does) on
@@ -12,7 +13,9 @@ ratio. It also prints the service's CPU time per request (Linux ``/proc``) and t
 because other work on the machine moves the other figures. Target on two cores: >= 1,000
 requests/s with p99 <= 20 ms (issue 10). Exits 1 when it is missed. ``--nginx`` also sends the
 same searches through nginx with the shipped ``deploy/nginx.conf`` in front of the service (one
-more row; its CPU column counts the service only).
+more row), and with ``--upstreams N`` > 1 through nginx in front of N one-process services
+(``least_conn``), the deployment that uses N cores fairly: ``serve --workers N`` shares one
+listening socket, and the worker that wakes first accepts every waiting connection.
 
 ``--index-dir`` must hold a bundle; when it does not, a Flat bundle of the 60,000 MNIST training
 digits is built into a temporary folder from ``--model``, or from a one-epoch ``seed`` model
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -178,6 +182,21 @@ def over_http(server_pid: int, port: int, bodies: list[tuple[bytes, str]], label
     return figures, correct / n
 
 
+def over_upstreams(bundle: Path, upstreams: int, scratch: Path, bodies: list[tuple[bytes, str]],
+                   labels: list[int], args: argparse.Namespace) -> dict[str, float]:
+    """The searches sent through nginx in front of ``upstreams`` one-process services (its
+    ``least_conn`` spreads the connections); the CPU column counts the first service only."""
+    with contextlib.ExitStack() as stack:
+        services = [stack.enter_context(running_service(
+            lambda port: serve_command(bundle, port, 1), scratch / f"upstream-{i}.log"))
+            for i in range(upstreams)]
+        url = stack.enter_context(running_nginx([service.port for service in services],
+                                                scratch / "nginx-upstreams"))
+        figures, _ = over_http(services[0].process.pid, int(url.rsplit(":", 1)[1]), bodies,
+                               labels, args.requests, args.clients, args.k)
+    return figures
+
+
 def load_arguments(doc: str, requests: int) -> argparse.ArgumentParser:
     """The arguments of a load benchmark: the bundle (or the model and data to build one), and
     the searches to send."""
@@ -197,6 +216,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--nginx", action="store_true",
                         help="also measure through nginx with deploy/nginx.conf")
+    parser.add_argument("--upstreams", type=int, default=1,
+                        help="with --nginx, also measure nginx in front of this many "
+                             "one-process services")
     args = parser.parse_args()
 
     dataset = load_mnist(args.data)
@@ -215,11 +237,13 @@ def main() -> None:
             served, accuracy = over_http(service.process.pid, service.port, bodies, labels,
                                          args.requests, args.clients, args.k)
             load_after = os.getloadavg()[0]
-            proxied = None
+            proxied = spread = None
             if args.nginx:
                 with running_nginx([service.port], Path(tmp) / "nginx") as url:
                     proxied, _ = over_http(service.process.pid, int(url.rsplit(":", 1)[1]),
                                            bodies, labels, args.requests, args.clients, args.k)
+        if args.nginx and args.upstreams > 1:
+            spread = over_upstreams(bundle, args.upstreams, Path(tmp), bodies, labels, args)
 
     met = served["rps"] >= TARGET_RPS and served["p99"] <= TARGET_P99_MS
     print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} -> {load_after:.1f} "
@@ -235,6 +259,11 @@ def main() -> None:
     if proxied is not None:
         print(f"| the same through nginx (`deploy/nginx.conf`) | {args.clients} | "
               f"{proxied['rps']:,.0f} | {proxied['p50']:.2f} | {proxied['p99']:.2f} |")
+    if spread is not None:
+        print(f"| nginx in front of {args.upstreams} one-process services | {args.clients} | "
+              f"{spread['rps']:,.0f} | {spread['p50']:.2f} | {spread['p99']:.2f} |")
+        print(f"\nnginx over {args.upstreams} services / in-process throughput: "
+              f"{spread['rps'] / baseline['rps']:.2f}x")
     print(f"\nHTTP / in-process throughput: {served['rps'] / baseline['rps']:.2f}x; the service "
           f"spent {served['cpu_ms']:.2f} ms of CPU per request (in-process: "
           f"{1000 / baseline['rps']:.2f} ms of wall time per search); this client spent "

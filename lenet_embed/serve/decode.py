@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
 
 from ..labels import BadLabel, check_label
 from ..preprocess import SIDE
@@ -27,6 +29,8 @@ _BODY_HELP = (
     "send an image as multipart field 'file', or a JSON object with one of "
     "image_base64, pixels, vector"
 )
+# The parts a multipart body may have: the image, a label, and a few fields a form may add.
+MAX_PARTS = 8
 _ITEM_HELP = (
     "send an image as multipart field 'file' (and a field 'label'), or a JSON object with "
     "image_base64 or pixels, and label"
@@ -85,16 +89,83 @@ async def _body(request: Request, help_text: str) -> bytes:
     return body
 
 
-async def _upload(request: Request, help_text: str) -> tuple[Query, Any]:
-    """The image file (field ``file``) of a multipart form, and the form, parsed as the body
-    arrives (a large upload is not held in memory twice, nor parsed in one go)."""
+class _Part:
+    """One part of a multipart body: its field name, its file name (None for a plain field)
+    and its bytes."""
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.name = ""
+        self.filename: str | None = None
+        self.chunks: list[bytes] = []
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+async def _form(request: Request) -> dict[str, _Part]:
+    """The parts of a ``multipart/form-data`` body by field name (the first of a repeated
+    one), parsed by python-multipart as the body arrives. The body is held in memory once: the
+    service's body limit (:data:`.middleware.MAX_BODY_BYTES`) bounds it. At most
+    :data:`MAX_PARTS` parts; a malformed body is refused with 400."""
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart body without a boundary in its Content-Type header")
+    parts: list[_Part] = []
+    header: list[bytes] = [b"", b""]
+
+    def begin() -> None:
+        if len(parts) == MAX_PARTS:
+            raise ApiError(400, f"multipart body with more than {MAX_PARTS} parts")
+        parts.append(_Part())
+
+    def field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def header_end() -> None:
+        parts[-1].headers[header[0].lower()] = header[1]
+        header[:] = [b"", b""]
+
+    def headers_finished() -> None:
+        part = parts[-1]
+        _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
+        part.name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        part.filename = None if filename is None else filename.decode("utf-8", "replace")
+
+    def data(data: bytes, start: int, end: int) -> None:
+        parts[-1].chunks.append(data[start:end])
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": begin, "on_header_field": field, "on_header_value": value,
+        "on_header_end": header_end, "on_headers_finished": headers_finished,
+        "on_part_data": data})
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    form: dict[str, _Part] = {}
+    for part in parts:
+        form.setdefault(part.name, part)
+    return form
+
+
+async def _upload(request: Request, help_text: str) -> tuple[Query, dict[str, _Part]]:
+    """The image file (field ``file``) of a multipart form, and the form's parts."""
     if request.headers.get("content-length") == "0":
         raise ApiError(400, f"empty request body; {help_text}")
-    form = await request.form(max_files=1, max_fields=8)
+    form = await _form(request)
     upload = form.get("file")
-    if not isinstance(upload, UploadFile):
+    if upload is None or upload.filename is None:
         raise ApiError(422, "multipart upload needs an image file in the field 'file'")
-    return image_query(upload.filename or "file", await upload.read()), form
+    return image_query(upload.filename or "file", upload.data), form
 
 
 def _is_json(media_type: str) -> bool:
@@ -121,10 +192,10 @@ async def read_item(request: Request) -> tuple[Query, int | str | None]:
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
         query, form = await _upload(request, _ITEM_HELP)
-        label = form.get("label")
-        if label is not None and not isinstance(label, str):
+        part = form.get("label")
+        if part is not None and part.filename is not None:
             raise ApiError(422, "label: give it as a plain form field, not a file")
-        label = label.strip() if label else None
+        label = part.data.decode("utf-8", "replace").strip() if part is not None else None
         if label is not None and len(label) > MAX_LABEL_LENGTH:
             raise ApiError(422, f"label: at most {MAX_LABEL_LENGTH} characters")
         return query, _item_label(label or None)  # a blank field: no label

@@ -72,6 +72,58 @@ def service(search_index):
         yield test_client
 
 
+# ------------------------------------------------------------------------------ multipart bodies
+
+BOUNDARY = "b0undary"
+
+
+def multipart_body(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """A multipart/form-data body of (field, file name or None, bytes) parts."""
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        out += data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def post_multipart(service, body: bytes, content_type: str | None = None):
+    return service.post("/v1/search", content=body, headers={
+        "content-type": content_type or f"multipart/form-data; boundary={BOUNDARY}"})
+
+
+def test_a_multipart_upload_answers_as_the_plain_upload_whatever_fields_it_adds(service,
+                                                                              digits_png):
+    data = digits_png
+    plain = upload(service, data).json()
+    extra = post_multipart(service, multipart_body([
+        ("note", None, b"hello"), ("file", "d.png", data), ("file", "second.png", b"junk")]))
+    assert extra.status_code == 200, extra.text
+    assert extra.json()["neighbors"] == plain["neighbors"]
+
+
+def test_multipart_bodies_the_service_refuses(service, digits_png):
+    data = digits_png
+    nine = [("f", None, b"x")] * 8 + [("file", "d.png", data)]
+    assert_error(post_multipart(service, multipart_body(nine)), 400, "more than 8 parts")
+    assert_error(post_multipart(service, multipart_body([("file", "d.png", data)]),
+                                "multipart/form-data"), 400, "boundary")
+    assert_error(post_multipart(service, multipart_body([("file", None, data)])), 422,
+                 "field 'file'")
+
+
+@given(st.binary(max_size=300), st.integers(0, 400))
+@settings(max_examples=150, deadline=None)
+def test_any_multipart_body_is_an_answer_or_a_one_line_refusal(service, digits_png, noise, cut):
+    """Truncated, garbled or padded multipart bodies: 200 or a 4xx JSON line, never a 500."""
+    body = multipart_body([("file", "d.png", digits_png)])
+    response = post_multipart(service, body[:cut] + noise)
+    if response.status_code != 200:
+        assert_error(response, response.status_code)
+        assert 400 <= response.status_code < 500
+
+
 # ------------------------------------------------------------------------------ log lines
 
 @given(st.text())
