@@ -71,6 +71,7 @@ from .seal import sha256_file as sha256_file
 from .seal import verify_file as verify_file
 from .seal import verify_files as verify_files
 from .seal import verify_files_once as verify_files_once
+from .store import EXTERNAL_KINDS
 from .written import remember_records as remember_records
 from .written import written_records as written_records
 
@@ -168,13 +169,21 @@ class Segment:
         return [self.file(name) for name in names]
 
 
+def _external_kind(kind: str) -> str:
+    if kind not in EXTERNAL_KINDS:
+        raise ValueError(f"unknown store kind {kind!r}; this version knows "
+                         f"{', '.join(EXTERNAL_KINDS)}")
+    return kind
+
+
 @dataclass(frozen=True, config=_CLOSED)
 class Store:
-    """Where a bundle's items live when not in its own segments: a Milvus collection
-    (:mod:`lenet_embed.store.milvus`). ``uri`` is a server address or a Milvus Lite file
-    relative to the bundle; ``index`` is the Milvus index type."""
+    """Where a bundle's items live when not in its own segments: a collection of an external
+    vector database of one of :data:`lenet_embed.store.EXTERNAL_KINDS`. ``uri`` is the
+    database's address (or a file relative to the bundle, for an embedded one); ``index`` is
+    the database's index type."""
 
-    kind: Literal["milvus"]
+    kind: Annotated[StrictStr, AfterValidator(_external_kind)]
     uri: StrictStr
     collection: Name
     index: StrictStr
@@ -315,7 +324,7 @@ class Manifest:
     @model_validator(mode="after")
     def _searchable(self) -> Manifest:
         # The factory is parsed before FAISS ever sees it (a compaction builds it again); a
-        # bundle whose items are in Milvus may name none ("auto").
+        # bundle whose items are in an external store may name none ("auto").
         if not (self.store is not None and self.factory == AUTO):
             check_search_params(self.search_params, parse_factory(self.factory, self.dim))
         elif self.search_params:
@@ -330,7 +339,7 @@ class Manifest:
     def _counted(self) -> Manifest:
         if self.store is not None:
             if self.segments or self.deletions is not None or self.rows != self.count:
-                raise ValueError("a bundle whose items are in Milvus has no segments")
+                raise ValueError("a bundle whose items are in an external store has no segments")
         elif self.rows != sum(s.rows for s in self.segments) or self.count > self.rows:
             raise ValueError("count and rows disagree with the segments")
         if (self.deletions is None) != (self.count == self.rows):

@@ -139,6 +139,9 @@ TYPED_REFUSALS = {
                            "calibration: calibration feature 'bogus' is not one of"),
     "an unknown field": (("segments", 0, "extra"), 1, "segments.0.extra: unexpected keyword"),
     "a string for a list": (("segments",), "segments/x", "segments: input should be a valid list"),
+    "an unknown store": (("store",), {"kind": "elsewhere", "uri": "x", "collection": "c",
+                                      "index": "HNSW"},
+                         "store.kind: unknown store kind 'elsewhere'; this version knows milvus"),
 }
 
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ..bundle import Manifest, Store
     from ..writer import BundleWriter
 
+# The external vector databases a manifest's ``store`` may name (its ``kind``).
+EXTERNAL_KINDS = ("milvus",)
 EncoderLoader = Callable[[Path, Path], Any]
 Progress = Callable[[int, int], None]
 # Manifest fields a write changes (count, segments, files, ...), as keywords of Manifest.next.
@@ -208,6 +210,7 @@ def _backend(store: Store | None) -> Backend:
         from .faiss import FAISS
 
         return FAISS
+    assert store.kind in EXTERNAL_KINDS  # the manifest's validator allows no other
     return _milvus_backend().Milvus()
 
 
