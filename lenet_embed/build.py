@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,15 @@ from .ann import (
 from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, package_version
 from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
-from .embed import BACKENDS, Encoder, KerasEncoder, load_encoder
+from .embed import (
+    BACKENDS,
+    Encoder,
+    KerasEncoder,
+    LiteRTEncoder,
+    litert_available,
+    litert_flatbuffer,
+    load_encoder,
+)
 from .errors import LenetEmbedError
 from .model import EMBEDDING_DIM, encoder_of, load_classifier
 from .model_choice import ModelChoice, choose_model
@@ -87,20 +96,23 @@ class _Model:
     encoder: Encoder
     head: tuple[np.ndarray, np.ndarray] | None
     keras_encoder: Any = None
+    litert: bytes | None = None  # the Keras encoder's LiteRT export, when made already
 
     def save(self, writer: BundleWriter) -> tuple[str, dict[str, Any]]:
         """Write the encoder into the bundle's next version."""
         folder = self.choice.folder
         if folder is not None:
             return writer.copy_encoder(folder.keras_path, folder.litert_path)
-        return writer.new_encoder(self.keras_encoder)
+        return writer.new_encoder(self.keras_encoder, self.litert)
 
 
 def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int | None
                 ) -> _Model:
     """The model :func:`lenet_embed.model_choice.choose_model` picks, loaded: a model folder's
     encoder runs on LiteRT where it can (``backend``), without TensorFlow; a ``.keras`` file
-    needs TensorFlow and embeds with Keras."""
+    needs TensorFlow, and its encoder is exported to LiteRT first and embeds there where
+    ai-edge-litert is installed (the bundle keeps that export, so its queries run the same
+    program), else with Keras."""
     if backend not in BACKENDS:
         raise LenetEmbedError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     choice = choose_model(model)
@@ -108,14 +120,24 @@ def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int
         encoder = load_encoder(choice.folder.keras_path, choice.folder.litert_path, backend,
                                threads)
         return _Model(choice, encoder, choice.folder.head())
-    if backend == "litert":
-        raise LenetEmbedError(f"cannot use LiteRT: {choice.path} is a Keras model (a model "
-                              "folder has the LiteRT export); use --backend auto or keras")
+    if backend == "litert" and not litert_available():
+        raise LenetEmbedError("cannot use LiteRT: ai-edge-litert is not installed")
     keras("build-index")  # a .keras file needs it
     classifier = load_classifier(str(choice.path))
     keras_encoder = encoder_of(classifier)
-    return _Model(choice, KerasEncoder(keras_encoder), classifier_head(classifier),
-                  keras_encoder)
+    head = classifier_head(classifier)
+    if backend == "keras" or not litert_available():
+        return _Model(choice, KerasEncoder(keras_encoder), head, keras_encoder)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lenet-embed-export-") as scratch:
+            flatbuffer = litert_flatbuffer(keras_encoder, Path(scratch) / "litert")
+    except OSError as exc:
+        raise LenetEmbedError(f"cannot export {choice.path}'s encoder to LiteRT in the temp "
+                              f"folder {tempfile.gettempdir()}: {exc.strerror or exc}; free "
+                              "space there or point $TMPDIR elsewhere (or use --backend keras)"
+                              ) from None
+    encoder = LiteRTEncoder(choice.path, threads, content=flatbuffer)
+    return _Model(choice, encoder, head, keras_encoder, flatbuffer)
 
 
 def build_index(

@@ -221,8 +221,9 @@ def train(data: str | None, recipe: str, style: str, epochs: int | None,
               help="With --store milvus: a file whose first line is the server's token "
               "(or set $LENET_EMBED_MILVUS_TOKEN, which later commands read too).")
 @click.option("--backend", type=click.Choice(["auto", "litert", "keras"]), default="auto",
-              show_default=True, help="Encoder runner for a model folder (the shipped default); "
-              "auto = LiteRT when available. A .keras model embeds with Keras.")
+              show_default=True, help="What embeds: auto = LiteRT when ai-edge-litert is installed "
+              "(a .keras model is exported to LiteRT first), else Keras; litert or keras "
+              "insist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build_index(data: str | None, images: str | None, model: str | None, index_dir: str,
                 metric: str, factory: str, target_recall: float, memory_budget: str,

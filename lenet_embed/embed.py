@@ -9,6 +9,7 @@ LiteRT has no wheel. :func:`load_encoder` picks one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -119,14 +120,17 @@ class LiteRTEncoder:
     at once.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 content: bytes | None = None) -> None:
+        """The encoder in the LiteRT file ``path``, or in ``content`` (its bytes, ``path`` then
+        only naming it in errors); ``threads`` for batches (default: every core)."""
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as exc:
             raise LenetEmbedError(f"ai-edge-litert is not installed ({exc})") from None
         self.path = Path(path)
         self.threads = threads or os.cpu_count() or 1
-        self._model = self.path.read_bytes()
+        self._model = self.path.read_bytes() if content is None else content
         self._interpreter_class = Interpreter
         self._interpreters: dict[int, tuple[Any, int, int]] = {}
         self._lock = threading.Lock()
@@ -225,7 +229,20 @@ def litert_flatbuffer(model: Any, workdir: Path) -> bytes:
 
     This is the path ``model.export(format="litert")`` takes (a Keras ``ExportArchive``, then
     TensorFlow's ``TFLiteConverter.from_saved_model``), through their public APIs, so that the
-    SavedModel goes where the caller says instead of the system's temp folder."""
+    SavedModel goes where the caller says instead of the system's temp folder. TensorFlow
+    reports a full disk as its own error (``ResourceExhaustedError``): it is raised as the
+    OSError it stands for."""
+    try:
+        return _exported(model, workdir)
+    except Exception as exc:
+        if not isinstance(exc, OSError):
+            for code in (errno.ENOSPC, errno.EDQUOT):
+                if os.strerror(code) in str(exc):
+                    raise OSError(code, os.strerror(code)) from exc
+        raise
+
+
+def _exported(model: Any, workdir: Path) -> bytes:
     import functools
 
     import keras
