@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from .embed import (
     KerasEncoder,
     LiteRTEncoder,
     litert_available,
-    litert_flatbuffer,
     load_encoder,
 )
 from .errors import LenetEmbedError
@@ -106,13 +104,13 @@ class _Model:
         return writer.new_encoder(self.keras_encoder, self.litert)
 
 
-def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int | None
-                ) -> _Model:
+def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int | None,
+                index_dir: str | os.PathLike[str]) -> _Model:
     """The model :func:`lenet_embed.model_choice.choose_model` picks, loaded: a model folder's
     encoder runs on LiteRT where it can (``backend``), without TensorFlow; a ``.keras`` file
-    needs TensorFlow, and its encoder is exported to LiteRT first and embeds there where
-    ai-edge-litert is installed (the bundle keeps that export, so its queries run the same
-    program), else with Keras."""
+    needs TensorFlow, and its encoder is exported to LiteRT first (staged in the bundle
+    ``index_dir``) and embeds there where ai-edge-litert is installed (the bundle keeps that
+    export, so its queries run the same program), else with Keras."""
     if backend not in BACKENDS:
         raise LenetEmbedError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     choice = choose_model(model)
@@ -128,14 +126,10 @@ def _load_model(model: str | os.PathLike[str] | None, backend: str, threads: int
     head = classifier_head(classifier)
     if backend == "keras" or not litert_available():
         return _Model(choice, KerasEncoder(keras_encoder), head, keras_encoder)
-    try:
-        with tempfile.TemporaryDirectory(prefix="lenet-embed-export-") as scratch:
-            flatbuffer = litert_flatbuffer(keras_encoder, Path(scratch) / "litert")
-    except OSError as exc:
-        raise LenetEmbedError(f"cannot export {choice.path}'s encoder to LiteRT in the temp "
-                              f"folder {tempfile.gettempdir()}: {exc.strerror or exc}; free "
-                              "space there or point $TMPDIR elsewhere (or use --backend keras)"
-                              ) from None
+    # Staged in a writer's scratch folder of the bundle, which a killed export leaves to the
+    # next writer to remove (a session that commits nothing; a full disk is one line there).
+    with BundleWriter(index_dir, replacing=True) as writer:
+        flatbuffer = writer.export_encoder(keras_encoder)
     encoder = LiteRTEncoder(choice.path, threads, content=flatbuffer)
     return _Model(choice, encoder, head, keras_encoder, flatbuffer)
 
@@ -208,7 +202,8 @@ def build_index(
         pixels = stored  # scaled a chunk at a time by _embed
         description = {"kind": "idx", "source": dataset.source, "split": "train"}
         held_out = dataset.test.images[:TUNING_QUERIES]
-    loaded = _load_model(model, backend, threads)  # after the data: its errors come first
+    # After the data: its errors come first.
+    loaded = _load_model(model, backend, threads, index_dir)
     encoder = loaded.encoder
     vectors = _embed(encoder, pixels, report)
     count = len(vectors)

@@ -9,7 +9,6 @@ LiteRT has no wheel. :func:`load_encoder` picks one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -229,20 +228,7 @@ def litert_flatbuffer(model: Any, workdir: Path) -> bytes:
 
     This is the path ``model.export(format="litert")`` takes (a Keras ``ExportArchive``, then
     TensorFlow's ``TFLiteConverter.from_saved_model``), through their public APIs, so that the
-    SavedModel goes where the caller says instead of the system's temp folder. TensorFlow
-    reports a full disk as its own error (``ResourceExhaustedError``): it is raised as the
-    OSError it stands for."""
-    try:
-        return _exported(model, workdir)
-    except Exception as exc:
-        if not isinstance(exc, OSError):
-            for code in (errno.ENOSPC, errno.EDQUOT):
-                if os.strerror(code) in str(exc):
-                    raise OSError(code, os.strerror(code)) from exc
-        raise
-
-
-def _exported(model: Any, workdir: Path) -> bytes:
+    SavedModel goes where the caller says instead of the system's temp folder."""
     import functools
 
     import keras

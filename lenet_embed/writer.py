@@ -13,6 +13,7 @@ manifest again (``snapshot.open_snapshot``). Readers never take the lock.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -73,6 +74,16 @@ SWEEP_LIMIT = 8
 def now_iso() -> str:
     """The current UTC time, ISO 8601 to the millisecond."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _disk_error(exc: BaseException) -> OSError | None:
+    """The OSError that a library's own exception stands for, when it reports a full disk."""
+    if isinstance(exc, OSError):
+        return None
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in str(exc):
+            return OSError(code, os.strerror(code))
+    return None
 
 
 class BundleWriter:
@@ -297,23 +308,33 @@ class BundleWriter:
         self._flush_later(base)
         return segment, {segment.entry: entry}
 
-    def new_encoder(self, model: Any, litert: bytes | None = None
-                    ) -> tuple[str, dict[str, FileEntry]]:
-        """Save a Keras encoder and its LiteRT export (``litert``, the bytes of one made
-        already, or made here); return the folder and its entries.
-
-        The LiteRT exporter's SavedModel is staged in this writer's :meth:`scratch` folder.
-        Keras's own save makes an empty folder in the system's temp folder and removes it before
-        it returns: no public Keras API places it elsewhere."""
+    def export_encoder(self, model: Any) -> bytes:
+        """A Keras encoder's LiteRT export (the bytes of an ``encoder.tflite``), its SavedModel
+        staged in this writer's :meth:`scratch` folder. Keras's own save makes an empty folder
+        in the system's temp folder and removes it before it returns: no public Keras API
+        places it elsewhere."""
         from .embed import litert_flatbuffer
 
+        try:
+            return litert_flatbuffer(model, self.scratch() / f"litert-{secrets.token_hex(4)}")
+        except Exception as exc:
+            # TensorFlow reports a full disk as its own error (ResourceExhaustedError): make it
+            # the OSError that the writer turns into one line.
+            disk_full = _disk_error(exc)
+            if disk_full is None:
+                raise
+            raise disk_full from exc
+
+    def new_encoder(self, model: Any, litert: bytes | None = None
+                    ) -> tuple[str, dict[str, FileEntry]]:
+        """Save a Keras encoder and its LiteRT export (``litert``: the bytes of one made
+        already, else made here by :meth:`export_encoder`); return the folder and its
+        entries."""
         folder = self._new_folder(ENCODERS_DIR, "e")
         relative = f"{ENCODERS_DIR}/{folder.name}"
         self._intend(folder / ENCODER_FILE)  # written by Keras
         model.save(folder / ENCODER_FILE)
-        # A full disk is an OSError, which the writer turns into one line.
-        flatbuffer = litert if litert is not None else litert_flatbuffer(
-            model, self.scratch() / "litert")
+        flatbuffer = litert if litert is not None else self.export_encoder(model)
         files = {f"{relative}/{ENCODER_FILE}": self._written(folder / ENCODER_FILE),
                  f"{relative}/{LITERT_FILE}": self._new_file(folder / LITERT_FILE,
                                                              lambda fh: fh.write(flatbuffer))}

@@ -88,9 +88,9 @@ def trained_classifier(args: argparse.Namespace, source: str) -> tuple[Path, dic
     return model, kept
 
 
-def export(model: Path, out: Path) -> Any:
-    """Write the encoder (Keras and LiteRT) and the head into ``out``; return the Keras
-    encoder."""
+def export(model: Path, out: Path, work: Path) -> Any:
+    """Write the encoder (Keras and LiteRT, the exporter's SavedModel staged in ``work``) and
+    the head into ``out``; return the Keras encoder."""
     classifier = load_classifier(str(model))
     head = classifier_head(classifier)
     if head is None:
@@ -99,7 +99,8 @@ def export(model: Path, out: Path) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     (out / CARD_FILE).unlink(missing_ok=True)  # the folder is not a model until its card is
     encoder.save(out / KERAS_FILE)
-    with tempfile.TemporaryDirectory(dir=out.parent) as staging:
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work) as staging:
         (out / LITERT_FILE).write_bytes(litert_flatbuffer(encoder, Path(staging) / "litert"))
     write_head(out / HEAD_FILE, *head)
     return encoder
@@ -232,7 +233,7 @@ def main() -> None:
     dataset = load_mnist(args.data)
     args.work.mkdir(parents=True, exist_ok=True)
     model, record = trained_classifier(args, dataset.source)
-    keras_encoder = export(model, args.out)
+    keras_encoder = export(model, args.out, args.work)
     # The card lists the files first, so that the folder is a model the build below can use.
     (args.out / CARD_FILE).write_text(json.dumps(card(args.out, record, None), indent=2) + "\n")
     figures = measure(args.out, keras_encoder, dataset, args.work)

@@ -41,6 +41,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from lenet_embed import SearchIndex, build_index, inspect_bundle
 from lenet_embed.ann import prepare_vectors
 from lenet_embed.data import Dataset, LabeledImages
+from lenet_embed.model_choice import SHIPPED_DIR
 from lenet_embed.updates import add_vectors
 
 WORKER = Path(__file__).resolve().parents[1] / "_writer_worker.py"
@@ -255,8 +256,11 @@ def test_killed_writers_leave_acknowledged_versions_and_no_leftovers(
     builds = [number for number, op in enumerate(schedule) if op == "build"]
 
     def spawn_builder(number: int) -> Worker:
+        # Builds alternate between a .keras model (its encoder saved and exported to LiteRT by
+        # the writer) and the shipped model folder (its files copied as they are).
+        model = trained.model if builds.index(number) % 2 == 0 else SHIPPED_DIR
         args = ["crash", str(path), "build", str(SEED + number), str(files["pool"]),
-                str(files["a"]), str(trained.model)]
+                str(files["a"]), str(model)]
         return Worker(args, _worker_env(tmp_path / "tmp" / f"w{number}"),
                       tmp_path / f"w{number}.err")
 

@@ -728,27 +728,25 @@ def _disk_full_line(line: str, bundle: Path) -> None:
 @pytest.mark.parametrize("free_kb", [64, 400], ids=["in-keras-save", "in-litert-export"])
 def test_disk_full_during_build_index(run, trained, bundle_dir, mnist, tmpfs, tmp_path,
                                       free_kb, monkeypatch):
-    """A rebuild that runs out of space (while Keras saves the encoder: an OSError; or while
-    TensorFlow exports it to LiteRT in the writer's scratch folder, as with ``--backend keras``:
-    a ResourceExhaustedError): one line, exit 1, the old bundle intact."""
-    import lenet_embed.embed
+    """A rebuild that runs out of space (while Keras saves the encoder, as with ``--backend
+    keras``: an OSError; or while TensorFlow exports it to LiteRT, staged in the bundle before
+    anything is embedded: a ResourceExhaustedError): one line, exit 1, the old bundle intact."""
+    import lenet_embed.writer
 
     converted: list[str] = []
-    real = lenet_embed.embed._exported
+    real = lenet_embed.writer._disk_error
 
-    def spy(model, workdir):
-        try:
-            return real(model, workdir)
-        except Exception as exc:
-            converted.append(type(exc).__name__)
-            raise
+    def spy(exc):
+        converted.append(type(exc).__name__)
+        return real(exc)
 
-    monkeypatch.setattr(lenet_embed.embed, "_exported", spy)
+    monkeypatch.setattr(lenet_embed.writer, "_disk_error", spy)
     bundle = tmpfs(free_kb * 1024, bundle_dir)
     before, answers = _files(bundle), _answers(bundle, mnist)
     digits = _digit_folder(mnist, tmp_path / "digits")
+    backend = ["--backend", "keras"] if free_kb == 64 else []
     line = _build_error_line(run("build-index", "--images", digits, "--model", trained.model,
-                                 "--backend", "keras", "--index-dir", bundle))
+                                 *backend, "--index-dir", bundle))
     _disk_full_line(line, bundle)
     _intact(bundle, before, answers, mnist)
     # The two sizes fail where intended: Keras's own OSError, or TensorFlow's error converted.
