@@ -408,10 +408,15 @@ class BundleWriter:
             self._scratch = None
             if (self.directory / SCRATCH_DIR).is_dir():  # else its entry goes with the last flush
                 self._flush_later(self.directory / SCRATCH_DIR)
-        for folder in self._created:
-            # A new folder's entry is in its parent: unflushed, a power failure could lose the
-            # bundle, manifest and all, after the build returned.
-            self._flush_later(folder.parent)
+        # A new folder's entry is in its parent: unflushed, a power failure could lose the
+        # bundle, manifest and all, after the build returned. A build flushes its folder's
+        # entry whoever made the folder (an earlier session that committed nothing, such as a
+        # build's LiteRT export or a killed build, may have).
+        parents = {folder.parent for folder in self._created}
+        if self.replacing:
+            parents.add(self.directory.parent)
+        for parent in sorted(parents):
+            self._flush_later(parent)
         staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
         self._new_file(staged, lambda fh: fh.write(text.encode()))
         # The lock file first, on its own: its "busy" and the intent journal reach the disk before

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _compare import close, difference
+from _compare import difference
 from click.testing import CliRunner
 
 pytest.importorskip("pymilvus")
@@ -114,11 +114,20 @@ def _same_neighbours(ours: Any, theirs: Any) -> None:
     assert [[n.label for n in row] for row in ours] == [[n.label for n in row] for row in theirs]
 
 
+def same_calibration(ours: dict, theirs: dict) -> bool:
+    """Two fitted calibrations alike: numbers within a relative 1e-4, or 1e-4 apart (the
+    logistic fit's coefficients are O(1), and one near zero differs by the solver's tolerance
+    on distances that the two engines sum in different orders)."""
+    found = difference(ours, theirs, atol=1e-4)
+    assert found is None, found
+    return True
+
+
 def test_build(answers):
     faiss, milvus = answers["faiss"]["build"], answers["milvus"]["build"]
     assert faiss["count"] == milvus["count"] == N == faiss["next_id"] == milvus["next_id"]
     assert faiss["calibrated"] and milvus["calibrated"]
-    assert close(faiss["calibration"], milvus["calibration"])
+    assert same_calibration(faiss["calibration"], milvus["calibration"])
 
 
 def test_search(answers, mnist):
@@ -162,7 +171,7 @@ def test_compact(answers):
 def test_calibrate(answers):
     faiss, milvus = answers["faiss"]["calibrate"], answers["milvus"]["calibrate"]
     assert faiss["operation"] == milvus["operation"] == "calibrate"
-    assert close(faiss["calibration"], milvus["calibration"])
+    assert same_calibration(faiss["calibration"], milvus["calibration"])
     assert difference(faiss["query"], milvus["query"], atol=1e-5) is None
     assert any(answer["match"] for answer in faiss["query"])
 
