@@ -412,11 +412,10 @@ class BundleWriter:
         # bundle, manifest and all, after the build returned. A build flushes its folder's
         # entry whoever made the folder (an earlier session that committed nothing, such as a
         # build's LiteRT export or a killed build, may have).
-        parents = {folder.parent for folder in self._created}
+        for folder in self._created:
+            self._flush_later(folder.parent)
         if self.replacing:
-            parents.add(self.directory.parent)
-        for parent in sorted(parents):
-            self._flush_later(parent)
+            self._flush_later(self.directory.parent)  # once: _flush_later keeps each folder once
         staged = self.directory / f"{STAGED_PREFIX}{secrets.token_hex(4)}"
         self._new_file(staged, lambda fh: fh.write(text.encode()))
         # The lock file first, on its own: its "busy" and the intent journal reach the disk before
