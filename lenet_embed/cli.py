@@ -20,7 +20,7 @@ import click
 from . import _quiet
 from .ann import DEFAULT_MEMORY_BUDGET, DEFAULT_TARGET_RECALL, MAX_THREADS
 from .errors import LenetEmbedError
-from .training import DEFAULT_RECIPE, RECIPES
+from .recipes import DEFAULT_RECIPE, RECIPES
 
 # Bounds of numeric options: beyond them FAISS or LiteRT would crash or stall, not serve better.
 MAX_SEARCH_DEPTH = 65_536

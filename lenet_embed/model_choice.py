@@ -30,7 +30,7 @@ import numpy as np
 from .errors import LenetEmbedError
 from .files import read_regular
 from .model import EMBEDDING_DIM, NUM_CLASSES
-from .training import DEFAULT_MODEL_PATH
+from .recipes import DEFAULT_MODEL_PATH
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "default_model"
 KERAS_FILE = "encoder.keras"

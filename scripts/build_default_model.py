@@ -54,7 +54,8 @@ from lenet_embed.model_choice import (
     spot_figures,
     write_head,
 )
-from lenet_embed.training import DEFAULT_RECIPE, DEFAULT_SEED, get_recipe, train
+from lenet_embed.recipes import DEFAULT_RECIPE, DEFAULT_SEED, get_recipe
+from lenet_embed.training import train
 
 RECORD = "train.json"
 # Figures of lenet_embed.evaluate kept on the card.

@@ -20,7 +20,7 @@ from lenet_embed.bundle import LABELS_FILE, read_manifest
 from lenet_embed.cli import main
 from lenet_embed.model import load_classifier
 from lenet_embed.preprocess import scale_pixels
-from lenet_embed.training import DEFAULT_RECIPE, RECIPES
+from lenet_embed.recipes import DEFAULT_RECIPE, RECIPES
 
 # Lines TensorFlow's C++ runtime prints at start-up unless silenced.
 CHATTER = ("onednn", "cuda", "cpu_feature_guard", "absl::initializelog",

@@ -122,7 +122,8 @@ def test_custom_recipe_with_augmentation(tiny, tmp_path, capsys):
 
 
 def test_training_phases_end_on_the_images_as_they_are():
-    from lenet_embed.training import DEFAULT_RECIPE, training_phases
+    from lenet_embed.recipes import DEFAULT_RECIPE
+    from lenet_embed.training import training_phases
 
     recipe = RECIPES[DEFAULT_RECIPE]
     (moved, start, switch), (plain, again, end) = training_phases(recipe)
@@ -177,7 +178,7 @@ def test_package_level_train_is_the_function(first, quiet_env):
 
 
 def test_default_recipe_is_augmented_with_outlier_exposure_and_pictures():
-    from lenet_embed.training import DEFAULT_RECIPE
+    from lenet_embed.recipes import DEFAULT_RECIPE
 
     recipe = RECIPES[DEFAULT_RECIPE]
     assert DEFAULT_RECIPE == "pictures" and recipe.redrawn == 20_000

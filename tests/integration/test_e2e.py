@@ -15,7 +15,7 @@ import pytest
 
 from lenet_embed import SearchIndex, majority_label, write_samples
 from lenet_embed.bundle import read_manifest
-from lenet_embed.training import DEFAULT_RECIPE
+from lenet_embed.recipes import DEFAULT_RECIPE
 
 N_QUERIES = 200
 K = 5
