@@ -66,7 +66,7 @@ def test_colour_is_rgb_and_fonts_come_from_a_package(files):
 
 
 def test_held_out_families_are_named():
-    assert set(HELD_OUT) == {"colour", "font", "lined_paper"}
+    assert set(HELD_OUT) == {"colour", "font", "chalk"}
     assert all(FAMILIES[name].held_out for name in HELD_OUT)
 
 
