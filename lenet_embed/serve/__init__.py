@@ -65,10 +65,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "them with pip install 'lenet-embed[serve]'"
     ) from None
 
-from .app import DEFAULT_K, MAX_K, create_app
+from .app import create_app
 from .errors import ApiError
 from .middleware import MAX_BODY_BYTES
 from .process import CONFIG_ENV, ServiceConfig, app_from_env, serve
+from .wire import DEFAULT_K, MAX_K
 
 __all__ = [
     "CONFIG_ENV",

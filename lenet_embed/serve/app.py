@@ -10,13 +10,14 @@ from dataclasses import replace
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp
 
 from ..embed import LiteRTEncoder
@@ -33,12 +34,22 @@ from .metrics import ServiceMetrics
 from .middleware import MAX_BODY_BYTES, RequestGuard
 from .pools import DECODE_TIMEOUT, DecodePools
 from .reload import RELOAD_INTERVAL, Reloader
-from .wire import ErrorBody, Health, Info, ItemBody, ItemCreated, SearchResult, search_body_model
+from .wire import (
+    MAX_K,
+    ErrorBody,
+    Health,
+    Info,
+    ItemBody,
+    ItemCreated,
+    SearchParams,
+    SearchResult,
+    query_parameters,
+    search_body_model,
+    search_params,
+)
 
 log = logging.getLogger(__package__)
 
-MAX_K = 100
-DEFAULT_K = 5
 WRITE_WAIT_SECONDS = 5.0
 
 
@@ -133,6 +144,9 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
                     '`{"error": "..."}` with a 4xx status.',
         docs_url=None,
         redoc_url=None,
+        # GET /metrics is the service's telemetry; FastAPI's own OpenTelemetry hooks, checked on
+        # every request, are off.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     async def answer(query: SearchQuery, k: int) -> QueryResult:
         index.check_k(k)
@@ -191,20 +205,20 @@ def create_app(index: SearchIndex, threads: int = 1, write_token: str | None = N
         response_model=SearchResult,
         tags=["search"],
         responses=_errors(400, 408, 413, 415, 422, 503),
-        openapi_extra={"requestBody": _request_body_schema(body_model)},
+        openapi_extra={"requestBody": _request_body_schema(body_model),
+                       "parameters": query_parameters(SearchParams)},
     )
-    async def search(
-        request: Request,
-        k: Annotated[int, Query(ge=1, le=MAX_K, description="Neighbours to return.")] = DEFAULT_K,
-        min_confidence: Annotated[float | None, Query(
-            ge=0, le=1, description="Answer only when the calibrated confidence is at least "
-            "this (default: the bundle's threshold).")] = None,
-    ) -> JSONResponse:
+    async def search(request: Request) -> JSONResponse:
         """Nearest neighbours of one image (multipart ``file``) or of a JSON body holding
         ``image_base64``, ``pixels`` (28x28 or 784 values) or ``vector`` (an embedding)."""
-        index.check_k(k)
+        try:
+            params = search_params(request.query_params)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        index.check_k(params.k)
         pools.check_room(request.headers.get("content-length"))
-        result = (await answer(await read_query(request, body_model), k)).judged(min_confidence)
+        query = await read_query(request, body_model)
+        result = (await answer(query, params.k)).judged(params.min_confidence)
         # A ready response skips FastAPI's re-validation; the schema above documents it.
         return JSONResponse(result.to_dict())
 
