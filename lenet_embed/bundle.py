@@ -1,20 +1,23 @@
 """What a bundle's manifest holds, defined once: typed models with every invariant readers rely
-on, parsed by pydantic (the layout on disk is :mod:`.layout`, the checksums :mod:`.seal`).
+on, parsed by msgspec (the layout on disk is :mod:`.layout`, the checksums :mod:`.seal`).
 
 Everything a manifest names is listed in its ``files`` with size and sha256; the names must stay
 inside the bundle and cover exactly the files the manifest's structure needs. Every whole number
 is an int64 (versions, counts, ids and sizes end up in int64 arrays or in FAISS), every real
 number finite, the calibration's features a closed set and its head a matrix that reads the
 bundle's embeddings, the FAISS factory one of the grammar of :mod:`.factory`. A manifest that
-breaks any of this cannot be made, neither read from disk nor built in memory for a commit: the
-models validate when constructed (``dataclasses.replace`` too), and a reader is handed nothing
+breaks any of this is not read from disk, and none is committed: :func:`from_dict` checks every
+field's type and constraint as it converts; a model made in memory (``msgspec.structs.replace``
+too, and so :meth:`Manifest.next`) checks its invariants (``__post_init__``) when made, and the
+writer checks the types of what it commits with :func:`checked`, so a reader is handed nothing
 it needs to check again.
 
-Why pydantic: its validation runs in compiled code (pydantic-core) and says where a value is
-wrong, which :func:`malformed` turns into one line; its dataclasses keep ``dataclasses.replace``,
-with which every operation makes the next version; and the service already used it (FastAPI).
-msgspec would parse faster still, but would be one more dependency for a file read once a
-version.
+Why msgspec: the CLI imports this module at every start, and msgspec imports in milliseconds,
+where importing pydantic and building its validators took a tenth of a second, a fifth of a cold
+``lenet-embed query``. Its strict conversion runs in compiled code, converts nothing into another
+type (a "3" is no number, a true no 1), and says at which path the first error is, which
+:func:`malformed` turns into one line. The service keeps pydantic for its request bodies
+(FastAPI's models).
 """
 
 from __future__ import annotations
@@ -24,27 +27,17 @@ import functools
 import json
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 import numpy as np
-from pydantic import (
-    AfterValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
-from pydantic.dataclasses import dataclass
+from msgspec import Meta
+from msgspec.structs import replace
 
 from . import layout
 from .errors import LenetEmbedError
@@ -96,30 +89,51 @@ PLAIN_FEATURES = ("log_d1", "log_dk", "agree")
 HEAD_FEATURES = ("energy", "msp", "log_1_minus_msp", "head_agrees")
 
 # The types of a manifest's values. JSON gives ints, floats, strings, bools, lists and objects:
-# none is converted into another (a "3" is no number, a true no 1), but a whole number where a
-# real one is wanted is that real number.
-Whole = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
-Real = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+# msgspec's strict conversion turns none into another (a "3" is no number, a true no 1), but a
+# whole number where a real one is wanted is that real number. msgspec has no "finite" constraint:
+# the bounds of a float refuse infinities and (being no number, NaN is within no bounds) NaN.
+Whole = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+_LARGEST = sys.float_info.max
+Real = Annotated[float, Meta(ge=-_LARGEST, le=_LARGEST)]
+Positive = Annotated[float, Meta(gt=0, le=_LARGEST)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+# What msgspec says of those bounds, and what a person reading the error wants to hear.
+_SAID_OF_BOUNDS = {f"`float` >= {-_LARGEST!r}": "a finite `float`",
+                   f"`float` <= {_LARGEST!r}": "a finite `float`"}
+
+# Names a manifest holds, each all of its pattern (checked by the models' ``__post_init__``, which
+# says what the name is not; a ``Meta(pattern=...)`` would quote the regex to the user).
+_NAME = re.compile(PART)
+_FILE_NAME = re.compile(DATA_NAME)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENCODER_FOLDER = re.compile(rf"{ENCODERS_DIR}/{PART}")
 
 
-def _matching(pattern: str, what: str) -> AfterValidator:
-    """A check that a string is all of ``pattern``, saying that it is not ``what``."""
-    compiled = re.compile(pattern)
-
-    def check(value: str) -> str:
-        if compiled.fullmatch(value) is None:
-            raise ValueError(f"{value[:60]!r} is not {what}")
-        return value
-
-    return AfterValidator(check)
+def _check_name(pattern: re.Pattern[str], value: str, what: str, field: str = "") -> None:
+    """Refuse ``value`` unless it is all of ``pattern``, saying that it is not ``what``
+    (``field``, the name of a manifest's own field, goes first: a field of a nested model is
+    named by where the model is)."""
+    if pattern.fullmatch(value) is None:
+        raise ValueError(f"{field}{': ' if field else ''}{value[:60]!r} is not {what}")
 
 
-Name = Annotated[StrictStr, _matching(PART, "a name inside the bundle")]
-FileName = Annotated[StrictStr, _matching(DATA_NAME, "a name inside the bundle")]
-Sha256 = Annotated[StrictStr, _matching(r"[0-9a-f]{64}", "a sha256 in hex")]
-EncoderFolder = Annotated[StrictStr, _matching(rf"{ENCODERS_DIR}/{PART}",
-                                               "a folder under encoders/")]
-_CLOSED = ConfigDict(extra="forbid")  # no field beyond those of the model
+def _lines_of(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """Lines each all of ``pattern`` (which matches no newline)."""
+    return re.compile(rf"(?:{pattern.pattern})(?:\n(?:{pattern.pattern}))*")
+
+
+def _all_match(lines: re.Pattern[str], values: list[str]) -> bool:
+    """Whether every one of ``values`` is a line of ``lines`` (:func:`_lines_of`): one regex over
+    them all, joined (a manifest names every file, and is made again at every commit)."""
+    joined = "\n".join(values)
+    return joined.count("\n") == len(values) - 1 and lines.fullmatch(joined) is not None
+
+
+_FILE_NAMES, _SHA256S = _lines_of(_FILE_NAME), _lines_of(_SHA256)
+
+
+class _Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A part of a manifest: immutable, with no field beyond those declared."""
 
 
 @functools.cache
@@ -131,24 +145,25 @@ def package_version() -> str:
         return "unknown"
 
 
-@dataclass(frozen=True, config=_CLOSED)
-class FileEntry:
+class FileEntry(_Model):
     """A file a manifest names: its size and sha256."""
 
     bytes: Whole
-    sha256: Sha256
+    sha256: str  # in hex: checked by the manifest, which can say of which file
 
 
-@dataclass(frozen=True, config=_CLOSED)
-class Segment:
+class Segment(_Model):
     """An immutable set of rows: their vectors, ids, labels, images (and sources). A sealed
     segment (from a build or a compaction) is a folder of arrays and its FAISS index; an unsealed
     one (from ``add``) is a single ``.npy`` file of :func:`row_dtype` records, searched exactly."""
 
-    name: Name
+    name: str
     rows: Whole
-    sealed: StrictBool
-    has_sources: StrictBool = False
+    sealed: bool
+    has_sources: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name(_NAME, self.name, "a name inside the bundle")
 
     @property
     def entry(self) -> str:
@@ -169,46 +184,40 @@ class Segment:
         return [self.file(name) for name in names]
 
 
-def _external_kind(kind: str) -> str:
-    if kind not in EXTERNAL_KINDS:
-        raise ValueError(f"unknown store kind {kind!r}; this version knows "
-                         f"{', '.join(EXTERNAL_KINDS)}")
-    return kind
-
-
-@dataclass(frozen=True, config=_CLOSED)
-class Store:
+class Store(_Model):
     """Where a bundle's items live when not in its own segments: a collection of an external
     vector database of one of :data:`lenet_embed.store.EXTERNAL_KINDS`. ``uri`` is the
     database's address (or a file relative to the bundle, for an embedded one); ``index`` is
     the database's index type."""
 
-    kind: Annotated[StrictStr, AfterValidator(_external_kind)]
-    uri: StrictStr
-    collection: Name
-    index: StrictStr
+    kind: str
+    uri: str
+    collection: str
+    index: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXTERNAL_KINDS:
+            raise ValueError(f"unknown store kind {self.kind[:40]!r}; this version knows "
+                             f"{', '.join(EXTERNAL_KINDS)}")
+        _check_name(_NAME, self.collection, "a name for a collection")
 
 
-@dataclass(frozen=True, config=_CLOSED)
-class LogisticModel:
+class LogisticModel(_Model):
     """A logistic model over named features: log-odds = sum(weights * (x - mean) / scale) +
     bias (:mod:`.calibration` defines the features)."""
 
-    features: list[StrictStr]
+    features: list[str]
     mean: list[Real]
-    scale: list[Annotated[Real, Field(gt=0)]]
+    scale: list[Positive]
     weights: list[Real]
     bias: Real
 
-    @model_validator(mode="after")
-    def _one_number_per_feature(self) -> LogisticModel:
+    def __post_init__(self) -> None:
         if not len(self.mean) == len(self.scale) == len(self.weights) == len(self.features):
             raise ValueError("a calibration model needs one mean, scale and weight per feature")
-        return self
 
 
-@dataclass(frozen=True, config=_CLOSED)
-class Calibration:
+class Calibration(_Model, dict=True):  # dict: room for the cached properties below
     """What turns a query's ``k`` nearest neighbours into a confidence and a verdict
     (:mod:`.calibration` fits and applies it; index/README.md documents the fields).
 
@@ -221,18 +230,17 @@ class Calibration:
     on.
     """
 
-    k: Annotated[StrictInt, Field(ge=1, le=MAX_CALIBRATION_K)]
+    k: Annotated[int, Meta(ge=1, le=MAX_CALIBRATION_K)]
     ood: LogisticModel
     confidence: LogisticModel
-    ood_thresholds: dict[StrictStr, Real]
-    default_keep: StrictStr
-    min_confidence: Annotated[Real, Field(ge=0, le=1)]
-    head_weights: Annotated[list[list[Real]], Field(min_length=1)] | None
-    head_bias: Annotated[list[Real], Field(min_length=1)] | None
-    fitted_on: dict[StrictStr, Whole]
+    ood_thresholds: dict[str, Real]
+    default_keep: str
+    min_confidence: Fraction
+    head_weights: Annotated[list[list[Real]], Meta(min_length=1)] | None
+    head_bias: Annotated[list[Real], Meta(min_length=1)] | None
+    fitted_on: dict[str, Whole]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Calibration:
+    def __post_init__(self) -> None:
         if self.default_keep not in self.ood_thresholds:
             raise ValueError("calibration default_keep must be one of its ood_thresholds")
         if (self.head_weights is None) != (self.head_bias is None):
@@ -246,13 +254,12 @@ class Calibration:
             if unknown:
                 raise ValueError(f"calibration feature {unknown[0][:40]!r} is not one of "
                                  f"{', '.join(allowed)}")
-        return self
 
     @functools.cached_property
     def json_data(self) -> dict[str, Any]:
         """The calibration as JSON-ready data, made once: every commit writes it again.
         Shared: read it, never change it."""
-        return _CALIBRATION.dump_python(self)
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
     @functools.cached_property
     def canonical_json(self) -> str:
@@ -288,8 +295,7 @@ def row_dtype(dim: int, source_chars: int = 0) -> np.dtype:
     return np.dtype(fields)
 
 
-@dataclass(frozen=True, config=_CLOSED)
-class Manifest:
+class Manifest(_Model):
     """One version of a bundle: what it holds, how it is searched, and every file it consists of.
 
     ``count`` is the number of live items, ``rows`` the number stored (live + removed, until a
@@ -298,31 +304,41 @@ class Manifest:
     """
 
     version: Whole
-    operation: StrictStr
-    created_at: StrictStr
-    committed_at: StrictStr
-    lenet_embed_version: StrictStr
-    dim: Annotated[StrictInt, Field(ge=1, le=MAX_DIM)]
+    operation: str
+    created_at: str
+    committed_at: str
+    lenet_embed_version: str
+    dim: Annotated[int, Meta(ge=1, le=MAX_DIM)]
     metric: Literal["cosine", "l2"]
-    factory: StrictStr
-    search_params: dict[StrictStr, Any]  # checked against the factory: factory.py
-    dataset: dict[StrictStr, Any]
-    classes: list[StrictStr]
-    encoder: EncoderFolder
+    factory: str
+    search_params: dict[str, Any]  # checked against the factory: factory.py
+    dataset: dict[str, Any]
+    classes: list[str]
+    encoder: str
     segments: list[Segment]
-    deletions: StrictStr | None
+    deletions: str | None
     count: Whole
     rows: Whole
     next_id: Whole
-    files: dict[FileName, FileEntry]
+    files: dict[str, FileEntry]
     format_version: Whole = FORMAT_VERSION
-    target_recall: Annotated[Real, Field(gt=0, le=1)] | None = None
+    target_recall: Annotated[float, Meta(gt=0, le=1)] | None = None
     store: Store | None = None
-    factory_reason: StrictStr | None = None
+    factory_reason: str | None = None
     calibration: Calibration | None = None
 
-    @model_validator(mode="after")
-    def _searchable(self) -> Manifest:
+    def __post_init__(self) -> None:
+        _check_name(_ENCODER_FOLDER, self.encoder, "a folder under encoders/", "encoder")
+        names, sums = list(self.files), [entry.sha256 for entry in self.files.values()]
+        if not (_all_match(_FILE_NAMES, names) and _all_match(_SHA256S, sums)):
+            for name, entry in self.files.items():  # which one, and what it is not
+                _check_name(_FILE_NAME, name, "a name inside the bundle", "files")
+                _check_name(_SHA256, entry.sha256, "a sha256 in hex", f"files.{name}.sha256")
+        self._searchable()
+        self._counted()
+        self._listed()
+
+    def _searchable(self) -> None:
         # The factory is parsed before FAISS ever sees it (a compaction builds it again); a
         # bundle whose items are in an external store may name none ("auto").
         if not (self.store is not None and self.factory == AUTO):
@@ -333,10 +349,8 @@ class Manifest:
                 and len(self.calibration.head_weights) != self.dim:
             raise ValueError(f"calibration head must have {self.dim} rows of weights, one per "
                              "embedding dimension")
-        return self
 
-    @model_validator(mode="after")
-    def _counted(self) -> Manifest:
+    def _counted(self) -> None:
         if self.store is not None:
             if self.segments or self.deletions is not None or self.rows != self.count:
                 raise ValueError("a bundle whose items are in an external store has no segments")
@@ -346,10 +360,8 @@ class Manifest:
             raise ValueError("removed rows need a deletions file, and only they")
         if self.rows > self.next_id:
             raise ValueError("next_id must be above every id, so at least rows")
-        return self
 
-    @model_validator(mode="after")
-    def _listed(self) -> Manifest:
+    def _listed(self) -> None:
         if len({s.name for s in self.segments}) != len(self.segments):
             raise ValueError("two segments share a name")
         needed = self.required_files()
@@ -361,7 +373,6 @@ class Manifest:
                 + (f"; unlisted: {some(lacking)}" if lacking else "")
                 + (f"; not needed: {some(extra)}" if extra else "")
             )
-        return self
 
     @property
     def deleted(self) -> int:
@@ -399,21 +410,36 @@ class Manifest:
         return needed
 
     def next(self, operation: str, **changes: Any) -> Manifest:
-        """The manifest of the version after this one, with ``changes`` applied (checked like
-        every manifest: a pydantic ``ValidationError`` when it breaks an invariant)."""
+        """The manifest of the version after this one, with ``changes`` applied; its invariants
+        are checked as it is made (a ``ValueError`` when it breaks one), its fields' types when
+        it is committed (:func:`checked`)."""
         return replace(self, version=self.version + 1, operation=operation,
                        lenet_embed_version=package_version(), **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (new containers), except the calibration's, which is
         shared (:attr:`Calibration.json_data`)."""
-        data = _MANIFEST.dump_python(self, exclude={"calibration"})
-        data["calibration"] = None if self.calibration is None else self.calibration.json_data
+        fields = msgspec.structs.asdict(self)
+        calibration = fields.pop("calibration")
+        data: dict[str, Any] = msgspec.to_builtins(fields)
+        data["calibration"] = None if calibration is None else calibration.json_data
         return data
 
 
-_CALIBRATION = TypeAdapter(Calibration)
-_MANIFEST = TypeAdapter(Manifest)
+def checked(manifest: Manifest, **changes: Any) -> Manifest:
+    """``manifest`` (with ``changes``, JSON-ready values) as a reader would read it back: every
+    field's type and constraint checked as :func:`from_dict` checks them (a
+    ``msgspec.ValidationError`` naming the first one broken), and made what its type says (an
+    int where a real is wanted is that real).
+
+    msgspec checks types when it converts, not when a model is made in memory (only
+    ``__post_init__`` runs then): the writer checks each manifest it commits with this. The
+    calibration, the same from commit to commit, is checked but kept, with what it cached."""
+    data = {**manifest.to_dict(), **changes}
+    if manifest.calibration is not None:
+        msgspec.convert(data["calibration"], Calibration, strict=True)
+    data["calibration"] = manifest.calibration  # a model already: taken as it is
+    return msgspec.convert(data, Manifest, strict=True)
 
 
 def from_dict(data: Any, where: str, text: str | None = None) -> Manifest:
@@ -429,27 +455,41 @@ def from_dict(data: Any, where: str, text: str | None = None) -> Manifest:
         )
     check_seal(data, where, text)
     try:
-        return _MANIFEST.validate_python({k: v for k, v in data.items() if k != SEAL})
-    except ValidationError as exc:
+        return msgspec.convert({k: v for k, v in data.items() if k != SEAL}, Manifest,
+                               strict=True)
+    except msgspec.ValidationError as exc:
         raise malformed(where, exc) from None
 
 
+# How msgspec says where an error is: "- at `$.segments[0].rows`", or "- at `key` in `$.files`".
+_AT = re.compile(r"(?P<message>.*?)(?: - at `(?:key` in `)?\$(?P<path>[^`]*)`)?", re.DOTALL)
+_MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+_ENUM = re.compile(r"Invalid enum value (?P<value>.*)", re.DOTALL)
+
+
 def malformed(where: str, problem: Exception) -> LenetEmbedError:
-    """The one-line error for a manifest that is not what readers accept: for a pydantic
-    ``ValidationError``, where its first error is and what it says."""
-    if not isinstance(problem, ValidationError):
+    """The one-line error for a manifest that is not what readers accept: for a msgspec
+    ``ValidationError``, where its error is and what it says."""
+    found = _AT.fullmatch(str(problem)) if isinstance(problem, msgspec.ValidationError) else None
+    if found is None:
         return LenetEmbedError(f"{where}: malformed manifest ({problem}); {REBUILD}")
-    errors = problem.errors(include_url=False, include_input=False, include_context=False)
-    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
-    if missing:
-        return LenetEmbedError(f"{where}: manifest lacks {', '.join(missing)}; {REBUILD}")
-    first = errors[0]
-    message = first["msg"].removeprefix("Value error, ")
-    where_in = first["loc"]
-    if "[key]" in where_in:  # a key of an object: the message names it
-        where_in = where_in[:where_in.index("[key]") - 1]
-    place = ".".join(str(part)[:40] for part in where_in)
-    message = f"{place}: {message[:1].lower()}{message[1:]}" if place else message
+    message, path = found["message"], found["path"] or ""
+    missing = _MISSING.fullmatch(message)
+    if missing and not path:
+        return LenetEmbedError(f"{where}: manifest lacks {missing['field']}; {REBUILD}")
+    for said, meant in _SAID_OF_BOUNDS.items():
+        message = message.replace(said, meant)
+    enum = _ENUM.fullmatch(message)
+    if enum and re.fullmatch(r"\.\w+", path):  # a field of the manifest itself: say its choices
+        choices = get_args(next(f.type for f in msgspec.structs.fields(Manifest)
+                                if f.name == path[1:]))
+        message = f"{enum['value']} is not one of {', '.join(map(str, choices))}"
+    # "$.segments[0].rows" as "segments.0.rows"; a value of an object ("[...]") stays so.
+    parts = re.findall(r"\.([^.\[]+)|\[(\d+)\]|(\[\.\.\.\])", path)
+    place = ".".join((name or index or value)[:40] for name, index, value in parts)
+    place = place.replace(".[...]", "[...]")
+    message = message[:1].lower() + message[1:]
+    message = f"{place}: {message}" if place else message
     return LenetEmbedError(f"{where}: malformed manifest ({message[:300]}); {REBUILD}")
 
 

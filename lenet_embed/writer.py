@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from .bundle import (
     FileEntry,
     Manifest,
     Segment,
+    checked,
     manifest_json,
     read_manifest,
     remember_manifest,
@@ -384,7 +385,8 @@ class BundleWriter:
     def commit(self, manifest: Manifest) -> Manifest:
         """Make ``manifest`` the current version: one ``os.replace`` of ``manifest.json``.
 
-        The manifest was checked as readers check it when it was made, and is serialised once;
+        The manifest's invariants were checked when it was made; its fields' types are checked
+        here as readers check them (:func:`lenet_embed.bundle.checked`), and it is serialised once;
         its text goes to disk once (``versions/N.json`` is a second name for the same file). The
         version it replaces is checked first (:func:`lenet_embed.snapshot.check_version`):
         nothing is committed, or acknowledged, on top of a version that readers cannot load or
@@ -399,7 +401,7 @@ class BundleWriter:
             raise ValueError("a commit must carry the next version number")
         if self.current is not None and not self.replacing:
             check_version(self.directory, self.current)
-        manifest = _with_commit_time(manifest)  # checked again, as every manifest made
+        manifest = _with_commit_time(manifest)
         text = manifest_json(manifest)
         if self._scratch is not None:
             # Removed before the flushes that make the commit durable: once the lock file's
@@ -533,7 +535,8 @@ def _holds_a_bundle(directory: Path) -> bool:
 
 
 def _with_commit_time(manifest: Manifest) -> Manifest:
-    return replace(manifest, committed_at=now_iso())
+    """``manifest`` stamped with the time of its commit, checked as a reader will check it."""
+    return checked(manifest, committed_at=now_iso())
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -228,7 +228,7 @@ def test_adds_go_on_while_calibrate_fits(monkeypatch, bundle_copy, mnist):
     assert all(index.item_image(item) is not None for item in added)
 
     # Rebuilt with another encoder by the time of the commit: that fit is not committed.
-    from dataclasses import replace
+    from msgspec.structs import replace
 
     from lenet_embed.writer import BundleWriter
 

@@ -210,7 +210,7 @@ def _backend(store: Store | None) -> Backend:
         from .faiss import FAISS
 
         return FAISS
-    assert store.kind in EXTERNAL_KINDS  # the manifest's validator allows no other
+    assert store.kind in EXTERNAL_KINDS  # the manifest (bundle.Store) allows no other
     return _milvus_backend().Milvus()
 
 
