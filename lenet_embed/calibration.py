@@ -40,7 +40,6 @@ from .lock import check_writable
 from .metrics import majority
 from .model import find_layer
 from .model_choice import ModelFolder, shipped_head_for
-from .nondigits import generate
 from .preprocess import scale_pixels
 from .snapshot import Snapshot, open_snapshot
 from .writer import DEFAULT_LOCK_TIMEOUT, BundleWriter
@@ -231,6 +230,8 @@ def nondigit_pixels(count: int = NONDIGITS) -> np.ndarray:
     """The generated non-digits calibration is fitted on (``fit`` split, its own seed), read-only.
     Made once per process: they are the same every time, and drawing and preprocessing 3,000
     pictures takes seconds, which every build and ``calibrate`` would pay again."""
+    from .nondigits import generate  # (drawing needs fonts and Pillow's text: not for queries)
+
     pixels = generate("fit", count, NONDIGIT_SEED).pixels
     pixels.setflags(write=False)
     return pixels
