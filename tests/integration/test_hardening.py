@@ -1,4 +1,4 @@
-"""Hardening (issue 9), on real MNIST data: hostile image files, decompression bombs, operator
+"""Hardening, on real MNIST data: hostile image files, decompression bombs, operator
 errors and the scripts' error handling.
 
 1. Decode fuzzing: real MNIST digits saved by Pillow as PNG, JPEG, GIF, TIFF and BMP (several

@@ -1,4 +1,4 @@
-"""The service against hostile input (issue 24, item 7): log lines a request cannot forge, answers
+"""The service against hostile input: log lines a request cannot forge, answers
 that name no server folder, repeated single-valued headers, a bundle the service cannot write
 to, and write tokens that are weak, exposed or not files at all.
 

@@ -1,4 +1,4 @@
-"""Every commit checked before it is acknowledged; the manifest as untrusted input (issue 24).
+"""Every commit checked before it is acknowledged; the manifest as untrusted input.
 
 Promises tested here:
 - a writer refuses, in one line naming the damaged file, to commit on top of a version whose
