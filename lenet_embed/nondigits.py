@@ -1,5 +1,5 @@
 """Pictures that are not digits, generated offline and deterministically: the project's own
-out-of-distribution set (README "Answers you can trust" gives its provenance).
+out-of-distribution set (docs/guide/trust.md, "The non-digit set", gives its provenance).
 
 Five kinds, each drawn in several styles: ``letters`` (Latin letters in the fonts matplotlib
 ships, :mod:`.fonts`), ``symbols`` (+ % # @ & ? * = arrows ...), ``textures`` (checkerboards,

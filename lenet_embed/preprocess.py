@@ -356,7 +356,7 @@ SPECKLE_FRACTION = 0.002
 SPECK_ROWS = 4
 # The background is estimated on a grid of this many cells on the longer side, opened by a square
 # of OPENING cells (see _background): a plateau under 5/16 of the picture's longer side is taken
-# for ink. Chosen on the tuning families (README "Robustness": coarse grids and markers against
+# for ink. Chosen on the tuning families (docs/guide/evaluate.md: coarse grids and markers against
 # photos' shadows), never on the held-out ones.
 GRID = 16
 OPENING = 5

@@ -15,7 +15,7 @@ from .errors import LenetEmbedError
 
 DEFAULT_MODEL_PATH = Path("models/lenet.keras")
 # Training is reproducible by default: the same data and seed give the same model (and the figures
-# in README "Results"); other seeds move 1-NN accuracy by about +-0.001.
+# in docs/guide/training.md); other seeds move 1-NN accuracy by about +-0.001.
 DEFAULT_SEED = 1
 
 
@@ -64,11 +64,11 @@ RECIPES: dict[str, Recipe] = {
         name="seed",
         description="the tutorial's recipe: RMSprop 1e-3, batch 32, 5 epochs",
     ),
-    # Chosen by measurement (README "Results"): augmentation teaches the invariances that real
+    # Chosen by measurement (docs/guide/training.md): augmentation teaches the invariances that real
     # queries need, label smoothing tightens the classes in embedding space (MAP@R), weight decay
     # and more epochs steady 1-NN across seeds, and batch 256 buys those epochs within 4x the seed
     # recipe's time; degrading half of each batch makes blurred, coarse and thin-stroked scans
-    # readable (README "Robustness").
+    # readable (docs/guide/evaluate.md).
     "augmented": Recipe(
         name="augmented",
         description="AdamW 4e-3 (weight decay 5e-4) with cosine decay, batch 256, 35 epochs, "
@@ -87,14 +87,14 @@ RECIPES: dict[str, Recipe] = {
         degrade=0.5,
     ),
 }
-# Outlier exposure on top of `augmented` (README "Answers you can trust" measures it), for 24
+# Outlier exposure on top of `augmented` (docs/guide/trust.md measures it), for 24
 # epochs, the last quarter of them on the images as they are: the training time stays within 4x
 # the seed recipe's on this project's machine, where 30 epochs of the augmented pipeline took
 # about 5x. A quarter of each batch degraded and the non-digits weighted 0.25 (since 2026-11-27;
 # half and 0.5 before): each cost clean 1-NN. The clean finish (since 2026-11-27, evening; 22
 # epochs without it before) wins back a little of it (+0.0003 on the mean of three seeds, within
 # seed noise) for the same training time, with every trust and robustness target still met
-# (README "Answers you can trust").
+# (docs/guide/trust.md).
 RECIPES["outlier"] = replace(
     RECIPES["augmented"], name="outlier", epochs=24, outliers=10_000, outlier_weight=0.25,
     degrade=0.25, clean_finish=0.25,
