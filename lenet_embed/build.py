@@ -25,8 +25,8 @@ from .ann import (
     set_threads,
     to_distances,
 )
-from .bundle import DEFAULT_INDEX_DIR, Calibration, Manifest, package_version
-from .calibration import CannotCalibrate, classifier_head, fit_items, sample_rows
+from .bundle import DEFAULT_INDEX_DIR, Manifest, package_version
+from .calibration import CannotCalibrate, Fitted, classifier_head, fit_items, sample_rows
 from .data import Dataset, load_image_folder, load_mnist, read_rows
 from .embed import (
     BACKENDS,
@@ -224,10 +224,10 @@ def build_index(
     built = target.index(vectors, metric, factory, target_recall, budget, held_out_queries,
                          lambda done, total: report("indexing", done, total))
     report("calibrating", 0, 1)
-    calibration = None
+    fitted = None
     if sample is not None:
         try:
-            calibration = _calibration(target.scores(built, vectors, metric), sample, labels,
+            fitted = _calibration(target.scores(built, vectors, metric), sample, labels,
                                        metric, encoder, loaded.head)
         except (CannotCalibrate, MissingFonts) as exc:
             _no_calibration(exc)
@@ -239,6 +239,7 @@ def build_index(
         encoder_folder, encoder_files = loaded.save(writer)
         items = target.write(writer, built, ids, vectors, labels, stored, sources, factory,
                              metric, lambda done, total: report("writing", done, total))
+        calibration, calibration_files = fitted.write(writer) if fitted else (None, {})
         now = now_iso()
         manifest = writer.commit(Manifest(
             version=writer.next_version, operation="build", created_at=now, committed_at=now,
@@ -246,7 +247,7 @@ def build_index(
             dataset=description, classes=list(classes), encoder=encoder_folder,
             deletions=None, count=len(labels), rows=len(labels), next_id=len(labels),
             calibration=calibration, **target.fields(built, factory),
-            **{**items, "files": {**encoder_files, **items["files"]}},
+            **{**items, "files": {**encoder_files, **calibration_files, **items["files"]}},
         ))
     stores.replaced(Path(index_dir), replaced, manifest)
     seconds = round(time.perf_counter() - started, 2)
@@ -272,7 +273,7 @@ def _no_calibration(reason: Exception) -> None:
 def _calibration(search_scores: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
                  sample: tuple[np.ndarray, np.ndarray], labels: np.ndarray, metric: str,
                  encoder: Encoder, head: tuple[np.ndarray, np.ndarray] | None
-                 ) -> Calibration:
+                 ) -> Fitted:
     """Fit the new bundle's calibration (:mod:`.calibration`) on the ``sample`` of rows and
     their raw vectors; ``search_scores(prepared queries, k)`` gives FAISS's (scores, rows) over
     every item (ids = row numbers)."""

@@ -44,6 +44,7 @@ from .errors import LenetEmbedError
 from .factory import AUTO, check_search_params, parse_factory
 from .files import read_regular
 from .layout import (
+    CALIBRATION_DIR,
     DATA_NAME,
     DEFAULT_INDEX_DIR,
     ENCODER_FILE,
@@ -87,6 +88,8 @@ MAX_CALIBRATION_K = 1024
 # neighbours alone (PLAIN) or also from the classifier head's logits (HEAD, only with a head).
 PLAIN_FEATURES = ("log_d1", "log_dk", "agree")
 HEAD_FEATURES = ("energy", "msp", "log_1_minus_msp", "head_agrees")
+# ... and from the distances to the calibration's known non-digits (only with those).
+NONDIGIT_FEATURES = ("log_n1", "log_nk")
 
 # The types of a manifest's values. JSON gives ints, floats, strings, bools, lists and objects:
 # msgspec's strict conversion turns none into another (a "3" is no number, a true no 1), but a
@@ -107,6 +110,7 @@ _NAME = re.compile(PART)
 _FILE_NAME = re.compile(DATA_NAME)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ENCODER_FOLDER = re.compile(rf"{ENCODERS_DIR}/{PART}")
+_NONDIGITS_FILE = re.compile(rf"{CALIBRATION_DIR}/{PART}\.npy")
 
 
 def _check_name(pattern: re.Pattern[str], value: str, what: str, field: str = "") -> None:
@@ -217,7 +221,9 @@ class LogisticModel(_Model):
             raise ValueError("a calibration model needs one mean, scale and weight per feature")
 
 
-class Calibration(_Model, dict=True):  # dict: room for the cached properties below
+# dict: room for the cached properties below; omit_defaults: a calibration without non-digits is
+# written as before they were added.
+class Calibration(_Model, dict=True, omit_defaults=True):
     """What turns a query's ``k`` nearest neighbours into a confidence and a verdict
     (:mod:`.calibration` fits and applies it; index/README.md documents the fields).
 
@@ -226,7 +232,9 @@ class Calibration(_Model, dict=True):  # dict: room for the cached properties be
     (the fraction of held-out items kept, as text: "0.995") to its threshold. ``confidence``
     gives P(predicted label is right) after a sigmoid; answered when at least ``min_confidence``.
     ``head_weights`` (84 x classes) and ``head_bias`` are the classifier head whose logits some
-    features use (None when the bundle's model had none). ``fitted_on`` counts what was fitted
+    features use (None when the bundle's model had none). ``nondigits`` names the file of the
+    known non-digits' embeddings (``calibration/<name>.npy``, float32 unit rows) whose distances
+    some features use (None in a calibration without them). ``fitted_on`` counts what was fitted
     on.
     """
 
@@ -239,8 +247,12 @@ class Calibration(_Model, dict=True):  # dict: room for the cached properties be
     head_weights: Annotated[list[list[Real]], Meta(min_length=1)] | None
     head_bias: Annotated[list[Real], Meta(min_length=1)] | None
     fitted_on: dict[str, Whole]
+    nondigits: str | None = None
 
     def __post_init__(self) -> None:
+        if self.nondigits is not None:
+            _check_name(_NONDIGITS_FILE, self.nondigits,
+                        f"a file in {CALIBRATION_DIR}/ of the bundle", "calibration.nondigits")
         if self.default_keep not in self.ood_thresholds:
             raise ValueError("calibration default_keep must be one of its ood_thresholds")
         if (self.head_weights is None) != (self.head_bias is None):
@@ -248,7 +260,8 @@ class Calibration(_Model, dict=True):  # dict: room for the cached properties be
         if self.head_weights is not None and any(
                 len(row) != len(self.head_bias or ()) for row in self.head_weights):
             raise ValueError("calibration head must be a matrix with one column per bias")
-        allowed = PLAIN_FEATURES + (HEAD_FEATURES if self.head_weights else ())
+        allowed = (PLAIN_FEATURES + (HEAD_FEATURES if self.head_weights else ())
+                   + (NONDIGIT_FEATURES if self.nondigits else ()))
         for model in (self.ood, self.confidence):
             unknown = [name for name in model.features if name not in allowed]
             if unknown:
@@ -407,6 +420,8 @@ class Manifest(_Model):
             needed.update(segment.files())
         if self.deletions is not None:
             needed.add(self.deletions)
+        if self.calibration is not None and self.calibration.nondigits is not None:
+            needed.add(self.calibration.nondigits)
         return needed
 
     def next(self, operation: str, **changes: Any) -> Manifest:

@@ -5,11 +5,15 @@ Two small logistic models, fitted in numpy (Newton's method; a dozen lines do no
 scikit-learn) on data held out from what they judge:
 
 * the **out-of-distribution score** (higher = less like the indexed items), a logistic model of
-  digit against non-digit on the features in :data:`OOD_FEATURES`, fitted on leave-one-out
-  searches of a sample of the bundle's own items (each searched without itself) against the
-  ``fit`` split of :mod:`.nondigits`. The "no match" threshold is the quantile of the held-out
-  items' scores at each operating point of :data:`KEEP` (the fraction of in-distribution
-  queries still answered); ``default_keep`` picks the one in force.
+  digit against non-digit on the features in :data:`OOD_FEATURES_HEAD` (or
+  :data:`OOD_FEATURES_PLAIN` without a head), fitted on leave-one-out searches of a sample of
+  the bundle's own items (each searched without itself) against the ``fit`` split of
+  :mod:`.nondigits`. Those non-digits' embeddings are kept in the bundle (the calibration's
+  ``nondigits`` file): how near a query lies to known non-digits is evidence too, beside how
+  far it lies from the items (each fitted non-digit is measured against the others). The "no
+  match" threshold is the quantile of the held-out items' scores at each operating point of
+  :data:`KEEP` (the fraction of in-distribution queries still answered); ``default_keep``
+  picks the one in force.
 * the **confidence**, P(predicted label is right | the query is like the items), a logistic model
   on :data:`CONFIDENCE_FEATURES` fitted on the same leave-one-out searches, where "right" is
   whether the majority of the neighbours has the item's own label.
@@ -17,8 +21,9 @@ scikit-learn) on data held out from what they judge:
 A query is answered (``match``) when its OOD score is within the threshold ("not a digit"
 otherwise) and its confidence at least ``min_confidence`` ("unsure" otherwise).
 
-The features come from the ``k`` nearest neighbours (distances, labels) and, when the bundle
-keeps its classifier's 84->10 head (as arrays in the manifest, run here in numpy), its logits.
+The features come from the ``k`` nearest neighbours (distances, labels), the ``k`` nearest
+known non-digits (cosine distances, exact) and, when the bundle keeps its classifier's 84->10
+head (as arrays in the manifest, run here in numpy), its logits.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from msgspec.structs import replace as replace_struct
 
 from .ann import prepare_vectors
-from .bundle import DEFAULT_INDEX_DIR, Calibration, LogisticModel, Manifest
+from .bundle import (
+    CALIBRATION_DIR,
+    DEFAULT_INDEX_DIR,
+    Calibration,
+    FileEntry,
+    LogisticModel,
+    Manifest,
+)
 from .embed import load_encoder
 from .errors import LenetEmbedError
 from .lock import check_writable
@@ -62,8 +75,12 @@ EPS = 1e-6
 NOT_A_DIGIT = "not a digit"
 UNSURE = "unsure"
 UNCALIBRATED = "no calibration in this bundle: run `lenet-embed calibrate`"
-OOD_FEATURES_HEAD = ("log_d1", "log_dk", "log_1_minus_msp")
-OOD_FEATURES_PLAIN = ("log_d1", "log_dk")
+OOD_FEATURES_HEAD = ("log_d1", "log_dk", "log_1_minus_msp", "log_n1", "log_nk")
+OOD_FEATURES_PLAIN = ("log_d1", "log_dk", "log_n1", "log_nk")
+# The name a fitted calibration's non-digits file has until a writer writes it (Fitted.write).
+UNWRITTEN = f"{CALIBRATION_DIR}/unwritten.npy"
+# Queries measured against the known non-digits at a time (a (rows, non-digits) float32 matrix).
+NONDIGIT_ROWS = 2048
 CONFIDENCE_FEATURES_HEAD = ("agree", "log_d1", "msp", "head_agrees")
 CONFIDENCE_FEATURES_PLAIN = ("agree", "log_d1")
 
@@ -93,16 +110,23 @@ UNSEARCHED = Verdict(None, None, False, NOT_A_DIGIT)
 
 
 def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
-             calibration_head: tuple[np.ndarray, np.ndarray] | None
+             calibration_head: tuple[np.ndarray, np.ndarray] | None,
+             nondigits: np.ndarray | None = None, themselves: bool = False
              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The predicted label codes and every feature of ``n`` queries, from their (n, k)
-    neighbour distances and labels and their raw (n, 84) embeddings."""
+    neighbour distances and labels, their raw (n, 84) embeddings and the known non-digits'
+    embeddings (unit rows; ``themselves``: the queries are those non-digits, each measured
+    without itself)."""
     predicted = majority(labels)
     found = {
         "log_d1": np.log(distances[:, 0].astype(np.float64) + EPS),
         "log_dk": np.log(distances.astype(np.float64).mean(axis=1) + EPS),
         "agree": (labels == predicted[:, None]).mean(axis=1),
     }
+    if nondigits is not None:
+        near = nondigit_distances(vectors, nondigits, distances.shape[1], themselves)
+        found["log_n1"] = np.log(near[:, 0] + EPS)
+        found["log_nk"] = np.log(near.mean(axis=1) + EPS)
     if calibration_head is not None:
         weights, bias = calibration_head
         logits = vectors.astype(np.float64) @ weights + bias
@@ -122,6 +146,24 @@ def features(distances: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
     return predicted, found
 
 
+def nondigit_distances(vectors: np.ndarray, nondigits: np.ndarray, k: int,
+                       themselves: bool = False) -> np.ndarray:
+    """The cosine distances (float64, (n, k), nearest first) from each of ``vectors`` (raw
+    embeddings) to its ``k`` nearest of ``nondigits`` (unit rows), by exact search;
+    ``themselves``: ``vectors`` are ``nondigits``, each measured without itself."""
+    unit = prepare_vectors(vectors, "cosine")
+    k = min(k, len(nondigits) - int(themselves))
+    near = np.empty((len(unit), k))
+    for start in range(0, len(unit), NONDIGIT_ROWS):
+        similarity = unit[start : start + NONDIGIT_ROWS] @ nondigits.T
+        if themselves:
+            rows = np.arange(len(similarity))
+            similarity[rows, start + rows] = -np.inf
+        top = -np.partition(-similarity, k - 1, axis=1)[:, :k]
+        near[start : start + NONDIGIT_ROWS] = np.sort(np.maximum(1.0 - top, 0.0), axis=1)
+    return near
+
+
 def logit(model: LogisticModel, found: dict[str, np.ndarray]) -> np.ndarray:
     """The logistic model's log-odds for every query."""
     x = np.stack([found[name] for name in model.features], axis=1)
@@ -134,15 +176,20 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def judge(calibration: Calibration | None, distances: np.ndarray, labels: np.ndarray,
-          vectors: np.ndarray, min_confidence: float | None = None
-          ) -> tuple[np.ndarray, list[Verdict]]:
+          vectors: np.ndarray, min_confidence: float | None = None,
+          nondigits: np.ndarray | None = None) -> tuple[np.ndarray, list[Verdict]]:
     """The predicted label codes and the :class:`Verdict` of each query, from its first
-    ``calibration.k`` neighbours. ``min_confidence`` overrides the stored threshold."""
+    ``calibration.k`` neighbours (and the calibration's known ``nondigits``, when it has
+    them). ``min_confidence`` overrides the stored threshold."""
     if calibration is None:
         return majority(labels), [Verdict(None, None, True, UNCALIBRATED)] * len(labels)
     k = calibration.k
+    if calibration.nondigits is not None and nondigits is None:
+        raise LenetEmbedError("this calibration measures queries against its known non-digits; "
+                              "give them (the bundle's calibration.nondigits file)")
     predicted, found = features(distances[:, :k], labels[:, :k], vectors,
-                                calibration.head_arrays)
+                                calibration.head_arrays,
+                                nondigits if calibration.nondigits is not None else None)
     ood = logit(calibration.ood, found)
     confidence = _sigmoid(logit(calibration.confidence, found))
     verdicts = [verdict(calibration, float(c), float(o), min_confidence)
@@ -200,6 +247,23 @@ class HeldOut:
     digit_features: dict[str, np.ndarray]
     digit_correct: np.ndarray
     nondigit_features: dict[str, np.ndarray]
+    nondigits: np.ndarray  # the non-digits' embeddings, unit rows
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A calibration as fitted, and the known non-digits it measures queries against, before
+    a writer has written them into a bundle (``calibration.nondigits`` is :data:`UNWRITTEN`
+    until then)."""
+
+    calibration: Calibration
+    nondigits: np.ndarray
+
+    def write(self, writer: BundleWriter) -> tuple[Calibration, dict[str, FileEntry]]:
+        """Write the non-digits into the bundle of ``writer``'s session; return the
+        calibration naming them and their file's entry."""
+        name, files = writer.new_nondigits(self.nondigits)
+        return replace_struct(self.calibration, nondigits=name), files
 
 
 def leave_one_out(search: Search, vectors: np.ndarray, ids: np.ndarray, k: int = K
@@ -217,12 +281,15 @@ def held_out(search: Search, sample_vectors: np.ndarray, sample_ids: np.ndarray,
              sample_labels: np.ndarray, nondigit_vectors: np.ndarray,
              head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> HeldOut:
     """Features of a sample of indexed items searched leave-one-out, and of generated
-    non-digits."""
+    non-digits (each measured against the other non-digits)."""
+    known = prepare_vectors(nondigit_vectors, "cosine").copy()
+    known.setflags(write=False)
     distances, labels = leave_one_out(search, sample_vectors, sample_ids, k)
-    predicted, digit = features(distances, labels, sample_vectors, head)
+    predicted, digit = features(distances, labels, sample_vectors, head, known)
     nd_distances, _, nd_labels = search(nondigit_vectors, k)
-    _, nondigit = features(nd_distances, nd_labels, nondigit_vectors, head)
-    return HeldOut(digit, predicted == sample_labels, nondigit)
+    _, nondigit = features(nd_distances, nd_labels, nondigit_vectors, head, known,
+                           themselves=True)
+    return HeldOut(digit, predicted == sample_labels, nondigit, known)
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,7 +304,7 @@ def nondigit_pixels(count: int = NONDIGITS) -> np.ndarray:
     return pixels
 
 
-def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> Calibration:
+def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -> Fitted:
     """Fit the OOD score, its thresholds and the confidence on held-out data."""
     ood_names = OOD_FEATURES_HEAD if head is not None else OOD_FEATURES_PLAIN
     confidence_names = CONFIDENCE_FEATURES_HEAD if head is not None else CONFIDENCE_FEATURES_PLAIN
@@ -257,7 +324,7 @@ def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -
     confidence = fit_logistic(matrix(data.digit_features, confidence_names),
                               data.digit_correct.astype(np.float64), confidence_names)
     weights, bias = head if head is not None else (None, None)
-    return Calibration(
+    return Fitted(Calibration(
         k=k, ood=ood, confidence=confidence, ood_thresholds=thresholds,
         default_keep=str(DEFAULT_KEEP), min_confidence=DEFAULT_MIN_CONFIDENCE,
         head_weights=None if weights is None else weights.tolist(),
@@ -265,7 +332,8 @@ def fit(data: HeldOut, head: tuple[np.ndarray, np.ndarray] | None, k: int = K) -
         fitted_on={"items": int(len(data.digit_correct)),
                    "nondigits": int(len(next(iter(data.nondigit_features.values())))),
                    "items_wrong": int((~data.digit_correct).sum())},
-    )
+        nondigits=UNWRITTEN,
+    ), data.nondigits)
 
 
 
@@ -290,7 +358,7 @@ def sample_rows(labels: np.ndarray, rows: np.ndarray, sample: int = SAMPLE) -> n
 
 
 def fit_items(search: Search, vectors: np.ndarray, ids: np.ndarray, labels: np.ndarray,
-              encoder: Any, head: tuple[np.ndarray, np.ndarray] | None) -> Calibration:
+              encoder: Any, head: tuple[np.ndarray, np.ndarray] | None) -> Fitted:
     """Fit a calibration on leave-one-out searches of indexed items (their raw embeddings
     ``vectors``, ``ids`` and ``labels``; ``search`` over every item) and on :data:`NONDIGITS`
     generated non-digits embedded by ``encoder``."""
@@ -304,7 +372,7 @@ def fit_items(search: Search, vectors: np.ndarray, ids: np.ndarray, labels: np.n
 
 
 def fit_snapshot(snapshot: Snapshot, head: tuple[np.ndarray, np.ndarray] | None
-                 ) -> Calibration:
+                 ) -> Fitted:
     """:func:`fit_items` for a loaded bundle version; the sampled items' stored images are
     embedded again, so that the head sees raw embeddings."""
     ids, labels = snapshot.labelled()
@@ -358,10 +426,14 @@ def calibrate(directory: str | os.PathLike[str] = DEFAULT_INDEX_DIR,
         head = fitted.calibration.head_arrays
     if head is None:
         head = shipped_head_for(fitted.encoder_sha256)
-    calibration = fit_snapshot(snapshot, head)
+    made = fit_snapshot(snapshot, head)
     with BundleWriter(directory, timeout) as writer:
         current = writer.require_current()
         if (current.encoder_sha256, current.store) != (fitted.encoder_sha256, fitted.store):
             raise LenetEmbedError(f"{directory}: the bundle was rebuilt while it was being "
                                   "calibrated; run `lenet-embed calibrate` again")
-        return writer.commit(current.next("calibrate", calibration=calibration))
+        calibration, written = made.write(writer)
+        old = current.calibration.nondigits if current.calibration is not None else None
+        files = {name: entry for name, entry in current.files.items() if name != old}
+        return writer.commit(current.next("calibrate", calibration=calibration,
+                                          files={**files, **written}))

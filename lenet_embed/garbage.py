@@ -38,6 +38,7 @@ from .bundle import Manifest
 from .errors import LenetEmbedError
 from .files import read_regular
 from .layout import (
+    CALIBRATION_DIR,
     DATA_NAME,
     DELETIONS_DIR,
     ENCODERS_DIR,
@@ -61,7 +62,8 @@ _JOURNAL_NAME = re.compile(
     rf"|{re.escape(STAGED_PREFIX)}[0-9a-f]+|{re.escape(SCRATCH_DIR)}/{PART}")
 _RECORD_NAME = re.compile(r"(\d{8})\.json")
 # The parts of a bundle a writer writes into or removes from: none may be a symbolic link.
-_PARTS = (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, VERSIONS_DIR, SCRATCH_DIR, MANIFEST)
+_PARTS = (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, CALIBRATION_DIR, VERSIONS_DIR, SCRATCH_DIR,
+          MANIFEST)
 
 # What a sweep found and its commits have not removed yet, per bundle folder, in order (a commit
 # of a stream of adds removes a bounded batch): relative names, and for version records (whose

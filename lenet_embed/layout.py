@@ -18,6 +18,8 @@ to end. Layout::
     segments/<segment>.npy           an unsealed segment (from add): the same, one record a row
     encoders/<fingerprint>/encoder.keras, encoder.tflite
     deletions/<name>.npy             int64, sorted: ids removed since the last compaction
+    calibration/<name>.npy           float32 (n, dim), unit rows: the embeddings of the known
+                                     non-digits the calibration measures queries against
     .lock                            the writer lock (:mod:`lenet_embed.lock`)
     .tmp/                            writers' scratch space, emptied by the next writer
 
@@ -34,6 +36,7 @@ VERSIONS_DIR = "versions"
 SEGMENTS_DIR = "segments"
 ENCODERS_DIR = "encoders"
 DELETIONS_DIR = "deletions"
+CALIBRATION_DIR = "calibration"
 LOCK_FILE = ".lock"
 # A commit's manifest is written under this name in the bundle, then renamed to manifest.json.
 STAGED_PREFIX = ".manifest.json.new-"
@@ -51,8 +54,8 @@ ENCODER_FILE = "encoder.keras"
 LITERT_FILE = "encoder.tflite"
 DEFAULT_INDEX_DIR = Path("index")
 # Everything a bundle folder may hold besides the user's own files.
-LAYOUT = frozenset({MANIFEST, VERSIONS_DIR, SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, LOCK_FILE,
-                    SCRATCH_DIR})
+LAYOUT = frozenset({MANIFEST, VERSIONS_DIR, SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR,
+                    CALIBRATION_DIR, LOCK_FILE, SCRATCH_DIR})
 # Files that may sit in a folder that is not yet a bundle and stay there (the repository's
 # index/README.md documents the format).
 KEPT_FILES = frozenset({"README.md", ".gitignore", ".gitkeep"})
@@ -61,6 +64,6 @@ REBUILD = "rebuild it with `lenet-embed build-index`"
 # One part of a name inside the bundle: a segment, an encoder folder, a file.
 PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 # A name a manifest may list in its ``files``: a file in a segment or encoder folder, or an
-# unsealed segment or deletions file.
+# unsealed segment, a deletions file or a calibration's non-digits.
 DATA_NAME = (rf"({SEGMENTS_DIR}|{ENCODERS_DIR})/{PART}/{PART}"
-             rf"|({SEGMENTS_DIR}|{DELETIONS_DIR})/{PART}\.npy")
+             rf"|({SEGMENTS_DIR}|{DELETIONS_DIR}|{CALIBRATION_DIR})/{PART}\.npy")

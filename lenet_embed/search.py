@@ -431,7 +431,7 @@ class SearchIndex:
         searched = min(searched, len(snapshot))
         hits = self._search(snapshot, vectors[answered], searched)
         predicted, verdicts = judge(calibration, hits.distances, hits.labels, vectors[answered],
-                                    min_confidence)
+                                    min_confidence, snapshot.nondigits)
         found = hits.neighbors()
         for row, position in enumerate(answered):
             results[position] = replace(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import garbage
 from .ann import SEARCH_PARAMETERS
 from .bundle import (
@@ -139,7 +141,39 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
         encoder = bundle_encoder(directory, manifest, load_encoder)
     params = {**{k: int(v) for k, v in manifest.search_params.items()
                  if k in SEARCH_PARAMETERS}, **(search_params or {})}
-    return backend_of(manifest).open(directory, manifest, encoder, params, previous)
+    snapshot = backend_of(manifest).open(directory, manifest, encoder, params, previous)
+    snapshot.nondigits = read_nondigits(directory, manifest, previous)
+    return snapshot
+
+
+def read_nondigits(directory: Path, manifest: Manifest, previous: Snapshot | None = None
+                   ) -> np.ndarray | None:
+    """The known non-digits of the version's calibration (read-only float32 unit rows of the
+    bundle's dimension), checked against the manifest, or None when it has none; those of
+    ``previous`` when it holds the same file."""
+    name = manifest.calibration.nondigits if manifest.calibration is not None else None
+    if name is None:
+        return None
+    if (previous is not None and previous.nondigits is not None and previous.manifest.calibration
+            is not None and previous.manifest.calibration.nondigits == name):
+        return previous.nondigits
+    verify_file(directory, name, manifest.files[name])
+    path = directory / name
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise Vanished from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise LenetEmbedError(f"{path}: unreadable ({str(exc).splitlines()[0][:80]}); the bundle "
+                              f"is damaged, {REBUILD} or restore it") from None
+    if (vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) < 2
+            or vectors.shape[1] != manifest.dim or not np.isfinite(vectors).all()
+            or not np.allclose(np.einsum("ij,ij->i", vectors, vectors), 1.0, atol=1e-4)):
+        raise LenetEmbedError(f"{path}: not the unit rows of {manifest.dim} float32 values a "
+                              f"calibration's non-digits are; {REBUILD} or run "
+                              "`lenet-embed calibrate`")
+    vectors.setflags(write=False)
+    return vectors  # type: ignore[no-any-return]
 
 
 # `info` suggests `compact` from this share of removed rows on: a search of a segment with a share

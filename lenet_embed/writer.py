@@ -39,6 +39,7 @@ from .bundle import (
 )
 from .errors import LenetEmbedError
 from .layout import (
+    CALIBRATION_DIR,
     DELETIONS_DIR,
     ENCODER_FILE,
     ENCODERS_DIR,
@@ -360,13 +361,22 @@ class BundleWriter:
 
     def new_deletions(self, ids: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
         """Write the sorted list of removed ids; return its name and entry."""
-        folder = self.directory / DELETIONS_DIR
+        return self._new_array(DELETIONS_DIR, "d", np.unique(np.asarray(ids, dtype=np.int64)))
+
+    def new_nondigits(self, vectors: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
+        """Write a calibration's known non-digits (float32 unit rows); return name and entry."""
+        return self._new_array(CALIBRATION_DIR, "n", np.asarray(vectors, dtype=np.float32))
+
+    def _new_array(self, parent: str, prefix: str, array: np.ndarray
+                   ) -> tuple[str, dict[str, FileEntry]]:
+        """Write ``array`` as a new ``.npy`` file in the bundle's folder ``parent``."""
+        folder = self.directory / parent
         folder.mkdir(exist_ok=True)
-        name = f"{self._new_name('d')}.npy"
-        array = np.unique(np.asarray(ids, dtype=np.int64))
-        entry = self._new_file(folder / name, lambda fh: np.save(fh, array, allow_pickle=False))
+        name = f"{parent}/{self._new_name(prefix)}.npy"
+        entry = self._new_file(self.directory / name,
+                               lambda fh: np.save(fh, array, allow_pickle=False))
         self._flush_later(folder)
-        return f"{DELETIONS_DIR}/{name}", {f"{DELETIONS_DIR}/{name}": entry}
+        return name, {name: entry}
 
     def scratch(self) -> Path:
         """This writer's own folder under ``.tmp/``, for what the libraries it runs stage on

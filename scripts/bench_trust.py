@@ -5,8 +5,9 @@ Scores (higher = less like a digit): the cosine distance to the nearest neighbou
 over k; that distance over the predicted class's typical one (the median leave-one-out distance
 of the class's items); the Mahalanobis distance on the 84-d features to the nearest class mean
 with a shared covariance (Lee et al. 2018, fitted on the indexed vectors); the energy (Liu et
-al. 2020) and the negated max-softmax (Hendrycks & Gimpel 2017) of the classifier head; and
-the calibration's fitted combination (:mod:`lenet_embed.calibration`, what queries use). For
+al. 2020) and the negated max-softmax (Hendrycks & Gimpel 2017) of the classifier head; the
+distance to the nearest of the calibration's known non-digits (negated); and the calibration's
+fitted combination (:mod:`lenet_embed.calibration`, what queries use). For
 each: AUROC, FPR at 95 % TPR, and the fraction of non-digits rejected when 99.5 % of the
 held-out digits are kept, overall and for the styles never fitted on. Then the calibration's
 ECE and its answered/rejected fractions at the bundle's own thresholds.
@@ -70,8 +71,10 @@ def main() -> None:
     calibration = snapshot.manifest.calibration
     head = load_head(args.model) if args.model else (
         calibration.head_arrays if calibration else None)
+    known = snapshot.nondigits
     if calibration is None or (args.model and calibration.head_weights is None):
-        calibration = fit_snapshot(snapshot, head)  # in memory only: the bundle is not changed
+        fitted = fit_snapshot(snapshot, head)  # in memory only: the bundle is not changed
+        calibration, known = fitted.calibration, fitted.nondigits
     digits = index.encoder.embed(scale_pixels(dataset.test.images))
     others_set = evaluation_nondigits(NONDIGITS_EVALUATED)
     others = index.encoder.embed(others_set.pixels)
@@ -93,7 +96,8 @@ def main() -> None:
 
     def scores(vectors: np.ndarray) -> dict[str, np.ndarray]:
         distances, _, labels = search(vectors, K)
-        predicted, found = features(distances, labels, vectors, head)
+        predicted, found = features(distances, labels, vectors, head,
+                                    known if calibration.nondigits else None)
         out = {
             "kNN distance (top-1)": distances[:, 0],
             f"kNN distance (mean of {K})": distances.mean(axis=1),
@@ -104,6 +108,8 @@ def main() -> None:
         if head is not None:
             out["energy"] = found["energy"]
             out["max softmax (negated)"] = -found["msp"]
+        if "log_n1" in found:
+            out["nearest known non-digit (negated)"] = -found["log_n1"]
         out["calibration (fitted combination)"] = logit(calibration.ood, found)
         return out
 

@@ -16,7 +16,9 @@ itself, as a base install builds one (LiteRT embedding).
 Training takes minutes, the rest about two more. The trained classifier is kept in ``--work``
 with a record of how it was trained (recipe, seed, data, package version): a second run with the
 same recipe, seed and data reuses it and only exports and measures again (``--retrain`` trains
-anyway). Needs the ``train`` extra (TensorFlow) and MNIST (``--data`` or $LENET_EMBED_MNIST).
+anyway). ``--remeasure`` neither trains nor exports: it measures the folder in ``--out`` again,
+its files untouched, and rewrites its card (after a change to preprocessing or calibration).
+Needs the ``train`` extra (TensorFlow) and MNIST (``--data`` or $LENET_EMBED_MNIST).
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def trained_classifier(args: argparse.Namespace, source: str) -> tuple[Path, dic
     kept = {**wanted, "result": result.to_dict()}
     record.write_text(json.dumps(kept, indent=2) + "\n")
     return model, kept
+
+
+def kept_record(data: dict[str, Any]) -> dict[str, Any]:
+    """How the model of an existing card was trained, as :func:`trained_classifier` records
+    it."""
+    return {"recipe": data["recipe"], "seed": data["seed"],
+            "lenet_embed_version": data["built_with"]["lenet_embed"],
+            "result": data["training"]}
 
 
 def export(model: Path, out: Path, work: Path) -> Any:
@@ -228,15 +238,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lenet-embed-default-model"))
     parser.add_argument("--retrain", action="store_true",
                         help="train even if --work holds a classifier of the same recipe")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure the model in --out again and rewrite its card, its files "
+                        "untouched")
     args = parser.parse_args()
     if args.data is None:
         raise LenetEmbedError("give --data or set $LENET_EMBED_MNIST (MNIST's four IDX files)")
     dataset = load_mnist(args.data)
     args.work.mkdir(parents=True, exist_ok=True)
-    model, record = trained_classifier(args, dataset.source)
-    keras_encoder = export(model, args.out, args.work)
-    # The card lists the files first, so that the folder is a model the build below can use.
-    (args.out / CARD_FILE).write_text(json.dumps(card(args.out, record, None), indent=2) + "\n")
+    if args.remeasure:
+        record = kept_record(ModelFolder.open(args.out).card)
+        keras_encoder = KerasEncoder.load(args.out / KERAS_FILE).model
+    else:
+        model, record = trained_classifier(args, dataset.source)
+        keras_encoder = export(model, args.out, args.work)
+        # The card lists the files first, so that the folder is a model the build below can use.
+        (args.out / CARD_FILE).write_text(json.dumps(card(args.out, record, None), indent=2)
+                                          + "\n")
     figures = measure(args.out, keras_encoder, dataset, args.work)
     data = card(args.out, record, figures)
     (args.out / CARD_MARKDOWN).write_text(markdown(data))

@@ -30,6 +30,7 @@ from lenet_embed import LenetEmbedError, SearchIndex, build_index
 from lenet_embed import writer as writer_module
 from lenet_embed.ann import make_index, prepare_vectors
 from lenet_embed.bundle import (
+    CALIBRATION_DIR,
     DELETIONS_DIR,
     ENCODER_FILE,
     ENCODERS_DIR,
@@ -73,7 +74,7 @@ def _sha256(path: Path) -> str:
 def _files_on_disk(directory: Path) -> set[str]:
     """Every file under the data folders of a bundle, relative to it."""
     found = set()
-    for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR):
+    for parent in (SEGMENTS_DIR, ENCODERS_DIR, DELETIONS_DIR, CALIBRATION_DIR):
         if (directory / parent).is_dir():
             found.update(p.relative_to(directory).as_posix()
                          for p in (directory / parent).rglob("*") if p.is_file())
@@ -215,9 +216,10 @@ def test_whole_numbers_are_reals_where_reals_are_wanted(bundle_dir):
 
 def test_file_list_covers_exactly_the_structure(bundle_dir):
     manifest = read_manifest(bundle_dir)
-    expected = {manifest.encoder_path, manifest.litert_path,
+    expected = {manifest.encoder_path, manifest.litert_path, manifest.calibration.nondigits,
                 *(f"{SEGMENTS_DIR}/{manifest.segments[0].name}/{name}"
                   for name in (*SEGMENT_FILES, INDEX_FILE))}
+    assert manifest.calibration.nondigits.startswith("calibration/")
     assert set(manifest.files) == manifest.required_files() == expected
     assert _files_on_disk(bundle_dir) == expected  # nothing on disk the manifest does not name
     for name, entry in manifest.files.items():

@@ -33,6 +33,7 @@ from lenet_embed.bundle import (
     INT64_MAX,
     LOCK_FILE,
     MANIFEST,
+    NONDIGIT_FEATURES,
     PLAIN_FEATURES,
     SCRATCH_DIR,
     SEAL,
@@ -73,6 +74,8 @@ def _file(d: Path, kind: str) -> Path:
         return d / manifest.deletions
     if kind == "added":
         return d / manifest.segments[1].entry
+    if kind == "nondigits":
+        return d / manifest.calibration.nondigits
     return d / manifest.segments[0].file(kind)
 
 
@@ -93,7 +96,7 @@ def _append(path: Path) -> None:
 
 DAMAGES = {"flipped": _flip, "truncated": _truncate, "deleted": Path.unlink, "appended": _append}
 KINDS = ["vectors.npy", "ids.npy", "labels.npy", "images.npy", "sources.json", "index.faiss",
-         "added", "deletions"]
+         "added", "deletions", "nondigits"]
 
 
 def _state(d: Path) -> dict[str, str]:
@@ -297,6 +300,9 @@ def test_calibration_features_are_the_closed_set():
     assert set(features(distances, labels, vectors, None)[1]) == set(PLAIN_FEATURES)
     assert set(features(distances, labels, vectors, head)[1]) == {*PLAIN_FEATURES,
                                                                   *HEAD_FEATURES}
+    known = np.eye(3, 84, dtype=np.float32)
+    assert set(features(distances, labels, vectors, head, known)[1]) == {
+        *PLAIN_FEATURES, *HEAD_FEATURES, *NONDIGIT_FEATURES}
 
 
 # --------------------------------------------------------------------------- fuzzing the manifest

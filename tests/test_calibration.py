@@ -11,10 +11,12 @@ from cli_checks import ok
 
 from lenet_embed import SearchIndex
 from lenet_embed.bundle import MANIFEST, read_manifest, sealed_json
-from lenet_embed.calibration import NOT_A_DIGIT, UNCALIBRATED, UNSURE
+from lenet_embed.calibration import NOT_A_DIGIT, UNCALIBRATED, UNSURE, nondigit_distances
+from lenet_embed.embed import load_encoder
 from lenet_embed.nondigits import HELD_OUT, KINDS, fonts, generate
 from lenet_embed.preprocess import scale_pixels
 from lenet_embed.search import Query
+from lenet_embed.snapshot import open_snapshot
 
 
 def test_nondigits_are_deterministic_and_cover_every_kind():
@@ -52,6 +54,12 @@ def test_a_build_stores_its_calibration(built):
     assert thresholds["0.99"] <= thresholds["0.995"] <= thresholds["0.999"]
     assert calibration.fitted_on["items"] == 2000 and calibration.fitted_on["nondigits"] > 0
     assert read_manifest(built.path).calibration == calibration
+    # The non-digits it was fitted on are kept, as unit rows, and its OOD score measures
+    # queries against them.
+    known = open_snapshot(built.path, load_encoder).nondigits
+    assert known.shape == (calibration.fitted_on["nondigits"], 84) and known.dtype == np.float32
+    assert np.allclose(np.linalg.norm(known, axis=1), 1.0, atol=1e-5)
+    assert {"log_n1", "log_nk"} <= set(calibration.ood.features)
 
 
 def _digits(mnist, n=200):
@@ -164,14 +172,21 @@ def test_calibrate_commits_a_new_version(run, bundle_copy):
     assert summary["version"] == after.version == before.version + 1
     assert after.operation == "calibrate" and summary["head"] is True  # kept from the build
     assert after.calibration.head_weights == before.calibration.head_weights
-    assert after.segments == before.segments and after.files == before.files
+    assert after.segments == before.segments
+    # The known non-digits are written again under a new name (the same ones: the same bytes),
+    # and the old file is no longer named; every other file stays.
+    old, new = before.calibration.nondigits, after.calibration.nondigits
+    assert old != new and old not in after.files
+    assert after.files[new].sha256 == before.files[old].sha256
+    assert {k: v for k, v in after.files.items() if k != new} == {
+        k: v for k, v in before.files.items() if k != old}
 
 
 def _without_calibration(directory):
     path = directory / MANIFEST
     body = json.loads(path.read_text())
     body.pop("manifest_sha256")
-    body.pop("calibration")
+    del body["files"][body.pop("calibration")["nondigits"]]
     path.write_text(sealed_json(body))
 
 
@@ -262,3 +277,19 @@ def test_without_fonts_letters_refuse_and_training_draws_the_other_kinds(monkeyp
     assert 0 < len(pixels) <= 30 and pixels.dtype == np.uint8
     assert "without letters and symbols" in caplog.text
     assert set(FONT_KINDS) == {"letters", "symbols"}
+
+
+def test_nondigit_distances_are_the_exact_nearest_without_themselves():
+    rng = np.random.default_rng(3)
+    known = rng.normal(size=(300, 84)).astype(np.float32)
+    known /= np.linalg.norm(known, axis=1, keepdims=True)
+    known[7] = known[3]  # a duplicate: its nearest is its twin, at distance 0, not itself
+    queries = rng.normal(size=(50, 84)).astype(np.float32) * 5  # raw: normalised inside
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = np.sort(1.0 - unit.astype(np.float64) @ known.T.astype(np.float64), axis=1)[:, :5]
+    assert np.allclose(nondigit_distances(queries, known, 5), expected, atol=1e-5)
+    themselves = nondigit_distances(known, known, 5, themselves=True)
+    full = 1.0 - known.astype(np.float64) @ known.T.astype(np.float64)
+    np.fill_diagonal(full, np.inf)
+    assert np.allclose(themselves, np.sort(full, axis=1)[:, :5], atol=1e-5)
+    assert themselves[3, 0] < 1e-5 and themselves[7, 0] < 1e-5

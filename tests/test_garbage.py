@@ -22,6 +22,7 @@ from PIL import Image
 
 from lenet_embed import LenetEmbedError, SearchIndex, inspect_bundle
 from lenet_embed.bundle import LOCK_FILE, MANIFEST, VERSIONS_DIR, read_manifest
+from lenet_embed.calibration import calibrate
 from lenet_embed.updates import add_vectors, compact, reclaim, remove
 from lenet_embed.writer import BundleWriter
 
@@ -263,13 +264,15 @@ def test_a_held_lock_names_the_process_holding_it(run, bundle_copy, mnist, tmp_p
 
 # ------------------------------------------------------------------------------ the property
 
-_FOLDERS = ["", "segments/", "encoders/", "deletions/", "versions/", "@segment/", "@encoder/"]
+_FOLDERS = ["", "segments/", "encoders/", "deletions/", "calibration/", "versions/", "@segment/",
+            "@encoder/"]
 _NAME = st.sampled_from(["NOTES.txt", "s00000007-0123abcd.npy", "00000042.json", "x.npy",
                          ".manifest.json.new-00ff", "index.faiss", "e00000003-0a0b0c0d"])
 _OPS = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 5)),
     st.tuples(st.just("remove"), st.integers(0, 1999)),
     st.tuples(st.just("compact"), st.just(0)),
+    st.tuples(st.just("calibrate"), st.just(0)),
     st.tuples(st.just("age"), st.just(0)),
     st.tuples(st.just("sweep"), st.just(0)),
     st.tuples(st.just("killed add"), st.integers(1, 3)),
@@ -282,10 +285,10 @@ _OPS = st.lists(st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=_OPS)
 def test_foreign_files_survive_any_sequence_of_writes(bundle_dir, tmp_path, ops):
-    """After any sequence of adds, removes, compactions, sweeps and writers killed before their
-    commit, with foreign files planted among the bundle's own: every foreign file is there byte
-    for byte, nothing outside the bundle changed, and a full sweep leaves only the current
-    version's files and the foreign ones."""
+    """After any sequence of adds, removes, compactions, calibrations, sweeps and writers killed
+    before their commit, with foreign files planted among the bundle's own: every foreign file is
+    there byte for byte, nothing outside the bundle changed, and a full sweep leaves only the
+    current version's files and the foreign ones."""
     example = tmp_path / f"example{len(list(tmp_path.iterdir()))}"  # one per example
     bundle = Path(shutil.copytree(bundle_dir, example / "index"))
     outside = example / "outside"
@@ -300,6 +303,8 @@ def test_foreign_files_survive_any_sequence_of_writes(bundle_dir, tmp_path, ops)
             remove(bundle, [arg])
         elif op == "compact":
             compact(bundle)
+        elif op == "calibrate":
+            calibrate(bundle)  # a new file of known non-digits; the old one is garbage
         elif op == "age":
             _age_records(bundle)
         elif op == "sweep":

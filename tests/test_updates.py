@@ -421,7 +421,7 @@ def test_compact_keeps_ids_labels_and_results(run, bundle_copy, bundle_data, new
     assert summary["freed_bytes"] > 0
     manifest = read_manifest(bundle_copy)
     on_disk = {p.relative_to(bundle_copy).as_posix()
-               for folder in ("segments", "encoders", "deletions")
+               for folder in ("segments", "encoders", "deletions", "calibration")
                if (bundle_copy / folder).is_dir()
                for p in (bundle_copy / folder).rglob("*") if p.is_file()}
     assert on_disk == set(manifest.files)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from ..bundle import DELETIONS_DIR, LOCK_FILE, SEGMENTS_DIR, VERSIONS_DIR
+from ..bundle import CALIBRATION_DIR, DELETIONS_DIR, LOCK_FILE, SEGMENTS_DIR, VERSIONS_DIR
 from ..errors import LenetEmbedError
 from ..files import open_regular
 from .errors import ApiError
@@ -92,7 +92,7 @@ def write_problem(index_dir: str | os.PathLike[str]) -> str | None:
     folder = Path(index_dir)
     checks = [(folder, os.W_OK | os.X_OK)]
     checks += [(folder / name, os.W_OK | os.X_OK)
-               for name in (VERSIONS_DIR, SEGMENTS_DIR, DELETIONS_DIR)]
+               for name in (VERSIONS_DIR, SEGMENTS_DIR, DELETIONS_DIR, CALIBRATION_DIR)]
     checks.append((folder / LOCK_FILE, os.R_OK | os.W_OK))
     for where, wanted in checks:
         if (where == folder or where.exists()) and not os.access(where, wanted):

@@ -62,6 +62,9 @@ class Snapshot(ABC):
     threads may share it."""
 
     has_sources: bool = False
+    # The calibration's known non-digits (unit rows), set once the version is loaded
+    # (:func:`lenet_embed.snapshot.read_nondigits`); None when the calibration has none.
+    nondigits: np.ndarray | None = None
 
     def __init__(self, directory: Path, manifest: Manifest, encoder: Any,
                  search_params: dict[str, int] | None = None) -> None:

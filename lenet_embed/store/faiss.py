@@ -639,7 +639,8 @@ class _Faiss(Backend):
                    if loaded else np.zeros((0, current.dim), np.float32))
         segments: list[Segment] = []
         files = {k: v for k, v in current.files.items()
-                 if k in (current.encoder_path, current.litert_path)}
+                 if k in (current.encoder_path, current.litert_path)
+                 or k == (current.calibration and current.calibration.nondigits)}
         changes: Changes = {}
         if len(vectors):
             index, changes = _sealed_index(vectors, current)

@@ -46,8 +46,9 @@ from lenet_embed.updates import add_vectors
 
 WORKER = Path(__file__).resolve().parents[1] / "_writer_worker.py"
 SEED = 20240611
-LAYOUT = {"manifest.json", "versions", "segments", "encoders", "deletions", ".lock"}
-VERSIONED = re.compile(r"[sed](\d{8})-[0-9a-f]+(\.npy)?")
+LAYOUT = {"manifest.json", "versions", "segments", "encoders", "deletions", "calibration",
+          ".lock"}
+VERSIONED = re.compile(r"[sedn](\d{8})-[0-9a-f]+(\.npy)?")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -67,7 +68,7 @@ def _leftovers(path: Path, version: int) -> list[str]:
     """What a writer that died before committing may leave: scratch space, files named after a
     version above the current one, anything else beside the layout."""
     found = [p.name for p in path.iterdir() if p.name not in LAYOUT]
-    for parent in ("segments", "encoders", "deletions"):
+    for parent in ("segments", "encoders", "deletions", "calibration"):
         if (path / parent).is_dir():
             for entry in (path / parent).iterdir():
                 match = VERSIONED.fullmatch(entry.name)
@@ -80,8 +81,8 @@ def _leftovers(path: Path, version: int) -> list[str]:
 
 
 def _unnamed(path: Path) -> list[str]:
-    """Files and folders under segments/, encoders/ and deletions/ that no manifest kept in
-    versions/ names (the current one must be among them)."""
+    """Files and folders under segments/, encoders/, deletions/ and calibration/ that no manifest
+    kept in versions/ names (the current one must be among them)."""
     named: set[str] = set()
     for entry in (path / "versions").glob("*.json"):
         named.update(json.loads(entry.read_text())["files"])
@@ -90,7 +91,7 @@ def _unnamed(path: Path) -> list[str]:
         (path / "manifest.json").read_text()
     folders = {name.rsplit("/", 1)[0] for name in named}
     found = []
-    for parent in ("segments", "encoders", "deletions"):
+    for parent in ("segments", "encoders", "deletions", "calibration"):
         if not (path / parent).is_dir():
             continue
         for entry in sorted((path / parent).rglob("*")):

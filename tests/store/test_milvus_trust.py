@@ -93,7 +93,7 @@ def _point_store_at(bundle: Path, uri: str) -> None:
     body.update(store={"kind": "milvus", "uri": uri, "collection": "lenet_embed_v1_0a1b2c3d",
                        "index": "FLAT"}, segments=[], deletions=None, rows=body["count"],
                 files={name: entry for name, entry in body["files"].items()
-                       if name.startswith("encoders/")})
+                       if name.startswith(("encoders/", "calibration/"))})
     path.write_text(sealed_json(body), encoding="utf-8")
     assert read_manifest(bundle).store.uri == uri
 
