@@ -80,8 +80,6 @@ OOD_FEATURES_HEAD = ("log_d1", "log_dk", "log_1_minus_msp", "log_n1", "log_nk")
 OOD_FEATURES_PLAIN = ("log_d1", "log_dk", "log_n1", "log_nk")
 # The name a fitted calibration's non-digits file has until a writer writes it (Fitted.write).
 UNWRITTEN = f"{CALIBRATION_DIR}/unwritten.npy"
-# Queries measured against the known non-digits at a time (a (rows, non-digits) float32 matrix).
-NONDIGIT_ROWS = 2048
 CONFIDENCE_FEATURES_HEAD = ("agree", "log_d1", "msp", "head_agrees")
 CONFIDENCE_FEATURES_PLAIN = ("agree", "log_d1")
 
@@ -158,18 +156,13 @@ def nondigit_distances(vectors: np.ndarray, nondigits: np.ndarray, k: int,
     query batch (the service's processor time per request doubled)."""
     unit = prepare_vectors(vectors, "cosine")
     k = min(k, len(nondigits) - int(themselves))
-    near = np.empty((len(unit), k))
-    for start in range(0, len(unit), NONDIGIT_ROWS):
-        rows = unit[start : start + NONDIGIT_ROWS]
-        similarity, found = faiss.knn(rows, nondigits, k + int(themselves),
-                                      metric=faiss.METRIC_INNER_PRODUCT)
-        if themselves:  # drop each one's own row (wherever it ranks among exact ties)
-            kept = found != np.arange(start, start + len(rows))[:, None]
-            kept &= np.cumsum(kept, axis=1) <= k
-            similarity = similarity[kept].reshape(len(rows), k)
-        near[start : start + NONDIGIT_ROWS] = np.maximum(1.0 - similarity.astype(np.float64),
-                                                         0.0)
-    return near
+    similarity, found = faiss.knn(unit, nondigits, k + int(themselves),
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+    if themselves:  # drop each one's own row (wherever it ranks among exact ties)
+        kept = found != np.arange(len(unit))[:, None]
+        kept &= np.cumsum(kept, axis=1) <= k
+        similarity = similarity[kept].reshape(len(unit), k)
+    return np.maximum(1.0 - similarity.astype(np.float64), 0.0)
 
 
 def logit(model: LogisticModel, found: dict[str, np.ndarray]) -> np.ndarray:

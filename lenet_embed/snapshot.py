@@ -29,7 +29,7 @@ from .bundle import (
     verify_files_once,
 )
 from .errors import LenetEmbedError
-from .store import EncoderLoader, Snapshot, Vanished, backend_of
+from .store import EncoderLoader, Snapshot, Vanished, backend_of, read_whole_array
 
 __all__ = ["BundleReport", "Snapshot", "check_version", "forget_version", "inspect_bundle",
            "open_snapshot"]
@@ -157,15 +157,8 @@ def read_nondigits(directory: Path, manifest: Manifest, previous: Snapshot | Non
     if (previous is not None and previous.nondigits is not None and previous.manifest.calibration
             is not None and previous.manifest.calibration.nondigits == name):
         return previous.nondigits
-    verify_file(directory, name, manifest.files[name])
+    vectors = read_whole_array(directory, name, manifest)
     path = directory / name
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise Vanished from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise LenetEmbedError(f"{path}: unreadable ({str(exc).splitlines()[0][:80]}); the bundle "
-                              f"is damaged, {REBUILD} or restore it") from None
     if (vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) < 2
             or vectors.shape[1] != manifest.dim or not np.isfinite(vectors).all()
             or not np.allclose(np.einsum("ij,ij->i", vectors, vectors), 1.0, atol=1e-4)):
@@ -173,7 +166,7 @@ def read_nondigits(directory: Path, manifest: Manifest, previous: Snapshot | Non
                               f"calibration's non-digits are; {REBUILD} or run "
                               "`lenet-embed calibrate`")
     vectors.setflags(write=False)
-    return vectors  # type: ignore[no-any-return]
+    return vectors
 
 
 # `info` suggests `compact` from this share of removed rows on: a search of a segment with a share

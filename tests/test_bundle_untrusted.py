@@ -169,12 +169,19 @@ def test_a_remembered_check_still_sees_new_damage(kinds):
         check_version(kinds, read_manifest(kinds))
 
 
-def test_damaged_npy_header_is_one_line(kinds):
-    """A flipped byte in an added segment's header made numpy's tokenizer raise."""
-    path = _file(kinds, "added")
+@pytest.mark.parametrize("kind", ["added", "deletions", "nondigits"])
+def test_damaged_npy_header_is_one_line(kinds, kind):
+    """A flipped byte in an added segment's header made numpy's tokenizer raise. The files read
+    whole are checked against their checksums first: a manifest resealed with the damaged
+    file's checksum (a hostile bundle) brings the damage to numpy too."""
+    path = _file(kinds, kind)
     raw = bytearray(path.read_bytes())
     raw[raw.index(b"descr") + 2] = ord("(")
     path.write_bytes(bytes(raw))
+    if kind != "added":
+        name = path.relative_to(kinds).as_posix()
+        _reseal(kinds, lambda data: data["files"][name].update(
+            bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest()))
     with pytest.raises(LenetEmbedError) as caught:
         open_snapshot(kinds, lambda *paths: None)
     assert str(path) in _one_line(caught.value)

@@ -20,6 +20,7 @@ one it has.
 from __future__ import annotations
 
 import os
+import tokenize
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ..errors import LenetEmbedError
+from ..layout import REBUILD
+from ..seal import verify_file
 
 if TYPE_CHECKING:
     from ..bundle import Manifest, Store
@@ -44,6 +47,32 @@ Changes = dict[str, Any]
 class Vanished(Exception):
     """A file of the version being opened disappeared (a newer version replaced it): the reader
     reads the manifest again."""
+
+
+# What numpy raises for a ``.npy`` file it cannot parse: its header is a Python literal, so a
+# damaged one fails in the tokenizer or the parser, not only with a ValueError.
+UNREADABLE = (OSError, ValueError, SyntaxError, tokenize.TokenError, EOFError, MemoryError)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def read_whole_array(directory: Path, name: str, manifest: Manifest) -> np.ndarray:
+    """The ``.npy`` file ``name`` of ``manifest``, read whole after its checksum is checked
+    (reading it costs as much); :class:`Vanished` when a newer version removed it, one line
+    when it is damaged."""
+    verify_file(directory, name, manifest.files[name])
+    path = directory / name
+    try:
+        return np.load(path, allow_pickle=False)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise Vanished from None
+    except UNREADABLE as exc:
+        raise LenetEmbedError(f"{path}: unreadable ({first_line(exc)}); the bundle is damaged, "
+                              f"{REBUILD} or restore it") from None
 
 
 class Found(NamedTuple):

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import threading
-import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +70,18 @@ from ..bundle import (
 )
 from ..errors import LenetEmbedError
 from ..files import read_regular
-from . import Backend, Build, Changes, Found, Progress, Snapshot, Vanished
+from . import (
+    UNREADABLE,
+    Backend,
+    Build,
+    Changes,
+    Found,
+    Progress,
+    Snapshot,
+    Vanished,
+    first_line,
+    read_whole_array,
+)
 
 if TYPE_CHECKING:
     from ..ann import TunedIndex
@@ -90,9 +100,6 @@ _EXACT_SPEEDUP = 2
 # 300 queries of 84-d unit vectors at a time: efSearch 64 on HNSW32 over 60,000 rows took 0.41 ms a
 # query, exact search over 10,000 rows 0.21 ms and over 30,000 1.0 ms; 64 x 64 x 3 = 12,288).
 _HNSW_ROWS_PER_NEIGHBOUR = 3
-# What numpy raises for a ``.npy`` file it cannot parse: its header is a Python literal, so a
-# damaged one fails in the tokenizer or the parser, not only with a ValueError.
-_UNREADABLE = (OSError, ValueError, SyntaxError, tokenize.TokenError, EOFError, MemoryError)
 
 
 @dataclass
@@ -177,14 +184,9 @@ def _opening(directory: Path, manifest: Manifest, segment: Segment,
         yield where
     except FileNotFoundError:
         raise Vanished from None
-    except _UNREADABLE as exc:
-        raise LenetEmbedError(f"{where}: unreadable segment ({_first_line(exc)}); the bundle is "
+    except UNREADABLE as exc:
+        raise LenetEmbedError(f"{where}: unreadable segment ({first_line(exc)}); the bundle is "
                               f"damaged, {REBUILD} or restore it") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _disagrees(where: Path, segment: Segment) -> LenetEmbedError:
@@ -548,17 +550,9 @@ def read_deletions(directory: Path, manifest: Manifest) -> np.ndarray:
     whole, so its checksum is checked too: it costs as much as the reading."""
     if manifest.deletions is None:
         return np.zeros(0, dtype=np.int64)
-    path = directory / manifest.deletions
-    verify_file(directory, manifest.deletions, manifest.files[manifest.deletions])
-    try:
-        deleted = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise Vanished from None
-    except _UNREADABLE as exc:
-        raise LenetEmbedError(f"{path}: unreadable ({_first_line(exc)}); the bundle is damaged, "
-                              f"{REBUILD} or restore it") from None
+    deleted = read_whole_array(directory, manifest.deletions, manifest)
     if deleted.dtype != np.int64 or deleted.ndim != 1:
-        raise LenetEmbedError(f"{path}: not a list of ids; {REBUILD}")
+        raise LenetEmbedError(f"{directory / manifest.deletions}: not a list of ids; {REBUILD}")
     return deleted
 
 
