@@ -662,6 +662,11 @@ def evaluate(index_dir: str, ef_search: int | None, nprobe: int | None, threads:
                                     f"{trust['nondigits']} (" + ", ".join(
                                         f"{kind} {value:.3f}" for kind, value
                                         in trust["rejected_by_kind"].items()) + ")"),
+            ("non-digits rejected, kinds held out", f"{trust['final_rejected']:.4f} of "
+                                                    f"{trust['final_nondigits']} (" + ", ".join(
+                f"{kind} {value:.3f}" for kind, value
+                in trust["final_rejected_by_kind"].items())
+                + f"; AUROC {trust['final_auroc']:.4f})"),
         ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -48,6 +48,8 @@ LATENCY_QUERIES = 500
 # Generated non-digits (the eval split) the trust figures are measured on, and the bins of ECE
 # and the reliability diagram (Guo et al. 2017 use 15).
 NONDIGITS_EVALUATED = 3000
+# Non-digits of the final split (kinds no other split draws), for scoring only.
+FINAL_NONDIGITS_EVALUATED = 2000
 RELIABILITY_BINS = 15
 RECALL_K = 10
 WORST_SHOWN = 40
@@ -65,7 +67,8 @@ class TrustFigures:
     AUROC and FPR at 95 % TPR of the out-of-distribution score (non-digits = positives of the
     AUROC; FPR = non-digits let through at the threshold keeping 95 % of digits), and, at the
     bundle's own thresholds, the fraction of digits answered (and how many of those are right)
-    and of non-digits rejected, overall and per kind."""
+    and of non-digits rejected, overall and per kind. The ``final`` split's non-digits, of kinds
+    no fit and no choice saw, are scored the same way (``final_*``)."""
 
     ece: float
     auroc: float
@@ -77,6 +80,10 @@ class TrustFigures:
     rejected_by_kind: dict[str, float]
     ood_threshold: float
     min_confidence: float
+    final_nondigits: int = 0
+    final_auroc: float | None = None
+    final_rejected: float | None = None
+    final_rejected_by_kind: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,12 +224,13 @@ def degraded_pixels(digits: np.ndarray, numbers: np.ndarray) -> dict[str, np.nda
     return _DEGRADED[key]
 
 
-@functools.lru_cache(maxsize=2)
-def evaluation_nondigits(count: int = NONDIGITS_EVALUATED) -> NonDigits:
-    """The non-digits the trust figures are measured on (``eval`` split, seed 0), their arrays
-    read-only. Made once per process: they are the same every time, and drawing and
-    preprocessing 3,000 pictures takes a while."""
-    others = generate("eval", count, seed=0)
+@functools.lru_cache(maxsize=4)
+def evaluation_nondigits(count: int = NONDIGITS_EVALUATED, split: str = "eval") -> NonDigits:
+    """The non-digits the trust figures are measured on (``split``: ``eval``, or ``final`` for
+    kinds no other split draws; seed 0), their arrays read-only. Made once per process: they
+    are the same every time, and drawing and preprocessing thousands of pictures takes a
+    while."""
+    others = generate(split, count, seed=0)
     others.pixels.setflags(write=False)
     return others
 
@@ -332,6 +340,7 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
                               "`lenet-embed calibrate` first")
     others = evaluation_nondigits(nondigits)
     other_vectors = index.encoder.embed(others.pixels)
+    final = evaluation_nondigits(FINAL_NONDIGITS_EVALUATED, "final")
 
     def answers(vectors: np.ndarray) -> list[QueryResult]:
         return index.query([Query(vector=v) for v in vectors], calibration.k)
@@ -345,6 +354,7 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
         return [unsearched if empty else next(found) for empty in blank]
 
     digits, rejects = as_images(queries), as_images(other_vectors)
+    final_rejects = as_images(index.encoder.embed(final.pixels))
     confidence = np.array([0.0 if r.confidence is None else r.confidence for r in digits])
     correct = np.array([r.candidate == label for r, label in zip(digits, labels.tolist(),
                                                                   strict=True)])
@@ -356,8 +366,16 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
     digit_scores = scores(digits)
     other_scores = scores(rejects)
     answered = np.array([r.match for r in digits])
-    rejected = np.array([not r.match for r in rejects])
-    kinds = np.array(others.kinds)
+
+    def rejected_by_kind(results: list[QueryResult], drawn: NonDigits
+                         ) -> tuple[np.ndarray, dict[str, float]]:
+        rejected = np.array([not r.match for r in results])
+        kinds = np.array(drawn.kinds)
+        return rejected, {kind: float(rejected[kinds == kind].mean())
+                          for kind in sorted(set(drawn.kinds))}
+
+    rejected, by_kind = rejected_by_kind(rejects, others)
+    final_rejected, final_by_kind = rejected_by_kind(final_rejects, final)
     figures = TrustFigures(
         ece=expected_calibration_error(confidence, correct, RELIABILITY_BINS),
         auroc=auroc(digit_scores, other_scores),
@@ -366,10 +384,13 @@ def measure_trust(index: SearchIndex, queries: np.ndarray, labels: np.ndarray,
         answered_accuracy=float(correct[answered].mean()) if answered.any() else 0.0,
         nondigits=len(others),
         nondigits_rejected=float(rejected.mean()),
-        rejected_by_kind={kind: float(rejected[kinds == kind].mean())
-                          for kind in sorted(set(others.kinds))},
+        rejected_by_kind=by_kind,
         ood_threshold=calibration.ood_threshold,
         min_confidence=calibration.min_confidence,
+        final_nondigits=len(final),
+        final_auroc=auroc(digit_scores, scores(final_rejects)),
+        final_rejected=float(final_rejected.mean()),
+        final_rejected_by_kind=final_by_kind,
     )
     return figures, reliability_bins(confidence, correct, RELIABILITY_BINS)
 

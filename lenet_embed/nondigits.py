@@ -21,6 +21,7 @@ Unicode, so symbols are drawn in STIX only), every style (so some are never seen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,12 @@ from .fonts import MissingFonts as MissingFonts  # raised here; training and bui
 from .preprocess import to_mnist
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
-FONT_KINDS = ("letters", "symbols")  # drawn in matplotlib's fonts
-SPLITS = ("fit", "eval")
+# The kinds of the ``final`` split, drawn in no other split: scoring only.
+FINAL_KINDS = ("alphabets", "signs", "garments", "scenes")
+FONT_KINDS = ("letters", "symbols", "alphabets", "signs")  # drawn in matplotlib's fonts
+SPLITS = ("fit", "eval", "final")
+# The kinds each split draws.
+SPLIT_KINDS = {"fit": KINDS, "eval": KINDS, "final": FINAL_KINDS}
 # Letters left out because, once cropped and scaled into the MNIST frame, they ARE digits as people
 # write them: O o Q D (0), I l i j (1), Z z (2), S s (5), G b (6), T (7), B (8), g q (9). A model
 # that called them digits would be right, and a set that counted that as an error would punish it.
@@ -44,8 +49,20 @@ LETTERS = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 # Symbols likewise leave out - / | ( ) [ ] ! (a 1), and o-like rings (° ○) (a 0).
 SYMBOLS = "+%#@&?*=<>~$^{}\u2190\u2191\u2192\u2193\u2194\u2195\u00a7\u00b6\u20ac\u00a3\u00a5" \
           "\u00a9\u00ae\u221e\u2211\u221a\u2248\u2260\u00f7\u00d7\u00b1\u2665\u266a\u2663"
+# Greek and Cyrillic letters for the ``final`` split, without those that read as digits once in
+# the MNIST frame (as for LETTERS): Ζ (2), Β (8), Ι (1), Ο ο (0), Τ (7), Θ θ Φ φ (0 with a
+# bar; Ф ф too), β δ σ ζ (6, 8, 2), З з (3), б Ь ь Ъ ъ Ы ы (6), Ч ч (4).
+ALPHABETS = "\u0393\u0394\u0395\u039b\u039e\u03a0\u03a3\u03a8\u03a9" \
+            "\u03b1\u03b3\u03b5\u03b7\u03ba\u03bb\u03bc\u03bd\u03be\u03c0\u03c1\u03c4\u03c5\u03c7" \
+            "\u03c8\u03c9" \
+            "\u0414\u0416\u0418\u0419\u041b\u041f\u0426\u0428\u0429\u042d\u042e\u042f" \
+            "\u0434\u0436\u0438\u0439\u043b\u043f\u0446\u0448\u0449\u044d\u044e\u044f"
+# Signs no other split draws (logic, sets, cards, marks), without ∂ ∫ ¡ † ƒ ♀ ♂ (6, 1, 9).
+SIGNS = "\u2200\u2203\u2207\u2295\u2297\u2282\u2283\u2229\u222a\u2227\u2228\u22a5\u2220" \
+        "\u2605\u2606\u2666\u2660\u2713\u2030\u00a4\u263a\u2318\u00bf\u2021\u203b"
+ALPHABET_OF = {"letters": LETTERS, "symbols": SYMBOLS, "alphabets": ALPHABETS, "signs": SIGNS}
 # Styles per kind; those marked False are only in the eval split, to check that what was fitted
-# on other styles generalises to styles never seen.
+# on other styles generalises to styles never seen. The final split's kinds are its own.
 STYLES: dict[str, dict[str, bool]] = {
     "letters": {"regular": True, "bold": True, "italic": True, "serif": True},
     "symbols": {"regular": True, "bold": True},
@@ -54,12 +71,17 @@ STYLES: dict[str, dict[str, bool]] = {
     "noise": {"uniform": True, "gaussian": True, "salt_pepper": True, "blobs": False},
     "objects": {"shirt": True, "shoe": True, "house": True, "star": True, "heart": True,
                 "square": True, "bag": False, "face": False, "triangle": False, "cross": False},
+    "alphabets": {"regular": True, "bold": True, "serif": True},
+    "signs": {"regular": True, "bold": True},
+    "garments": {"trousers": True, "dress": True, "coat": True, "sandal": True, "hat": True,
+                 "sneaker": True},
+    "scenes": {"shapes": True, "horizon": True},
 }
 HELD_OUT = {kind: [s for s, fitted in styles.items() if not fitted]
             for kind, styles in STYLES.items()}
 # The seed streams of the two splits never meet: a split's pictures are drawn from
 # SeedSequence([stream, seed]).
-_STREAMS = {"fit": 11, "eval": 29}
+_STREAMS = {"fit": 11, "eval": 29, "final": 47}
 
 _DEJAVU_BOLD = ("DejaVuSans-Bold", "DejaVuSansMono-Bold", "DejaVuSerif-Bold")
 _DEJAVU_ITALIC = ("DejaVuSans-Oblique", "DejaVuSansMono-Oblique", "DejaVuSerif-Italic")
@@ -91,6 +113,14 @@ FONTS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
         "symbols": {"regular": ("STIXGeneral", "STIXGeneralItalic"),
                     "bold": ("STIXGeneralBol", "STIXGeneralBolIta")},
     },
+    # Alphabets and signs no other split draws, in both splits' font families.
+    "final": {
+        "alphabets": {"regular": ("DejaVuSans", "STIXGeneral"),
+                      "bold": ("DejaVuSans-Bold", "STIXGeneralBol"),
+                      "serif": ("DejaVuSerif", "STIXGeneralItalic")},
+        "signs": {"regular": ("DejaVuSans", "STIXGeneral"),
+                  "bold": ("DejaVuSans-Bold", "STIXGeneralBol")},
+    },
 }
 
 
@@ -118,21 +148,23 @@ def fonts(split: str) -> list[Path]:
 
 
 def generate(split: str, count: int, seed: int = 0,
-             kinds: tuple[str, ...] = KINDS) -> NonDigits:
-    """``count`` pictures of ``split`` (``fit`` or ``eval``), spread evenly over ``kinds`` (all
-    by default) and their styles; the same arguments always give the same pictures. A picture
-    that preprocessing finds blank (an error, not an answer: a checkerboard whose border is all
-    ink) is drawn again. Letters
-    and symbols need the split's fonts (:class:`MissingFonts` without them)."""
+             kinds: tuple[str, ...] | None = None) -> NonDigits:
+    """``count`` pictures of ``split`` (``fit``, ``eval`` or ``final``), spread evenly over
+    ``kinds`` (by default all the split draws, :data:`SPLIT_KINDS`) and their styles; the same
+    arguments always give the same pictures. A picture that preprocessing finds blank (an error,
+    not an answer: a checkerboard whose border is all ink) is drawn again. The kinds drawn in
+    fonts (:data:`FONT_KINDS`) need the split's fonts (:class:`MissingFonts` without them)."""
     if split not in SPLITS:
         raise LenetEmbedError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    unknown = set(kinds) - set(KINDS)
+    kinds = SPLIT_KINDS[split] if kinds is None else kinds
+    unknown = set(kinds) - set(SPLIT_KINDS[split])
     if unknown or not kinds:
-        raise LenetEmbedError(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        raise LenetEmbedError(f"unknown kinds {sorted(unknown)} for the {split} split; choose "
+                              f"from {', '.join(SPLIT_KINDS[split])}")
     rng = np.random.default_rng(np.random.SeedSequence([_STREAMS[split], seed]))
     families = _families(split) if set(kinds) & set(FONT_KINDS) else {}
-    plan = [(kind, style) for kind in KINDS for style, fitted in STYLES[kind].items()
-            if fitted or split == "eval"]
+    plan = [(kind, style) for kind in SPLIT_KINDS[split]
+            for style, fitted in STYLES[kind].items() if fitted or split != "fit"]
     images, pixels, drawn, styles = [], [], [], []
     for i in range(count):
         # Kinds take equal shares, then styles within a kind.
@@ -192,14 +224,13 @@ def _glyph(alphabet: str, style: str, side: int, rng: np.random.Generator,
     return np.asarray(image)
 
 
-def _letters(style: str, side: int, rng: np.random.Generator,
+def _glyphs(kind: str) -> Callable[[str, int, np.random.Generator, dict[str, list[Path]]],
+                                    np.ndarray]:
+    def draw(style: str, side: int, rng: np.random.Generator,
              families: dict[str, list[Path]]) -> np.ndarray:
-    return _glyph(LETTERS, style, side, rng, families)
+        return _glyph(ALPHABET_OF[kind], style, side, rng, families)
 
-
-def _symbols(style: str, side: int, rng: np.random.Generator,
-             families: dict[str, list[Path]]) -> np.ndarray:
-    return _glyph(SYMBOLS, style, side, rng, families)
+    return draw
 
 
 def _textures(style: str, side: int, rng: np.random.Generator,
@@ -256,9 +287,7 @@ def _objects(style: str, side: int, rng: np.random.Generator,
     image, draw = _canvas(side)
 
     def at(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        jitter = rng.uniform(-0.03, 0.03, (len(points), 2))
-        return [((px + dx) * side, (py + dy) * side)
-                for (px, py), (dx, dy) in zip(points, jitter, strict=True)]
+        return _jittered(points, side, rng)
 
     if style == "shirt":
         draw.polygon(at([(0.3, 0.15), (0.42, 0.2), (0.58, 0.2), (0.7, 0.15), (0.95, 0.35),
@@ -302,5 +331,84 @@ def _objects(style: str, side: int, rng: np.random.Generator,
     return np.asarray(image)
 
 
-_DRAW = {"letters": _letters, "symbols": _symbols, "textures": _textures, "noise": _noise,
-         "objects": _objects}
+def _jittered(points: list[tuple[float, float]], side: int, rng: np.random.Generator
+              ) -> list[tuple[float, float]]:
+    """``points`` of the unit square moved by up to 3 % each way, in pixels of ``side``."""
+    jitter = rng.uniform(-0.03, 0.03, (len(points), 2))
+    return [((px + dx) * side, (py + dy) * side)
+            for (px, py), (dx, dy) in zip(points, jitter, strict=True)]
+
+
+# Garment outlines on the unit square (the final split's ``garments``; a sandal and a hat are
+# drawn from parts).
+_GARMENTS = {
+    "trousers": [(0.28, 0.08), (0.72, 0.08), (0.8, 0.93), (0.58, 0.93), (0.5, 0.32),
+                 (0.42, 0.93), (0.2, 0.93)],
+    "dress": [(0.4, 0.07), (0.6, 0.07), (0.63, 0.3), (0.88, 0.93), (0.12, 0.93), (0.37, 0.3)],
+    "coat": [(0.33, 0.07), (0.67, 0.07), (0.92, 0.22), (0.96, 0.88), (0.8, 0.88), (0.77, 0.38),
+             (0.77, 0.94), (0.23, 0.94), (0.23, 0.38), (0.2, 0.88), (0.04, 0.88), (0.08, 0.22)],
+    "sneaker": [(0.04, 0.42), (0.3, 0.38), (0.5, 0.52), (0.9, 0.58), (0.96, 0.76), (0.04, 0.8)],
+}
+
+
+def _garments(style: str, side: int, rng: np.random.Generator,
+              families: dict[str, list[Path]]) -> np.ndarray:
+    """A garment as a photo shows it (as Fashion-MNIST's are): a silhouette filled with cloth
+    whose shade varies smoothly, with a fine weave, on plain ground."""
+    mask, draw = _canvas(side)
+    if style == "sandal":
+        draw.polygon(_jittered([(0.04, 0.72), (0.96, 0.66), (0.96, 0.8), (0.04, 0.84)], side,
+                               rng), fill=0)
+        for start in rng.uniform(0.1, 0.7, size=int(rng.integers(2, 4))):
+            draw.line(_jittered([(start, 0.72), (start + 0.15, 0.35), (start + 0.3, 0.7)],
+                                side, rng), fill=0, width=max(2, side // 12))
+    elif style == "hat":
+        draw.ellipse(_box(_jittered([(0.04, 0.6), (0.96, 0.82)], side, rng)), fill=0)
+        draw.chord(_box(_jittered([(0.22, 0.15), (0.78, 0.95)], side, rng)), 180, 360, fill=0)
+    else:
+        draw.polygon(_jittered(_GARMENTS[style], side, rng), fill=0)
+    cloth = rng.uniform(0.35, 0.75) + 0.25 * (_smooth_noise(side, rng, side / 6) - 0.5)
+    weave = rng.uniform(0.0, 0.12) * (_smooth_noise(side, rng, 0.7) - 0.5)
+    shade = np.clip(cloth + weave, 0.05, 1.0)
+    return np.where(np.asarray(mask) < 128, 255 * (1 - shade), 255).astype(np.uint8)
+
+
+def _box(corners: list[tuple[float, float]]) -> list[float]:
+    (x0, y0), (x1, y1) = corners
+    return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+
+
+def _scenes(style: str, side: int, rng: np.random.Generator,
+            families: dict[str, list[Path]]) -> np.ndarray:
+    """A patch of a photo: ``shapes`` (a few overlapping objects of their own shades on a lit
+    background) or ``horizon`` (ground and sky of different textures meeting along a wavy line),
+    out of focus and grainy."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    angle = rng.uniform(0, 2 * math.pi)
+    light = rng.uniform(0.3, 0.9) + rng.uniform(-0.3, 0.3) * (math.cos(angle) * x
+                                                             + math.sin(angle) * y - 0.5)
+    if style == "shapes":
+        image = Image.fromarray(np.clip(light * 255, 0, 255).astype(np.uint8), mode="L")
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 7))):
+            corners = _box(_jittered([tuple(rng.uniform(-0.1, 0.8, 2)),
+                                      tuple(rng.uniform(0.2, 1.1, 2))], side, rng))
+            shade = int(rng.integers(0, 256))
+            if rng.random() < 0.5:
+                draw.ellipse(corners, fill=shade)
+            else:
+                draw.rectangle(corners, fill=shade)
+        values = np.asarray(image, dtype=np.float64)
+    else:
+        wave = rng.uniform(0.3, 0.7) + 0.08 * np.sin(x * rng.uniform(3, 12) + rng.uniform(0, 6))
+        sky = light + 0.2 * _smooth_noise(side, rng, side / 5)
+        ground = rng.uniform(0.1, 0.6) + 0.4 * _smooth_noise(side, rng, rng.uniform(1, 3))
+        values = 255 * np.where(y > wave, ground, sky)
+    values = values + rng.normal(0, rng.uniform(2, 10), values.shape)
+    blurred = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+    return np.asarray(blurred.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5))))
+
+
+_DRAW = {"letters": _glyphs("letters"), "symbols": _glyphs("symbols"), "textures": _textures,
+         "noise": _noise, "objects": _objects, "alphabets": _glyphs("alphabets"),
+         "signs": _glyphs("signs"), "garments": _garments, "scenes": _scenes}

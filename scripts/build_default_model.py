@@ -63,7 +63,7 @@ RECORD = "train.json"
 # Figures of lenet_embed.evaluate kept on the card.
 RETRIEVAL = ("nn1_accuracy", "knn_accuracy", "precision_at_10", "r_precision", "map_at_r")
 TRUST = ("ece", "auroc", "fpr_at_95_tpr", "digits_answered", "answered_accuracy",
-         "nondigits_rejected")
+         "nondigits_rejected", "final_rejected", "final_auroc")
 
 
 def _say(message: str) -> None:

@@ -13,7 +13,8 @@ from lenet_embed import SearchIndex
 from lenet_embed.bundle import MANIFEST, read_manifest, sealed_json
 from lenet_embed.calibration import NOT_A_DIGIT, UNCALIBRATED, UNSURE, nondigit_distances
 from lenet_embed.embed import load_encoder
-from lenet_embed.nondigits import HELD_OUT, KINDS, fonts, generate
+from lenet_embed.errors import LenetEmbedError
+from lenet_embed.nondigits import FINAL_KINDS, HELD_OUT, KINDS, fonts, generate
 from lenet_embed.preprocess import scale_pixels
 from lenet_embed.search import Query
 from lenet_embed.snapshot import open_snapshot
@@ -33,6 +34,19 @@ def test_nondigits_are_deterministic_and_cover_every_kind():
     sides = {image.size[0] for image in first.images}
     backgrounds = {int(np.asarray(image)[0, 0]) for image in first.images}
     assert len(sides) > 20 and {0, 255} <= backgrounds | {0} and max(backgrounds) > 128
+
+
+def test_the_final_split_draws_kinds_of_its_own_every_one_reaching_the_model():
+    final = generate("final", 52, seed=3)
+    assert set(final.kinds) == set(FINAL_KINDS) and not set(FINAL_KINDS) & set(KINDS)
+    assert final.pixels.shape == (52, 28, 28) and final.pixels.max() > 0
+    again = generate("final", 52, seed=3)
+    assert np.array_equal(final.pixels, again.pixels)
+    assert not np.array_equal(final.pixels, generate("eval", 52, seed=3).pixels)
+    with pytest.raises(LenetEmbedError, match="for the fit split"):
+        generate("fit", 4, kinds=("garments",))
+    with pytest.raises(LenetEmbedError, match="for the final split"):
+        generate("final", 4, kinds=("letters",))
 
 
 def test_nondigit_splits_hold_out_fonts_and_styles():
@@ -276,7 +290,7 @@ def test_without_fonts_letters_refuse_and_training_draws_the_other_kinds(monkeyp
         pixels = outlier_images.__wrapped__(30)
     assert 0 < len(pixels) <= 30 and pixels.dtype == np.uint8
     assert "without letters and symbols" in caplog.text
-    assert set(FONT_KINDS) == {"letters", "symbols"}
+    assert set(FONT_KINDS) & set(KINDS) == {"letters", "symbols"}
 
 
 def test_nondigit_distances_are_the_exact_nearest_without_themselves():

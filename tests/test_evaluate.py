@@ -24,6 +24,7 @@ from lenet_embed.degrade import DEGRADATIONS, degrade, sample
 from lenet_embed.embed import KerasEncoder
 from lenet_embed.evaluate import (
     DEGRADED_COUNT,
+    FINAL_NONDIGITS_EVALUATED,
     NONDIGITS_EVALUATED,
     WORST_SHOWN,
     Evaluation,
@@ -236,6 +237,10 @@ def test_write_report(evaluation, keras_index, tmp_path):
     assert trust["nondigits"] == len(others) == NONDIGITS_EVALUATED
     assert others.pixels.shape == (len(others), 28, 28)
     assert all(0.0 <= share <= 1.0 for share in trust["rejected_by_kind"].values())
+    # The final split's kinds, which no fit and no choice saw, are scored apart.
+    assert set(trust["final_rejected_by_kind"]) == {"alphabets", "signs", "garments", "scenes"}
+    assert trust["final_nondigits"] == FINAL_NONDIGITS_EVALUATED
+    assert 0.5 < trust["final_auroc"] <= 1 and 0.0 <= trust["final_rejected"] <= 1.0
 
 
 def test_write_report_without_wrong_neighbours_skips_worst(search_index, bundle_data, tmp_path):

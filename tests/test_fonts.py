@@ -27,8 +27,11 @@ from PIL import Image, ImageFont
 from lenet_embed import fonts as font_files
 from lenet_embed import pictures
 from lenet_embed.nondigits import (
+    ALPHABET_OF,
+    FONT_KINDS,
     FONTS,
     LETTERS,
+    SPLIT_KINDS,
     SPLITS,
     SYMBOLS,
     MissingFonts,
@@ -59,16 +62,25 @@ def test_every_font_is_matplotlibs_and_the_splits_share_no_family():
 
 
 def test_every_letter_font_has_every_letter_and_each_split_every_symbol():
+    # (the final split's alphabets and signs in its own fonts: every font kind a split draws)
     for split in SPLITS:
-        symbol_fonts = set()
-        for style, names in FONTS[split]["letters"].items():
-            for name in names:
-                missing = set(LETTERS) - font_files.characters(MPL_FONTS / f"{name}.ttf")
-                assert not missing, (split, style, name, missing)
-        for names in FONTS[split]["symbols"].values():
-            symbol_fonts |= {MPL_FONTS / f"{name}.ttf" for name in names}
-        drawable = set().union(*(font_files.characters(p) for p in symbol_fonts))
-        assert set(SYMBOLS) <= drawable, (split, set(SYMBOLS) - drawable)
+        assert set(FONTS[split]) == set(SPLIT_KINDS[split]) & set(FONT_KINDS), split
+        for kind in FONTS[split]:
+            letters = kind in ("letters", "alphabets")  # every font has every one of them
+            kind_fonts = set()
+            for style, names in FONTS[split][kind].items():
+                for name in names:
+                    path = MPL_FONTS / f"{name}.ttf"
+                    kind_fonts.add(path)
+                    missing = set(ALPHABET_OF[kind]) - font_files.characters(path)
+                    assert not (letters and missing), (split, kind, style, name, missing)
+            drawable = set().union(*(font_files.characters(p) for p in kind_fonts))
+            assert set(ALPHABET_OF[kind]) <= drawable, (split, kind,
+                                                        set(ALPHABET_OF[kind]) - drawable)
+
+
+def test_the_final_split_draws_no_character_another_split_draws():
+    assert not set(ALPHABET_OF["alphabets"] + ALPHABET_OF["signs"]) & set(LETTERS + SYMBOLS)
 
 
 _SLOTS = [(split, kind, style) for split in SPLITS for kind in FONTS[split]
@@ -80,7 +92,7 @@ _SLOTS = [(split, kind, style) for split in SPLITS for kind in FONTS[split]
 def test_a_glyph_is_drawn_only_in_a_font_that_has_it(slot, seed):
     split, kind, style = slot
     paths = [MPL_FONTS / f"{name}.ttf" for name in FONTS[split][kind][style]]
-    alphabet = LETTERS if kind == "letters" else SYMBOLS
+    alphabet = ALPHABET_OF[kind]
     text, path = pick_glyph(alphabet, paths, np.random.default_rng(seed))
     assert path in paths and text in alphabet and text in font_files.characters(path)
 
@@ -115,10 +127,10 @@ def test_without_matplotlib_letters_refuse_in_one_line_and_pictures_still_draw(m
 _CHILD = """
 import hashlib, json, os
 from lenet_embed import pictures
-from lenet_embed.nondigits import generate
+from lenet_embed.nondigits import FONTS, generate
 digest = hashlib.sha256()
-for split in ("fit", "eval"):
-    made = generate(split, 60, seed=3, kinds=("letters", "symbols"))
+for split in ("fit", "eval", "final"):
+    made = generate(split, 60, seed=3, kinds=tuple(sorted(FONTS[split])))
     digest.update(made.pixels.tobytes())
 print(json.dumps({"fonts": os.listdir("/usr/share/fonts"), "digest": digest.hexdigest(),
                   "text_font": pictures._font(12).path}))
@@ -141,8 +153,9 @@ def test_nondigits_and_picture_text_need_no_system_fonts():
     assert Path(child["text_font"]) == MPL_FONTS / "DejaVuSans.ttf"
     # The very same pictures as here, where the system's fonts (if any) are in sight.
     digest = hashlib.sha256()
-    for split in ("fit", "eval"):
-        digest.update(generate(split, 60, seed=3, kinds=("letters", "symbols")).pixels.tobytes())
+    for split in ("fit", "eval", "final"):
+        digest.update(generate(split, 60, seed=3,
+                               kinds=tuple(sorted(FONTS[split]))).pixels.tobytes())
     assert child["digest"] == digest.hexdigest()
 
 
