@@ -48,7 +48,7 @@ from .bundle import (
     LogisticModel,
     Manifest,
 )
-from .embed import load_encoder
+from .embed import featureless, load_encoder
 from .errors import LenetEmbedError
 from .lock import check_writable
 from .metrics import majority
@@ -362,8 +362,14 @@ def fit_items(search: Search, vectors: np.ndarray, ids: np.ndarray, labels: np.n
               encoder: Any, head: tuple[np.ndarray, np.ndarray] | None) -> Fitted:
     """Fit a calibration on leave-one-out searches of indexed items (their raw embeddings
     ``vectors``, ``ids`` and ``labels``; ``search`` over every item) and on :data:`NONDIGITS`
-    generated non-digits embedded by ``encoder``."""
+    generated non-digits embedded by ``encoder``: those that reach a search, as queries do (a
+    picture the model sees no feature in is answered "not a digit" unsearched, and has no
+    direction to be measured by)."""
     others = encoder.embed(nondigit_pixels())
+    others = others[~featureless(others)]
+    if len(others) <= K:
+        raise CannotCalibrate(f"the model sees no feature in all but {len(others)} of the "
+                              f"{NONDIGITS} non-digits calibration is fitted on")
     data = held_out(search, vectors, ids, labels, others, head)
     if data.digit_correct.all() or not data.digit_correct.any():
         state = "right" if data.digit_correct.all() else "wrong"

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from . import fonts as font_files
 from .errors import LenetEmbedError
 from .fonts import MissingFonts as MissingFonts  # raised here; training and build catch it
-from .preprocess import to_mnist
+from .preprocess import to_mnist, to_uint8
 
 KINDS = ("letters", "symbols", "textures", "noise", "objects")
 # The kinds of the ``final`` split, drawn in no other split: scoring only.
@@ -187,6 +187,38 @@ def generate(split: str, count: int, seed: int = 0,
         styles.append(style)
     return NonDigits(images, np.stack(pixels) if pixels else np.zeros((0, 28, 28), np.float32),
                      drawn, styles)
+
+
+# Fragments (:func:`fragments`): a digit's frame cut into FRAGMENT_GRID x FRAGMENT_GRID tiles, of
+# which at least FRAGMENT_TILES hold ink (FRAGMENT_INK pixels above a quarter of full scale).
+FRAGMENT_GRID = 3
+FRAGMENT_TILES = 4
+FRAGMENT_INK = 5
+
+
+def fragments(digits: np.ndarray, seed: int) -> np.ndarray:
+    """Non-digits made of digits' own strokes: each of ``digits`` (uint8 (N, 28, 28), MNIST
+    form) padded to 30x30, cut into a 3x3 grid of tiles, the tiles shuffled so that at most one
+    stays in place, and preprocessed as a query is (uint8 (M, 28, 28), M <= N). A digit's
+    pieces rearranged are no digit: they teach a model that strokes alone do not make one.
+    Digits with ink in fewer than :data:`FRAGMENT_TILES` tiles are left out: one or two pieces,
+    cropped and enlarged, can read as a stroke of a digit. The same digits and seed give the
+    same fragments."""
+    rng = np.random.default_rng([seed, 13])
+    tiles = FRAGMENT_GRID * FRAGMENT_GRID
+    side = 30 // FRAGMENT_GRID
+    out = []
+    for digit in digits:
+        padded = np.pad(digit, 1).reshape(FRAGMENT_GRID, side, FRAGMENT_GRID, side)
+        pieces = padded.transpose(0, 2, 1, 3).reshape(tiles, side, side)
+        order = rng.permutation(tiles)
+        while (order == np.arange(tiles)).sum() > 1:
+            order = rng.permutation(tiles)
+        if ((pieces > 64).sum(axis=(1, 2)) >= FRAGMENT_INK).sum() < FRAGMENT_TILES:
+            continue
+        shuffled = pieces[order].reshape(FRAGMENT_GRID, FRAGMENT_GRID, side, side)
+        out.append(to_uint8(to_mnist(shuffled.transpose(0, 2, 1, 3).reshape(30, 30))))
+    return np.stack(out) if out else np.zeros((0, 28, 28), np.uint8)
 
 
 def _families(split: str) -> dict[str, dict[str, list[Path]]]:

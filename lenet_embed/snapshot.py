@@ -146,6 +146,15 @@ def _load(directory: Path, manifest: Manifest, load_encoder: EncoderLoader,
     return snapshot
 
 
+def are_nondigits(vectors: np.ndarray, dim: int) -> bool:
+    """Whether ``vectors`` are what a calibration's known non-digits must be, for the writer
+    that writes them and every reader that loads them: at least two float32 unit rows of
+    ``dim`` finite values."""
+    return bool(vectors.dtype == np.float32 and vectors.ndim == 2 and len(vectors) >= 2
+                and vectors.shape[1] == dim and np.isfinite(vectors).all()
+                and np.allclose(np.einsum("ij,ij->i", vectors, vectors), 1.0, atol=1e-4))
+
+
 def read_nondigits(directory: Path, manifest: Manifest, previous: Snapshot | None = None
                    ) -> np.ndarray | None:
     """The known non-digits of the version's calibration (read-only float32 unit rows of the
@@ -159,9 +168,7 @@ def read_nondigits(directory: Path, manifest: Manifest, previous: Snapshot | Non
         return previous.nondigits
     vectors = read_whole_array(directory, name, manifest)
     path = directory / name
-    if (vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) < 2
-            or vectors.shape[1] != manifest.dim or not np.isfinite(vectors).all()
-            or not np.allclose(np.einsum("ij,ij->i", vectors, vectors), 1.0, atol=1e-4)):
+    if not are_nondigits(vectors, manifest.dim):
         raise LenetEmbedError(f"{path}: not the unit rows of {manifest.dim} float32 values a "
                               f"calibration's non-digits are; {REBUILD} or run "
                               "`lenet-embed calibrate`")

@@ -26,7 +26,7 @@ from .augment import redrawn
 from .data import Dataset, load_mnist
 from .errors import LenetEmbedError
 from .model import NUM_CLASSES, build_lenet, encoder_of
-from .nondigits import FONT_KINDS, KINDS, MissingFonts, generate
+from .nondigits import FONT_KINDS, KINDS, MissingFonts, fragments, generate
 from .preprocess import SIDE, to_uint8
 from .recipes import DEFAULT_MODEL_PATH, DEFAULT_RECIPE, DEFAULT_SEED, Recipe, get_recipe
 
@@ -75,9 +75,15 @@ def _examples(images: np.ndarray, labels: np.ndarray, recipe: Recipe, training: 
     alternates = images
     if training and recipe.redrawn:
         alternates = redrawn_alternates(images, recipe.redrawn, 0 if seed is None else seed)
-    if training and recipe.outliers:
+    if training and (recipe.outliers or recipe.fragments):
         # At most one drawn per OUTLIER_RATIO digits: a small training set is not swamped.
-        outliers = outlier_images(min(recipe.outliers, -(-len(labels) // OUTLIER_RATIO)))
+        most = -(-len(labels) // OUTLIER_RATIO)
+        outliers = outlier_images(min(recipe.outliers, most)) if recipe.outliers else images[:0]
+        if recipe.fragments:
+            rows = np.random.default_rng([0 if seed is None else seed, 11]).permutation(
+                len(images))[:min(recipe.fragments, most)]
+            outliers = np.concatenate([outliers, fragments(images[np.sort(rows)],
+                                                           0 if seed is None else seed)])
         images = np.concatenate([images, outliers])
         alternates = np.concatenate([alternates, outliers])
         targets = np.concatenate([targets, np.full((len(outliers), NUM_CLASSES),

@@ -60,7 +60,7 @@ from .layout import (
 )
 from .lock import DEFAULT_LOCK_TIMEOUT, WriterLock, check_writable
 from .lock import WriterBusy as WriterBusy
-from .snapshot import check_version, forget_version
+from .snapshot import are_nondigits, check_version, forget_version
 from .written import remember_records
 
 # How long the files of a superseded version are kept for readers that are opening them.
@@ -364,8 +364,14 @@ class BundleWriter:
         return self._new_array(DELETIONS_DIR, "d", np.unique(np.asarray(ids, dtype=np.int64)))
 
     def new_nondigits(self, vectors: np.ndarray) -> tuple[str, dict[str, FileEntry]]:
-        """Write a calibration's known non-digits (float32 unit rows); return name and entry."""
-        return self._new_array(CALIBRATION_DIR, "n", np.asarray(vectors, dtype=np.float32))
+        """Write a calibration's known non-digits (float32 unit rows); return name and entry.
+        Rows that no reader would load (:func:`lenet_embed.snapshot.are_nondigits`) are refused
+        before anything is written."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or not are_nondigits(vectors, vectors.shape[1]):
+            raise LenetEmbedError(f"{self.directory}: a calibration's known non-digits must be "
+                                  "at least two unit rows of finite values; not written")
+        return self._new_array(CALIBRATION_DIR, "n", vectors)
 
     def _new_array(self, parent: str, prefix: str, array: np.ndarray
                    ) -> tuple[str, dict[str, FileEntry]]:

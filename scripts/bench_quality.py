@@ -9,7 +9,8 @@ baseline's (a shared machine stretches the first, not the second), against the s
 it ran before training computed conv1 as a matmul (timed only: the same model to float rounding);
 how far the cosine bundle's
 answers can be trusted (ECE, AUROC and FPR@95 on the generated non-digits, digits answered and
-non-digits rejected at its thresholds); and top-1 (cosine, k=10) on the degraded test set, per
+non-digits rejected at its thresholds, those of the ``final`` split, of kinds no choice saw,
+apart); and top-1 (cosine, k=10) on the degraded test set, per
 degradation (``lenet_embed/degrade.py``).
 
     python scripts/bench_quality.py [--data PATH] [--seed 1] [--recipes seed,outlier] [--json]
@@ -68,6 +69,8 @@ def measure(recipe: str, dataset: object, seed: int, workdir: Path) -> dict[str,
                 row["ood_fpr95"] = round(trust.fpr_at_95_tpr, 4)
                 row["digits_answered"] = round(trust.digits_answered, 4)
                 row["nondigits_rejected"] = round(trust.nondigits_rejected, 4)
+                row["final_rejected"] = round(trust.final_rejected or 0.0, 4)
+                row["final_auroc"] = round(trust.final_auroc or 0.0, 4)
             row.update({f"top1_{name}": top1 for name, top1 in figures.degraded_top1.items()})
             row.update({f"family_{name}": top1 for name, top1 in figures.family_top1.items()})
         row[f"map_at_r_{metric}"] = round(figures.map_at_r, 4)
@@ -113,7 +116,7 @@ def main() -> None:
                             "train_cpu_ratio_vs_stock"])
     print()
     _table(rows, ["recipe", "ece", "ood_auroc", "ood_fpr95", "digits_answered",
-                  "nondigits_rejected"])
+                  "nondigits_rejected", "final_rejected", "final_auroc"])
     print()
     _table(rows, ["recipe", *(c for c in rows[0] if c.startswith("top1_"))])
     print("\npicture families (lenet_embed/families.py), top-1 of the answers with refusals "

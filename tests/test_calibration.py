@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from cli_checks import ok
 
-from lenet_embed import SearchIndex
+from lenet_embed import SearchIndex, calibration
 from lenet_embed.bundle import MANIFEST, read_manifest, sealed_json
 from lenet_embed.calibration import NOT_A_DIGIT, UNCALIBRATED, UNSURE, nondigit_distances
 from lenet_embed.embed import load_encoder
@@ -18,6 +18,7 @@ from lenet_embed.nondigits import FINAL_KINDS, HELD_OUT, KINDS, fonts, generate
 from lenet_embed.preprocess import scale_pixels
 from lenet_embed.search import Query
 from lenet_embed.snapshot import open_snapshot
+from lenet_embed.writer import BundleWriter
 
 
 def test_nondigits_are_deterministic_and_cover_every_kind():
@@ -307,3 +308,50 @@ def test_nondigit_distances_are_the_exact_nearest_without_themselves():
     np.fill_diagonal(full, np.inf)
     assert np.allclose(themselves, np.sort(full, axis=1)[:, :5], atol=1e-5)
     assert themselves[3, 0] < 1e-5 and themselves[7, 0] < 1e-5
+
+
+class _BlindToSome:
+    """An encoder that sees no feature in every third picture (its embedding all zero), as a
+    model trained with outlier exposure does for many non-digits."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def embed(self, pixels):
+        vectors = self.encoder.embed(pixels).copy()
+        vectors[::3] = 0.0
+        return vectors
+
+
+def test_non_digits_the_model_sees_nothing_in_are_left_out_of_the_fit(bundle_copy):
+    snapshot = open_snapshot(bundle_copy, load_encoder)
+    ids, labels = snapshot.labelled()
+    rows = calibration.sample_rows(labels, np.arange(len(ids)))
+    vectors = snapshot.encoder.embed(scale_pixels(snapshot.images_of(ids[rows])))
+    made = calibration.fit_items(calibration.snapshot_search(snapshot), vectors, ids[rows],
+                                 labels[rows], _BlindToSome(snapshot.encoder),
+                                 snapshot.manifest.calibration.head_arrays)
+    drawn = len(calibration.nondigit_pixels())
+    reached = drawn - len(range(0, drawn, 3))
+    assert made.nondigits.shape == (reached, 84)
+    assert np.allclose(np.linalg.norm(made.nondigits, axis=1), 1.0, atol=1e-5)
+    assert made.calibration.fitted_on["nondigits"] == reached
+    # ... and what is fitted is written, committed and loaded by a reader.
+    with BundleWriter(bundle_copy) as writer:
+        fitted, files = made.write(writer)
+        current = writer.require_current()
+        kept = {name: entry for name, entry in current.files.items()
+                if name != current.calibration.nondigits}
+        writer.commit(current.next("calibrate", calibration=fitted, files={**kept, **files}))
+    assert open_snapshot(bundle_copy, load_encoder).nondigits.shape == (reached, 84)
+
+
+def test_a_writer_refuses_non_digits_no_reader_could_load(bundle_copy):
+    before = sorted(p.name for p in (bundle_copy / "calibration").iterdir())
+    good = np.eye(84, dtype=np.float32)[:5]
+    for bad in (np.vstack([good, np.zeros((1, 84), np.float32)]), good * 2, good[:1],
+                np.full((3, 84), np.nan, np.float32), good[:, 0]):
+        with BundleWriter(bundle_copy) as writer, pytest.raises(LenetEmbedError,
+                                                                match="not written"):
+            writer.new_nondigits(bad)
+    assert sorted(p.name for p in (bundle_copy / "calibration").iterdir()) == before

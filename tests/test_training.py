@@ -177,11 +177,12 @@ def test_package_level_train_is_the_function(first, quiet_env):
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
-def test_default_recipe_is_augmented_with_outlier_exposure_and_pictures():
+def test_default_recipe_is_augmented_with_outlier_exposure_pictures_and_fragments():
     from lenet_embed.recipes import DEFAULT_RECIPE
 
     recipe = RECIPES[DEFAULT_RECIPE]
-    assert DEFAULT_RECIPE == "pictures" and recipe.redrawn == 20_000
+    assert DEFAULT_RECIPE == "fragments" and recipe.redrawn == 20_000
+    assert recipe.fragments == 5_000
     assert (recipe.optimizer, recipe.schedule, recipe.label_smoothing) == ("adamw", "cosine", 0.1)
     assert recipe.weight_decay > 0
     assert recipe.shift > 0 and recipe.rotation > 0 and recipe.zoom > 0
@@ -251,6 +252,28 @@ def test_outlier_exposure_adds_non_digits_with_uniform_targets(mnist):
     _, _, w_small = first_batch(60, True)
     few = int((w_small.numpy() == 0.5).sum())
     assert few == len(outlier_images(60 // OUTLIER_RATIO)) and 0 < few <= 60 // OUTLIER_RATIO
+
+
+def test_fragments_join_the_non_digits_from_the_training_digits(mnist):
+    from dataclasses import replace
+
+    from lenet_embed.nondigits import fragments
+    from lenet_embed.training import OUTLIER_RATIO, _examples
+
+    recipe = replace(RECIPES["seed"], fragments=30, outlier_weight=0.5)
+    images, labels = mnist.train.images[:600], mnist.train.labels[:600]
+    x, alternates, y, w = _examples(images, labels, recipe, True, seed=3)
+    made = x[600:]
+    assert 0 < len(made) <= 30 and np.array_equal(alternates[600:], made)
+    assert np.allclose(y[600:], 0.1) and np.all(w[600:] == 0.5) and np.all(w[:600] == 1.0)
+    # They are fragments of training digits, the same ones for the same seed.
+    assert np.array_equal(made, _examples(images, labels, recipe, True, seed=3)[0][600:])
+    rows = np.sort(np.random.default_rng([3, 11]).permutation(600)[:30])
+    assert np.array_equal(made, fragments(images[rows], 3))
+    # Never more than one per OUTLIER_RATIO digits; none outside training.
+    small = _examples(images[:60], labels[:60], recipe, True, seed=3)[0]
+    assert 60 < len(small) <= 60 + 60 // OUTLIER_RATIO
+    assert len(_examples(images, labels, recipe, False, seed=3)[0]) == 600
 
 
 def test_redrawn_digits_replace_their_originals_half_the_time(mnist):
